@@ -1,0 +1,5 @@
+import sys
+
+from earendil_py.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The I/O shell: anyio tasks, transports, storage, control API."""

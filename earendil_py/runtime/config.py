@@ -1,0 +1,214 @@
+"""The node's TOML configuration, decoded into typed structs.
+
+Every problem becomes one `ConfigError` line naming the file, the field path and what is
+wrong, e.g. ``node.toml: in_routes.alpha.price.inbound_price_umel: expected int >= 0``.
+Relative paths in the file are resolved against the file's own directory, so a config works
+the same whatever directory the daemon is started from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+from earendil_py.core.errors import ConfigError
+from earendil_py.core.identity import parse_fingerprint
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+Protocol = Literal["udp", "tcp"]
+# A cookie is the only secret guarding a route against probing; short ones are guessable.
+Secret = Annotated[str, msgspec.Meta(min_length=16)]
+
+PaymentMethod = Literal["manual", "pow"]
+
+
+class PriceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Per-route price terms. All amounts are integer µMEL."""
+
+    inbound_price_umel: NonNegative = 1
+    inbound_debt_limit_umel: NonNegative = 1_000_000
+    outbound_max_price_umel: NonNegative = 10
+    outbound_min_debt_limit_umel: NonNegative = 10_000
+
+
+class InRoute(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    protocol: Protocol
+    listen: str
+    secret: Secret
+    price: PriceConfig = PriceConfig()
+
+
+class OutRoute(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    protocol: Protocol
+    connect: str
+    fingerprint: str
+    secret: Secret
+    price: PriceConfig = PriceConfig()
+
+
+class SettlementConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    methods: list[PaymentMethod] = msgspec.field(default_factory=lambda: ["pow", "manual"])
+    # Start an automatic settlement when our debt reaches this share of the neighbour's limit.
+    auto_settle_percent: Annotated[int, msgspec.Meta(ge=1, le=100)] = 50
+    min_settlement_umel: NonNegative = 1_000
+    manual_expiry_secs: Positive = 3600
+
+
+class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """First pass: routes stay untyped so their errors can name the route."""
+
+    identity_file: str
+    db_path: str
+    control_listen: str = "127.0.0.1:8964"
+    in_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    out_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    settlement: SettlementConfig = SettlementConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    source: Path
+    identity_file: Path
+    db_path: Path
+    control_listen: tuple[str, int]
+    in_routes: dict[str, InRoute]
+    out_routes: dict[str, OutRoute]
+    settlement: SettlementConfig
+    logging: LoggingConfig
+
+
+T = TypeVar("T")
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+_FIELD = re.compile(r"^Object (?:contains unknown|missing required) field `(?P<field>[^`]+)`$")
+_ROUTE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _convert(value: Any, kind: type[T], file: Path, prefix: str) -> T:
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        match = _AT.match(str(exc))
+        assert match is not None
+        what, path = match["what"], match["path"] or ""
+        if field := _FIELD.match(what):
+            path += "." + field["field"]
+            what = "unknown field" if "unknown" in what else "missing required field"
+        what = what.replace("`", "")
+        what = what[:1].lower() + what[1:]
+        raise ConfigError(
+            f"{file}: {(prefix + path).lstrip('.') or '(top level)'}: {what}"
+        ) from None
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Parse ``host:port`` (IPv6 as ``[::1]:port``). Raises ValueError with a reason."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {text!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"unbalanced brackets in {text!r}")
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)  # raises ValueError for a bad literal
+    elif ":" in host:
+        raise ValueError(f"IPv6 addresses need brackets, as [::1]:port; got {text!r}")
+    elif not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
+        raise ValueError(f"bad host {host!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port {port_text!r}")
+    return host, int(port_text)
+
+
+def _address(text: str, file: Path, path: str, *, listen: bool) -> tuple[str, int]:
+    try:
+        host, port = parse_address(text)
+        if listen:
+            ipaddress.ip_address(host)  # listeners bind to literal addresses only
+        if port == 0 and not listen:
+            raise ValueError("port 0 cannot be dialled")
+    except ValueError as exc:
+        raise ConfigError(f"{file}: {path}: bad address: {exc}") from None
+    return host, port
+
+
+def _overlaps(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    if a[1] != b[1] or a[1] == 0:
+        return False
+    wildcard = {"0.0.0.0", "::"}  # noqa: S104 (comparing, not binding)
+    return a[0] == b[0] or a[0] in wildcard or b[0] in wildcard
+
+
+def load_config(file: Path) -> Config:
+    """Read and validate a config file. Raises ConfigError with one line for the operator."""
+    try:
+        raw_toml = tomllib.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: config is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+    raw = _convert(raw_toml, _RawConfig, file, "")
+    base = file.parent
+
+    listeners: list[tuple[str, Protocol, tuple[str, int]]] = []
+    control = _address(raw.control_listen, file, "control_listen", listen=True)
+    listeners.append(("control_listen", "tcp", control))
+
+    in_routes: dict[str, InRoute] = {}
+    for name, table in raw.in_routes.items():
+        path = f"in_routes.{name}"
+        _check_route_name(name, file, path)
+        route = _convert(table, InRoute, file, path)
+        address = _address(route.listen, file, f"{path}.listen", listen=True)
+        for other_path, other_protocol, other in listeners:
+            if other_protocol == route.protocol and _overlaps(address, other):
+                raise ConfigError(
+                    f"{file}: {path}.listen: duplicate {route.protocol} port {address[1]} "
+                    f"(also used by {other_path})"
+                )
+        listeners.append((path, route.protocol, address))
+        in_routes[name] = route
+
+    out_routes: dict[str, OutRoute] = {}
+    for name, table in raw.out_routes.items():
+        path = f"out_routes.{name}"
+        _check_route_name(name, file, path)
+        out_route = _convert(table, OutRoute, file, path)
+        _address(out_route.connect, file, f"{path}.connect", listen=False)
+        try:
+            parse_fingerprint(out_route.fingerprint)
+        except ValueError as exc:
+            raise ConfigError(f"{file}: {path}.fingerprint: bad fingerprint: {exc}") from None
+        out_routes[name] = out_route
+
+    if len(set(raw.settlement.methods)) != len(raw.settlement.methods):
+        raise ConfigError(f"{file}: settlement.methods: duplicate payment method")
+
+    return Config(
+        source=file,
+        identity_file=base / raw.identity_file,
+        db_path=base / raw.db_path,
+        control_listen=control,
+        in_routes=in_routes,
+        out_routes=out_routes,
+        settlement=raw.settlement,
+        logging=raw.logging,
+    )
+
+
+def _check_route_name(name: str, file: Path, path: str) -> None:
+    if not _ROUTE_NAME.match(name):
+        raise ConfigError(f"{file}: {path}: route names are 1-64 letters, digits, '.', '_' or '-'")
