@@ -60,6 +60,19 @@ class SettlementConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, 
     manual_expiry_secs: Positive = 3600
 
 
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class LinksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Link timing in seconds (time, unlike money, may be fractional)."""
+
+    keepalive_secs: Seconds = 5.0
+    dead_after_secs: Seconds = 20.0
+    handshake_retry_secs: Seconds = 0.5
+    redial_min_secs: Seconds = 0.5
+    redial_max_secs: Seconds = 30.0
+
+
 class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -74,6 +87,7 @@ class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     in_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     out_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     settlement: SettlementConfig = SettlementConfig()
+    links: LinksConfig = LinksConfig()
     logging: LoggingConfig = LoggingConfig()
 
 
@@ -85,6 +99,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     in_routes: dict[str, InRoute]
     out_routes: dict[str, OutRoute]
     settlement: SettlementConfig
+    links: LinksConfig
     logging: LoggingConfig
 
 
@@ -194,6 +209,10 @@ def load_config(file: Path) -> Config:
             raise ConfigError(f"{file}: {path}.fingerprint: bad fingerprint: {exc}") from None
         out_routes[name] = out_route
 
+    if raw.links.dead_after_secs <= raw.links.keepalive_secs:
+        raise ConfigError(f"{file}: links.dead_after_secs: must exceed links.keepalive_secs")
+    if raw.links.redial_max_secs < raw.links.redial_min_secs:
+        raise ConfigError(f"{file}: links.redial_max_secs: must be >= links.redial_min_secs")
     if len(set(raw.settlement.methods)) != len(raw.settlement.methods):
         raise ConfigError(f"{file}: settlement.methods: duplicate payment method")
 
@@ -205,6 +224,7 @@ def load_config(file: Path) -> Config:
         in_routes=in_routes,
         out_routes=out_routes,
         settlement=raw.settlement,
+        links=raw.links,
         logging=raw.logging,
     )
 

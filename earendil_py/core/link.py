@@ -1,0 +1,636 @@
+"""An authenticated, encrypted link between two neighbours, as a sans-IO state machine.
+
+One `Link` is one session with one neighbour. It is driven by the shell exactly as aioquic
+drives a QUIC connection: feed it datagrams (`receive_datagram`), the clock (`handle_timer`),
+and collect what it wants sent (`datagrams_to_send`) and what happened (`next_event`). The same
+state machine runs over UDP (one message per datagram, which may be lost, reordered or
+duplicated) and TCP (the shell adds a length prefix; `reliable=True` turns off retransmission).
+
+Wire messages (all integers big-endian except where Noise says otherwise):
+
+    HS_INIT   1 | sender_index u32 | noise message 1            | mac1 (16)
+    HS_RESP   2 | sender_index u32 | receiver_index u32 | noise 2 | mac1 (16)
+    HS_FINAL  3 | receiver_index u32 | noise message 3          | mac1 (16)
+    DATA      4 | receiver_index u32 | counter u64 | AEAD(frame) (16-byte tag)
+
+The handshake is Noise XXpsk3_25519_ChaChaPoly_BLAKE2b with the psk derived from the route's
+secret cookie. mac1 (as in WireGuard) is a keyed BLAKE3 over the message, keyed by the cookie:
+it is checked before any Diffie-Hellman or state allocation, so a prober without the cookie
+costs us one hash and gets no reply at all. Once Noise completes, each side sends a PROOF frame:
+its Ed25519 public key and a signature over the Noise handshake hash, which binds the identity
+to this very session (it cannot be replayed into another one). The dialer also checks the
+proven fingerprint against the one configured in its out_route.
+
+DATA frames carry an explicit 64-bit counter used as the AEAD nonce, so frames can be
+decrypted in any order; a sliding window (RFC 6479 style) drops duplicates and frames too old
+to judge. The header is authenticated as associated data. Frame kinds inside DATA:
+
+    ONION     1 | next_peeler (32) | onion packet   (the hot path: relays need no onion crypto)
+    CONTROL   2 | opaque bytes (msgspec-encoded by the layer above)
+    PING      3 | seq u64         PONG  4 | seq u64   (keepalive and RTT)
+    PROOF     5 | identity public key (32) | signature (64)
+    CLOSE     6 | utf-8 reason
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import struct
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import blake3
+
+from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
+from earendil_py.core.identity import Identity, fingerprint_of, verify
+from earendil_py.core.noise import CipherState, HandshakeState
+
+Rng = Callable[[int], bytes]
+
+PROLOGUE = b"earendil_py link v1"
+PROOF_DOMAIN = b"earendil_py link identity proof v1"
+
+HS_INIT, HS_RESP, HS_FINAL, DATA = 1, 2, 3, 4
+ONION, CONTROL, PING, PONG, PROOF, CLOSE = 1, 2, 3, 4, 5, 6
+
+MAC_SIZE = 16
+TAG_SIZE = 16
+FINGERPRINT_SIZE = 32
+DATA_HEADER = struct.Struct(">BIQ")  # type, receiver_index, counter
+DATA_OVERHEAD = DATA_HEADER.size + 1 + TAG_SIZE  # header, frame kind, AEAD tag
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+
+# No message is larger: an onion frame is ~1.4 KB and control messages are kept small. On TCP
+# a larger announced length closes the connection; on UDP such a datagram is dropped.
+MAX_MESSAGE_SIZE = 16_384
+REPLAY_WINDOW = 2048  # frames; UDP reordering deeper than this is treated as loss
+# Re-handshake long before the 64-bit nonce could wrap; the shell re-dials on this close.
+REKEY_AFTER_FRAMES = 2**60
+
+
+@dataclass(frozen=True, slots=True)
+class LinkTimers:
+    """Timing policy in seconds. Tests shrink these; defaults suit the open internet."""
+
+    handshake_rto: float = 0.5  # first handshake retransmission; doubles each time
+    handshake_attempts: int = 6  # initial send plus retransmissions, then give up
+    keepalive_interval: float = 5.0
+    dead_after: float = 20.0  # no authenticated frame for this long: the link is dead
+
+
+def derive_cookie_keys(secret: str) -> tuple[bytes, bytes]:
+    """(psk, mac1 key) for a route cookie. Domain-separated so neither reveals the other."""
+    raw = secret.encode()
+    psk = blake3.blake3(raw, derive_key_context="earendil_py 2026-11 link psk v1").digest()
+    mac = blake3.blake3(raw, derive_key_context="earendil_py 2026-11 link mac1 v1").digest()
+    return psk, mac
+
+
+def _mac1(mac_key: bytes, message: bytes | memoryview) -> bytes:
+    return blake3.blake3(message, key=mac_key).digest(length=MAC_SIZE)
+
+
+def check_mac1(mac_key: bytes, message: bytes) -> bool:
+    """True if a handshake message carries a valid cookie MAC (constant-time comparison)."""
+    if len(message) < 1 + MAC_SIZE:
+        return False
+    body = memoryview(message)[:-MAC_SIZE]
+    return hmac.compare_digest(_mac1(mac_key, body), message[-MAC_SIZE:])
+
+
+def message_type(message: bytes) -> int:
+    return message[0] if message else 0
+
+
+def receiver_index(message: bytes) -> int | None:
+    """The session index a message is addressed to, or None for HS_INIT/garbage."""
+    kind = message_type(message)
+    if kind == DATA and len(message) >= DATA_HEADER.size + TAG_SIZE:
+        return int(U32.unpack_from(message, 1)[0])
+    if kind == HS_FINAL and len(message) >= 5:
+        return int(U32.unpack_from(message, 1)[0])
+    if kind == HS_RESP and len(message) >= 9:
+        return int(U32.unpack_from(message, 5)[0])
+    return None
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEstablished:
+    peer_fingerprint: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ControlReceived:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LinkClosed:
+    reason: str  # snake_case: handshake_timeout, keepalive_timeout, wrong_fingerprint, ...
+    by_peer: bool = False
+
+
+LinkEvent = LinkEstablished | ControlReceived | LinkClosed
+
+
+class LinkState(enum.Enum):
+    HANDSHAKING = "handshaking"
+    PROVING = "proving"  # Noise done, waiting for the peer's identity proof
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class LinkStatistics:
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+    rtt: float | None = None  # smoothed round-trip time in seconds (RFC 6298 SRTT)
+
+
+class ReplayWindow:
+    """Sliding-window anti-replay over 64-bit counters (the bitmap idea of RFC 6479).
+
+    Bit i of `_bits` records whether counter `_top - i` was seen. `check` is separate from
+    `mark` so a forged frame (failing the AEAD) can never advance the window.
+    """
+
+    __slots__ = ("_bits", "_top")
+
+    def __init__(self) -> None:
+        self._top = -1
+        self._bits = 0
+
+    def check(self, counter: int) -> str | None:
+        """None if `counter` may be accepted, else the drop reason."""
+        if counter > self._top:
+            return None
+        offset = self._top - counter
+        if offset >= REPLAY_WINDOW:
+            return "too_old"
+        if (self._bits >> offset) & 1:
+            return "replay"
+        return None
+
+    def mark(self, counter: int) -> None:
+        if counter > self._top:
+            shift = counter - self._top
+            self._bits = ((self._bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            self._top = counter
+        else:
+            self._bits |= 1 << (self._top - counter)
+
+
+class Link:
+    """One session with one neighbour. See the module docstring for the wire format.
+
+    `receive_datagram` never raises for bad input: garbage is dropped and counted in
+    `statistics().drops`. Methods raise LocalProtocolError when misused (e.g. sending on a
+    link that is not established).
+    """
+
+    def __init__(
+        self,
+        *,
+        initiator: bool,
+        identity: Identity,
+        static_private: bytes,
+        secret: str,
+        local_index: int,
+        now: float,
+        rng: Rng,
+        expected_fingerprint: bytes | None = None,
+        reliable: bool = False,
+        timers: LinkTimers | None = None,
+    ) -> None:
+        if initiator and expected_fingerprint is None:
+            raise LocalProtocolError("a dialer must know whom it dials")
+        self.initiator = initiator
+        self.local_index = local_index
+        self.remote_index: int | None = None
+        self.peer_fingerprint: bytes | None = None
+        self.state = LinkState.HANDSHAKING
+        self._identity = identity
+        self._expected = expected_fingerprint
+        self._reliable = reliable
+        self._timers = timers or LinkTimers()
+        self._rng = rng
+        psk, self._mac_key = derive_cookie_keys(secret)
+        self._noise = HandshakeState(
+            initiator=initiator,
+            prologue=PROLOGUE,
+            static_private=static_private,
+            psk=psk,
+            rng=rng,
+        )
+        # Transport ciphers after the handshake; the Noise nonce is the frame counter.
+        self._send: CipherState | None = None
+        self._recv: CipherState | None = None
+        self._window = ReplayWindow()
+        self._stats = LinkStatistics()
+        self._outbox: list[bytes] = []
+        self._events: deque[LinkEvent] = deque()
+        # Retransmission: the last flight we sent and when to resend it.
+        self._flight: list[bytes] = []
+        self._rto = self._timers.handshake_rto
+        self._attempts = 0
+        self._retransmit_at: float | None = None
+        self._last_received = now
+        self._next_ping = now + self._timers.keepalive_interval
+        self._peer_messages_seen: set[int] = set()
+        self._ping_seq = 0
+        self._ping_sent_at: float | None = None  # only the newest ping is timed
+        if initiator:
+            self._send_flight([self._handshake_message(HS_INIT, None)], now)
+
+    # --- public API ---------------------------------------------------------------------
+
+    def statistics(self) -> LinkStatistics:
+        return self._stats
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out, self._outbox = self._outbox, []
+        self._stats.frames_out += len(out)
+        self._stats.bytes_out += sum(map(len, out))
+        return out
+
+    def next_event(self) -> LinkEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        if self.state is LinkState.CLOSED:
+            return None
+        deadlines = [self._last_received + self._timers.dead_after]
+        if self._retransmit_at is not None:
+            deadlines.append(self._retransmit_at)
+        if self.state is LinkState.ESTABLISHED:
+            deadlines.append(self._next_ping)
+        return min(deadlines)
+
+    def handle_timer(self, now: float) -> None:
+        if self.state is LinkState.CLOSED:
+            return
+        if now >= self._last_received + self._timers.dead_after:
+            reason = "keepalive_timeout" if self._send else "handshake_timeout"
+            self._close(reason, now, notify=False)
+            return
+        if self._retransmit_at is not None and now >= self._retransmit_at:
+            if self._attempts >= self._timers.handshake_attempts:
+                self._close("handshake_timeout", now, notify=False)
+                return
+            self._outbox.extend(self._flight)
+            self._arm_retransmit(now)
+        if self.state is LinkState.ESTABLISHED and now >= self._next_ping:
+            self._ping_seq += 1
+            self._ping_sent_at = now
+            self._queue_frame(PING, U64.pack(self._ping_seq))
+            self._next_ping = now + self._timers.keepalive_interval
+
+    def close(self, reason: str, now: float) -> None:
+        """Close locally, telling the peer (best effort) so it need not wait for a timeout."""
+        if self.state is not LinkState.CLOSED:
+            self._close(reason, now, notify=True)
+
+    def encrypt_onion(self, next_peeler: bytes, packet: bytes) -> bytes:
+        """The hot path: one DATA message carrying an onion packet for `next_peeler`."""
+        return self._encrypt(ONION, next_peeler + packet)
+
+    def send_control(self, payload: bytes) -> None:
+        """Queue a CONTROL frame (collected with `datagrams_to_send`)."""
+        self._queue_frame(CONTROL, payload)
+
+    def receive_datagram(self, data: bytes, now: float) -> tuple[bytes, bytes] | None:
+        """Process one message for this session.
+
+        Returns (next_peeler, onion packet) for ONION frames, the only kind the relay loop
+        handles itself; everything else is handled here and surfaces as events or replies.
+        """
+        self._stats.bytes_in += len(data)
+        if len(data) > MAX_MESSAGE_SIZE:
+            self._stats.drops["too_large"] += 1
+            return None
+        try:
+            return self._receive(data, now)
+        except RemoteProtocolError as exc:
+            self._stats.drops[exc.reason] += 1
+            return None
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _receive(self, data: bytes, now: float) -> tuple[bytes, bytes] | None:
+        if self.state is LinkState.CLOSED:
+            raise RemoteProtocolError("link closed", "link_closed")
+        kind = message_type(data)
+        if kind == DATA:
+            return self._receive_data(data, now)
+        if kind in (HS_INIT, HS_RESP, HS_FINAL):
+            if not check_mac1(self._mac_key, data):
+                raise RemoteProtocolError("bad cookie mac", "bad_mac1")
+            self._receive_handshake(kind, data, now)
+            return None
+        raise RemoteProtocolError("unknown message type", "malformed")
+
+    def _handshake_message(self, kind: int, receiver: int | None) -> bytes:
+        header = bytes([kind])
+        if kind != HS_FINAL:
+            header += U32.pack(self.local_index)
+        if receiver is not None:
+            header += U32.pack(receiver)
+        message = header + self._noise.write_message(b"")
+        return message + _mac1(self._mac_key, message)
+
+    def _receive_handshake(self, kind: int, data: bytes, now: float) -> None:
+        body = data[:-MAC_SIZE]
+        if kind in self._peer_messages_seen:
+            # The peer retransmitted: our reply to this message was lost, so resend it.
+            self._stats.drops["handshake_duplicate"] += 1
+            if not self._reliable:
+                self._outbox.extend(self._flight)
+            return
+        if kind != self._expected_handshake_kind():
+            raise RemoteProtocolError("unexpected handshake message", "handshake_unexpected")
+        if kind == HS_INIT:
+            if len(body) < 5:
+                raise RemoteProtocolError("short handshake", "handshake_malformed")
+            self.remote_index = int(U32.unpack_from(body, 1)[0])
+            self._noise.read_message(body[5:])
+            self._send_flight([self._handshake_message(HS_RESP, self.remote_index)], now)
+        elif kind == HS_RESP:
+            if len(body) < 9 or U32.unpack_from(body, 5)[0] != self.local_index:
+                raise RemoteProtocolError("handshake for another session", "handshake_malformed")
+            self._noise.read_message(body[9:])
+            self.remote_index = int(U32.unpack_from(body, 1)[0])
+            final = self._handshake_message(HS_FINAL, self.remote_index)
+            self._start_transport()
+            self._send_flight([final, self._encrypt(PROOF, self._proof())], now)
+        else:
+            self._noise.read_message(body[5:])
+            self._start_transport()
+            # The responder's proof is its reply; it is resent if HS_FINAL arrives again.
+            self._send_flight([self._encrypt(PROOF, self._proof())], now)
+        self._peer_messages_seen.add(kind)
+        self._last_received = now
+
+    def _expected_handshake_kind(self) -> int:
+        if self._send:
+            return 0  # Noise is complete: no further handshake message is valid
+        if self.initiator:
+            return HS_RESP
+        return HS_FINAL if self.remote_index is not None else HS_INIT
+
+    def _start_transport(self) -> None:
+        self._send, self._recv = self._noise.split()
+        self.state = LinkState.PROVING
+
+    def _proof(self) -> bytes:
+        signature = self._identity.sign(PROOF_DOMAIN, self._noise.handshake_hash)
+        return self._identity.identity_public + signature
+
+    def _send_flight(self, messages: list[bytes], now: float) -> None:
+        self._flight = messages
+        self._outbox.extend(messages)
+        self._attempts = 0
+        self._rto = self._timers.handshake_rto
+        self._arm_retransmit(now)
+
+    def _arm_retransmit(self, now: float) -> None:
+        # Only the initiator retransmits on a timer; the responder answers duplicates.
+        self._attempts += 1
+        if self._reliable or not self.initiator:
+            self._retransmit_at = None
+            return
+        self._retransmit_at = now + self._rto
+        self._rto *= 2
+
+    def _encrypt(self, kind: int, body: bytes) -> bytes:
+        cipher = self._send
+        if cipher is None or self.remote_index is None:
+            raise LocalProtocolError("link has no transport keys yet")
+        counter = cipher.nonce
+        if counter >= REKEY_AFTER_FRAMES:
+            raise LocalProtocolError("send counter exhausted: the link must be re-established")
+        header = DATA_HEADER.pack(DATA, self.remote_index, counter)
+        return header + cipher.encrypt_with_ad(header, bytes([kind]) + body)
+
+    def _queue_frame(self, kind: int, body: bytes) -> None:
+        if self.state is not LinkState.ESTABLISHED:
+            raise LocalProtocolError(f"cannot send on a link that is {self.state.value}")
+        self._outbox.append(self._encrypt(kind, body))
+
+    def _receive_data(self, data: bytes, now: float) -> tuple[bytes, bytes] | None:
+        cipher = self._recv
+        if cipher is None:
+            raise RemoteProtocolError("data before handshake", "not_established")
+        if len(data) < DATA_HEADER.size + TAG_SIZE + 1:
+            raise RemoteProtocolError("short data message", "malformed")
+        _, index, counter = DATA_HEADER.unpack_from(data)
+        if index != self.local_index:
+            raise RemoteProtocolError("data for another session", "wrong_session")
+        if reason := self._window.check(counter):
+            raise RemoteProtocolError("replayed or stale frame", reason)
+        cipher.set_nonce(counter)
+        frame = cipher.decrypt_with_ad(data[: DATA_HEADER.size], data[DATA_HEADER.size :])
+        self._window.mark(counter)
+        self._last_received = now
+        self._stats.frames_in += 1
+        kind, body = frame[0], frame[1:]
+        if kind == ONION and self.state is LinkState.ESTABLISHED:
+            if len(body) <= FINGERPRINT_SIZE:
+                raise RemoteProtocolError("short onion frame", "malformed")
+            return body[:FINGERPRINT_SIZE], body[FINGERPRINT_SIZE:]
+        if kind == PROOF:
+            self._receive_proof(body, now)
+        elif self.state is not LinkState.ESTABLISHED:
+            raise RemoteProtocolError("frame before identity proof", "not_established")
+        elif kind == CONTROL:
+            self._events.append(ControlReceived(body))
+        elif kind == PING and len(body) == U64.size:
+            self._queue_frame(PONG, body)
+        elif kind == PONG and len(body) == U64.size:
+            self._receive_pong(int(U64.unpack(body)[0]), now)
+        elif kind == CLOSE:
+            self.state = LinkState.CLOSED
+            reason = body.decode("utf-8", "replace")[:64]
+            self._events.append(LinkClosed(reason or "peer_closed", by_peer=True))
+        else:
+            raise RemoteProtocolError("unknown frame kind", "malformed")
+        return None
+
+    def _receive_proof(self, body: bytes, now: float) -> None:
+        if self.state is LinkState.ESTABLISHED:
+            self._stats.drops["proof_duplicate"] += 1
+            return
+        if len(body) != 32 + 64:
+            raise RemoteProtocolError("malformed identity proof", "bad_proof")
+        identity_public, signature = body[:32], body[32:]
+        try:
+            verify(identity_public, PROOF_DOMAIN, self._noise.handshake_hash, signature)
+        except RemoteProtocolError:
+            self._close("bad_identity_proof", now, notify=False)
+            raise
+        fingerprint = fingerprint_of(identity_public)
+        if self._expected is not None and fingerprint != self._expected:
+            self.peer_fingerprint = fingerprint
+            self._close("wrong_fingerprint", now, notify=True)
+            return
+        self.peer_fingerprint = fingerprint
+        self.state = LinkState.ESTABLISHED
+        self._retransmit_at = None
+        self._next_ping = now + self._timers.keepalive_interval
+        self._events.append(LinkEstablished(fingerprint))
+
+    def _receive_pong(self, seq: int, now: float) -> None:
+        if seq != self._ping_seq or self._ping_sent_at is None:
+            return
+        sample, self._ping_sent_at = now - self._ping_sent_at, None
+        rtt = self._stats.rtt
+        self._stats.rtt = sample if rtt is None else rtt + (sample - rtt) / 8
+
+    def _close(self, reason: str, now: float, *, notify: bool) -> None:
+        if notify and self._send is not None and self.remote_index is not None:
+            self._outbox.append(self._encrypt(CLOSE, reason.encode()))
+        self.state = LinkState.CLOSED
+        self._retransmit_at = None
+        self._events.append(LinkClosed(reason))
+
+
+Address = tuple[str, int]
+
+
+@dataclass(slots=True)
+class EndpointStatistics:
+    sessions: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+
+
+class Endpoint:
+    """Demultiplexes one listening UDP socket into responder sessions.
+
+    A message is routed by its receiver index, and a session only accepts messages from the
+    address that opened it (no roaming: a spoofed source cannot steer replies elsewhere).
+    A new session is created only for an HS_INIT whose cookie MAC verifies; anything else
+    that matches no session is dropped silently and counted, so probers learn nothing.
+    A retransmitted HS_INIT (same bytes) goes to the session it already opened.
+    """
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        static_private: bytes,
+        secret: str,
+        rng: Rng,
+        timers: LinkTimers | None = None,
+        max_sessions: int = 1024,
+    ) -> None:
+        self._identity = identity
+        self._static_private = static_private
+        self._secret = secret
+        self._mac_key = derive_cookie_keys(secret)[1]
+        self._rng = rng
+        self._timers = timers
+        self._max_sessions = max_sessions
+        self.sessions: dict[int, tuple[Link, Address]] = {}
+        self._inits: dict[bytes, int] = {}  # digest of a pending HS_INIT -> session index
+        self._stats = EndpointStatistics()
+
+    def statistics(self) -> EndpointStatistics:
+        self._stats.sessions = len(self.sessions)
+        return self._stats
+
+    def route(self, data: bytes, address: Address, now: float) -> Link | None:
+        """The session `data` belongs to, opening one for a valid HS_INIT; None means drop.
+
+        The caller then feeds `data` to the returned link's `receive_datagram`.
+        """
+        index = receiver_index(data)
+        if index is not None:
+            session = self.sessions.get(index)
+            if session is None:
+                self._stats.drops["unknown_session"] += 1
+                return None
+            if session[1] != address:
+                self._stats.drops["wrong_address"] += 1
+                return None
+            return session[0]
+        if message_type(data) != HS_INIT or not check_mac1(self._mac_key, data):
+            self._stats.drops["bad_mac1" if message_type(data) == HS_INIT else "malformed"] += 1
+            return None
+        digest = blake3.blake3(data).digest(length=16)
+        if (existing := self._inits.get(digest)) is not None and existing in self.sessions:
+            link, opened_by = self.sessions[existing]
+            return link if opened_by == address else None
+        if len(self.sessions) >= self._max_sessions:
+            self._stats.drops["too_many_sessions"] += 1
+            return None
+        link = Link(
+            initiator=False,
+            identity=self._identity,
+            static_private=self._static_private,
+            secret=self._secret,
+            local_index=self._new_index(),
+            now=now,
+            rng=self._rng,
+            timers=self._timers,
+        )
+        self.sessions[link.local_index] = (link, address)
+        self._inits[digest] = link.local_index
+        return link
+
+    def remove(self, link: Link) -> None:
+        """Forget a closed session."""
+        self.sessions.pop(link.local_index, None)
+        self._inits = {d: i for d, i in self._inits.items() if i != link.local_index}
+
+    def _new_index(self) -> int:
+        while True:
+            index = int.from_bytes(self._rng(4), "big")
+            if index not in self.sessions:
+                return index
+
+
+LENGTH_PREFIX = struct.Struct(">H")
+
+
+def frame_for_stream(message: bytes) -> bytes:
+    """Length-prefix one link message for a byte stream (TCP)."""
+    if len(message) > MAX_MESSAGE_SIZE:
+        raise LocalProtocolError("link message too large for a stream frame")
+    return LENGTH_PREFIX.pack(len(message)) + message
+
+
+class StreamDecoder:
+    """Splits a byte stream (TCP) back into link messages, whatever the chunking.
+
+    An empty or over-MAX_MESSAGE_SIZE length raises RemoteProtocolError("bad_frame"), which
+    closes the connection: the stream cannot be resynchronised, and buffering an attacker's
+    announced length is how memory gets exhausted.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def receive_bytes(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_message(self) -> bytes | None:
+        buffer = self._buffer
+        if len(buffer) < LENGTH_PREFIX.size:
+            return None
+        (size,) = LENGTH_PREFIX.unpack_from(buffer)
+        if not 0 < size <= MAX_MESSAGE_SIZE:
+            raise RemoteProtocolError(f"stream frame of {size} bytes", "bad_frame")
+        end = LENGTH_PREFIX.size + size
+        if len(buffer) < end:
+            return None
+        message = bytes(buffer[LENGTH_PREFIX.size : end])
+        del buffer[:end]
+        return message

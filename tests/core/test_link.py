@@ -1,0 +1,382 @@
+"""Links driven in memory: handshake, identity proof, data frames, replay window, timers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from earendil_py.core.errors import RemoteProtocolError
+from earendil_py.core.identity import Identity
+from earendil_py.core.link import (
+    DATA_HEADER,
+    HS_FINAL,
+    HS_INIT,
+    HS_RESP,
+    MAX_MESSAGE_SIZE,
+    PROOF,
+    REPLAY_WINDOW,
+    ControlReceived,
+    Endpoint,
+    Link,
+    LinkClosed,
+    LinkEstablished,
+    LinkState,
+    LinkTimers,
+    StreamDecoder,
+    frame_for_stream,
+    message_type,
+)
+from tests.helpers import seeded_rng
+
+SECRET = "a-route-cookie-of-some-length"
+TIMERS = LinkTimers(handshake_rto=0.1, handshake_attempts=5, keepalive_interval=1.0, dead_after=4.0)
+ADDR = ("127.0.0.1", 40000)
+ALICE = Identity.generate(seeded_rng(1))
+BOB = Identity.generate(seeded_rng(2))
+MALLORY = Identity.generate(seeded_rng(3))
+
+
+class Pair:
+    """An initiator Link talking to an Endpoint-owned responder through a lossy wire."""
+
+    def __init__(
+        self,
+        *,
+        secret_a: str = SECRET,
+        secret_b: str = SECRET,
+        expected: bytes = BOB.fingerprint,
+        responder_identity: Identity = BOB,
+        seed: int = 7,
+    ) -> None:
+        rng = seeded_rng(seed)
+        self.now = 0.0
+        self.endpoint = Endpoint(
+            identity=responder_identity,
+            static_private=rng(32),
+            secret=secret_b,
+            rng=rng,
+            timers=TIMERS,
+        )
+        self.a = Link(
+            initiator=True,
+            identity=ALICE,
+            static_private=rng(32),
+            secret=secret_a,
+            local_index=1,
+            now=self.now,
+            rng=rng,
+            expected_fingerprint=expected,
+            timers=TIMERS,
+        )
+        self.b: Link | None = None
+        self.drop: set[int] = set()  # message types to lose on the wire
+        self.sent_to_b: list[bytes] = []
+        self.sent_to_a: list[bytes] = []
+        self.onions_at_a: list[tuple[bytes, bytes]] = []
+        self.onions_at_b: list[tuple[bytes, bytes]] = []
+
+    def deliver_to_b(self, message: bytes) -> None:
+        link = self.endpoint.route(message, ADDR, self.now)
+        if link is None:
+            return
+        self.b = link
+        result = link.receive_datagram(message, self.now)
+        if result is not None:
+            self.onions_at_b.append(result)
+
+    def deliver_to_a(self, message: bytes) -> None:
+        result = self.a.receive_datagram(message, self.now)
+        if result is not None:
+            self.onions_at_a.append(result)
+
+    def pump(self, rounds: int = 20) -> None:
+        for _ in range(rounds):
+            moved = False
+            for message in self.a.datagrams_to_send():
+                self.sent_to_b.append(message)
+                moved = True
+                if message_type(message) not in self.drop:
+                    self.deliver_to_b(message)
+            if self.b is not None:
+                for message in self.b.datagrams_to_send():
+                    self.sent_to_a.append(message)
+                    moved = True
+                    if message_type(message) not in self.drop:
+                        self.deliver_to_a(message)
+            if not moved:
+                return
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock in small ticks, firing timers and pumping as a shell would."""
+        end = self.now + seconds
+        while self.now < end:
+            self.now = round(self.now + 0.05, 6)
+            for link in (self.a, self.b):
+                if link is not None and (t := link.get_timer()) is not None and self.now >= t:
+                    link.handle_timer(self.now)
+            self.pump()
+
+
+def events(link: Link) -> list[object]:
+    out = []
+    while (event := link.next_event()) is not None:
+        out.append(event)
+    return out
+
+
+def established() -> Pair:
+    pair = Pair()
+    pair.pump()
+    assert pair.a.state is LinkState.ESTABLISHED
+    assert pair.b is not None and pair.b.state is LinkState.ESTABLISHED
+    return pair
+
+
+def test_handshake_establishes_both_sides_with_proven_fingerprints() -> None:
+    pair = Pair()
+    pair.pump()
+    assert events(pair.a) == [LinkEstablished(BOB.fingerprint)]
+    assert pair.b is not None
+    assert events(pair.b) == [LinkEstablished(ALICE.fingerprint)]
+    kinds = [message_type(m) for m in pair.sent_to_b]
+    assert kinds[:2] == [HS_INIT, HS_FINAL]
+
+
+def test_onion_and_control_frames_flow_both_ways() -> None:
+    pair = established()
+    assert pair.b is not None
+    peeler, packet = b"\x11" * 32, bytes(range(256)) * 5
+    pair.deliver_to_b(pair.a.encrypt_onion(peeler, packet))
+    pair.deliver_to_a(pair.b.encrypt_onion(peeler, packet[::-1]))
+    assert pair.onions_at_b == [(peeler, packet)]
+    assert pair.onions_at_a == [(peeler, packet[::-1])]
+    events(pair.b)
+    pair.a.send_control(b"hello")
+    pair.pump()
+    assert events(pair.b) == [ControlReceived(b"hello")]
+
+
+def test_stream_framing_byte_by_byte() -> None:
+    """Two links over a TCP-like byte stream, fed one byte at a time in both directions."""
+    rng = seeded_rng(11)
+    a = Link(
+        initiator=True,
+        identity=ALICE,
+        static_private=rng(32),
+        secret=SECRET,
+        local_index=5,
+        now=0.0,
+        rng=rng,
+        expected_fingerprint=BOB.fingerprint,
+        reliable=True,
+        timers=TIMERS,
+    )
+    b = Link(
+        initiator=False,
+        identity=BOB,
+        static_private=rng(32),
+        secret=SECRET,
+        local_index=6,
+        now=0.0,
+        rng=rng,
+        reliable=True,
+        timers=TIMERS,
+    )
+    decoders = {id(a): StreamDecoder(), id(b): StreamDecoder()}
+    for _ in range(6):
+        for sender, receiver in ((a, b), (b, a)):
+            stream = b"".join(frame_for_stream(m) for m in sender.datagrams_to_send())
+            decoder = decoders[id(receiver)]
+            for i in range(len(stream)):
+                decoder.receive_bytes(stream[i : i + 1])
+                while (message := decoder.next_message()) is not None:
+                    assert receiver.receive_datagram(message, 0.0) is None
+    assert a.state is b.state is LinkState.ESTABLISHED
+    assert a.peer_fingerprint == BOB.fingerprint and b.peer_fingerprint == ALICE.fingerprint
+    assert a.get_timer() == TIMERS.keepalive_interval  # no retransmission timer on a stream
+
+
+def test_stream_decoder_rejects_oversized_and_empty_frames() -> None:
+    decoder = StreamDecoder()
+    decoder.receive_bytes((MAX_MESSAGE_SIZE + 1).to_bytes(2, "big"))
+    with pytest.raises(RemoteProtocolError, match="bytes"):
+        decoder.next_message()
+    decoder = StreamDecoder()
+    decoder.receive_bytes(b"\x00\x00")
+    with pytest.raises(RemoteProtocolError):
+        decoder.next_message()
+
+
+def test_wrong_cookie_gets_no_reply_at_all() -> None:
+    pair = Pair(secret_a="a-different-cookie-entirely")
+    pair.advance(2.0)
+    assert pair.b is None
+    assert pair.endpoint.sessions == {}
+    assert pair.sent_to_a == []
+    assert pair.endpoint.statistics().drops["bad_mac1"] >= 2  # the initial send + retransmits
+
+
+def test_wrong_fingerprint_is_refused_by_the_dialer() -> None:
+    pair = Pair(expected=MALLORY.fingerprint)
+    pair.pump()
+    assert events(pair.a) == [LinkClosed("wrong_fingerprint")]
+    assert pair.a.peer_fingerprint == BOB.fingerprint
+    assert pair.a.state is LinkState.CLOSED
+    assert pair.b is not None and pair.b.state is LinkState.CLOSED  # told by a CLOSE frame
+
+
+def test_forged_identity_proof_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    pair = Pair(expected=BOB.fingerprint, responder_identity=MALLORY)
+
+    def forged_proof(self: Link) -> bytes:
+        # Claim Bob's public key but sign with Mallory's key.
+        return BOB.identity_public + MALLORY.sign(b"anything", self._noise.handshake_hash)
+
+    monkeypatch.setattr(Link, "_proof", forged_proof)
+    pair.pump()
+    assert events(pair.a) == [LinkClosed("bad_identity_proof")]
+    assert pair.a.statistics().drops["bad_signature"] == 1
+
+
+def test_lost_handshake_messages_are_retransmitted() -> None:
+    for lost in (HS_INIT, HS_RESP, HS_FINAL):
+        pair = Pair()
+        pair.drop = {lost}
+        pair.pump()
+        assert pair.a.state is not LinkState.ESTABLISHED
+        pair.drop = set()
+        pair.advance(1.0)
+        assert pair.a.state is LinkState.ESTABLISHED, lost
+        assert pair.b is not None and pair.b.state is LinkState.ESTABLISHED, lost
+
+
+def test_lost_responder_proof_is_resent() -> None:
+    pair = Pair()
+    pair.deliver_to_b(pair.a.datagrams_to_send()[0])  # HS_INIT
+    assert pair.b is not None
+    pair.deliver_to_a(pair.b.datagrams_to_send()[0])  # HS_RESP
+    for message in pair.a.datagrams_to_send():  # HS_FINAL + Alice's PROOF
+        pair.deliver_to_b(message)
+    assert pair.b.state is LinkState.ESTABLISHED
+    assert [message_type(m) for m in pair.b.datagrams_to_send()] == [4]  # Bob's PROOF: lost
+    assert pair.a.state is LinkState.PROVING
+    pair.advance(0.5)  # Alice retransmits HS_FINAL; Bob answers with his proof again
+    assert pair.a.state is LinkState.ESTABLISHED
+    assert pair.b.statistics().drops["handshake_duplicate"] >= 1
+
+
+def test_handshake_gives_up_after_its_attempts() -> None:
+    pair = Pair()
+    pair.drop = {HS_INIT}
+    pair.advance(10.0)
+    assert events(pair.a) == [LinkClosed("handshake_timeout")]
+    assert sum(message_type(m) == HS_INIT for m in pair.sent_to_b) == TIMERS.handshake_attempts
+
+
+def test_replayed_reordered_and_stale_frames() -> None:
+    pair = established()
+    b = pair.b
+    assert b is not None
+    frames = [pair.a.encrypt_onion(b"\x22" * 32, bytes([i]) * 100) for i in range(10)]
+    for i in (3, 1, 2, 0, 9, 4, 5, 6, 8, 7):  # reordered: all accepted
+        pair.deliver_to_b(frames[i])
+    assert sorted(p[1][0] for p in pair.onions_at_b) == list(range(10))
+    for frame in frames[:4]:  # duplicates: dropped
+        pair.deliver_to_b(frame)
+    assert len(pair.onions_at_b) == 10
+    assert b.statistics().drops["replay"] == 4
+    for _ in range(REPLAY_WINDOW):
+        pair.a.encrypt_onion(b"\x22" * 32, b"x")  # frames lost on the wire
+    late = frames[:1]
+    fresh = pair.a.encrypt_onion(b"\x22" * 32, b"y")
+    pair.deliver_to_b(fresh)
+    pair.deliver_to_b(late[0])
+    assert b.statistics().drops["too_old"] == 1
+    assert b.state is LinkState.ESTABLISHED
+
+
+def test_tampered_data_frame_is_dropped_without_advancing_the_window() -> None:
+    pair = established()
+    b = pair.b
+    assert b is not None
+    frame = bytearray(pair.a.encrypt_onion(b"\x33" * 32, b"z" * 64))
+    frame[-1] ^= 1
+    pair.deliver_to_b(bytes(frame))
+    assert b.statistics().drops["decrypt"] == 1
+    frame[-1] ^= 1
+    pair.deliver_to_b(bytes(frame))  # the genuine frame with the same counter still gets in
+    assert len(pair.onions_at_b) == 1
+
+
+def test_keepalive_measures_rtt_and_detects_a_dead_peer() -> None:
+    pair = established()
+    pair.advance(3.0)
+    assert pair.a.state is LinkState.ESTABLISHED
+    assert pair.a.statistics().rtt is not None
+    events(pair.a)
+    pair.drop = {4}  # the peer goes silent: every DATA message is lost
+    pair.advance(TIMERS.dead_after + 0.5)
+    assert events(pair.a) == [LinkClosed("keepalive_timeout")]
+
+
+def test_close_tells_the_peer() -> None:
+    pair = established()
+    assert pair.b is not None
+    events(pair.b)
+    pair.a.close("shutdown", pair.now)
+    pair.pump()
+    assert events(pair.b) == [LinkClosed("shutdown", by_peer=True)]
+
+
+def test_endpoint_demultiplexes_sessions_by_index_and_address() -> None:
+    rng = seeded_rng(5)
+    endpoint = Endpoint(identity=BOB, static_private=rng(32), secret=SECRET, rng=rng)
+    dialers = [
+        Link(
+            initiator=True,
+            identity=ALICE,
+            static_private=rng(32),
+            secret=SECRET,
+            local_index=i,
+            now=0.0,
+            rng=rng,
+            expected_fingerprint=BOB.fingerprint,
+        )
+        for i in range(3)
+    ]
+    addresses = [("127.0.0.1", 5000 + i) for i in range(3)]
+    for _ in range(4):
+        for dialer, address in zip(dialers, addresses, strict=True):
+            for message in dialer.datagrams_to_send():
+                link = endpoint.route(message, address, 0.0)
+                if link is not None:
+                    link.receive_datagram(message, 0.0)
+                    for reply in link.datagrams_to_send():
+                        dialer.receive_datagram(reply, 0.0)
+    assert all(d.state is LinkState.ESTABLISHED for d in dialers)
+    assert len(endpoint.sessions) == 3
+    # A session's messages from another address are refused.
+    frame = dialers[0].encrypt_onion(b"\x44" * 32, b"p")
+    assert endpoint.route(frame, addresses[1], 0.0) is None
+    assert endpoint.statistics().drops["wrong_address"] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000), st.sampled_from([0, HS_INIT, HS_RESP, HS_FINAL, 4, PROOF]))
+def test_garbage_never_raises(data: bytes, first: int) -> None:
+    pair = established()
+    assert pair.b is not None
+    message = bytes([first]) + data if first else data
+    pair.deliver_to_b(message)
+    pair.deliver_to_a(message)
+    assert pair.a.state is LinkState.ESTABLISHED
+    fresh = Pair(seed=random.Random(len(data)).randrange(1000))
+    fresh.deliver_to_b(message)
+    fresh.deliver_to_a(message)
+
+
+def test_data_header_layout_is_documented_size() -> None:
+    assert DATA_HEADER.size == 13
