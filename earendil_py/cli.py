@@ -7,9 +7,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import anyio
+
 from earendil_py.core.errors import ConfigError
 from earendil_py.runtime.config import load_config
-from earendil_py.runtime.keyfile import create_identity_file, load_identity_file
+from earendil_py.runtime.daemon import run_daemon
+from earendil_py.runtime.keyfile import (
+    create_identity_file,
+    load_identity_file,
+    load_or_create_identity_file,
+)
+from earendil_py.runtime.logs import configure_logging
 
 EXIT_USAGE = 2
 
@@ -39,6 +47,13 @@ def _check_config(args: argparse.Namespace) -> None:
         print(f"  dial         {name}: {out.protocol} {out.connect} -> {out.fingerprint[:8]}")
 
 
+def _daemon(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    identity = load_or_create_identity_file(config.identity_file)
+    configure_logging(config.logging.level, config.logging.format)
+    anyio.run(run_daemon, config, identity)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="earendil-py", description="Relay node for an Earendil-style onion overlay."
@@ -52,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     fingerprint = commands.add_parser("fingerprint", help="print an identity's fingerprint")
     fingerprint.add_argument("--identity", type=Path, required=True)
     fingerprint.set_defaults(run=_fingerprint)
+
+    daemon = commands.add_parser("daemon", help="run a relay node until SIGINT/SIGTERM")
+    daemon.add_argument("--config", type=Path, required=True)
+    daemon.set_defaults(run=_daemon)
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", type=Path, required=True)

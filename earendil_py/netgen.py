@@ -42,8 +42,13 @@ def free_port(protocol: str) -> int:
         return port
 
 
-def generate_network(root: Path, node_count: int, edges: list[Edge]) -> list[GeneratedNode]:
-    """Write `root/nodeN/{node.key,node.toml}` for each node and return them validated."""
+def generate_network(
+    root: Path, node_count: int, edges: list[Edge], *, extra_toml: str = ""
+) -> list[GeneratedNode]:
+    """Write `root/nodeN/{node.key,node.toml}` for each node and return them validated.
+
+    `extra_toml` (tables such as `[links]`) is appended to every node's config.
+    """
     root.mkdir(parents=True, exist_ok=True)
     fingerprints = []
     for index in range(node_count):
@@ -55,7 +60,7 @@ def generate_network(root: Path, node_count: int, edges: list[Edge]) -> list[Gen
     for edge in edges:
         port = free_port(edge.protocol)
         secret = secrets.token_hex(16)
-        route = f"from_node{edge.dialer}"
+        route = f"from_node{edge.dialer}_{edge.protocol}"
         sections[edge.listener] += [
             f"[in_routes.{route}]",
             f'protocol = "{edge.protocol}"',
@@ -64,7 +69,7 @@ def generate_network(root: Path, node_count: int, edges: list[Edge]) -> list[Gen
             "",
         ]
         sections[edge.dialer] += [
-            f"[out_routes.node{edge.listener}]",
+            f"[out_routes.node{edge.listener}_{edge.protocol}]",
             f'protocol = "{edge.protocol}"',
             f'connect = "127.0.0.1:{port}"',
             f'fingerprint = "{fingerprints[edge.listener]}"',
@@ -82,7 +87,7 @@ def generate_network(root: Path, node_count: int, edges: list[Edge]) -> list[Gen
             f'control_listen = "127.0.0.1:{free_port("tcp")}"',
             "",
         ]
-        config_path.write_text("\n".join(header + sections[index]))
+        config_path.write_text("\n".join([*header, *sections[index], extra_toml]))
         config_path.chmod(0o600)  # it holds the route cookies
         nodes.append(
             GeneratedNode(

@@ -1,0 +1,539 @@
+"""The node: listens on every in_route, dials every out_route, and keeps the link table.
+
+Each link is a sans-IO `core.link.Link` driven by a `LinkRunner`: datagrams in, timers fired,
+datagrams out, events logged. UDP uses non-blocking sockets drained in batches on each
+wake-up (the hot path reads many datagrams per await); TCP uses anyio streams with a u16
+length prefix per message and a bounded outgoing queue per connection.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+import structlog
+from anyio.abc import SocketAttribute, SocketStream, TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.stapled import MultiListener
+
+from earendil_py.core.errors import ConfigError, RemoteProtocolError
+from earendil_py.core.identity import Identity, parse_fingerprint, short_hex
+from earendil_py.core.link import (
+    HS_INIT,
+    MAX_MESSAGE_SIZE,
+    ControlReceived,
+    Endpoint,
+    Link,
+    LinkClosed,
+    LinkEstablished,
+    LinkState,
+    LinkStatistics,
+    LinkTimers,
+    StreamDecoder,
+    check_mac1,
+    derive_cookie_keys,
+    frame_for_stream,
+    message_type,
+)
+from earendil_py.runtime.config import Config, InRoute, OutRoute, parse_address
+
+log = structlog.get_logger("earendil_py.node")
+
+UDP_BATCH = 64  # datagrams drained per wake-up before yielding to other tasks
+TCP_QUEUE = 256  # messages queued per TCP connection before new ones are dropped
+TIMER_SLACK = 0.1  # a link's timer task re-checks at least this often (s)
+SHUTDOWN_GRACE = 1.0  # seconds to flush CLOSE frames on shutdown
+
+Address = tuple[str, int]
+OnionHandler = Callable[["LinkRunner", bytes, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    name: str
+    protocol: str
+    direction: str  # "in" or "out"
+
+
+class Transport(Protocol):
+    """Where a link's outgoing messages go. `send` never blocks: it returns False on a drop."""
+
+    def send(self, message: bytes) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class UdpTransport:
+    def __init__(self, sock: socket.socket, address: Address | None) -> None:
+        self._sock = sock
+        self._address = address  # None: the socket is connected
+
+    def send(self, message: bytes) -> bool:
+        try:
+            if self._address is None:
+                self._sock.send(message)
+            else:
+                self._sock.sendto(message, self._address)
+        except OSError:
+            return False  # a full buffer, an ICMP error or a closed socket: loss, as on the wire
+        return True
+
+    def close(self) -> None:
+        """The socket belongs to the listener or dialer that created it."""
+
+
+class TcpTransport:
+    def __init__(self, queue: MemoryObjectSendStream[bytes]) -> None:
+        self._queue = queue
+
+    def send(self, message: bytes) -> bool:
+        try:
+            self._queue.send_nowait(frame_for_stream(message))
+        except anyio.WouldBlock:
+            return False
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return False
+        return True
+
+    def close(self) -> None:
+        self._queue.close()
+
+
+class LinkRunner:
+    """Drives one `Link`: feeds it input, fires its timers, sends its output, logs events."""
+
+    def __init__(
+        self,
+        node: Node,
+        link: Link,
+        transport: Transport,
+        route: RouteInfo,
+        peer_address: Address,
+    ) -> None:
+        self.node = node
+        self.link = link
+        self.transport = transport
+        self.route = route
+        self.peer_address = peer_address
+        self.was_established = False
+        self.closed = anyio.Event()
+        self._log = log.bind(route=route.name, protocol=route.protocol)
+
+    @property
+    def peer_fingerprint(self) -> bytes | None:
+        return self.link.peer_fingerprint
+
+    def statistics(self) -> LinkStatistics:
+        return self.link.statistics()
+
+    def receive(self, message: bytes, now: float) -> None:
+        result = self.link.receive_datagram(message, now)
+        if result is not None:
+            self.node.on_onion(self, result[0], result[1])
+        self.service(now)
+
+    def send(self, message: bytes) -> None:
+        if not self.transport.send(message):
+            self.link.statistics().drops["send_failed"] += 1
+
+    def service(self, now: float) -> None:
+        """Send what the link queued and act on its events."""
+        for message in self.link.datagrams_to_send():
+            self.send(message)
+        while (event := self.link.next_event()) is not None:
+            match event:
+                case LinkEstablished(peer_fingerprint=fingerprint):
+                    self.was_established = True
+                    self._log = self._log.bind(link=short_hex(fingerprint))
+                    self.node.add_link(self)
+                    self._log.info("link_up", peer=f"{self.peer_address[0]}:{self.peer_address[1]}")
+                case LinkClosed(reason=reason, by_peer=by_peer):
+                    self._finish(reason, by_peer)
+                case ControlReceived(payload=payload):
+                    self.node.on_control(self, payload)
+
+    def fail(self, reason: str) -> None:
+        """The transport under the link is gone (EOF, reset)."""
+        if self.link.state is not LinkState.CLOSED:
+            self.link.close(reason, anyio.current_time())
+            self.service(anyio.current_time())
+
+    def _finish(self, reason: str, by_peer: bool) -> None:
+        if self.closed.is_set():
+            return
+        if self.link.peer_fingerprint is not None and reason == "wrong_fingerprint":
+            self._log.warning(
+                "link_refused",
+                reason=reason,
+                proven=self.link.peer_fingerprint.hex(),
+            )
+        elif self.link.state is LinkState.CLOSED and self.node.remove_link(self):
+            self._log.info("link_down", reason=reason, by_peer=by_peer)
+        else:
+            self._log.info("handshake_failed", reason=reason)
+        self.closed.set()
+
+    async def run_timers(self) -> None:
+        """Fire the link's timers until it closes. Cancelled, it closes the link (telling
+        the peer, best effort) so the neighbour need not wait for a keepalive timeout."""
+        try:
+            while not self.closed.is_set():
+                now = anyio.current_time()
+                deadline = self.link.get_timer()
+                if deadline is None:
+                    return
+                if now >= deadline:
+                    self.link.handle_timer(now)
+                    self.service(now)
+                    continue
+                with anyio.move_on_after(min(deadline - now, TIMER_SLACK)):
+                    await self.closed.wait()
+        finally:
+            self.fail("shutdown")
+
+
+class Node:
+    """A relay node. `run()` serves until cancelled; raises OSError if a listen port is taken."""
+
+    def __init__(self, config: Config, identity: Identity) -> None:
+        self.config = config
+        self.identity = identity
+        self.fingerprint = identity.fingerprint
+        # The Noise static key is per process: identity is proven by signature, not by it.
+        self._static_private = os.urandom(32)
+        timing = config.links
+        self.timers = LinkTimers(
+            handshake_rto=timing.handshake_retry_secs,
+            keepalive_interval=timing.keepalive_secs,
+            dead_after=timing.dead_after_secs,
+        )
+        self.links: dict[bytes, list[LinkRunner]] = {}
+        self.drops: Counter[str] = Counter()
+        self.onion_frames_received = 0
+        self.listening: dict[str, Address] = {}
+        self._links_changed = anyio.Event()
+        self._log = log.bind(node=short_hex(self.fingerprint))
+        self._endpoints: list[Endpoint] = []
+        self._bound: dict[str, socket.socket | MultiListener[SocketStream]] = {}
+        self._task_group: TaskGroup | None = None
+
+    # --- link table ---------------------------------------------------------------------
+
+    def add_link(self, runner: LinkRunner) -> None:
+        assert runner.peer_fingerprint is not None
+        self.links.setdefault(runner.peer_fingerprint, []).append(runner)
+        self._notify()
+
+    def remove_link(self, runner: LinkRunner) -> bool:
+        fingerprint = runner.peer_fingerprint
+        runners = self.links.get(fingerprint, []) if fingerprint else []
+        if runner not in runners:
+            return False
+        runners.remove(runner)
+        if not runners:
+            del self.links[fingerprint]  # type: ignore[arg-type]
+        self._notify()
+        return True
+
+    def drop_counts(self) -> Counter[str]:
+        """Drops not attributable to a link: probes, unknown sessions, socket errors."""
+        total = Counter(self.drops)
+        for endpoint in self._endpoints:
+            total.update(endpoint.statistics().drops)
+        return total
+
+    def neighbors(self) -> set[bytes]:
+        return set(self.links)
+
+    async def wait_neighbors(self, fingerprints: set[bytes]) -> None:
+        """Return once links to exactly these neighbours are up."""
+        while self.neighbors() != fingerprints:
+            await self._links_changed.wait()
+
+    def _notify(self) -> None:
+        self._links_changed.set()
+        self._links_changed = anyio.Event()
+
+    # --- upcalls from links -------------------------------------------------------------
+
+    def on_onion(self, runner: LinkRunner, next_peeler: bytes, packet: bytes) -> None:
+        self.onion_frames_received += 1
+
+    def on_control(self, runner: LinkRunner, payload: bytes) -> None:
+        self.drops["control_unhandled"] += 1
+
+    # --- running ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. Signals `task_status` once every listener is bound.
+
+        On cancellation every link sends its peer a CLOSE frame (best effort).
+        """
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            await self.bind()
+            for name, in_route in self.config.in_routes.items():
+                tg.start_soon(self._listen, name, in_route)
+            for name, out_route in self.config.out_routes.items():
+                tg.start_soon(self._dial_forever, name, out_route)
+            self._log.info("node_started", fingerprint=self.fingerprint.hex())
+            task_status.started()
+
+    def _new_link(self, *, initiator: bool, secret: str, reliable: bool, **kw: object) -> Link:
+        return Link(
+            initiator=initiator,
+            identity=self.identity,
+            static_private=self._static_private,
+            secret=secret,
+            local_index=int.from_bytes(os.urandom(4), "big"),
+            now=anyio.current_time(),
+            rng=os.urandom,
+            reliable=reliable,
+            timers=self.timers,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    # --- in_routes ----------------------------------------------------------------------
+
+    async def bind(self) -> None:
+        """Bind every in_route. Raises ConfigError naming the route if an address is unusable."""
+        for name, route in self.config.in_routes.items():
+            if name in self._bound:
+                continue
+            host, port = parse_address(route.listen)
+            try:
+                if route.protocol == "udp":
+                    sock = _udp_socket(host)
+                    try:
+                        sock.bind((host, port))
+                    except OSError:
+                        sock.close()
+                        raise
+                    self._bound[name] = sock
+                    self.listening[name] = _as_address(sock.getsockname())
+                else:
+                    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+                    self._bound[name] = listener
+                    local = listener.listeners[0].extra(SocketAttribute.local_address)
+                    self.listening[name] = _as_address(local)
+            except OSError as exc:
+                raise ConfigError(
+                    f"{self.config.source}: in_routes.{name}.listen: cannot listen on "
+                    f"{route.listen}: {exc.strerror or exc}"
+                ) from None
+
+    async def _listen(self, name: str, route: InRoute) -> None:
+        info = RouteInfo(name, route.protocol, "in")
+        bound = self._bound[name]
+        if isinstance(bound, socket.socket):
+            with bound:
+                await self._serve_udp(bound, route, info)
+        else:
+            async with bound:
+                await bound.serve(lambda stream: self._serve_tcp(stream, route, info))
+
+    async def _serve_udp(self, sock: socket.socket, route: InRoute, info: RouteInfo) -> None:
+        endpoint = Endpoint(
+            identity=self.identity,
+            static_private=self._static_private,
+            secret=route.secret,
+            rng=os.urandom,
+            timers=self.timers,
+        )
+        self._endpoints.append(endpoint)
+        runners: dict[int, LinkRunner] = {}
+        assert self._task_group is not None
+        task_group = self._task_group
+
+        async def run_session(runner: LinkRunner) -> None:
+            try:
+                await runner.run_timers()
+            finally:
+                endpoint.remove(runner.link)
+                runners.pop(runner.link.local_index, None)
+
+        while True:
+            await anyio.wait_readable(sock)
+            now = anyio.current_time()
+            for _ in range(UDP_BATCH):
+                try:
+                    data, address = sock.recvfrom(MAX_MESSAGE_SIZE + 1)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self.drops["udp_error"] += 1
+                    continue
+                address = address[:2]
+                link = endpoint.route(data, address, now)
+                if link is None:
+                    continue
+                runner = runners.get(link.local_index)
+                if runner is None:
+                    runner = LinkRunner(self, link, UdpTransport(sock, address), info, address)
+                    runners[link.local_index] = runner
+                    task_group.start_soon(run_session, runner)
+                runner.receive(data, now)
+            await anyio.lowlevel.checkpoint()
+
+    async def _serve_tcp(self, stream: SocketStream, route: InRoute, info: RouteInfo) -> None:
+        async with stream:
+            decoder = StreamDecoder()
+            first: bytes | None = None
+            mac_key = derive_cookie_keys(route.secret)[1]
+            with anyio.move_on_after(self.timers.dead_after):
+                while first is None:
+                    decoder.receive_bytes(await stream.receive())
+                    first = decoder.next_message()
+            # Without the cookie MAC the connection is closed without a single byte back.
+            if first is None or message_type(first) != HS_INIT or not check_mac1(mac_key, first):
+                self.drops["tcp_probe"] += 1
+                return
+            link = self._new_link(initiator=False, secret=route.secret, reliable=True)
+            address = _as_address(stream.extra(SocketAttribute.remote_address))
+            runner = LinkRunner(self, link, _NO_TRANSPORT, info, address)
+            await self._run_stream_link(stream, decoder, runner, first)
+
+    # --- out_routes ---------------------------------------------------------------------
+
+    async def _dial_forever(self, name: str, route: OutRoute) -> None:
+        """Keep one link up on this route: dial, run, and re-dial with jittered backoff."""
+        info = RouteInfo(name, route.protocol, "out")
+        host, port = parse_address(route.connect)
+        expected = parse_fingerprint(route.fingerprint)
+        timing = self.config.links
+        delay = timing.redial_min_secs
+        dial_log = self._log.bind(route=name, protocol=route.protocol)
+        while True:
+            established = False
+            try:
+                established = await self._dial_once(route, info, host, port, expected)
+            except OSError as exc:
+                dial_log.info("dial_failed", error=exc.strerror or str(exc))
+            delay = (
+                timing.redial_min_secs if established else min(delay * 2, timing.redial_max_secs)
+            )
+            # Full jitter spreads re-dials of many nodes after a shared outage.
+            await anyio.sleep(random.uniform(delay / 2, delay))
+
+    async def _dial_once(
+        self, route: OutRoute, info: RouteInfo, host: str, port: int, expected: bytes
+    ) -> bool:
+        """One dial; returns whether the link got established before it ended."""
+        link = self._new_link(
+            initiator=True,
+            secret=route.secret,
+            reliable=route.protocol == "tcp",
+            expected_fingerprint=expected,
+        )
+        if route.protocol == "tcp":
+            with anyio.fail_after(self.timers.dead_after):
+                stream = await anyio.connect_tcp(host, port)
+            async with stream:
+                runner = LinkRunner(self, link, _NO_TRANSPORT, info, (host, port))
+                await self._run_stream_link(stream, StreamDecoder(), runner, None)
+        else:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            family, _, _, _, address = infos[0]
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                sock.connect(address)
+                runner = LinkRunner(self, link, UdpTransport(sock, None), info, (host, port))
+                runner.service(anyio.current_time())
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._read_connected_udp, sock, runner)
+                    await runner.run_timers()
+                    tg.cancel_scope.cancel()
+        return runner.was_established
+
+    async def _read_connected_udp(self, sock: socket.socket, runner: LinkRunner) -> None:
+        while True:
+            await anyio.wait_readable(sock)
+            now = anyio.current_time()
+            for _ in range(UDP_BATCH):
+                try:
+                    data = sock.recv(MAX_MESSAGE_SIZE + 1)
+                except BlockingIOError:
+                    break
+                except ConnectionRefusedError:
+                    continue  # ICMP port unreachable: the peer is not there (yet)
+                runner.receive(data, now)
+            await anyio.lowlevel.checkpoint()
+
+    # --- shared stream (TCP) plumbing ---------------------------------------------------
+
+    async def _run_stream_link(
+        self,
+        stream: SocketStream,
+        decoder: StreamDecoder,
+        runner: LinkRunner,
+        first: bytes | None,
+    ) -> None:
+        """Run `runner` over a TCP stream until its link closes or the stream ends."""
+        send_queue, receive_queue = anyio.create_memory_object_stream[bytes](TCP_QUEUE)
+        runner.transport = TcpTransport(send_queue)
+        flushed = anyio.Event()
+
+        async def write() -> None:
+            async with receive_queue:
+                async for frame in receive_queue:
+                    await stream.send(frame)
+            flushed.set()
+
+        async def read() -> None:
+            try:
+                if first is not None:
+                    runner.receive(first, anyio.current_time())
+                while True:
+                    decoder.receive_bytes(await stream.receive())
+                    now = anyio.current_time()
+                    while (message := decoder.next_message()) is not None:
+                        runner.receive(message, now)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                runner.fail("connection_closed")
+            except RemoteProtocolError as exc:
+                runner.statistics().drops[exc.reason] += 1
+                runner.fail(exc.reason)
+
+        with send_queue:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(write)
+                tg.start_soon(read)
+                runner.service(anyio.current_time())
+                try:
+                    await runner.run_timers()
+                finally:
+                    send_queue.close()
+                    with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
+                        await flushed.wait()  # a CLOSE frame may still be queued
+                tg.cancel_scope.cancel()
+
+
+class _NoTransport:
+    """Placeholder until a stream link's queue exists; nothing is sent before that."""
+
+    def send(self, message: bytes) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+_NO_TRANSPORT = _NoTransport()
+
+
+def _udp_socket(host: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    return sock
+
+
+def _as_address(value: object) -> Address:
+    assert isinstance(value, tuple), "an IP socket address"
+    return (str(value[0]), int(value[1]))
