@@ -2,10 +2,151 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def seeded_rng(seed: int) -> Callable[[int], bytes]:
     """A deterministic stand-in for os.urandom."""
     return random.Random(seed).randbytes
+
+
+class DaemonProcess:
+    """An `earendil-py daemon` subprocess whose JSON log lines are collected as they come."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "earendil_py", "daemon", "--config", str(config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = {"event": "unparsed", "line": line}
+            with self._cond:
+                self.events.append(event)
+                self._cond.notify_all()
+
+    def wait_for(self, event: str, timeout: float, after: int = 0, **fields: Any) -> dict[str, Any]:
+        """The first matching log event at index >= `after`; AssertionError on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for logged in self.events[after:]:
+                    if logged.get("event") == event and all(
+                        logged.get(k) == v for k, v in fields.items()
+                    ):
+                        return logged
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no {event} {fields} within {timeout}s: {self.events}")
+                self._cond.wait(remaining)
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.events)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self._reader.join(timeout)
+            assert self.process.stderr is not None
+            self.process.stderr.close()
+
+
+class UdpProxy:
+    """A misbehaving wire between one UDP client and one server, on loopback.
+
+    Every datagram is lost with probability `loss`, sent twice if `duplicate`, and held back
+    to swap places with the next one if `reorder`. Run `serve()` in a task group.
+    """
+
+    def __init__(
+        self,
+        target: tuple[str, int],
+        *,
+        loss: float = 0.0,
+        duplicate: bool = False,
+        reorder: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.target = target
+        self.loss, self.duplicate, self.reorder = loss, duplicate, reorder
+        self._random = random.Random(seed)
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.front.setblocking(False)
+        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.back.setblocking(False)
+        self.back.connect(target)
+        self.address: tuple[str, int] = self.front.getsockname()
+        self.client: tuple[str, int] | None = None
+        self.forwarded = 0
+        self._held: dict[int, bytes] = {}
+
+    def _emit(self, sock: socket.socket, data: bytes, to: tuple[str, int] | None) -> None:
+        if self._random.random() < self.loss:
+            return
+        if self.reorder and self._random.random() < 0.5 and id(sock) not in self._held:
+            self._held[id(sock)] = data
+            return
+        copies = [data, data] if self.duplicate else [data]
+        held = self._held.pop(id(sock), None)
+        if held is not None:
+            copies.append(held)
+        for copy in copies:
+            self.forwarded += 1
+            with contextlib.suppress(OSError):  # the server may be down, as on a real wire
+                sock.sendto(copy, to) if to else sock.send(copy)
+
+    async def serve(self) -> None:
+        import anyio
+
+        async def pump_front() -> None:
+            while True:
+                await anyio.wait_readable(self.front)
+                data, self.client = self.front.recvfrom(65535)
+                self._emit(self.back, data, None)
+
+        async def pump_back() -> None:
+            while True:
+                await anyio.wait_readable(self.back)
+                try:
+                    data = self.back.recv(65535)
+                except ConnectionRefusedError:
+                    continue
+                if self.client is not None:
+                    self._emit(self.front, data, self.client)
+
+        with self.front, self.back:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump_front)
+                tg.start_soon(pump_back)

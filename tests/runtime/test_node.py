@@ -15,9 +15,10 @@ from structlog.testing import capture_logs
 from earendil_py.core.identity import Identity
 from earendil_py.core.link import HS_INIT, Link
 from earendil_py.netgen import Edge, generate_network
+from earendil_py.runtime.config import load_config
 from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.node import Node
-from tests.helpers import seeded_rng
+from tests.helpers import UdpProxy, seeded_rng
 
 FAST = """
 [links]
@@ -133,8 +134,6 @@ async def test_wrong_fingerprint_is_refused_with_a_clear_log_line(tmp_path: Path
     config_path.write_text(
         config_path.read_text().replace(generated[1].fingerprint, generated[2].fingerprint)
     )
-    from earendil_py.runtime.config import load_config
-
     dialer = Node(load_config(config_path), load_identity_file(generated[0].config.identity_file))
     listener = Node(generated[1].config, load_identity_file(generated[1].config.identity_file))
     with capture_logs() as logs:
@@ -177,3 +176,36 @@ async def test_garbage_flood_does_not_hurt_the_good_link(tmp_path: Path) -> None
         assert runner.statistics().frames_in > pings_before  # keepalives still answered
     assert sent == 20_000
     assert nodes[1].drop_counts().total() >= 10_000
+
+
+@pytest.mark.anyio
+async def test_duplicated_and_reordered_udp_frames_are_dropped_and_counted(
+    tmp_path: Path,
+) -> None:
+    generated = generate_network(tmp_path, 2, [Edge(0, 1, "udp")], extra_toml=FAST)
+    listener = Node(generated[1].config, load_identity_file(generated[1].config.identity_file))
+    async with anyio.create_task_group() as outer:
+        await outer.start(listener.run)
+        proxy = UdpProxy(listener.listening["from_node0_udp"], duplicate=True, reorder=True)
+        outer.start_soon(proxy.serve)
+        path = generated[0].config_path
+        route = generated[0].config.out_routes["node1_udp"]
+        path.write_text(path.read_text().replace(route.connect, f"127.0.0.1:{proxy.address[1]}"))
+        dialer = Node(load_config(path), load_identity_file(generated[0].config.identity_file))
+        await outer.start(dialer.run)
+        with anyio.fail_after(3):
+            await dialer.wait_neighbors({listener.fingerprint})
+            await listener.wait_neighbors({dialer.fingerprint})
+        runner = dialer.links[listener.fingerprint][0]
+        peer = listener.links[dialer.fingerprint][0]
+        for i in range(200):
+            frame = runner.link.encrypt_onion(b"\x01" * 32, bytes([i % 256]) * 100)
+            runner.send(frame)
+            if i % 20 == 0:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.5)
+        assert listener.onion_frames_received == 200  # every frame exactly once
+        drops = peer.statistics().drops
+        assert drops["replay"] >= 200
+        assert dialer.neighbors() == {listener.fingerprint}
+        outer.cancel_scope.cancel()
