@@ -110,6 +110,7 @@ class UdpProxy:
         self.address: tuple[str, int] = self.front.getsockname()
         self.client: tuple[str, int] | None = None
         self.forwarded = 0
+        self.reordered = 0
         self._held: dict[int, bytes] = {}
 
     def _emit(self, sock: socket.socket, data: bytes, to: tuple[str, int] | None) -> None:
@@ -117,6 +118,7 @@ class UdpProxy:
             return
         if self.reorder and self._random.random() < 0.5 and id(sock) not in self._held:
             self._held[id(sock)] = data
+            self.reordered += 1
             return
         copies = [data, data] if self.duplicate else [data]
         held = self._held.pop(id(sock), None)

@@ -201,11 +201,12 @@ async def test_duplicated_and_reordered_udp_frames_are_dropped_and_counted(
         for i in range(200):
             frame = runner.link.encrypt_onion(b"\x01" * 32, bytes([i % 256]) * 100)
             runner.send(frame)
-            if i % 20 == 0:
-                await anyio.sleep(0.01)
+            if i % 5 == 0:
+                await anyio.sleep(0.005)  # gentle pacing: the proxy must not lose any
         await anyio.sleep(0.5)
         assert listener.onion_frames_received == 200  # every frame exactly once
         drops = peer.statistics().drops
-        assert drops["replay"] >= 200
+        assert proxy.reordered > 50
+        assert drops["replay"] >= 100  # frames the proxy duplicated (not those it reordered)
         assert dialer.neighbors() == {listener.fingerprint}
         outer.cancel_scope.cancel()
