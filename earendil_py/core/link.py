@@ -67,8 +67,12 @@ U64 = struct.Struct(">Q")
 # a larger announced length closes the connection; on UDP such a datagram is dropped.
 MAX_MESSAGE_SIZE = 16_384
 REPLAY_WINDOW = 2048  # frames; UDP reordering deeper than this is treated as loss
-# Re-handshake long before the 64-bit nonce could wrap; the shell re-dials on this close.
+_WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
+# Re-handshake long before the 64-bit nonce could wrap: a timer closes the link ("rekey") once
+# this many frames were sent and the dialer re-dials with fresh keys. Sending stops hard at
+# REJECT_AFTER_FRAMES, which no link reaches between two timer checks.
 REKEY_AFTER_FRAMES = 2**60
+REJECT_AFTER_FRAMES = 2**60 + 2**40
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +187,9 @@ class ReplayWindow:
     def mark(self, counter: int) -> None:
         if counter > self._top:
             shift = counter - self._top
-            self._bits = ((self._bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            # A jump past the whole window forgets it; never shift by an unbounded amount.
+            shifted = self._bits << shift if shift < REPLAY_WINDOW else 0
+            self._bits = (shifted | 1) & _WINDOW_MASK
             self._top = counter
         else:
             self._bits |= 1 << (self._top - counter)
@@ -277,6 +283,9 @@ class Link:
 
     def handle_timer(self, now: float) -> None:
         if self.state is LinkState.CLOSED:
+            return
+        if self._send is not None and self._send.nonce >= REKEY_AFTER_FRAMES:
+            self._close("rekey", now, notify=True)
             return
         if now >= self._last_received + self._timers.dead_after:
             reason = "keepalive_timeout" if self._send else "handshake_timeout"
@@ -415,7 +424,7 @@ class Link:
         if cipher is None or self.remote_index is None:
             raise LocalProtocolError("link has no transport keys yet")
         counter = cipher.nonce
-        if counter >= REKEY_AFTER_FRAMES:
+        if counter >= REJECT_AFTER_FRAMES:
             raise LocalProtocolError("send counter exhausted: the link must be re-established")
         header = DATA_HEADER.pack(DATA, self.remote_index, counter)
         return header + cipher.encrypt_with_ad(header, bytes([kind]) + body)

@@ -380,3 +380,22 @@ def test_garbage_never_raises(data: bytes, first: int) -> None:
 
 def test_data_header_layout_is_documented_size() -> None:
     assert DATA_HEADER.size == 13
+
+
+def test_link_closes_for_rekey_before_the_nonce_could_wrap() -> None:
+    from earendil_py.core.link import REKEY_AFTER_FRAMES
+
+    pair = established()
+    assert pair.a._send is not None
+    pair.a._send.set_nonce(REKEY_AFTER_FRAMES)
+    events(pair.a)
+    pair.advance(1.5)
+    assert events(pair.a) == [LinkClosed("rekey")]
+
+
+def test_a_huge_counter_jump_costs_no_memory() -> None:
+    pair = established()
+    assert pair.a._send is not None
+    pair.a._send.set_nonce(2**59)
+    pair.deliver_to_b(pair.a.encrypt_onion(b"\x55" * 32, b"far"))
+    assert pair.onions_at_b == [(b"\x55" * 32, b"far")]

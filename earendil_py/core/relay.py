@@ -1,0 +1,71 @@
+"""What a node does with one onion frame: forward it untouched, or peel it.
+
+A frame names its `next_peeler`. If that is not us we are a plain relay: the packet goes on
+toward the next peeler with no onion crypto at all. If it is us we peel one layer (one X25519),
+check the per-hop replay tag, and either forward the inner packet or deliver its payload.
+
+Datagrams delivered to a node are addressed to a *dock* (like a port number): the final
+payload is `dock (u32 big-endian) | data`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
+from earendil_py.core.packet import MAX_PAYLOAD, Delivered, peel_packet
+from earendil_py.core.replay import ReplayFilter
+
+DOCK = struct.Struct(">I")
+MAX_DATAGRAM = MAX_PAYLOAD - DOCK.size
+# Replay tags are remembered for at least this long, and at most this many at once.
+REPLAY_WINDOW_SECS = 600.0
+REPLAY_MAX_ENTRIES = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """A datagram that arrived for this node."""
+
+    dock: int
+    data: bytes
+
+
+def encode_datagram(dock: int, data: bytes) -> bytes:
+    """The onion payload for `data` sent to `dock`. Raises LocalProtocolError if too big."""
+    if not 0 <= dock < 2**32:
+        raise LocalProtocolError("a dock is a u32")
+    if len(data) > MAX_DATAGRAM:
+        raise LocalProtocolError(f"a datagram carries at most {MAX_DATAGRAM} bytes")
+    return DOCK.pack(dock) + data
+
+
+class Peeler:
+    """Peels onion layers addressed to us, with replay protection. Never raises for bad
+    packets: they are dropped and counted in `drops` by reason."""
+
+    def __init__(self, onion_secret: bytes, replay: ReplayFilter | None = None) -> None:
+        self._onion_secret = onion_secret
+        self._replay = replay or ReplayFilter(REPLAY_WINDOW_SECS, REPLAY_MAX_ENTRIES)
+        self.drops: Counter[str] = Counter()
+
+    def peel(self, packet: bytes, now: float) -> tuple[bytes, bytes] | Datagram | None:
+        """(next_peeler, inner packet) to forward, a Datagram for us, or None (dropped)."""
+        try:
+            result = peel_packet(packet, self._onion_secret)
+        except RemoteProtocolError as exc:
+            self.drops[exc.reason] += 1
+            return None
+        # The tag is only recorded once the MAC verified, so forged packets cannot fill it.
+        if not self._replay.check_and_insert(result.replay_tag, now):
+            self.drops["replay"] += 1
+            return None
+        if isinstance(result, Delivered):
+            if len(result.payload) < DOCK.size:
+                self.drops["bad_datagram"] += 1
+                return None
+            (dock,) = DOCK.unpack_from(result.payload)
+            return Datagram(dock, result.payload[DOCK.size :])
+        return result.next_peeler, result.packet
