@@ -11,8 +11,8 @@ the receive buffer never overflows, and only frames that arrive (and, for the li
 to an onion) are counted. The target is link / plain >= 0.5.
 
 A third loop is the ceiling: plain UDP plus one bare ChaCha20-Poly1305 encrypt and decrypt of
-the frame per datagram, called straight into libsodium with preallocated buffers (no PyNaCl
-argument checks, no link logic). No link can beat it, so ceiling / plain bounds the ratio.
+the frame per datagram through the same AEAD binding the link uses (`cryptography`), with no
+link logic around it. No link can beat it, so ceiling / plain bounds the ratio.
 
 Run: .venv/bin/python bench/link.py [--frames N] [--rounds R] [--burst B]
 """
@@ -26,8 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 
-import nacl.bindings  # noqa: F401  (its import runs sodium_init, which picks the SIMD code)
-from nacl._sodium import ffi, lib
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from earendil_py.core.identity import Identity
 from earendil_py.core.link import DATA_HEADER, MAX_MESSAGE_SIZE, TAG_SIZE, Link, LinkState
@@ -145,31 +144,23 @@ def main() -> int:
 
     # The ceiling's AEAD inputs: what the link would seal and open, minus the framing.
     key, nonce, header = rng(32), bytes(12), rng(DATA_HEADER.size)
-    header_size, sealed_size = len(header), frame_size - len(header)
-    body_size = sealed_size - TAG_SIZE
-    sealed = ffi.new("unsigned char[]", sealed_size)
-    opened = ffi.new("unsigned char[]", body_size)
-    body = rng(body_size)
-    seal, open_ = (
-        lib.crypto_aead_chacha20poly1305_ietf_encrypt,
-        lib.crypto_aead_chacha20poly1305_ietf_decrypt,
-    )
-    seal(sealed, ffi.NULL, body, body_size, header, header_size, ffi.NULL, nonce, key)
-    ciphertext = bytes(ffi.buffer(sealed))
+    body = rng(frame_size - len(header) - TAG_SIZE)
+    aead = ChaCha20Poly1305(key)
+    ciphertext = aead.encrypt(nonce, body, header)
 
     def run_ceiling() -> tuple[int, int]:
-        send, recv, null = sender.send, receiver.recv, ffi.NULL
+        send, recv, seal, open_ = sender.send, receiver.recv, aead.encrypt, aead.decrypt
         received = 0
         for _ in range(bursts):
             for datagram in plain:
-                seal(sealed, null, body, body_size, header, header_size, null, nonce, key)
+                seal(nonce, body, header)
                 send(datagram)
             while True:
                 try:
                     recv(MAX_MESSAGE_SIZE)
                 except BlockingIOError:
                     break
-                open_(opened, null, null, ciphertext, sealed_size, header, header_size, nonce, key)
+                open_(nonce, ciphertext, header)
                 received += 1
         return received, 0
 

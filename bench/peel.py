@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 
 import blake3
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl.bindings import (
-    crypto_aead_chacha20poly1305_ietf_encrypt,
     crypto_scalarmult,
     crypto_scalarmult_base,
 )
@@ -63,7 +63,7 @@ def main() -> int:
     def floor_all() -> None:
         for alpha, packet, body in zip(alphas, packets, bodies, strict=True):
             crypto_scalarmult(first_secret, alpha)
-            crypto_aead_chacha20poly1305_ietf_encrypt(packet, None, nonce, stream_key)
+            ChaCha20Poly1305(stream_key).encrypt(nonce, packet, None)
             blake3.blake3(body).digest()
 
     def build_some() -> None:

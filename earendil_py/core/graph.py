@@ -49,9 +49,9 @@ RESIGN_INTERVAL_SECS = 600
 # unsynchronised clocks without letting a node extend its descriptors' life meaningfully.
 MAX_CLOCK_SKEW_SECS = 300
 
-# Memory bounds. An identity costs ~250 bytes held, an adjacency ~300 plus two set entries,
-# so a full graph is a few tens of MB. Beyond the caps new entries are refused ("graph_full");
-# refreshes of entries already held are always accepted.
+# Memory bounds. Held, an identity costs ~0.5 KB and an adjacency ~0.75 KB (descriptor, key,
+# neighbour-set entries), so a full graph is ~80 MB: a ceiling, not a working size. Beyond
+# the caps new entries are refused ("graph_full"); refreshes of held entries always go through.
 MAX_IDENTITIES = 10_000
 MAX_ADJACENCIES = 100_000
 # Next-hop tables kept at once. The relay loop asks from its own fingerprint only; the others

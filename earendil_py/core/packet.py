@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 
 import blake3
 import msgspec
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl.bindings import (
-    crypto_aead_chacha20poly1305_ietf_encrypt,
     crypto_scalarmult,
     crypto_scalarmult_base,
 )
@@ -116,10 +116,15 @@ def _hop_keys(shared: bytes) -> tuple[bytes, bytes, bytes]:
     return keys[:KEY_SIZE], keys[KEY_SIZE : 2 * KEY_SIZE], keys[2 * KEY_SIZE :]
 
 
+def _chacha20_xor(stream_key: bytes, data: bytes) -> bytes:
+    # ChaCha20 keystream XOR `data`, via the AEAD with the tag cut off: the stream key is
+    # unique per hop per packet, so the fixed nonce never repeats under one key. The AEAD is
+    # `cryptography`'s (OpenSSL), ~2x faster per call than PyNaCl's wrapper at this size.
+    return ChaCha20Poly1305(stream_key).encrypt(_NONCE, data, None)[: len(data)]
+
+
 def _keystream(stream_key: bytes) -> bytes:
-    return crypto_aead_chacha20poly1305_ietf_encrypt(_ZERO_STREAM, None, _NONCE, stream_key)[
-        :_STREAM_SIZE
-    ]
+    return _chacha20_xor(stream_key, _ZERO_STREAM)
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
@@ -242,11 +247,9 @@ def peel_packet(packet: bytes, onion_secret: bytes) -> Forward | Delivered:
     if not hmac.compare_digest(expected, packet[GAMMA_OFFSET:BETA_OFFSET]):
         raise RemoteProtocolError("packet MAC does not verify", "bad_mac")
 
-    stream = crypto_aead_chacha20poly1305_ietf_encrypt(
-        b"".join((view[BETA_OFFSET:BODY_OFFSET], _ZERO_HOP, view[BODY_OFFSET:])),
-        None,
-        _NONCE,
+    stream = _chacha20_xor(
         keys[KEY_SIZE : 2 * KEY_SIZE],
+        b"".join((view[BETA_OFFSET:BODY_OFFSET], _ZERO_HOP, view[BODY_OFFSET:])),
     )
     replay_tag = keys[2 * KEY_SIZE :]
     next_peeler = stream[:FINGERPRINT_SIZE]
