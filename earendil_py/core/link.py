@@ -223,6 +223,7 @@ class Link:
         self.local_index = local_index
         self.remote_index: int | None = None
         self.peer_fingerprint: bytes | None = None
+        self.peer_identity_public: bytes | None = None
         self.state = LinkState.HANDSHAKING
         self._identity = identity
         self._expected = expected_fingerprint
@@ -261,6 +262,11 @@ class Link:
 
     def statistics(self) -> LinkStatistics:
         return self._stats
+
+    @property
+    def wants_service(self) -> bool:
+        """Whether `datagrams_to_send` or `next_event` has anything (cheap, for hot paths)."""
+        return bool(self._outbox or self._events)
 
     def datagrams_to_send(self) -> list[bytes]:
         out, self._outbox = self._outbox, []
@@ -491,6 +497,7 @@ class Link:
             self._close("wrong_fingerprint", now, notify=True)
             return
         self.peer_fingerprint = fingerprint
+        self.peer_identity_public = identity_public
         self.state = LinkState.ESTABLISHED
         self._retransmit_at = None
         self._next_ping = now + self._timers.keepalive_interval

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import socket
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +23,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from anyio.streams.stapled import MultiListener
 
 from earendil_py.core.errors import ConfigError, RemoteProtocolError
+from earendil_py.core.graph import RelayGraph
 from earendil_py.core.identity import Identity, parse_fingerprint, short_hex
 from earendil_py.core.link import (
     HS_INIT,
@@ -41,17 +42,32 @@ from earendil_py.core.link import (
     frame_for_stream,
     message_type,
 )
+from earendil_py.core.messages import decode_control
+from earendil_py.core.packet import build_packet
+from earendil_py.core.relay import Datagram, Peeler, encode_datagram
 from earendil_py.runtime.config import Config, InRoute, OutRoute, parse_address
+from earendil_py.runtime.gossip import Gossip
 
 log = structlog.get_logger("earendil_py.node")
 
 UDP_BATCH = 64  # datagrams drained per wake-up before yielding to other tasks
+DEFAULT_HOPS = 3  # peelers per route, the destination included
+MAX_DOCKS = 256  # docks holding undelivered datagrams
+DOCK_QUEUE = 4096  # undelivered datagrams kept per dock; more are dropped and counted
 TCP_QUEUE = 256  # messages queued per TCP connection before new ones are dropped
 TIMER_SLACK = 0.1  # a link's timer task re-checks at least this often (s)
 SHUTDOWN_GRACE = 1.0  # seconds to flush CLOSE frames on shutdown
 
 Address = tuple[str, int]
 OnionHandler = Callable[["LinkRunner", bytes, bytes], None]
+
+
+@dataclass(slots=True)
+class RelayStatistics:
+    originated: int = 0  # onion packets we built
+    forwarded: int = 0  # packets relayed toward another peeler without onion crypto
+    peeled: int = 0  # layers we peeled (packets addressed to us as next peeler)
+    delivered: int = 0  # datagrams that ended here
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +138,9 @@ class LinkRunner:
         self.route = route
         self.peer_address = peer_address
         self.was_established = False
+        # The batched counters: onion packets over this link, bumped once per batch.
+        self.packets_sent = 0
+        self.packets_received = 0
         self.closed = anyio.Event()
         self._log = log.bind(route=route.name, protocol=route.protocol)
 
@@ -132,15 +151,32 @@ class LinkRunner:
     def statistics(self) -> LinkStatistics:
         return self.link.statistics()
 
-    def receive(self, message: bytes, now: float) -> None:
+    def receive(self, message: bytes, now: float) -> tuple[bytes, bytes] | None:
+        """Feed one message to the link; returns (next_peeler, packet) for an onion frame."""
         result = self.link.receive_datagram(message, now)
-        if result is not None:
-            self.node.on_onion(self, result[0], result[1])
-        self.service(now)
+        if self.link.wants_service:
+            self.service(now)
+        return result
 
-    def send(self, message: bytes) -> None:
-        if not self.transport.send(message):
-            self.link.statistics().drops["send_failed"] += 1
+    def send(self, message: bytes) -> bool:
+        if self.transport.send(message):
+            return True
+        self.link.statistics().drops["send_failed"] += 1
+        return False
+
+    def send_control(self, payload: bytes) -> None:
+        """Send one CONTROL frame on this (established) link now."""
+        if self.link.state is LinkState.ESTABLISHED:
+            self.link.send_control(payload)
+            self.service(anyio.current_time())
+
+    def send_onions(self, frames: list[bytes]) -> None:
+        """Send a batch of encrypted onion frames and count them once."""
+        send = self.transport.send
+        sent = sum(1 for frame in frames if send(frame))
+        self.packets_sent += sent
+        if sent != len(frames):
+            self.link.statistics().drops["queue_full"] += len(frames) - sent
 
     def service(self, now: float) -> None:
         """Send what the link queued and act on its events."""
@@ -215,7 +251,13 @@ class Node:
         )
         self.links: dict[bytes, list[LinkRunner]] = {}
         self.drops: Counter[str] = Counter()
-        self.onion_frames_received = 0
+        self.relay = RelayStatistics()
+        self.graph = RelayGraph()
+        self.peeler = Peeler(identity.onion_secret)
+        self.hops = DEFAULT_HOPS
+        self._docks: dict[int, deque[Datagram]] = {}
+        self._delivered = anyio.Event()
+        self.gossip = Gossip(self)
         self.listening: dict[str, Address] = {}
         self._links_changed = anyio.Event()
         self._log = log.bind(node=short_hex(self.fingerprint))
@@ -229,6 +271,7 @@ class Node:
         assert runner.peer_fingerprint is not None
         self.links.setdefault(runner.peer_fingerprint, []).append(runner)
         self._notify()
+        self.gossip.on_link_up(runner)
 
     def remove_link(self, runner: LinkRunner) -> bool:
         fingerprint = runner.peer_fingerprint
@@ -262,11 +305,117 @@ class Node:
 
     # --- upcalls from links -------------------------------------------------------------
 
-    def on_onion(self, runner: LinkRunner, next_peeler: bytes, packet: bytes) -> None:
-        self.onion_frames_received += 1
-
     def on_control(self, runner: LinkRunner, payload: bytes) -> None:
-        self.drops["control_unhandled"] += 1
+        try:
+            message = decode_control(payload)
+        except RemoteProtocolError as exc:
+            runner.statistics().drops[exc.reason] += 1
+            return
+        self.gossip.on_message(runner, message)
+
+    # --- the relay loop: the hot path ---------------------------------------------------
+
+    def relay_batch(self, batch: list[tuple[LinkRunner | None, bytes, bytes]], now: float) -> None:
+        """Peel or forward a batch of onion frames, then send them grouped by link.
+
+        Each item is (link it came in on or None if we originate it, next_peeler, packet).
+        Counters are bumped once per batch per link, never per packet.
+        """
+        me = self.fingerprint
+        outgoing: dict[LinkRunner, list[bytes]] = {}
+        received: dict[LinkRunner, int] = {}
+        peeled = forwarded = delivered = 0
+        no_route = 0
+        for source, next_peeler, packet in batch:
+            if source is not None:
+                received[source] = received.get(source, 0) + 1
+            if next_peeler == me:
+                result = self.peeler.peel(packet, now)
+                if result is None:
+                    continue
+                peeled += 1
+                if isinstance(result, Datagram):
+                    self._deliver(result)
+                    delivered += 1
+                    continue
+                next_peeler, packet = result
+            elif source is not None:
+                forwarded += 1
+            target = self._route_to(next_peeler)
+            if target is None:
+                no_route += 1
+                continue
+            frames = outgoing.get(target)
+            if frames is None:
+                frames = outgoing[target] = []
+            frames.append(target.link.encrypt_onion(next_peeler, packet))
+        for runner, count in received.items():
+            runner.packets_received += count
+        for runner, frames in outgoing.items():
+            runner.send_onions(frames)
+        stats = self.relay
+        stats.peeled += peeled
+        stats.forwarded += forwarded
+        stats.delivered += delivered
+        if no_route:
+            self.drops["no_route"] += no_route
+
+    def _route_to(self, fingerprint: bytes) -> LinkRunner | None:
+        """The link toward `fingerprint`: direct if it is a neighbour, else by the graph."""
+        runners = self.links.get(fingerprint)
+        if runners is None:
+            hop = self.graph.next_hop(self.fingerprint, fingerprint)
+            runners = self.links.get(hop) if hop is not None else None
+            if runners is None:
+                return None
+        return runners[0]
+
+    def _deliver(self, datagram: Datagram) -> None:
+        queue = self._docks.get(datagram.dock)
+        if queue is None:
+            if len(self._docks) >= MAX_DOCKS:
+                self.drops["too_many_docks"] += 1
+                return
+            queue = self._docks[datagram.dock] = deque()
+        if len(queue) >= DOCK_QUEUE:
+            self.drops["dock_full"] += 1
+            return
+        queue.append(datagram)
+        self._delivered.set()
+
+    # --- sending and receiving datagrams ------------------------------------------------
+
+    def send_datagram(
+        self, destination: bytes, dock: int, data: bytes, hops: int | None = None
+    ) -> None:
+        """Send `data` to `dock` on `destination` through `hops` peelers (the last being the
+        destination). Raises LocalProtocolError if there is no route or `data` is too big."""
+        if destination == self.fingerprint:
+            self._deliver(Datagram(dock, data))
+            return
+        route = self.graph.choose_route(
+            self.fingerprint, destination, hops or self.hops, os.urandom
+        )
+        first_peeler, packet = build_packet(route, encode_datagram(dock, data), os.urandom)
+        self.relay.originated += 1
+        self.relay_batch([(None, first_peeler, packet)], anyio.current_time())
+
+    def receive_datagrams_nowait(self, dock: int, limit: int = 1000) -> list[Datagram]:
+        """Up to `limit` datagrams that arrived for `dock`, oldest first."""
+        queue = self._docks.get(dock)
+        out: list[Datagram] = []
+        while queue and len(out) < limit:
+            out.append(queue.popleft())
+        return out
+
+    async def receive_datagram(self, dock: int) -> Datagram:
+        """Wait for the next datagram to `dock`."""
+        while True:
+            queue = self._docks.get(dock)
+            if queue:
+                return queue.popleft()
+            await self._delivered.wait()
+            self._delivered = anyio.Event()
 
     # --- running ------------------------------------------------------------------------
 
@@ -282,6 +431,7 @@ class Node:
                 tg.start_soon(self._listen, name, in_route)
             for name, out_route in self.config.out_routes.items():
                 tg.start_soon(self._dial_forever, name, out_route)
+            tg.start_soon(self.gossip.run)
             self._log.info("node_started", fingerprint=self.fingerprint.hex())
             task_status.started()
 
@@ -361,6 +511,7 @@ class Node:
         while True:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
+            batch: list[tuple[LinkRunner | None, bytes, bytes]] = []
             for _ in range(UDP_BATCH):
                 try:
                     data, address = sock.recvfrom(MAX_MESSAGE_SIZE + 1)
@@ -378,7 +529,10 @@ class Node:
                     runner = LinkRunner(self, link, UdpTransport(sock, address), info, address)
                     runners[link.local_index] = runner
                     task_group.start_soon(run_session, runner)
-                runner.receive(data, now)
+                if (onion := runner.receive(data, now)) is not None:
+                    batch.append((runner, *onion))
+            if batch:
+                self.relay_batch(batch, now)
             await anyio.lowlevel.checkpoint()
 
     async def _serve_tcp(self, stream: SocketStream, route: InRoute, info: RouteInfo) -> None:
@@ -455,6 +609,7 @@ class Node:
         while True:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
+            batch: list[tuple[LinkRunner | None, bytes, bytes]] = []
             for _ in range(UDP_BATCH):
                 try:
                     data = sock.recv(MAX_MESSAGE_SIZE + 1)
@@ -462,7 +617,10 @@ class Node:
                     break
                 except ConnectionRefusedError:
                     continue  # ICMP port unreachable: the peer is not there (yet)
-                runner.receive(data, now)
+                if (onion := runner.receive(data, now)) is not None:
+                    batch.append((runner, *onion))
+            if batch:
+                self.relay_batch(batch, now)
             await anyio.lowlevel.checkpoint()
 
     # --- shared stream (TCP) plumbing ---------------------------------------------------
@@ -480,10 +638,14 @@ class Node:
         flushed = anyio.Event()
 
         async def write() -> None:
-            async with receive_queue:
-                async for frame in receive_queue:
-                    await stream.send(frame)
-            flushed.set()
+            try:
+                async with receive_queue:
+                    async for frame in receive_queue:
+                        await stream.send(frame)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                runner.fail("connection_closed")
+            finally:
+                flushed.set()  # also when cancelled, so shutdown never waits for a dead writer
 
         async def read() -> None:
             try:
@@ -492,8 +654,12 @@ class Node:
                 while True:
                     decoder.receive_bytes(await stream.receive())
                     now = anyio.current_time()
+                    batch: list[tuple[LinkRunner | None, bytes, bytes]] = []
                     while (message := decoder.next_message()) is not None:
-                        runner.receive(message, now)
+                        if (onion := runner.receive(message, now)) is not None:
+                            batch.append((runner, *onion))
+                    if batch:
+                        self.relay_batch(batch, now)
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 runner.fail("connection_closed")
             except RemoteProtocolError as exc:

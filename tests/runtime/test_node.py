@@ -204,7 +204,8 @@ async def test_duplicated_and_reordered_udp_frames_are_dropped_and_counted(
             if i % 5 == 0:
                 await anyio.sleep(0.005)  # gentle pacing: the proxy must not lose any
         await anyio.sleep(0.5)
-        assert listener.onion_frames_received == 200  # every frame exactly once
+        assert peer.packets_received == 200  # every frame exactly once
+        assert listener.drop_counts()["no_route"] == 200  # nobody is called 0x0101...
         drops = peer.statistics().drops
         assert proxy.reordered > 50
         assert drops["replay"] >= 100  # frames the proxy duplicated (not those it reordered)

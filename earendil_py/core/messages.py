@@ -1,0 +1,56 @@
+"""Control messages exchanged between neighbours inside CONTROL link frames.
+
+Frozen, array-like, integer-tagged msgspec structs; tags are never reused and new fields are
+only ever appended with defaults. Decoding raises only RemoteProtocolError.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from earendil_py.core.errors import RemoteProtocolError
+from earendil_py.core.graph import AdjacencyDescriptor
+from earendil_py.core.identity import IdentityDescriptor
+
+
+class GraphPush(msgspec.Struct, frozen=True, array_like=True, tag=1):
+    """Descriptors for the neighbour's relay graph: one `graph.encode_dumps` message."""
+
+    dump: bytes
+
+
+class GraphPull(msgspec.Struct, frozen=True, array_like=True, tag=2):
+    """Asks the neighbour for its whole graph (answered with GraphPush messages)."""
+
+
+class AdjacencyRequest(msgspec.Struct, frozen=True, array_like=True, tag=3):
+    """Half of an adjacency descriptor: the sender's signature over (left, right, timestamp),
+    with the sender's identity descriptor so the receiver can verify it and route to it."""
+
+    identity: IdentityDescriptor
+    timestamp: int
+    signature: bytes
+
+
+class AdjacencyGrant(msgspec.Struct, frozen=True, array_like=True, tag=4):
+    """The countersigned adjacency descriptor, answering an AdjacencyRequest."""
+
+    descriptor: AdjacencyDescriptor
+
+
+ControlMessage = GraphPush | GraphPull | AdjacencyRequest | AdjacencyGrant
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[ControlMessage] = msgspec.msgpack.Decoder(ControlMessage)
+
+
+def encode_control(message: ControlMessage) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_control(data: bytes) -> ControlMessage:
+    """Raises RemoteProtocolError("bad_control") for anything but a valid message."""
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise RemoteProtocolError(f"bad control message: {exc}", "bad_control") from None

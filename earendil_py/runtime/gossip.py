@@ -1,0 +1,150 @@
+"""Keeps the relay graph converged with the neighbours'.
+
+At link-up each side pushes its whole graph and asks the neighbour to countersign an
+adjacency descriptor for the link. Whatever changes our graph is forwarded to the other
+neighbours at once (an unchanged descriptor stops the flood), so a fresh node routes within
+seconds. Periodically we re-sign our own descriptors, pull each neighbour's graph as a
+backstop, and expire stale entries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import anyio
+import structlog
+
+from earendil_py.core.errors import RemoteProtocolError
+from earendil_py.core.graph import (
+    RESIGN_INTERVAL_SECS,
+    AdjacencyDescriptor,
+    adjacency_unsigned,
+    decode_dump,
+    encode_dumps,
+    sign_adjacency,
+)
+from earendil_py.core.identity import IdentityDescriptor
+from earendil_py.core.messages import (
+    AdjacencyGrant,
+    AdjacencyRequest,
+    ControlMessage,
+    GraphPull,
+    GraphPush,
+    encode_control,
+)
+
+if TYPE_CHECKING:
+    from earendil_py.runtime.node import LinkRunner, Node
+
+log = structlog.get_logger("earendil_py.gossip")
+
+PULL_INTERVAL_SECS = 60.0
+
+
+def unix_now() -> int:
+    return int(time.time())
+
+
+class Gossip:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.own_descriptor = node.identity.descriptor(unix_now())
+        node.graph.insert_identity(self.own_descriptor, unix_now())
+
+    async def run(self) -> None:
+        """Re-sign, pull and expire on their intervals, until cancelled."""
+        next_resign = time.monotonic() + RESIGN_INTERVAL_SECS
+        while True:
+            await anyio.sleep(PULL_INTERVAL_SECS)
+            now = unix_now()
+            if time.monotonic() >= next_resign:
+                next_resign = time.monotonic() + RESIGN_INTERVAL_SECS
+                self.own_descriptor = self.node.identity.descriptor(now)
+                self.node.graph.insert_identity(self.own_descriptor, now)
+                for runner in self._runners():
+                    self._request_adjacency(runner)
+            self.node.graph.expire(now)
+            for runner in self._runners():
+                runner.send_control(encode_control(GraphPull()))
+
+    def on_link_up(self, runner: LinkRunner) -> None:
+        self._push(runner, self.node.graph.identities(), self.node.graph.adjacencies())
+        self._request_adjacency(runner)
+
+    def on_message(self, runner: LinkRunner, message: ControlMessage) -> None:
+        try:
+            match message:
+                case GraphPush(dump=dump):
+                    report = self.node.graph.insert_dump(decode_dump(dump), unix_now())
+                    runner.statistics().drops.update(report.rejected)
+                    self._flood(runner, report.identities, report.adjacencies)
+                case GraphPull():
+                    self._push(runner, self.node.graph.identities(), self.node.graph.adjacencies())
+                case AdjacencyRequest():
+                    self._grant_adjacency(runner, message)
+                case AdjacencyGrant(descriptor=descriptor):
+                    if {descriptor.left, descriptor.right} != {
+                        self.node.fingerprint,
+                        runner.peer_fingerprint,
+                    }:
+                        raise RemoteProtocolError("grant for another link", "bad_adjacency")
+                    if self.node.graph.insert_adjacency(descriptor, unix_now()):
+                        self._flood(runner, [], [descriptor])
+        except RemoteProtocolError as exc:
+            runner.statistics().drops[exc.reason] += 1
+
+    def _grant_adjacency(self, runner: LinkRunner, request: AdjacencyRequest) -> None:
+        peer = runner.peer_fingerprint
+        if request.identity.identity_public != runner.link.peer_identity_public or peer is None:
+            raise RemoteProtocolError("adjacency request from another identity", "bad_adjacency")
+        now = unix_now()
+        graph = self.node.graph
+        if graph.insert_identity(request.identity, now):
+            self._flood(runner, [request.identity], [])
+        left, right, _ = adjacency_unsigned(self.node.fingerprint, peer, request.timestamp)
+        mine = sign_adjacency(self.node.identity, left, right, request.timestamp)
+        ours_left = left == self.node.fingerprint
+        descriptor = AdjacencyDescriptor(
+            left=left,
+            right=right,
+            timestamp=request.timestamp,
+            left_signature=mine if ours_left else request.signature,
+            right_signature=request.signature if ours_left else mine,
+        )
+        if graph.insert_adjacency(descriptor, now):  # verifies the peer's signature
+            self._flood(runner, [], [descriptor])
+        runner.send_control(encode_control(AdjacencyGrant(descriptor)))
+
+    def _request_adjacency(self, runner: LinkRunner) -> None:
+        peer = runner.peer_fingerprint
+        assert peer is not None
+        now = unix_now()
+        left, right, _ = adjacency_unsigned(self.node.fingerprint, peer, now)
+        signature = sign_adjacency(self.node.identity, left, right, now)
+        runner.send_control(encode_control(AdjacencyRequest(self.own_descriptor, now, signature)))
+
+    def _push(
+        self,
+        runner: LinkRunner,
+        identities: Iterable[IdentityDescriptor],
+        adjacencies: Iterable[AdjacencyDescriptor],
+    ) -> None:
+        for dump in encode_dumps(identities, adjacencies):
+            runner.send_control(encode_control(GraphPush(dump)))
+
+    def _flood(
+        self,
+        source: LinkRunner,
+        identities: list[IdentityDescriptor],
+        adjacencies: list[AdjacencyDescriptor],
+    ) -> None:
+        if not identities and not adjacencies:
+            return
+        for runner in self._runners():
+            if runner is not source:
+                self._push(runner, identities, adjacencies)
+
+    def _runners(self) -> list[LinkRunner]:
+        return [runners[0] for runners in self.node.links.values()]
