@@ -25,6 +25,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/peel.py
+	$(BIN)/python bench/link.py
+	$(BIN)/python bench/relay.py
 
 clean:
 	rm -rf $(VENV) demo-net

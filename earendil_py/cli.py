@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from earendil_py.core.errors import ConfigError
 from earendil_py.runtime.config import load_config
 from earendil_py.runtime.daemon import run_daemon
+from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.keyfile import (
     create_identity_file,
     load_identity_file,
@@ -54,6 +58,50 @@ def _daemon(args: argparse.Namespace) -> None:
     anyio.run(run_daemon, config, identity)
 
 
+def _api(args: argparse.Namespace, method: str, path: str, body: object | None = None) -> Any:
+    host, port = load_config(args.config).control_listen
+    return call_api(host, port, method, path, body)
+
+
+def _status(args: argparse.Namespace) -> None:
+    status = _api(args, "GET", "/api/status")
+    relay = status["relay"]
+    print(f"node {status['fingerprint']}  up {status['uptime_secs']:.0f}s")
+    print(
+        f"  originated {relay['originated']}  forwarded {relay['forwarded']}  "
+        f"peeled {relay['peeled']}  delivered {relay['delivered']}"
+    )
+    print(f"  graph: {status['graph']['identities']} nodes, {status['graph']['adjacencies']} links")
+    for link in status["links"]:
+        print(
+            f"  {link['neighbor'][:8]}  {link['protocol']} {link['direction']:<3} "
+            f"{link['route']:<20} sent {link['packets_sent']:>8}  "
+            f"received {link['packets_received']:>8}  rtt {link['rtt_ms']} ms"
+        )
+    if status["drops"]:
+        print("  drops: " + ", ".join(f"{k}={v}" for k, v in sorted(status["drops"].items())))
+
+
+def _send(args: argparse.Namespace) -> None:
+    body = {
+        "destination": args.to,
+        "dock": args.dock,
+        "data_b64": base64.b64encode(args.data.encode()).decode(),
+        "hops": args.hops,
+    }
+    _api(args, "POST", "/api/send", body)
+
+
+def _receive(args: argparse.Namespace) -> None:
+    while True:
+        answer = _api(args, "GET", f"/api/receive?dock={args.dock}")
+        for datagram in answer["datagrams"]:
+            print(base64.b64decode(datagram["data_b64"]).decode("utf-8", "replace"), flush=True)
+        if not args.follow:
+            return
+        time.sleep(0.2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="earendil-py", description="Relay node for an Earendil-style onion overlay."
@@ -72,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--config", type=Path, required=True)
     daemon.set_defaults(run=_daemon)
 
+    status = commands.add_parser("status", help="show a running node's links and counters")
+    status.add_argument("--config", type=Path, required=True)
+    status.set_defaults(run=_status)
+
+    send = commands.add_parser("send", help="send a datagram through the overlay")
+    send.add_argument("--config", type=Path, required=True)
+    send.add_argument("--to", required=True, help="destination fingerprint (64 hex digits)")
+    send.add_argument("--dock", type=int, required=True, help="destination dock (u32)")
+    send.add_argument("--hops", type=int, default=None, help="peelers, destination included")
+    send.add_argument("data", help="text to send")
+    send.set_defaults(run=_send)
+
+    receive = commands.add_parser("receive", help="print datagrams that arrived for a dock")
+    receive.add_argument("--config", type=Path, required=True)
+    receive.add_argument("--dock", type=int, required=True)
+    receive.add_argument("--follow", action="store_true", help="keep printing as they arrive")
+    receive.set_defaults(run=_receive)
+
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(run=_check_config)
@@ -85,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"earendil-py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ControlApiError as exc:
+        print(f"earendil-py: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

@@ -1,43 +1,186 @@
-"""`make demo`: a local network of nodes on loopback.
+"""`make demo`: a local network of relay nodes on loopback, with traffic through it.
 
-Today it generates identities and validated configs for a four-node network mixing UDP and
-TCP links; running the nodes joins it when the daemon lands.
+Starts five `earendil-py daemon` processes linked in a ring of mixed UDP and TCP links, waits
+for their relay graphs to converge, then sends datagrams through multi-hop onion routes via
+each node's control API and prints a live summary per node. It stops by itself (or on
+Ctrl-C) and always stops the daemons it started.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from earendil_py.netgen import Edge, generate_network
+from earendil_py.netgen import Edge, GeneratedNode, generate_network
+from earendil_py.runtime.http import ControlApiError, call_api
 
 DEMO_EDGES = [
     Edge(dialer=0, listener=1, protocol="udp"),
     Edge(dialer=1, listener=2, protocol="tcp"),
     Edge(dialer=2, listener=3, protocol="udp"),
-    Edge(dialer=3, listener=0, protocol="tcp"),
+    Edge(dialer=3, listener=4, protocol="tcp"),
+    Edge(dialer=4, listener=0, protocol="udp"),
 ]
+NODE_COUNT = 5
+DEMO_TOML = """
+[links]
+keepalive_secs = 1.0
+dead_after_secs = 5.0
+redial_min_secs = 0.2
+redial_max_secs = 2.0
+
+[logging]
+format = "json"
+"""
+DOCK = 7
+# (source, destination) pairs: every flow crosses at least two links.
+FLOWS = [(0, 2), (1, 3), (2, 4), (3, 0), (4, 1)]
+
+
+@dataclass
+class RunningNode:
+    generated: GeneratedNode
+    process: subprocess.Popen[bytes]
+
+    @property
+    def api(self) -> tuple[str, int]:
+        return self.generated.config.control_listen
+
+    def call(self, method: str, path: str, body: object | None = None) -> Any:
+        return call_api(*self.api, method, path, body, timeout=5.0)
+
+
+def start_nodes(root: Path) -> list[RunningNode]:
+    nodes = generate_network(root, NODE_COUNT, DEMO_EDGES, extra_toml=DEMO_TOML)
+    running = []
+    for node in nodes:
+        log = (node.directory / "daemon.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "earendil_py", "daemon", "--config", str(node.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        running.append(RunningNode(node, process))
+    return running
+
+
+def wait_converged(nodes: list[RunningNode], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            statuses = [n.call("GET", "/api/status") for n in nodes]
+        except ControlApiError:
+            time.sleep(0.2)
+            continue
+        if all(
+            s["graph"]["identities"] == NODE_COUNT and s["graph"]["adjacencies"] == len(DEMO_EDGES)
+            for s in statuses
+        ):
+            return
+        time.sleep(0.2)
+    raise SystemExit("demo: the nodes did not converge in time; see demo-net/node*/daemon.log")
+
+
+def print_summary(nodes: list[RunningNode], elapsed: float) -> None:
+    print(f"\n--- t={elapsed:5.1f}s " + "-" * 62)
+    print(f"{'node':<14}{'links':>6}{'sent':>8}{'relayed':>9}{'peeled':>8}{'delivered':>10}  drops")
+    for node in nodes:
+        status = node.call("GET", "/api/status")
+        relay = status["relay"]
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(status["drops"].items())) or "-"
+        name = f"{node.generated.name} {status['fingerprint'][:6]}"
+        print(
+            f"{name:<14}{len(status['links']):>6}{relay['originated']:>8}"
+            f"{relay['forwarded']:>9}{relay['peeled']:>8}{relay['delivered']:>10}  {drops}"
+        )
+
+
+def run_traffic(nodes: list[RunningNode], seconds: float, rate: int) -> int:
+    """Send `rate` datagrams per second per flow for `seconds`; returns how many were sent."""
+    start = time.monotonic()
+    next_summary = start
+    sent = 0
+    while (now := time.monotonic()) < start + seconds:
+        for source, destination in FLOWS:
+            for _ in range(max(1, rate // 10)):
+                payload = f"hello from {nodes[source].generated.name} #{sent}".encode()
+                nodes[source].call(
+                    "POST",
+                    "/api/send",
+                    {
+                        "destination": nodes[destination].generated.fingerprint,
+                        "dock": DOCK,
+                        "data_b64": base64.b64encode(payload).decode(),
+                        "hops": 3,
+                    },
+                )
+                sent += 1
+        if now >= next_summary:
+            print_summary(nodes, now - start)
+            next_summary = now + 2.0
+        time.sleep(0.1)
+    return sent
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="earendil-py-demo")
+    parser = argparse.ArgumentParser(prog="earendil-py-demo", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path("demo-net"), help="network directory")
+    parser.add_argument("--seconds", type=float, default=12.0, help="how long to send traffic")
+    parser.add_argument("--rate", type=int, default=50, help="datagrams/s per flow")
     args = parser.parse_args(argv)
     if args.dir.exists():
         shutil.rmtree(args.dir)
-    nodes = generate_network(args.dir, 4, DEMO_EDGES)
-    print(f"Generated a {len(nodes)}-node loopback network in {args.dir}/")
+    print(f"Starting {NODE_COUNT} nodes on loopback in {args.dir}/ (ring of UDP and TCP links)")
+    nodes = start_nodes(args.dir)
+    try:
+        wait_converged(nodes, timeout=20.0)
+        print("Relay graphs converged: every node knows every node and link.")
+        for node in nodes:
+            status = node.call("GET", "/api/status")
+            links = ", ".join(
+                f"{link['neighbor'][:6]} ({link['protocol']})" for link in status["links"]
+            )
+            print(f"  {node.generated.name} {status['fingerprint'][:6]}: links to {links}")
+        print(f"Sending {args.rate} datagrams/s on each of {len(FLOWS)} flows, 3 peelers each.")
+        sent = run_traffic(nodes, args.seconds, args.rate)
+        time.sleep(1.0)
+        received = sum(
+            len(node.call("GET", f"/api/receive?dock={DOCK}&max=100000")["datagrams"])
+            for node in nodes
+        )
+        print_summary(nodes, args.seconds)
+        print(f"\nDatagrams sent {sent}, delivered {received} ({received * 100 // sent}%).")
+        return 0 if received == sent else 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop(nodes)
+
+
+def stop(nodes: list[RunningNode]) -> None:
     for node in nodes:
-        config = node.config
-        links = [f"listen {r.protocol} {r.listen}" for r in config.in_routes.values()]
-        links += [f"dial {r.protocol} {r.connect}" for r in config.out_routes.values()]
-        print(f"  {node.name}  {node.fingerprint[:8]}  " + ", ".join(links))
-    print("Each config validated; inspect one with:")
-    print(f"  .venv/bin/earendil-py check-config --config {nodes[0].config_path}")
-    return 0
+        if node.process.poll() is None:
+            node.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5.0
+    for node in nodes:
+        try:
+            node.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            node.process.kill()
+            node.process.wait()
+    print("All nodes stopped.")
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

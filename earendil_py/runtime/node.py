@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +47,9 @@ from earendil_py.core.messages import decode_control
 from earendil_py.core.packet import build_packet
 from earendil_py.core.relay import Datagram, Peeler, encode_datagram
 from earendil_py.runtime.config import Config, InRoute, OutRoute, parse_address
+from earendil_py.runtime.control import build_router
 from earendil_py.runtime.gossip import Gossip
+from earendil_py.runtime.http import HttpServer
 
 log = structlog.get_logger("earendil_py.node")
 
@@ -54,6 +57,7 @@ log = structlog.get_logger("earendil_py.node")
 # off, to measure what counting costs; a node never runs without it.
 COUNT_PACKETS = True
 UDP_BATCH = 64  # datagrams drained per wake-up before yielding to other tasks
+UDP_SOCKET_BUFFER = 4 << 20  # bytes asked of the kernel per UDP socket, each way
 DEFAULT_HOPS = 3  # peelers per route, the destination included
 MAX_DOCKS = 256  # docks holding undelivered datagrams
 DOCK_QUEUE = 4096  # undelivered datagrams kept per dock; more are dropped and counted
@@ -267,6 +271,9 @@ class Node:
         self._log = log.bind(node=short_hex(self.fingerprint))
         self._endpoints: list[Endpoint] = []
         self._bound: dict[str, socket.socket | MultiListener[SocketStream]] = {}
+        self._control_listener: MultiListener[SocketStream] | None = None
+        self.control_address: Address | None = None
+        self.started_at = time.monotonic()
         self._task_group: TaskGroup | None = None
 
     # --- link table ---------------------------------------------------------------------
@@ -437,6 +444,7 @@ class Node:
             for name, out_route in self.config.out_routes.items():
                 tg.start_soon(self._dial_forever, name, out_route)
             tg.start_soon(self.gossip.run)
+            tg.start_soon(self._serve_control)
             self._log.info("node_started", fingerprint=self.fingerprint.hex())
             task_status.started()
 
@@ -457,7 +465,21 @@ class Node:
     # --- in_routes ----------------------------------------------------------------------
 
     async def bind(self) -> None:
-        """Bind every in_route. Raises ConfigError naming the route if an address is unusable."""
+        """Bind every in_route and the control API. Raises ConfigError naming the field if an
+        address is unusable."""
+        if self._control_listener is None:
+            host, port = self.config.control_listen
+            try:
+                self._control_listener = await anyio.create_tcp_listener(
+                    local_host=host, local_port=port
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"{self.config.source}: control_listen: cannot listen on {host}:{port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            local = self._control_listener.listeners[0].extra(SocketAttribute.local_address)
+            self.control_address = _as_address(local)
         for name, route in self.config.in_routes.items():
             if name in self._bound:
                 continue
@@ -482,6 +504,12 @@ class Node:
                     f"{self.config.source}: in_routes.{name}.listen: cannot listen on "
                     f"{route.listen}: {exc.strerror or exc}"
                 ) from None
+
+    async def _serve_control(self) -> None:
+        assert self._control_listener is not None
+        server = HttpServer(build_router(self))
+        async with self._control_listener:
+            await self._control_listener.serve(server.serve_connection)
 
     async def _listen(self, name: str, route: InRoute) -> None:
         info = RouteInfo(name, route.protocol, "in")
@@ -599,8 +627,7 @@ class Node:
         else:
             infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             family, _, _, _, address = infos[0]
-            with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                sock.setblocking(False)
+            with _new_udp_socket(family) as sock:
                 sock.connect(address)
                 runner = LinkRunner(self, link, UdpTransport(sock, None), info, (host, port))
                 runner.service(anyio.current_time())
@@ -699,8 +726,16 @@ _NO_TRANSPORT = _NoTransport()
 
 
 def _udp_socket(host: str) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return _new_udp_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
+def _new_udp_socket(family: int) -> socket.socket:
+    """A non-blocking UDP socket with large buffers: a burst that arrives while the loop is
+    busy waits in the kernel instead of being dropped (Linux caps the size at
+    net.core.rmem_max / wmem_max; raise those for high-rate relays)."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_SOCKET_BUFFER)
     sock.setblocking(False)
     return sock
 

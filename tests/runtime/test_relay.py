@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -16,46 +14,7 @@ from earendil_py.core.relay import encode_datagram
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.node import Node
-from tests.helpers import DaemonProcess
-
-FAST = """
-[links]
-keepalive_secs = 0.5
-dead_after_secs = 3.0
-handshake_retry_secs = 0.1
-redial_min_secs = 0.1
-redial_max_secs = 0.5
-
-[logging]
-format = "json"
-"""
-
-LINE = [Edge(0, 1, "udp"), Edge(1, 2, "tcp"), Edge(2, 3, "udp"), Edge(3, 4, "tcp")]
-RING = [*LINE, Edge(4, 0, "udp")]
-
-
-def make_nodes(tmp_path: Path, count: int, edges: list[Edge]) -> list[Node]:
-    generated = generate_network(tmp_path, count, edges, extra_toml=FAST)
-    return [Node(g.config, load_identity_file(g.config.identity_file)) for g in generated]
-
-
-@asynccontextmanager
-async def running(nodes: list[Node]) -> AsyncIterator[anyio.abc.TaskGroup]:
-    async with anyio.create_task_group() as tg:
-        for node in nodes:
-            await tg.start(node.run)
-        yield tg
-        tg.cancel_scope.cancel()
-
-
-async def converged(nodes: list[Node], edges: list[Edge]) -> None:
-    """Wait until every node's graph has every node and every link."""
-    while not all(
-        node.graph.statistics().identities == len(nodes)
-        and node.graph.statistics().adjacencies == len(edges)
-        for node in nodes
-    ):
-        await anyio.sleep(0.05)
+from tests.helpers import FAST, LINE, RING, DaemonProcess, converged, make_nodes, running
 
 
 def link_between(a: Node, b: Node):  # type: ignore[no-untyped-def]

@@ -1,0 +1,109 @@
+"""The control API: what the CLI and the dashboard use to see and steer a running node.
+
+JSON over HTTP on `control_listen` (loopback). Binary data travels base64-encoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+
+from earendil_py.core.errors import LocalProtocolError
+from earendil_py.core.identity import parse_fingerprint
+from earendil_py.core.packet import MAX_HOPS
+from earendil_py.runtime.http import HttpError, Request, Response, Router, json_response
+
+if TYPE_CHECKING:
+    from earendil_py.runtime.node import LinkRunner, Node
+
+Dock = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
+
+
+class SendRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    destination: str
+    dock: Dock
+    data_b64: str
+    hops: Annotated[int, msgspec.Meta(ge=1, le=MAX_HOPS)] | None = None
+
+
+def link_summary(runner: LinkRunner) -> dict[str, Any]:
+    stats = runner.statistics()
+    fingerprint = runner.peer_fingerprint
+    return {
+        "neighbor": fingerprint.hex() if fingerprint else None,
+        "route": runner.route.name,
+        "protocol": runner.route.protocol,
+        "direction": runner.route.direction,
+        "peer_address": f"{runner.peer_address[0]}:{runner.peer_address[1]}",
+        "packets_sent": runner.packets_sent,
+        "packets_received": runner.packets_received,
+        "frames_in": stats.frames_in,
+        "frames_out": stats.frames_out,
+        "bytes_in": stats.bytes_in,
+        "bytes_out": stats.bytes_out,
+        "rtt_ms": None if stats.rtt is None else round(stats.rtt * 1000, 3),
+        "drops": dict(stats.drops),
+    }
+
+
+def status(node: Node) -> dict[str, Any]:
+    relay = node.relay
+    graph = node.graph.statistics()
+    return {
+        "fingerprint": node.fingerprint.hex(),
+        "uptime_secs": round(time.monotonic() - node.started_at, 3),
+        "relay": {
+            "originated": relay.originated,
+            "forwarded": relay.forwarded,
+            "peeled": relay.peeled,
+            "delivered": relay.delivered,
+        },
+        "drops": dict(node.drop_counts()),
+        "graph": {"identities": graph.identities, "adjacencies": graph.adjacencies},
+        "links": [link_summary(r) for runners in node.links.values() for r in runners],
+    }
+
+
+def build_router(node: Node) -> Router:
+    router = Router()
+
+    @router.route("GET", "/api/status")
+    async def get_status(request: Request) -> Response:
+        return json_response(status(node))
+
+    @router.route("POST", "/api/send")
+    async def send(request: Request) -> Response:
+        body = request.json(SendRequest)
+        try:
+            destination = parse_fingerprint(body.destination)
+            data = base64.b64decode(body.data_b64, validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise HttpError(400, str(exc)) from None
+        try:
+            node.send_datagram(destination, body.dock, data, hops=body.hops)
+        except LocalProtocolError as exc:
+            raise HttpError(422, str(exc)) from None
+        return json_response({"sent": 1})
+
+    @router.route("GET", "/api/receive")
+    async def receive(request: Request) -> Response:
+        try:
+            dock = int(request.query["dock"])
+            limit = int(request.query.get("max", "1000"))
+        except (KeyError, ValueError):
+            raise HttpError(400, "query needs dock=N (and optionally max=N)") from None
+        datagrams = node.receive_datagrams_nowait(dock, max(1, min(limit, 10_000)))
+        return json_response(
+            {
+                "datagrams": [
+                    {"dock": d.dock, "data_b64": base64.b64encode(d.data).decode()}
+                    for d in datagrams
+                ]
+            }
+        )
+
+    return router
