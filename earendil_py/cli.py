@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 
 from earendil_py.core.errors import ConfigError
+from earendil_py.core.ledger import LedgerCorrupt
 from earendil_py.runtime.config import load_config
 from earendil_py.runtime.daemon import run_daemon
 from earendil_py.runtime.http import ControlApiError, call_api
@@ -80,6 +81,24 @@ def _status(args: argparse.Namespace) -> None:
         )
     if status["drops"]:
         print("  drops: " + ", ".join(f"{k}={v}" for k, v in sorted(status["drops"].items())))
+    for account in status["accounts"]:
+        frozen = f"  FROZEN ({account['frozen']})" if account["frozen"] else ""
+        print(
+            f"  {account['neighbor'][:8]}  price in/out {account['our_price_umel']}/"
+            f"{account['their_price_umel']} uMEL  they owe {account['debt_in_umel']}  "
+            f"we owe {account['debt_out_umel']} uMEL{frozen}"
+        )
+
+
+def _reprice(args: argparse.Namespace) -> None:
+    body = {"price_umel": args.price, "debt_limit_umel": args.debt_limit}
+    answer = _api(args, "POST", f"/api/neighbors/{args.neighbor}/price", body)
+    print("accepted" if answer["accepted"] else "rejected: the previous price stays in force")
+
+
+def _unfreeze(args: argparse.Namespace) -> None:
+    _api(args, "POST", f"/api/neighbors/{args.neighbor}/unfreeze", {})
+    print("unfrozen")
 
 
 def _send(args: argparse.Namespace) -> None:
@@ -138,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--follow", action="store_true", help="keep printing as they arrive")
     receive.set_defaults(run=_receive)
 
+    reprice = commands.add_parser("reprice", help="offer a neighbour a new price (push_price)")
+    reprice.add_argument("--config", type=Path, required=True)
+    reprice.add_argument("--neighbor", required=True, help="fingerprint (64 hex digits)")
+    reprice.add_argument("--price", type=int, required=True, help="uMEL per packet")
+    reprice.add_argument("--debt-limit", type=int, required=True, help="uMEL")
+    reprice.set_defaults(run=_reprice)
+
+    unfreeze = commands.add_parser("unfreeze", help="resume traffic after a debt dispute")
+    unfreeze.add_argument("--config", type=Path, required=True)
+    unfreeze.add_argument("--neighbor", required=True, help="fingerprint (64 hex digits)")
+    unfreeze.set_defaults(run=_unfreeze)
+
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(run=_check_config)
@@ -151,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"earendil-py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except ControlApiError as exc:
+    except (ControlApiError, LedgerCorrupt) as exc:
         print(f"earendil-py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +44,17 @@ def free_port(protocol: str) -> int:
 
 
 def generate_network(
-    root: Path, node_count: int, edges: list[Edge], *, extra_toml: str = ""
+    root: Path,
+    node_count: int,
+    edges: list[Edge],
+    *,
+    extra_toml: str = "",
+    node_toml: Mapping[int, str] | None = None,
 ) -> list[GeneratedNode]:
     """Write `root/nodeN/{node.key,node.toml}` for each node and return them validated.
 
-    `extra_toml` (tables such as `[links]`) is appended to every node's config.
+    `extra_toml` (tables such as `[links]`) is appended to every node's config, and
+    `node_toml[N]` to node N's only (e.g. a route's `price` table).
     """
     root.mkdir(parents=True, exist_ok=True)
     fingerprints = []
@@ -87,7 +94,8 @@ def generate_network(
             f'control_listen = "127.0.0.1:{free_port("tcp")}"',
             "",
         ]
-        config_path.write_text("\n".join([*header, *sections[index], extra_toml]))
+        own = (node_toml or {}).get(index, "")
+        config_path.write_text("\n".join([*header, *sections[index], extra_toml, own]))
         config_path.chmod(0o600)  # it holds the route cookies
         nodes.append(
             GeneratedNode(

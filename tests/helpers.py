@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 
 from earendil_py.netgen import Edge, generate_network
+from earendil_py.runtime.config import Config
 from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.node import Node
 
@@ -180,9 +181,22 @@ LINE = [Edge(0, 1, "udp"), Edge(1, 2, "tcp"), Edge(2, 3, "udp"), Edge(3, 4, "tcp
 RING = [*LINE, Edge(4, 0, "udp")]
 
 
-def make_nodes(tmp_path: Path, count: int, edges: list[Edge]) -> list[Node]:
-    generated = generate_network(tmp_path, count, edges, extra_toml=FAST)
-    return [Node(g.config, load_identity_file(g.config.identity_file)) for g in generated]
+def make_nodes(
+    tmp_path: Path,
+    count: int,
+    edges: list[Edge],
+    *,
+    extra_toml: str = "",
+    node_toml: dict[int, str] | None = None,
+) -> list[Node]:
+    generated = generate_network(
+        tmp_path, count, edges, extra_toml=FAST + extra_toml, node_toml=node_toml
+    )
+    return [node_from(g.config) for g in generated]
+
+
+def node_from(config: Config) -> Node:
+    return Node(config, load_identity_file(config.identity_file))
 
 
 @asynccontextmanager
@@ -195,10 +209,15 @@ async def running(nodes: list[Node]) -> AsyncIterator[anyio.abc.TaskGroup]:
 
 
 async def converged(nodes: list[Node], edges: list[Edge]) -> None:
-    """Wait until every node's graph has every node and every link."""
+    """Wait until every node's graph has every node and every link, and every link is
+    priced (both offers accepted), so traffic flows."""
     while not all(
         node.graph.statistics().identities == len(nodes)
         and node.graph.statistics().adjacencies == len(edges)
+        and all(
+            node.accounting.accounts.get(fp, None) and node.accounting.accounts[fp].priced
+            for fp in node.links
+        )
         for node in nodes
     ):
         await anyio.sleep(0.05)

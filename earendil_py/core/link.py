@@ -464,6 +464,10 @@ class Link:
         if kind == PROOF:
             self._receive_proof(body, now)
         elif self.state is not LinkState.ESTABLISHED:
+            if not self.initiator:
+                # The initiator is established (it sends more than proofs), so it has our
+                # proof but its own was lost: resending ours asks it for its proof again.
+                self._outbox.append(self._encrypt(PROOF, self._proof()))
             raise RemoteProtocolError("frame before identity proof", "not_established")
         elif kind == CONTROL:
             self._events.append(ControlReceived(body))
@@ -482,6 +486,8 @@ class Link:
     def _receive_proof(self, body: bytes, now: float) -> None:
         if self.state is LinkState.ESTABLISHED:
             self._stats.drops["proof_duplicate"] += 1
+            if self.initiator:  # the responder lacks our proof (see _receive_data)
+                self._outbox.append(self._encrypt(PROOF, self._proof()))
             return
         if len(body) != 32 + 64:
             raise RemoteProtocolError("malformed identity proof", "bad_proof")

@@ -6,6 +6,8 @@ only ever appended with defaults. Decoding raises only RemoteProtocolError.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from earendil_py.core.errors import RemoteProtocolError
@@ -38,7 +40,17 @@ class AdjacencyGrant(msgspec.Struct, frozen=True, array_like=True, tag=4):
     descriptor: AdjacencyDescriptor
 
 
-ControlMessage = GraphPush | GraphPull | AdjacencyRequest | AdjacencyGrant
+class DockMessage(msgspec.Struct, frozen=True, array_like=True, tag=5):
+    """A message for a service on the neighbour, addressed by dock number (GlobalRPC is
+    dock GLOBAL_RPC_DOCK)."""
+
+    dock: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+    data: bytes
+
+
+GLOBAL_RPC_DOCK = 100001
+
+ControlMessage = GraphPush | GraphPull | AdjacencyRequest | AdjacencyGrant | DockMessage
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[ControlMessage] = msgspec.msgpack.Decoder(ControlMessage)

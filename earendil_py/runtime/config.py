@@ -73,6 +73,15 @@ class LinksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     redial_max_secs: Seconds = 30.0
 
 
+class AccountingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Debt accounting timing and tolerances (docs/accounting.md)."""
+
+    push_debt_secs: Seconds = 60.0
+    checkpoint_secs: Seconds = 5.0
+    claim_tolerance_packets: NonNegative = 256
+    keep_claims: Positive = 100
+
+
 class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -88,6 +97,7 @@ class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     out_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     settlement: SettlementConfig = SettlementConfig()
     links: LinksConfig = LinksConfig()
+    accounting: AccountingConfig = AccountingConfig()
     logging: LoggingConfig = LoggingConfig()
 
 
@@ -100,6 +110,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     out_routes: dict[str, OutRoute]
     settlement: SettlementConfig
     links: LinksConfig
+    accounting: AccountingConfig
     logging: LoggingConfig
 
 
@@ -213,6 +224,10 @@ def load_config(file: Path) -> Config:
         raise ConfigError(f"{file}: links.dead_after_secs: must exceed links.keepalive_secs")
     if raw.links.redial_max_secs < raw.links.redial_min_secs:
         raise ConfigError(f"{file}: links.redial_max_secs: must be >= links.redial_min_secs")
+    if raw.accounting.checkpoint_secs > raw.accounting.push_debt_secs:
+        raise ConfigError(
+            f"{file}: accounting.checkpoint_secs: must not exceed accounting.push_debt_secs"
+        )
     if len(set(raw.settlement.methods)) != len(raw.settlement.methods):
         raise ConfigError(f"{file}: settlement.methods: duplicate payment method")
 
@@ -225,6 +240,7 @@ def load_config(file: Path) -> Config:
         out_routes=out_routes,
         settlement=raw.settlement,
         links=raw.links,
+        accounting=raw.accounting,
         logging=raw.logging,
     )
 

@@ -15,12 +15,22 @@ import msgspec
 from earendil_py.core.errors import LocalProtocolError
 from earendil_py.core.identity import parse_fingerprint
 from earendil_py.core.packet import MAX_HOPS
+from earendil_py.core.pricing import PriceTerms
 from earendil_py.runtime.http import HttpError, Request, Response, Router, json_response
+from earendil_py.runtime.rpc import RpcError, RpcTimeout
 
 if TYPE_CHECKING:
     from earendil_py.runtime.node import LinkRunner, Node
 
 Dock = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
+
+
+Umel = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class PriceRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    price_umel: Umel
+    debt_limit_umel: Umel
 
 
 class SendRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -65,6 +75,7 @@ def status(node: Node) -> dict[str, Any]:
         "drops": dict(node.drop_counts()),
         "graph": {"identities": graph.identities, "adjacencies": graph.adjacencies},
         "links": [link_summary(r) for runners in node.links.values() for r in runners],
+        "accounts": list(node.accounting.summaries()),
     }
 
 
@@ -105,5 +116,35 @@ def build_router(node: Node) -> Router:
                 ]
             }
         )
+
+    def neighbor(request: Request) -> bytes:
+        try:
+            fingerprint = parse_fingerprint(request.params["fingerprint"])
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        if fingerprint not in node.accounting.accounts:
+            raise HttpError(404, "no account with this neighbour")
+        return fingerprint
+
+    @router.route("POST", "/api/neighbors/{fingerprint}/price")
+    async def reprice(request: Request) -> Response:
+        fingerprint = neighbor(request)
+        body = request.json(PriceRequest)
+        terms = PriceTerms(body.price_umel, body.debt_limit_umel, node.accounting.methods)
+        try:
+            await node.accounting.reprice(fingerprint, terms)
+        except RpcError as exc:
+            raise HttpError(409, exc.message) from None
+        except RpcTimeout as exc:
+            raise HttpError(504, str(exc)) from None
+        account = node.accounting.accounts[fingerprint]
+        offer = account.state.our_offer
+        accepted = offer is not None and offer.terms() == terms
+        return json_response({"accepted": accepted})
+
+    @router.route("POST", "/api/neighbors/{fingerprint}/unfreeze")
+    async def unfreeze(request: Request) -> Response:
+        await node.accounting.unfreeze(neighbor(request))
+        return json_response({"frozen": ""})
 
     return router

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("earendil_py.gossip")
 
 PULL_INTERVAL_SECS = 60.0
+# Control frames may be lost (UDP): until a neighbour's adjacency with us is in our graph we
+# ask again this often, and push and pull whole graphs, so a lossy link joins in seconds.
+REPAIR_INTERVAL_SECS = 1.0
 
 
 def unix_now() -> int:
@@ -55,6 +58,21 @@ class Gossip:
 
     async def run(self) -> None:
         """Re-sign, pull and expire on their intervals, until cancelled."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._repair)
+            await self._refresh()
+
+    async def _repair(self) -> None:
+        while True:
+            await anyio.sleep(REPAIR_INTERVAL_SECS)
+            me = self.node.fingerprint
+            adjacent = set(self.node.graph.neighbors(me))
+            for runner in self._runners():
+                if runner.peer_fingerprint not in adjacent:
+                    self.on_link_up(runner)
+                    runner.send_control(encode_control(GraphPull()))
+
+    async def _refresh(self) -> None:
         next_resign = time.monotonic() + RESIGN_INTERVAL_SECS
         while True:
             await anyio.sleep(PULL_INTERVAL_SECS)

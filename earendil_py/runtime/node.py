@@ -13,9 +13,9 @@ import random
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import structlog
@@ -23,6 +23,7 @@ from anyio.abc import SocketAttribute, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 from anyio.streams.stapled import MultiListener
 
+from earendil_py.core.accounting import UNLIMITED, Account
 from earendil_py.core.errors import ConfigError, RemoteProtocolError
 from earendil_py.core.graph import RelayGraph
 from earendil_py.core.identity import Identity, parse_fingerprint, short_hex
@@ -43,19 +44,29 @@ from earendil_py.core.link import (
     frame_for_stream,
     message_type,
 )
-from earendil_py.core.messages import decode_control
+from earendil_py.core.messages import (
+    GLOBAL_RPC_DOCK,
+    DockMessage,
+    decode_control,
+    encode_control,
+)
 from earendil_py.core.packet import build_packet
 from earendil_py.core.relay import Datagram, Peeler, encode_datagram
+from earendil_py.runtime.accounting import Accounting
 from earendil_py.runtime.config import Config, InRoute, OutRoute, parse_address
 from earendil_py.runtime.control import build_router
 from earendil_py.runtime.gossip import Gossip
 from earendil_py.runtime.http import HttpServer
+from earendil_py.runtime.rpc import GlobalRpc
 
 log = structlog.get_logger("earendil_py.node")
 
 # The per-link packet counters that debt accounting builds on. Only bench/relay.py turns this
 # off, to measure what counting costs; a node never runs without it.
 COUNT_PACKETS = True
+# Debt accounting in the relay loop: price gating, debt limits and the per-neighbour counts.
+# Only bench/accounting.py turns this off, to measure what it costs.
+ACCOUNTING = True
 UDP_BATCH = 64  # datagrams drained per wake-up before yielding to other tasks
 UDP_SOCKET_BUFFER = 4 << 20  # bytes asked of the kernel per UDP socket, each way
 DEFAULT_HOPS = 3  # peelers per route, the destination included
@@ -148,6 +159,7 @@ class LinkRunner:
         # The batched counters: onion packets over this link, bumped once per batch.
         self.packets_sent = 0
         self.packets_received = 0
+        self.account: Account | None = None  # set at link-up
         self.closed = anyio.Event()
         self._log = log.bind(route=route.name, protocol=route.protocol)
 
@@ -171,20 +183,37 @@ class LinkRunner:
         self.link.statistics().drops["send_failed"] += 1
         return False
 
-    def send_control(self, payload: bytes) -> None:
-        """Send one CONTROL frame on this (established) link now."""
-        if self.link.state is LinkState.ESTABLISHED:
-            self.link.send_control(payload)
-            self.service(anyio.current_time())
+    def send_control(self, payload: bytes) -> bool:
+        """Send one CONTROL frame on this (established) link now; False if it is not up."""
+        if self.link.state is not LinkState.ESTABLISHED:
+            return False
+        self.link.send_control(payload)
+        self.service(anyio.current_time())
+        return True
 
     def send_onions(self, frames: list[bytes]) -> None:
-        """Send a batch of encrypted onion frames and count them once."""
+        """Send a batch of encrypted onion frames and count them once. Frames beyond what
+        the neighbour's price agreement and debt limit allow are dropped and counted."""
+        account = self.account
+        if ACCOUNTING:
+            allowed = account.outbound_allowance() if account is not None else 0
+            if allowed < len(frames):
+                self.link.statistics().drops[_refusal(account) + "_out"] += len(frames) - allowed
+                frames = frames[:allowed]
         send = self.transport.send
         sent = sum(1 for frame in frames if send(frame))
         if COUNT_PACKETS:
             self.packets_sent += sent
+        if ACCOUNTING and account is not None:
+            account.sent += sent
         if sent != len(frames):
             self.link.statistics().drops["queue_full"] += len(frames) - sent
+
+    def inbound_allowance(self) -> int:
+        """How many more packets the relay loop takes from this neighbour."""
+        if not ACCOUNTING:
+            return UNLIMITED
+        return self.account.inbound_allowance() if self.account is not None else 0
 
     def service(self, now: float) -> None:
         """Send what the link queued and act on its events."""
@@ -266,6 +295,9 @@ class Node:
         self._docks: dict[int, deque[Datagram]] = {}
         self._delivered = anyio.Event()
         self.gossip = Gossip(self)
+        self.rpc = GlobalRpc(self._send_rpc)
+        self.accounting = Accounting(self)
+        self._accounts_changed = anyio.Event()
         self.listening: dict[str, Address] = {}
         self._links_changed = anyio.Event()
         self._log = log.bind(node=short_hex(self.fingerprint))
@@ -283,6 +315,7 @@ class Node:
         self.links.setdefault(runner.peer_fingerprint, []).append(runner)
         self._notify()
         self.gossip.on_link_up(runner)
+        self.accounting.on_link_up(runner)
 
     def remove_link(self, runner: LinkRunner) -> bool:
         fingerprint = runner.peer_fingerprint
@@ -314,6 +347,23 @@ class Node:
         self._links_changed.set()
         self._links_changed = anyio.Event()
 
+    def accounts_changed(self) -> None:
+        self._accounts_changed.set()
+        self._accounts_changed = anyio.Event()
+
+    async def wait_priced(self, fingerprints: set[bytes]) -> None:
+        """Return once links to these neighbours are up with both prices accepted."""
+        while not all(
+            (runners := self.links.get(fp)) and runners[0].account and runners[0].account.priced
+            for fp in fingerprints
+        ):
+            await self._accounts_changed.wait()
+
+    def spawn(self, function: Callable[..., Coroutine[Any, Any, object]], *args: object) -> None:
+        """Run `function(*args)` in the node's task group (for work started by upcalls)."""
+        assert self._task_group is not None, "Node.run() is running"
+        self._task_group.start_soon(function, *args)
+
     # --- upcalls from links -------------------------------------------------------------
 
     def on_control(self, runner: LinkRunner, payload: bytes) -> None:
@@ -322,7 +372,19 @@ class Node:
         except RemoteProtocolError as exc:
             runner.statistics().drops[exc.reason] += 1
             return
+        if isinstance(message, DockMessage):
+            if message.dock == GLOBAL_RPC_DOCK and runner.peer_fingerprint is not None:
+                self.rpc.receive(runner.peer_fingerprint, message.data)
+            else:
+                runner.statistics().drops["unknown_dock"] += 1
+            return
         self.gossip.on_message(runner, message)
+
+    def _send_rpc(self, neighbor: bytes, payload: bytes) -> bool:
+        runners = self.links.get(neighbor)
+        if not runners:
+            return False
+        return runners[0].send_control(encode_control(DockMessage(GLOBAL_RPC_DOCK, payload)))
 
     # --- the relay loop: the hot path ---------------------------------------------------
 
@@ -334,12 +396,21 @@ class Node:
         """
         me = self.fingerprint
         outgoing: dict[LinkRunner, list[bytes]] = {}
-        received: dict[LinkRunner, int] = {}
+        # Per source link: packets it may still send us (its allowance), counted down.
+        allowance: dict[LinkRunner, int] = {}
+        initial: dict[LinkRunner, int] = {}
+        refused: list[LinkRunner] = []
         peeled = forwarded = delivered = 0
         no_route = 0
         for source, next_peeler, packet in batch:
             if source is not None:
-                received[source] = received.get(source, 0) + 1
+                left = allowance.get(source)
+                if left is None:
+                    left = initial[source] = source.inbound_allowance()
+                if left <= 0:
+                    refused.append(source)
+                    continue
+                allowance[source] = left - 1
             if next_peeler == me:
                 result = self.peeler.peel(packet, now)
                 if result is None:
@@ -360,9 +431,14 @@ class Node:
             if frames is None:
                 frames = outgoing[target] = []
             frames.append(target.link.encrypt_onion(next_peeler, packet))
-        if COUNT_PACKETS:
-            for runner, count in received.items():
+        for runner, left in allowance.items():
+            count = initial[runner] - left
+            if COUNT_PACKETS:
                 runner.packets_received += count
+            if ACCOUNTING and runner.account is not None:
+                runner.account.received += count
+        if refused:
+            self._refused(refused)
         for runner, frames in outgoing.items():
             runner.send_onions(frames)
         stats = self.relay
@@ -371,6 +447,11 @@ class Node:
         stats.delivered += delivered
         if no_route:
             self.drops["no_route"] += no_route
+
+    def _refused(self, refused: list[LinkRunner]) -> None:
+        for runner, count in Counter(refused).items():
+            runner.statistics().drops[_refusal(runner.account)] += count
+            self.accounting.on_refused(runner)
 
     def _route_to(self, fingerprint: bytes) -> LinkRunner | None:
         """The link toward `fingerprint`: direct if it is a neighbour, else by the graph."""
@@ -434,19 +515,25 @@ class Node:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. Signals `task_status` once every listener is bound.
 
-        On cancellation every link sends its peer a CLOSE frame (best effort).
+        On cancellation every link sends its peer a CLOSE frame (best effort) and every
+        account is checkpointed. Raises ConfigError or LedgerCorrupt from `bind()`.
         """
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
-            await self.bind()
-            for name, in_route in self.config.in_routes.items():
-                tg.start_soon(self._listen, name, in_route)
-            for name, out_route in self.config.out_routes.items():
-                tg.start_soon(self._dial_forever, name, out_route)
-            tg.start_soon(self.gossip.run)
-            tg.start_soon(self._serve_control)
-            self._log.info("node_started", fingerprint=self.fingerprint.hex())
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                await self.bind()
+                await tg.start(self.rpc.run)
+                for name, in_route in self.config.in_routes.items():
+                    tg.start_soon(self._listen, name, in_route)
+                for name, out_route in self.config.out_routes.items():
+                    tg.start_soon(self._dial_forever, name, out_route)
+                tg.start_soon(self.gossip.run)
+                tg.start_soon(self.accounting.run)
+                tg.start_soon(self._serve_control)
+                self._log.info("node_started", fingerprint=self.fingerprint.hex())
+                task_status.started()
+        finally:
+            await self.accounting.aclose()
 
     def _new_link(self, *, initiator: bool, secret: str, reliable: bool, **kw: object) -> Link:
         return Link(
@@ -465,8 +552,9 @@ class Node:
     # --- in_routes ----------------------------------------------------------------------
 
     async def bind(self) -> None:
-        """Bind every in_route and the control API. Raises ConfigError naming the field if an
-        address is unusable."""
+        """Bind every in_route and the control API, and open the ledger. Raises ConfigError
+        naming the field if an address is unusable, LedgerCorrupt if the ledger fails its
+        checks."""
         if self._control_listener is None:
             host, port = self.config.control_listen
             try:
@@ -504,6 +592,8 @@ class Node:
                     f"{self.config.source}: in_routes.{name}.listen: cannot listen on "
                     f"{route.listen}: {exc.strerror or exc}"
                 ) from None
+        if self.accounting.ledger is None:
+            await self.accounting.start()
 
     async def _serve_control(self) -> None:
         assert self._control_listener is not None
@@ -723,6 +813,13 @@ class _NoTransport:
 
 
 _NO_TRANSPORT = _NoTransport()
+
+
+def _refusal(account: Account | None) -> str:
+    """Why a neighbour's traffic is refused (a drop reason)."""
+    if account is None or not account.priced:
+        return "not_priced"
+    return "frozen" if account.state.frozen else "debt_limit"
 
 
 def _udp_socket(host: str) -> socket.socket:

@@ -268,6 +268,30 @@ def test_lost_responder_proof_is_resent() -> None:
     assert pair.b.statistics().drops["handshake_duplicate"] >= 1
 
 
+def test_lost_initiator_proof_is_asked_for_again() -> None:
+    pair = Pair()
+    pair.deliver_to_b(pair.a.datagrams_to_send()[0])  # HS_INIT
+    assert pair.b is not None
+    pair.deliver_to_a(pair.b.datagrams_to_send()[0])  # HS_RESP
+    final, _alices_proof = pair.a.datagrams_to_send()  # Alice's PROOF is lost
+    pair.deliver_to_b(final)
+    for message in pair.b.datagrams_to_send():  # Bob's PROOF
+        pair.deliver_to_a(message)
+    assert pair.a.state is LinkState.ESTABLISHED
+    assert pair.b.state is LinkState.PROVING  # half open: Alice thinks the link is up
+    pair.a.send_control(b"hello")  # Bob drops it, but resends his proof to say so
+    pair.pump()
+    assert pair.b.state is LinkState.ESTABLISHED
+    assert pair.a.statistics().drops["proof_duplicate"] == 1
+    assert pair.b.statistics().drops["not_established"] == 1
+    pair.a.send_control(b"again")
+    pair.pump()
+    assert [e for e in events(pair.b) if isinstance(e, ControlReceived)] == [
+        ControlReceived(b"again")
+    ]
+    assert not pair.a.datagrams_to_send() and not pair.b.datagrams_to_send()  # no ping-pong
+
+
 def test_handshake_gives_up_after_its_attempts() -> None:
     pair = Pair()
     pair.drop = {HS_INIT}

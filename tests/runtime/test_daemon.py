@@ -55,7 +55,7 @@ def test_signal_shuts_down_cleanly_and_tells_the_neighbour(tmp_path: Path, sig: 
         listener.wait_for("link_up", 5)
         mark = listener.mark()
         started = time.monotonic()
-        assert dialer.stop(sig) == 0
+        assert dialer.stop(sig) == 0, dialer.events
         assert time.monotonic() - started < 2.0
         assert not [e for e in dialer.events if e.get("level") == "error"]
         down = listener.wait_for("link_down", 1.0, after=mark)

@@ -194,8 +194,8 @@ async def test_duplicated_and_reordered_udp_frames_are_dropped_and_counted(
         dialer = Node(load_config(path), load_identity_file(generated[0].config.identity_file))
         await outer.start(dialer.run)
         with anyio.fail_after(3):
-            await dialer.wait_neighbors({listener.fingerprint})
-            await listener.wait_neighbors({dialer.fingerprint})
+            await dialer.wait_priced({listener.fingerprint})
+            await listener.wait_priced({dialer.fingerprint})
         runner = dialer.links[listener.fingerprint][0]
         peer = listener.links[dialer.fingerprint][0]
         for i in range(200):

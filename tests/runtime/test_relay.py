@@ -150,7 +150,8 @@ async def test_a_stalled_neighbour_does_not_block_the_others(tmp_path: Path) -> 
             stalled_fp = bytes.fromhex(generated[2].fingerprint)
             with anyio.fail_after(5):
                 await nodes[0].wait_neighbors({nodes[1].fingerprint, stalled_fp})
-                while nodes[0].graph.onion_key(stalled_fp) is None:
+                await nodes[0].wait_priced({nodes[1].fingerprint, stalled_fp})
+                while nodes[0].graph.statistics().adjacencies < 2:
                     await anyio.sleep(0.05)
             stalled.process.send_signal(signal.SIGSTOP)
             to_stalled = nodes[0].links[stalled_fp][0]

@@ -1,0 +1,586 @@
+"""JSON-RPC 2.0 between neighbours, as sans-IO state: a server that runs each request at most
+once and a client that retransmits until it is answered.
+
+The transport is the link between two neighbours, which over UDP may lose, duplicate and
+reorder messages. Exactly-once *effect* is built from two halves, as in classic RPC over
+datagrams (Birrell & Nelson; Sun RPC's duplicate request cache):
+
+- the client retransmits the same request bytes, same `id`, on a bounded exponential
+  schedule (`RpcTimers`), and discards responses it is not waiting for;
+- the server remembers every request by (neighbour fingerprint, id): while the handler runs a
+  retransmission is answered with nothing (the client will ask again), afterwards with the
+  byte-identical cached response, for at least `RESPONSE_CACHE_SECS`. The method never runs
+  twice for one key while the key is remembered, and the whole client schedule
+  (`RpcTimers.give_up_after`, 31.5 s by default) fits inside that window.
+
+The cache is bounded in count, in total and per neighbour. When it is full a *new* request is
+refused with SERVER_BUSY (the method did not run, so the caller may retry) instead of
+evicting a live entry, which would break the run-once guarantee without anyone noticing.
+
+The envelope is JSON-RPC 2.0 (https://www.jsonrpc.org/specification) in msgspec JSON, not
+the project's array-like msgpack: it is a public, self-describing format that any JSON-RPC
+tool can speak. Our profile of it: ids are required (no notifications) and are strings or
+64-bit integers (we send 32 hex digits from 16 random bytes); params, when present, are an
+array or an object; batches are not supported (answered with INVALID_REQUEST). Every
+message, request or response, is at most MAX_PAYLOAD_SIZE bytes. See docs/rpc.md.
+
+This module is pure: time comes in as `now` (monotonic seconds, never decreasing) and
+randomness as an `rng` callable.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, Literal
+
+import blake3
+import msgspec
+
+from earendil_py.core.errors import EarendilError, LocalProtocolError, RemoteProtocolError
+
+Rng = Callable[[int], bytes]
+
+# --- constants ----------------------------------------------------------------------------
+
+# Standard JSON-RPC 2.0 codes.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+# Implementation-defined server errors (the spec reserves -32099..-32000 for these).
+SERVER_BUSY = -32000  # the cache is full; the method did not run, a new call may succeed
+# Codes that handlers may raise for their own, method-level errors (besides INVALID_PARAMS).
+APPLICATION_ERROR_MIN = 1000
+APPLICATION_ERROR_MAX = 9999
+
+STANDARD_MESSAGES = {
+    PARSE_ERROR: "Parse error",
+    INVALID_REQUEST: "Invalid Request",
+    METHOD_NOT_FOUND: "Method not found",
+    INVALID_PARAMS: "Invalid params",
+    INTERNAL_ERROR: "Internal error",
+    SERVER_BUSY: "Server busy",
+}
+
+# RPC messages ride in CONTROL link frames, and a link message is at most 16_384 bytes
+# (link.MAX_MESSAGE_SIZE) including 30 bytes of DATA header, frame kind and AEAD tag. 16_000
+# leaves over 350 bytes for the control-message envelope that carries the payload.
+MAX_PAYLOAD_SIZE = 16_000
+# Ids are kept in the cache; a peer must not make us store long strings.
+MAX_ID_LENGTH = 128
+ID_BYTES = 16  # random bytes in the ids we generate (sent as 32 hex digits)
+
+RESPONSE_CACHE_SECS = 60.0
+# Worst case memory: MAX_CACHE_ENTRIES x MAX_PAYLOAD_SIZE = 32 MB (typical responses are tiny).
+# Per neighbour, 256 entries per 60 s allow a sustained ~4 calls/s from each neighbour.
+MAX_CACHE_ENTRIES = 2048
+MAX_CACHE_ENTRIES_PER_NEIGHBOR = 256
+
+_DETAIL_CHARS = 200  # error details echoed to the peer are cut to this length
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class RpcError(EarendilError):
+    """A JSON-RPC error object: raised by a handler to answer with an error, and by
+    `GlobalRpc.call` when the peer answered with one.
+
+    Handlers should use INVALID_PARAMS or a code in APPLICATION_ERROR_MIN..MAX.
+    """
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class RpcTimeout(EarendilError):
+    """No response after every retransmission. The peer may or may not have run the method.
+
+    Deliberately not an RpcError: an error response is the peer's answer, a timeout is the
+    absence of one, and callers must not mistake "unknown" for "refused".
+    """
+
+    def __init__(self, method: str, attempts: int, detail: str | None = None) -> None:
+        super().__init__(detail or f"no response to {method!r} after {attempts} attempts")
+        self.method = method
+        self.attempts = attempts
+
+
+class MalformedRequest(RemoteProtocolError):
+    """A request we cannot run; `code` is PARSE_ERROR or INVALID_REQUEST and `request_id` is
+    the id we could still read from it (echoed in the error response), else None."""
+
+    def __init__(self, detail: str, *, code: int, request_id: RequestId | None) -> None:
+        reason = "rpc_parse_error" if code == PARSE_ERROR else "rpc_invalid_request"
+        super().__init__(detail, reason)
+        self.detail = detail
+        self.code = code
+        self.request_id = request_id
+
+
+# --- wire structs -------------------------------------------------------------------------
+
+RequestId = str | int
+# What we accept from peers: the spec's string or number ids, minus fractions, bounded.
+WireId = (
+    Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
+    | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+)
+
+
+class ErrorObject(msgspec.Struct, frozen=True, kw_only=True):
+    code: int
+    message: str
+    data: Any = msgspec.UNSET  # omitted when unset
+
+
+class Request(msgspec.Struct, frozen=True, kw_only=True):
+    jsonrpc: Literal["2.0"]
+    id: WireId
+    method: str
+    # The spec allows only structured params; absent is passed to handlers as None.
+    params: list[Any] | dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+
+class Response(msgspec.Struct, frozen=True, kw_only=True):
+    """Exactly one of `result` (any JSON value, null included) and `error` is set."""
+
+    jsonrpc: Literal["2.0"]
+    id: WireId | None  # null only when the request's id could not be read
+    result: Any = msgspec.UNSET
+    error: ErrorObject | msgspec.UnsetType = msgspec.UNSET
+
+
+class _IdProbe(msgspec.Struct):
+    id: WireId | None = None
+
+
+class _MethodProbe(msgspec.Struct):
+    method: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+_encoder = msgspec.json.Encoder()
+# Key order and whitespace must not make two copies of one request look different.
+_canonical_encoder = msgspec.json.Encoder(order="sorted")
+_request_decoder = msgspec.json.Decoder(Request)
+_response_decoder = msgspec.json.Decoder(Response)
+_id_probe_decoder = msgspec.json.Decoder(_IdProbe)
+_method_probe_decoder = msgspec.json.Decoder(_MethodProbe)
+
+# msgspec raises these for values it cannot encode (unsupported types, huge ints, NaN keys...).
+_ENCODE_ERRORS = (msgspec.EncodeError, TypeError, ValueError, OverflowError)
+
+
+def _encode(message: Request | Response, what: str) -> bytes:
+    try:
+        payload = _encoder.encode(message)
+    except _ENCODE_ERRORS as exc:
+        raise LocalProtocolError(f"{what} is not JSON-encodable: {exc}") from None
+    if len(payload) > MAX_PAYLOAD_SIZE:
+        raise LocalProtocolError(f"{what} of {len(payload)} bytes exceeds {MAX_PAYLOAD_SIZE}")
+    return payload
+
+
+def encode_request(request_id: RequestId, method: str, params: Any = None) -> bytes:
+    """Raises LocalProtocolError if params is not None, a list, tuple or dict, is not
+    JSON-encodable, or the request exceeds MAX_PAYLOAD_SIZE."""
+    if params is None:
+        wire_params: Any = msgspec.UNSET
+    elif isinstance(params, list | tuple | dict):
+        wire_params = params
+    else:
+        raise LocalProtocolError("JSON-RPC params must be an array or an object")
+    return _encode(
+        Request(jsonrpc="2.0", id=request_id, method=method, params=wire_params), "request"
+    )
+
+
+def encode_result(request_id: RequestId, result: Any) -> bytes:
+    """Raises LocalProtocolError if result is not JSON-encodable or the response exceeds
+    MAX_PAYLOAD_SIZE."""
+    return _encode(Response(jsonrpc="2.0", id=request_id, result=result), "result")
+
+
+def encode_error(request_id: RequestId | None, code: int, message: str, data: Any = None) -> bytes:
+    """`data=None` is omitted. Raises LocalProtocolError if data is not JSON-encodable or the
+    response exceeds MAX_PAYLOAD_SIZE."""
+    error = ErrorObject(code=code, message=message, data=msgspec.UNSET if data is None else data)
+    return _encode(Response(jsonrpc="2.0", id=request_id, error=error), "error response")
+
+
+def _standard_error(request_id: RequestId | None, code: int, detail: str | None = None) -> bytes:
+    # Cannot fail: every part is small and encodable.
+    data = None if detail is None else detail[:_DETAIL_CHARS]
+    return encode_error(request_id, code, STANDARD_MESSAGES[code], data)
+
+
+def is_request(payload: bytes) -> bool:
+    """True if the payload is for the server side (it has a "method" member), False if it is
+    a response. Anything that is not a JSON object counts as a request, so that the server
+    answers it with the right error; our error responses are never answered in turn."""
+    if len(payload) > MAX_PAYLOAD_SIZE:
+        return True
+    try:
+        probe = _method_probe_decoder.decode(payload)
+    except msgspec.DecodeError:
+        return True
+    return probe.method is not msgspec.UNSET
+
+
+def decode_request(payload: bytes) -> Request:
+    """Raises MalformedRequest (a RemoteProtocolError) with the JSON-RPC code to answer."""
+    if len(payload) > MAX_PAYLOAD_SIZE:
+        raise MalformedRequest("request too large", code=INVALID_REQUEST, request_id=None)
+    try:
+        return _request_decoder.decode(payload)
+    except msgspec.ValidationError as exc:  # valid JSON, not a valid request
+        detail = str(exc)
+    except msgspec.DecodeError as exc:
+        raise MalformedRequest(str(exc), code=PARSE_ERROR, request_id=None) from None
+    try:
+        request_id = _id_probe_decoder.decode(payload).id
+    except msgspec.DecodeError:
+        request_id = None
+    raise MalformedRequest(detail, code=INVALID_REQUEST, request_id=request_id)
+
+
+def decode_response(payload: bytes) -> Response:
+    """Raises RemoteProtocolError("rpc_bad_response") for anything but a valid response."""
+    if len(payload) > MAX_PAYLOAD_SIZE:
+        raise RemoteProtocolError("response too large", "rpc_bad_response")
+    try:
+        response = _response_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise RemoteProtocolError(f"bad response: {exc}", "rpc_bad_response") from None
+    if (response.result is msgspec.UNSET) == (response.error is msgspec.UNSET):
+        raise RemoteProtocolError("response needs exactly one of result, error", "rpc_bad_response")
+    return response
+
+
+# --- server -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """A new request: run `method` once and hand the response to `RpcServer.complete`."""
+
+    neighbor: bytes
+    request_id: RequestId
+    method: str
+    params: list[Any] | dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class ServerStatistics:
+    requests_received: int = 0
+    dispatched: int = 0  # new requests handed out to run
+    cache_hits: int = 0  # retransmissions answered with the cached response
+    in_progress_hits: int = 0  # retransmissions while the method ran: no answer
+    parse_errors: int = 0
+    invalid_requests: int = 0
+    busy_refusals: int = 0
+    id_conflicts: int = 0  # a known id with a different method or params: dropped
+    expired: int = 0
+    cached_entries: int = 0  # now remembered, running or answered
+
+
+@dataclass(slots=True)
+class _Entry:
+    digest: bytes  # of (method, params), to tell a retransmission from a reused id
+    response: bytes | None  # None while the method runs
+
+
+def _request_digest(request: Request) -> bytes:
+    params = None if request.params is msgspec.UNSET else request.params
+    return blake3.blake3(_canonical_encoder.encode([request.method, params])).digest(length=16)
+
+
+class RpcServer:
+    """The run-at-most-once side. One per node; entries are keyed by (neighbour, id) because
+    ids are only unique per client.
+
+    `receive_request` never raises for remote input. An entry is remembered from dispatch
+    until `response_cache_secs` after `complete`; entries still running never expire.
+    """
+
+    def __init__(
+        self,
+        *,
+        response_cache_secs: float = RESPONSE_CACHE_SECS,
+        max_entries: int = MAX_CACHE_ENTRIES,
+        max_entries_per_neighbor: int = MAX_CACHE_ENTRIES_PER_NEIGHBOR,
+    ) -> None:
+        if response_cache_secs <= 0 or max_entries < 1 or max_entries_per_neighbor < 1:
+            raise LocalProtocolError("cache lifetime and bounds must be positive")
+        self._ttl = response_cache_secs
+        self._max_entries = max_entries
+        self._max_per_neighbor = max_entries_per_neighbor
+        self._entries: dict[tuple[bytes, RequestId], _Entry] = {}
+        self._per_neighbor: Counter[bytes] = Counter()
+        # Completed keys in completion order, which is expiry order since `now` never
+        # decreases and the lifetime is constant.
+        self._expiry: deque[tuple[float, tuple[bytes, RequestId]]] = deque()
+        self._stats = ServerStatistics()
+
+    def statistics(self) -> ServerStatistics:
+        """A snapshot of the counters."""
+        return replace(self._stats, cached_entries=len(self._entries))
+
+    def receive_request(
+        self, neighbor: bytes, payload: bytes, now: float
+    ) -> RequestReceived | bytes | None:
+        """What to do with a request from `neighbor`:
+
+        - `bytes`: send them back (an error response, or the cached response to a
+          retransmission: byte-identical to the first answer);
+        - `RequestReceived`: a new request, run it and call `complete`;
+        - `None`: send nothing (a retransmission of a request still running, or a reused id).
+        """
+        self._expire(now)
+        self._stats.requests_received += 1
+        try:
+            request = decode_request(payload)
+        except MalformedRequest as exc:
+            if exc.code == PARSE_ERROR:
+                self._stats.parse_errors += 1
+            else:
+                self._stats.invalid_requests += 1
+            return _standard_error(exc.request_id, exc.code, exc.detail)
+        key = (neighbor, request.id)
+        digest = _request_digest(request)
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry.digest != digest:
+                # A buggy or hostile client reused an id. Answering with the first response
+                # would be wrong, and an error under this id would resolve the first call.
+                self._stats.id_conflicts += 1
+                return None
+            if entry.response is None:
+                self._stats.in_progress_hits += 1
+                return None
+            self._stats.cache_hits += 1
+            return entry.response
+        if (
+            len(self._entries) >= self._max_entries
+            or self._per_neighbor[neighbor] >= self._max_per_neighbor
+        ):
+            self._stats.busy_refusals += 1
+            return _standard_error(request.id, SERVER_BUSY)
+        self._entries[key] = _Entry(digest, None)
+        self._per_neighbor[neighbor] += 1
+        self._stats.dispatched += 1
+        params = None if request.params is msgspec.UNSET else request.params
+        return RequestReceived(neighbor, request.id, request.method, params)
+
+    def complete(self, neighbor: bytes, request_id: RequestId, response: bytes, now: float) -> None:
+        """Cache the response to a dispatched request; the caller sends it.
+
+        Raises LocalProtocolError if the request was not dispatched or is already complete.
+        """
+        entry = self._entries.get((neighbor, request_id))
+        if entry is None or entry.response is not None:
+            raise LocalProtocolError(f"request {request_id!r} is not running")
+        entry.response = response
+        self._expiry.append((now + self._ttl, (neighbor, request_id)))
+
+    def get_timer(self) -> float | None:
+        """When the oldest cached response expires (None if nothing is cached)."""
+        return self._expiry[0][0] if self._expiry else None
+
+    def handle_timer(self, now: float) -> None:
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        while self._expiry and self._expiry[0][0] <= now:
+            _, key = self._expiry.popleft()
+            del self._entries[key]
+            neighbor = key[0]
+            self._per_neighbor[neighbor] -= 1
+            if not self._per_neighbor[neighbor]:
+                del self._per_neighbor[neighbor]
+            self._stats.expired += 1
+
+
+# --- client -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RpcTimers:
+    """Retransmission policy. A request is sent, then resent after `initial_rto`, doubling,
+    `max_attempts` sends in all; the call fails `give_up_after` seconds after the first send
+    (0.5 s and 6 sends: resends at 0.5, 1.5, 3.5, 7.5, 15.5 s, failure at 31.5 s).
+
+    The schedule must end within RESPONSE_CACHE_SECS, so that every copy of a request
+    reaches the peer while its first answer is still cached there.
+    """
+
+    initial_rto: float = 0.5
+    max_attempts: int = 6
+
+    def __post_init__(self) -> None:
+        if self.initial_rto <= 0 or self.max_attempts < 1:
+            raise LocalProtocolError("initial_rto and max_attempts must be positive")
+        if self.give_up_after > RESPONSE_CACHE_SECS:
+            raise LocalProtocolError(
+                f"retransmission schedule of {self.give_up_after} s outlives the peer's "
+                f"{RESPONSE_CACHE_SECS} s response cache"
+            )
+
+    @property
+    def give_up_after(self) -> float:
+        return self.initial_rto * ((1 << self.max_attempts) - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultReceived:
+    request_id: str
+    neighbor: bytes
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReceived:
+    request_id: str
+    neighbor: bytes
+    code: int
+    message: str
+    data: Any  # None when the peer sent none
+
+
+@dataclass(frozen=True, slots=True)
+class CallTimedOut:
+    request_id: str
+    neighbor: bytes
+    method: str
+    attempts: int
+
+
+CallOutcome = ResultReceived | ErrorReceived | CallTimedOut
+
+
+@dataclass(slots=True)
+class ClientStatistics:
+    sent: int = 0  # calls started (first sends)
+    retransmitted: int = 0
+    completed: int = 0  # answered with a result or an error
+    failed: int = 0  # timed out after max_attempts sends
+    cancelled: int = 0
+    unmatched_responses: int = 0  # valid responses to no pending call: discarded
+    malformed: int = 0  # responses we could not decode: discarded
+    pending: int = 0
+
+
+@dataclass(slots=True)
+class _PendingCall:
+    neighbor: bytes
+    method: str
+    payload: bytes
+    attempts: int
+    rto: float
+    next_at: float
+
+
+class RpcClient:
+    """The retransmitting side. One per node; calls are addressed to a neighbour, and a
+    response only completes a call if it comes from the neighbour the call went to.
+
+    Timeouts are events (`next_event`), responses are return values of `receive_response`,
+    which never raises for remote input.
+    """
+
+    def __init__(self, timers: RpcTimers | None = None) -> None:
+        self._timers = timers or RpcTimers()
+        self._pending: dict[str, _PendingCall] = {}
+        self._events: deque[CallTimedOut] = deque()
+        self._stats = ClientStatistics()
+
+    @property
+    def timers(self) -> RpcTimers:
+        return self._timers
+
+    def statistics(self) -> ClientStatistics:
+        """A snapshot of the counters."""
+        return replace(self._stats, pending=len(self._pending))
+
+    def request(
+        self, neighbor: bytes, method: str, params: Any, now: float, rng: Rng
+    ) -> tuple[str, bytes]:
+        """Start a call: returns its id and the payload to send now.
+
+        Raises LocalProtocolError if params is not None/array/object, not JSON-encodable, or
+        the request exceeds MAX_PAYLOAD_SIZE.
+        """
+        request_id = rng(ID_BYTES).hex()
+        while request_id in self._pending:  # 2^-128; a broken rng must not merge two calls
+            request_id = rng(ID_BYTES).hex()
+        payload = encode_request(request_id, method, params)
+        rto = self._timers.initial_rto
+        self._pending[request_id] = _PendingCall(neighbor, method, payload, 1, rto, now + rto)
+        self._stats.sent += 1
+        return request_id, payload
+
+    def cancel(self, request_id: str) -> bool:
+        """Forget a pending call (its caller went away). False if it was not pending."""
+        if self._pending.pop(request_id, None) is None:
+            return False
+        self._stats.cancelled += 1
+        return True
+
+    def receive_response(
+        self, neighbor: bytes, payload: bytes
+    ) -> ResultReceived | ErrorReceived | None:
+        """The outcome of a pending call, or None if the payload was discarded (malformed,
+        or not answering a call pending towards `neighbor`; both counted)."""
+        try:
+            response = decode_response(payload)
+        except RemoteProtocolError:
+            self._stats.malformed += 1
+            return None
+        request_id = response.id
+        # We only ever send string ids, so any other id answers nothing of ours.
+        call = self._pending.get(request_id) if isinstance(request_id, str) else None
+        if call is None or call.neighbor != neighbor:
+            self._stats.unmatched_responses += 1
+            return None
+        assert isinstance(request_id, str)
+        del self._pending[request_id]
+        self._stats.completed += 1
+        if isinstance(response.error, ErrorObject):
+            error = response.error
+            data = None if error.data is msgspec.UNSET else error.data
+            return ErrorReceived(request_id, neighbor, error.code, error.message, data)
+        return ResultReceived(request_id, neighbor, response.result)
+
+    def get_timer(self) -> float | None:
+        """The next retransmission or timeout (None when no call is pending)."""
+        return min((call.next_at for call in self._pending.values()), default=None)
+
+    def handle_timer(self, now: float) -> list[tuple[bytes, bytes]]:
+        """(neighbor, payload) pairs to resend now. Calls out of attempts become
+        CallTimedOut events."""
+        resend: list[tuple[bytes, bytes]] = []
+        for request_id, call in list(self._pending.items()):
+            if call.next_at > now:
+                continue
+            if call.attempts >= self._timers.max_attempts:
+                del self._pending[request_id]
+                self._stats.failed += 1
+                self._events.append(
+                    CallTimedOut(request_id, call.neighbor, call.method, call.attempts)
+                )
+                continue
+            call.attempts += 1
+            call.rto *= 2
+            call.next_at = now + call.rto
+            resend.append((call.neighbor, call.payload))
+        if resend:
+            self._stats.retransmitted += len(resend)
+        return resend
+
+    def next_event(self) -> CallTimedOut | None:
+        return self._events.popleft() if self._events else None

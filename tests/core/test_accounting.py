@@ -1,0 +1,289 @@
+"""Price agreements and debt accounting between two neighbours, in memory."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from earendil_py.core.accounting import (
+    MAX_CLOCK_SKEW_SECS,
+    UNLIMITED,
+    Account,
+    AccountState,
+    ClaimApplied,
+    Dispute,
+    EpochCount,
+)
+from earendil_py.core.errors import RemoteProtocolError
+from earendil_py.core.identity import Identity
+from earendil_py.core.pricing import AcceptanceRule, PriceAccepted, PriceRejected, PriceTerms
+from tests.helpers import seeded_rng
+
+NOW = 1_800_000_000
+ALICE = Identity.generate(seeded_rng(1))
+BOB = Identity.generate(seeded_rng(2))
+MALLORY = Identity.generate(seeded_rng(3))
+RULE = AcceptanceRule(max_price_umel=10, min_debt_limit_umel=1_000, methods=("pow", "manual"))
+TOLERANCE = 8
+
+
+def account(me: Identity, them: Identity, state: AccountState | None = None) -> Account:
+    return Account(me, them.identity_public, state or AccountState(them.fingerprint))
+
+
+def agree(
+    a: Account, b: Account, a_terms: PriceTerms, b_terms: PriceTerms
+) -> tuple[object, object]:
+    """Each side offers its terms; each answers the other's offer."""
+    a_offer, b_offer = a.propose(a_terms, NOW), b.propose(b_terms, NOW)
+    return a.on_answer(b.on_offer(a_offer, RULE, NOW)), b.on_answer(a.on_offer(b_offer, RULE, NOW))
+
+
+def pair(price_a: int = 2, price_b: int = 3, limit: int = 10_000) -> tuple[Account, Account]:
+    a, b = account(ALICE, BOB), account(BOB, ALICE)
+    outcomes = agree(
+        a, b, PriceTerms(price_a, limit, ("pow",)), PriceTerms(price_b, limit, ("pow",))
+    )
+    assert all(isinstance(o, PriceAccepted) for o in outcomes)
+    return a, b
+
+
+def carry(sender: Account, receiver: Account, sent: int, arrived: int | None = None) -> None:
+    """`sent` packets leave `sender`; `arrived` of them (default all) reach `receiver`."""
+    sender.sent += sent
+    receiver.received += sent if arrived is None else arrived
+
+
+# --- push_price ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("terms", "reason"),
+    [
+        (PriceTerms(11, 5_000, ("pow",)), "price_too_high"),
+        (PriceTerms(5, 999, ("pow",)), "debt_limit_too_low"),
+        (PriceTerms(5, 5_000, ("onchain",)), "no_shared_payment_method"),
+    ],
+)
+def test_each_acceptance_rule_rejects(terms: PriceTerms, reason: str) -> None:
+    a, b = account(ALICE, BOB), account(BOB, ALICE)
+    answer = b.on_offer(a.propose(terms, NOW), RULE, NOW)
+    assert (answer.accepted, answer.reason) == (False, reason)
+    assert a.on_answer(answer) == PriceRejected(a.state.proposed, reason)  # type: ignore[arg-type]
+    assert not a.priced and not b.priced
+    assert a.inbound_allowance() == 0 and b.outbound_allowance() == 0
+
+
+def test_limits_are_inclusive_and_a_free_offer_needs_no_shared_method() -> None:
+    for terms in [PriceTerms(10, 1_000, ("pow",)), PriceTerms(0, 1_000, ())]:
+        a, b = account(ALICE, BOB), account(BOB, ALICE)
+        answer = b.on_offer(a.propose(terms, NOW), RULE, NOW)
+        assert answer.accepted and answer.reason == ""
+
+
+def test_no_traffic_until_both_offers_are_accepted() -> None:
+    a, b = account(ALICE, BOB), account(BOB, ALICE)
+    terms = PriceTerms(1, 5_000, ("pow",))
+    a.on_answer(b.on_offer(a.propose(terms, NOW), RULE, NOW))  # only Alice's price agreed
+    assert not a.priced and not b.priced
+    assert a.inbound_allowance() == a.outbound_allowance() == 0
+    assert b.inbound_allowance() == b.outbound_allowance() == 0
+    b.on_answer(a.on_offer(b.propose(terms, NOW), RULE, NOW))
+    assert a.priced and b.priced
+    assert a.inbound_allowance() == 5_000 and b.outbound_allowance() == 5_000
+
+
+def test_free_links_have_no_limit() -> None:
+    a, b = pair(price_a=0, price_b=0)
+    carry(a, b, 10**9)
+    assert a.outbound_allowance() == b.inbound_allowance() == UNLIMITED
+    assert a.debt_out_umel == b.debt_in_umel == 0
+
+
+def test_forged_and_misaddressed_offers_and_answers_are_refused() -> None:
+    a, b = account(ALICE, BOB), account(BOB, ALICE)
+    offer = a.propose(PriceTerms(1, 5_000, ("pow",)), NOW)
+    forged = msgspec.structs.replace(offer, price_umel=0)
+    with pytest.raises(RemoteProtocolError) as caught:
+        b.on_offer(forged, RULE, NOW)
+    assert caught.value.reason == "bad_signature"
+    with pytest.raises(RemoteProtocolError) as caught:
+        account(MALLORY, ALICE).on_offer(offer, RULE, NOW)  # addressed to Bob
+    assert caught.value.reason == "wrong_party"
+    answer = b.on_offer(offer, RULE, NOW)
+    with pytest.raises(RemoteProtocolError) as caught:
+        a.on_answer(msgspec.structs.replace(answer, accepted=True, reason="", timestamp=NOW + 1))
+    assert caught.value.reason == "bad_signature"
+    assert not a.priced
+
+
+def test_a_repeated_offer_gets_the_same_answer_and_stale_or_reused_seqs_are_rejected() -> None:
+    a, b = pair()
+    first = a.state.our_offer
+    assert first is not None
+    # A retransmission after a reconnect: same answer, nothing reopened.
+    b.sent += 5
+    assert b.on_offer(first, RULE, NOW) == b.state.their_answer
+    assert b.sent == 5
+    newer = a.propose(PriceTerms(4, 10_000, ("pow",)), NOW)
+    assert b.on_offer(newer, RULE, NOW).accepted
+    assert b.on_offer(first, RULE, NOW).reason == "stale_seq"
+    reused = a.propose(PriceTerms(4, 10_000, ("pow",)), NOW)  # same terms: same offer
+    assert reused is newer
+    a.state.proposed = first  # an offerer that lost its state re-uses seq 1 with new terms
+    clash = a.propose(PriceTerms(9, 10_000, ("pow",)), NOW)
+    assert clash.seq == 2 and b.on_offer(clash, RULE, NOW).reason == "seq_reused"
+
+
+def test_a_reprice_charges_old_packets_at_the_old_price() -> None:
+    a, b = pair(price_a=2, price_b=3)
+    carry(a, b, 100)  # Bob's price is 3
+    carry(b, a, 40)  # Alice's price is 2
+    outcome = agree(
+        a, b, PriceTerms(5, 10_000, ("pow",)), PriceTerms(7, 10_000, ("pow",))
+    )  # both re-price
+    assert all(isinstance(o, PriceAccepted) for o in outcome)
+    carry(a, b, 10)
+    carry(b, a, 20)
+    assert a.debt_out_umel == b.debt_in_umel == 100 * 3 + 10 * 7
+    assert b.debt_out_umel == a.debt_in_umel == 40 * 2 + 20 * 5
+    # And a rejected re-offer leaves the agreement in force.
+    answer = b.on_offer(a.propose(PriceTerms(50, 10_000, ("pow",)), NOW), RULE, NOW)
+    assert isinstance(a.on_answer(answer), PriceRejected)
+    carry(b, a, 1)
+    assert a.debt_in_umel == 40 * 2 + 21 * 5
+
+
+# --- debt limits -----------------------------------------------------------------------
+
+
+def test_allowances_stop_at_the_limit_and_resume_after_settlement() -> None:
+    a, b = pair(price_a=3, price_b=3, limit=1_000)
+    assert a.outbound_allowance() == b.inbound_allowance() == 333
+    carry(a, b, 333)
+    assert a.outbound_allowance() == b.inbound_allowance() == 0
+    assert a.debt_out_umel == b.debt_in_umel == 999
+    a.settle(0, 600)
+    b.settle(600, 0)
+    assert a.outbound_allowance() == b.inbound_allowance() == 200
+    assert a.debt_out_umel == b.debt_in_umel == 399
+
+
+# --- push_debt -------------------------------------------------------------------------
+
+
+def test_a_claim_corrects_the_debtor_down_to_what_arrived() -> None:
+    a, b = pair(price_b=3)
+    carry(a, b, 1_000, arrived=900)  # 10 % lost on the way
+    assert (a.debt_out_umel, b.debt_in_umel) == (3_000, 2_700)
+    outcome = a.on_claim(b.make_claim(NOW), NOW, TOLERANCE)
+    assert outcome == ClaimApplied(3_000, 2_700)
+    carry(a, b, 10)  # later traffic adds on top of the corrected count
+    assert a.debt_out_umel == b.debt_in_umel == 2_730
+
+
+def test_forged_replayed_and_stale_claims_change_nothing() -> None:
+    a, b = pair()
+    carry(a, b, 100, arrived=50)
+    claim = b.make_claim(NOW)
+    forged = msgspec.structs.replace(claim, received=[EpochCount(1, 0)])
+    stale = b.make_claim(NOW - MAX_CLOCK_SKEW_SECS - 1)
+    for bad, reason in [(forged, "bad_signature"), (stale, "stale_claim")]:
+        with pytest.raises(RemoteProtocolError) as caught:
+            a.on_claim(bad, NOW, TOLERANCE)
+        assert caught.value.reason == reason
+    assert a.debt_out_umel == 300
+    newer = b.make_claim(NOW)
+    a.on_claim(newer, NOW, TOLERANCE)
+    for replay in [newer, claim]:  # the same one again, or an older one arriving late
+        with pytest.raises(RemoteProtocolError) as caught:
+            a.on_claim(replay, NOW, TOLERANCE)
+        assert caught.value.reason == "replayed_claim"
+    with pytest.raises(RemoteProtocolError) as caught:
+        account(MALLORY, BOB).on_claim(b.make_claim(NOW), NOW, TOLERANCE)
+    assert caught.value.reason == "wrong_party"
+
+
+def test_an_overclaim_is_a_dispute_that_freezes_the_account() -> None:
+    a, b = pair()
+    carry(a, b, 100)
+    b.received += 100 + TOLERANCE + 1  # Bob claims packets Alice never sent
+    outcome = a.on_claim(b.make_claim(NOW), NOW, TOLERANCE)
+    assert outcome == Dispute("overclaim", 1, 209, 100)
+    assert a.state.frozen == "dispute"
+    assert a.debt_out_umel == 300  # nothing of it applied
+    assert a.inbound_allowance() == a.outbound_allowance() == 0
+    a.unfreeze()
+    assert a.outbound_allowance() > 0
+
+
+def test_a_claim_within_the_tolerance_is_adopted() -> None:
+    a, b = pair(price_b=1)
+    carry(a, b, 100)
+    b.received += TOLERANCE  # packets counted at Bob before Alice's batch counted them
+    assert isinstance(a.on_claim(b.make_claim(NOW), NOW, TOLERANCE), ClaimApplied)
+    assert a.debt_out_umel == b.debt_in_umel == 108
+
+
+def test_a_restart_resumes_from_the_snapshot_and_a_claim_recovers_lost_counts() -> None:
+    a, b = pair(price_a=2, price_b=3)
+    carry(a, b, 50)
+    carry(b, a, 50)
+    checkpoint_a = a.snapshot()
+    carry(a, b, 30)  # counted after the last checkpoint: lost when Alice crashes
+    carry(b, a, 30)
+    restored = Account(ALICE, BOB.identity_public, checkpoint_a, recovering=True)
+    assert (restored.debt_out_umel, restored.debt_in_umel) == (150, 100)
+    assert restored.recovery_packets == 2 * 100
+    assert isinstance(restored.on_claim(b.make_claim(NOW), NOW, TOLERANCE), ClaimApplied)
+    assert restored.debt_out_umel == b.debt_in_umel == 80 * 3
+    assert restored.debt_in_umel == b.debt_out_umel == 80 * 2
+    assert restored.recovery_packets == 0  # once only
+
+
+def test_after_a_clean_shutdown_nothing_extra_is_accepted() -> None:
+    a, b = pair(price_b=1)
+    carry(a, b, 50)
+    restored = Account(ALICE, BOB.identity_public, a.snapshot(clean=True), recovering=True)
+    assert restored.recovery_packets == 0
+    b.received += TOLERANCE + 1
+    assert isinstance(restored.on_claim(b.make_claim(NOW), NOW, TOLERANCE), Dispute)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 500), st.integers(0, 100), st.booleans(), st.integers(0, 9)),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_after_claims_both_sides_agree_to_the_last_umel(
+    rounds: list[tuple[int, int, bool, int]],
+) -> None:
+    """Any mix of traffic, loss, re-prices and claims: after a final exchange of claims each
+    side's estimate of each direction equals the other's, and is the exact integer sum."""
+    a, b = pair(price_a=1, price_b=1)
+    expected_a_owes = 0
+    price_b = 1
+    for sent, lost_percent, reprice, new_price in rounds:
+        arrived = sent * (100 - lost_percent) // 100
+        carry(a, b, sent, arrived)
+        expected_a_owes += arrived * price_b
+        if reprice:
+            b.on_answer(
+                a.on_offer(b.propose(PriceTerms(new_price, 10**12, ("pow",)), NOW), RULE, NOW)
+            )
+            price_b = new_price
+        a.on_claim(b.make_claim(NOW), NOW, TOLERANCE)
+    assert a.debt_out_umel == b.debt_in_umel == expected_a_owes
+    assert a.debt_in_umel == b.debt_out_umel == 0
+
+
+def test_state_round_trips_through_msgpack() -> None:
+    a, _ = pair()
+    carry(a, _, 7)
+    state = a.snapshot()
+    again = msgspec.msgpack.decode(msgspec.msgpack.encode(state), type=AccountState)
+    assert again == state

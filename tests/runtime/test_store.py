@@ -1,0 +1,414 @@
+"""The SQLite ledger: durable appends, tampering caught at open, atomic batches, async ordering."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from earendil_py.core.errors import ConfigError, LocalProtocolError
+from earendil_py.core.identity import short_hex
+from earendil_py.core.ledger import GENESIS, LedgerCorrupt, verify_chain
+from earendil_py.runtime.store import AsyncLedger, LedgerStore
+
+ALICE = bytes([0xA1]) * 32
+BOB = bytes([0xB2]) * 32
+CAROL = bytes([0xC3]) * 32
+T0 = 1_700_000_000
+
+
+def populate(path: Path) -> None:
+    """ALICE: 5 entries (seq 1..5), BOB: 3 entries."""
+    with LedgerStore.open(path) as store:
+        for i in range(5):
+            kind = "debt_checkpoint" if i % 2 == 0 else "price"
+            store.append(ALICE, kind, b"alice %d" % i, T0 + i)
+        for i in range(3):
+            store.append(BOB, "debt_checkpoint", b"bob %d" % i, T0 + i)
+
+
+def raw(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Run SQL on the file behind the store's back, as an attacker or a bad tool would."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def flip(value: object) -> bytes:
+    assert isinstance(value, bytes)
+    return bytes([value[0] ^ 0x01]) + value[1:]
+
+
+def edit(column: str, seq: int, neighbor: bytes = ALICE) -> Callable[[Path], None]:
+    def apply(path: Path) -> None:
+        [(old,)] = raw(
+            path, f"SELECT {column} FROM entries WHERE neighbor=? AND seq=?", (neighbor, seq)
+        )
+        new = old[:-1] + ("x" if old[-1] != "x" else "y") if isinstance(old, str) else flip(old)
+        raw(path, f"UPDATE entries SET {column}=? WHERE neighbor=? AND seq=?", (new, neighbor, seq))
+
+    return apply
+
+
+def delete(seq: int, neighbor: bytes = ALICE) -> Callable[[Path], None]:
+    def apply(path: Path) -> None:
+        raw(path, "DELETE FROM entries WHERE neighbor=? AND seq=?", (neighbor, seq))
+
+    return apply
+
+
+def swap(path: Path) -> None:
+    # Rows 2 and 3 trade places; each keeps its own content.
+    raw(path, "UPDATE entries SET seq=100 WHERE neighbor=? AND seq=2", (ALICE,))
+    raw(path, "UPDATE entries SET seq=2 WHERE neighbor=? AND seq=3", (ALICE,))
+    raw(path, "UPDATE entries SET seq=3 WHERE neighbor=? AND seq=100", (ALICE,))
+
+
+def edit_recorded_at(path: Path) -> None:
+    raw(path, "UPDATE entries SET recorded_at=recorded_at+1 WHERE neighbor=? AND seq=3", (ALICE,))
+
+
+def edit_head(path: Path) -> None:
+    [(old,)] = raw(path, "SELECT hash FROM heads WHERE neighbor=?", (ALICE,))
+    raw(path, "UPDATE heads SET hash=? WHERE neighbor=?", (flip(old), ALICE))
+
+
+def delete_head(path: Path) -> None:
+    raw(path, "DELETE FROM heads WHERE neighbor=?", (ALICE,))
+
+
+def delete_all_of_bob(path: Path) -> None:
+    raw(path, "DELETE FROM entries WHERE neighbor=?", (BOB,))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "neighbor", "seq", "reason"),
+    [
+        pytest.param(edit("body", 3), ALICE, 3, "body_mismatch", id="edited-body"),
+        pytest.param(edit("kind", 3), ALICE, 3, "hash_mismatch", id="edited-kind"),
+        pytest.param(edit("hash", 3), ALICE, 3, "hash_mismatch", id="edited-hash"),
+        pytest.param(edit("hash", 5), ALICE, 5, "hash_mismatch", id="edited-last-hash"),
+        pytest.param(edit("prev_hash", 3), ALICE, 3, "prev_hash_mismatch", id="edited-prev"),
+        pytest.param(edit("body_hash", 2, BOB), BOB, 2, "body_mismatch", id="edited-body-hash"),
+        pytest.param(edit_recorded_at, ALICE, 3, "hash_mismatch", id="edited-time"),
+        pytest.param(delete(3), ALICE, 3, "seq_gap", id="deleted-middle-row"),
+        pytest.param(delete(5), ALICE, 5, "truncated", id="deleted-last-row"),
+        pytest.param(delete_all_of_bob, BOB, 1, "truncated", id="deleted-whole-chain"),
+        pytest.param(swap, ALICE, 2, "prev_hash_mismatch", id="swapped-rows"),
+        pytest.param(edit_head, ALICE, 5, "head_mismatch", id="edited-head"),
+        pytest.param(delete_head, ALICE, 5, "head_missing", id="deleted-head"),
+    ],
+)
+def test_tampering_is_caught_at_open(
+    tmp_path: Path,
+    tamper: Callable[[Path], None],
+    neighbor: bytes,
+    seq: int,
+    reason: str,
+) -> None:
+    path = tmp_path / "ledger.db"
+    populate(path)
+    tamper(path)
+    with pytest.raises(LedgerCorrupt) as caught:
+        LedgerStore.open(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: neighbour {short_hex(neighbor)} seq {seq}: "), message
+    assert (caught.value.neighbor, caught.value.seq, caught.value.reason) == (neighbor, seq, reason)
+
+
+def test_untampered_file_opens_and_resumes_every_head(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    populate(path)
+    with LedgerStore.open(path) as store:
+        alice = store.entries(ALICE)
+        assert store.neighbors() == [ALICE, BOB]
+        assert store.head(ALICE) == (5, alice[-1].hash)
+        assert store.head(CAROL) == (0, GENESIS)
+        assert verify_chain(alice) == alice[-1].hash
+        assert [e.body for e in alice] == [b"alice %d" % i for i in range(5)]
+        following = store.append(ALICE, "price", b"after restart", T0 + 9)
+    assert (following.seq, following.prev_hash) == (6, alice[-1].hash)
+    with LedgerStore.open(path) as store:
+        assert store.entries(ALICE, after_seq=5) == [following]
+        assert store.head(ALICE) == (6, following.hash)
+        assert store.head(BOB)[0] == 3
+
+
+def test_entries_filters_by_kind_and_seq(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    populate(path)
+    with LedgerStore.open(path) as store:
+        assert [e.seq for e in store.entries(ALICE, kinds={"price"})] == [2, 4]
+        assert [e.seq for e in store.entries(ALICE, kinds=["price"], after_seq=2)] == [4]
+        kinds = ("price", "debt_checkpoint")
+        assert [e.seq for e in store.entries(ALICE, kinds=kinds)] == [1, 2, 3, 4, 5]
+        assert store.entries(ALICE, kinds=[]) == []
+        assert store.entries(CAROL) == []
+
+
+def test_wal_mode_is_persistent_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    LedgerStore.open(path).close()
+    assert raw(path, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    populate(path)
+    raw(path, "PRAGMA user_version=2")
+    with pytest.raises(ConfigError, match=r"schema version 2 is newer .*\(1\); upgrade"):
+        LedgerStore.open(path)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "other-sqlite"])
+def test_files_that_are_not_ledgers_are_refused_untouched(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "ledger.db"
+    if kind == "garbage":
+        path.write_bytes(b"this is not a database at all" * 100)
+    else:
+        raw(path, "CREATE TABLE notes (text TEXT)")
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: not a.* ledger file"):
+        LedgerStore.open(path)
+    assert path.read_bytes() == before
+
+
+def test_prune_drops_old_bodies_and_the_chain_still_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with LedgerStore.open(path) as store:
+        for i in range(6):
+            store.append(ALICE, "debt_checkpoint", b"total %d" % i, T0 + i)
+            store.append(ALICE, "price", b"price %d" % i, T0 + i)
+        store.append(BOB, "debt_checkpoint", b"bob", T0)
+        head = store.head(ALICE)
+
+        assert store.prune(ALICE, "debt_checkpoint", keep_last=2) == 4
+        assert store.prune(ALICE, "debt_checkpoint", keep_last=2) == 0
+        checkpoints = store.entries(ALICE, kinds=["debt_checkpoint"])
+        assert [e.body for e in checkpoints] == [None] * 4 + [b"total 4", b"total 5"]
+        assert all(e.body is not None for e in store.entries(ALICE, kinds=["price"]))
+        latest = store.latest(ALICE, "debt_checkpoint")
+        assert latest is not None
+        assert (latest.seq, latest.body) == (11, b"total 5")
+        assert store.head(ALICE) == head
+        with pytest.raises(LocalProtocolError):
+            store.prune(ALICE, "price", keep_last=-1)
+    with LedgerStore.open(path) as store:  # verifies the pruned chain
+        assert store.prune(ALICE, "debt_checkpoint", keep_last=0) == 2
+        assert store.latest(ALICE, "debt_checkpoint") is None
+        assert store.latest(BOB, "debt_checkpoint") is not None
+        assert store.prune(CAROL, "price", keep_last=1) == 0
+    LedgerStore.open(path).close()
+
+
+def test_append_many_is_one_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with LedgerStore.open(path) as store:
+        store.append(ALICE, "price", b"p", T0)
+        batch = store.append_many(
+            [(ALICE, "debt_checkpoint", b"a"), (BOB, "debt_checkpoint", b"b"), (ALICE, "x", b"c")],
+            T0 + 60,
+        )
+        assert [(e.neighbor, e.seq) for e in batch] == [(ALICE, 2), (BOB, 1), (ALICE, 3)]
+        assert batch[2].prev_hash == batch[0].hash
+        assert store.head(ALICE) == (3, batch[2].hash)
+        assert store.append_many([], T0) == []
+    with LedgerStore.open(path) as store:
+        assert store.entries(ALICE)[1:] == [batch[0], batch[2]]
+
+
+def test_append_many_writes_nothing_when_an_item_fails(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with LedgerStore.open(path) as store:
+        first = store.append(ALICE, "price", b"p", T0)
+        # A row behind the store's back, past BOB's (empty) head: inserting BOB's seq 1 will hit
+        # a duplicate key after ALICE's and CAROL's entries were already inserted.
+        raw(
+            path,
+            "INSERT INTO entries VALUES (?, 1, 'price', x'00', ?, ?, ?, 0)",
+            (BOB, bytes(32), bytes(32), bytes(32)),
+        )
+        items = [(ALICE, "price", b"1"), (CAROL, "price", b"2"), (BOB, "price", b"3")]
+        where = f"^{re.escape(str(path))}: neighbour {short_hex(BOB)} seq 1: "
+        with pytest.raises(LedgerCorrupt, match=where):
+            store.append_many(items, T0)
+        # An invalid item late in the batch is also all-or-nothing.
+        with pytest.raises(LocalProtocolError, match="snake_case"):
+            store.append_many([*items[:2], (ALICE, "Not A Kind", b"")], T0)
+        assert store.head(ALICE) == (1, first.hash)
+        assert store.head(CAROL) == (0, GENESIS)
+        assert store.entries(ALICE) == [first]
+        assert store.entries(CAROL) == []
+        assert store.neighbors() == [ALICE]
+        assert store.append(CAROL, "price", b"ok", T0).seq == 1  # still usable
+
+
+def test_closed_store_refuses_calls(tmp_path: Path) -> None:
+    store = LedgerStore.open(tmp_path / "ledger.db")
+    store.close()
+    store.close()
+    with pytest.raises(LocalProtocolError, match="closed"):
+        store.append(ALICE, "price", b"", T0)
+
+
+_KILL_AFTER_APPEND = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from earendil_py.runtime.store import LedgerStore
+
+    store = LedgerStore.open(Path(sys.argv[1]))
+    entry = store.append(bytes.fromhex(sys.argv[2]), "debt_checkpoint", b"acknowledged", 1)
+    print(entry.seq, entry.hash.hex(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_an_append_that_returned_survives_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    populate(path)
+    done = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER_APPEND, str(path), ALICE.hex()],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    seq, digest = done.stdout.split()
+    assert path.with_name("ledger.db-wal").exists()  # the entry lives only in the WAL so far
+    with LedgerStore.open(path) as store:
+        assert int(seq) == 6
+        assert store.head(ALICE) == (6, bytes.fromhex(digest))
+        latest = store.latest(ALICE, "debt_checkpoint")
+        assert latest is not None
+        assert latest.body == b"acknowledged"
+
+
+@pytest.mark.anyio
+async def test_async_ledger_serializes_concurrent_appends_in_call_order(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    per_neighbor = 15
+    returned: dict[bytes, list[int]] = {ALICE: [], BOB: []}
+    with anyio.fail_after(20):
+        async with await AsyncLedger.open(path) as ledger:
+
+            async def one(neighbor: bytes, i: int) -> None:
+                entry = await ledger.append(neighbor, "debt_checkpoint", b"%d" % i, T0 + i)
+                returned[neighbor].append(entry.seq)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(per_neighbor):
+                    for neighbor in (ALICE, BOB):
+                        tg.start_soon(one, neighbor, i)
+            for neighbor in (ALICE, BOB):
+                entries = await ledger.entries(neighbor)
+                assert sorted(returned[neighbor]) == list(range(1, per_neighbor + 1))
+                # FIFO: the calls ran in the order the tasks made them.
+                assert [e.body for e in entries] == [b"%d" % i for i in range(per_neighbor)]
+                assert await ledger.head(neighbor) == (per_neighbor, entries[-1].hash)
+    with LedgerStore.open(path) as store:  # verifies both chains from disk
+        assert store.head(ALICE)[0] == per_neighbor
+
+
+@pytest.mark.anyio
+async def test_cancelled_callers_leave_a_complete_chain(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    returned: list[int] = []
+    with anyio.fail_after(20):
+        async with await AsyncLedger.open(path) as ledger:
+            async with anyio.create_task_group() as tg:
+
+                async def one(i: int) -> None:
+                    entry = await ledger.append(ALICE, "debt_checkpoint", b"%d" % i, T0)
+                    returned.append(entry.seq)
+                    if len(returned) == 3:
+                        tg.cancel_scope.cancel()
+
+                for i in range(40):
+                    tg.start_soon(one, i)
+            seq, digest = await ledger.head(ALICE)
+            assert 3 <= seq < 40  # some calls were cancelled in the queue and never ran
+            assert set(returned) <= set(range(1, seq + 1))
+            entries = await ledger.entries(ALICE)
+            assert [e.seq for e in entries] == list(range(1, seq + 1))
+            assert entries[-1].hash == digest
+            await ledger.verify()
+
+
+@pytest.mark.anyio
+async def test_async_ledger_methods_and_close(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with anyio.fail_after(10):
+        ledger = await AsyncLedger.open(path)
+        batch = await ledger.append_many(
+            [(ALICE, "debt_checkpoint", b"1"), (ALICE, "debt_checkpoint", b"2")], T0
+        )
+        assert [e.seq for e in batch] == [1, 2]
+        assert await ledger.neighbors() == [ALICE]
+        assert await ledger.prune(ALICE, "debt_checkpoint", keep_last=1) == 1
+        latest = await ledger.latest(ALICE, "debt_checkpoint")
+        assert latest == batch[1]
+        assert [e.body for e in await ledger.entries(ALICE, kinds={"debt_checkpoint"})] == [
+            None,
+            b"2",
+        ]
+        await ledger.aclose()
+        await ledger.aclose()
+        with pytest.raises(anyio.ClosedResourceError):
+            await ledger.head(ALICE)
+
+
+@pytest.mark.anyio
+async def test_async_open_reports_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    populate(path)
+    delete(5)(path)
+    where = f"^{re.escape(str(path))}: neighbour {short_hex(ALICE)} seq 5: missing"
+    with anyio.fail_after(10), pytest.raises(LedgerCorrupt, match=where):
+        await AsyncLedger.open(path)
+
+
+def _write_locked(path: Path) -> bool:
+    with contextlib.closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as conn:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return True
+        conn.execute("ROLLBACK")
+        return False
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_caller_waits_until_its_started_transaction_is_done(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.db"
+    items = [(ALICE, "debt_checkpoint", b"x" * 100)] * 10_000  # a transaction of ~0.3 s
+    with anyio.fail_after(20):
+        async with await AsyncLedger.open(path) as ledger:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(ledger.append_many, items, T0)
+                    while not _write_locked(path):  # the worker is inside its transaction
+                        await anyio.sleep(0.001)
+                    scope.cancel()
+            # The cancelled caller only got here once the transaction was committed, so another
+            # connection sees all of it, and the next append follows it.
+            assert raw(path, "SELECT count(*) FROM entries") == [(len(items),)]
+            assert (await ledger.append(ALICE, "price", b"", T0)).seq == len(items) + 1
+
+
+def test_unwritable_location_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot open ledger"):
+        LedgerStore.open(tmp_path / "missing-directory" / "ledger.db")
