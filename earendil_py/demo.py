@@ -32,6 +32,10 @@ DEMO_EDGES = [
 ]
 NODE_COUNT = 5
 DEMO_TOML = """
+[accounting]
+push_debt_secs = 2.0
+checkpoint_secs = 1.0
+
 [links]
 keepalive_secs = 1.0
 dead_after_secs = 5.0
@@ -59,8 +63,22 @@ class RunningNode:
         return call_api(*self.api, method, path, body, timeout=5.0)
 
 
+def price_tables() -> dict[int, str]:
+    """Each node charges its own price (node N: N+1 uMEL a packet) on every route."""
+    tables: dict[int, list[str]] = {i: [] for i in range(NODE_COUNT)}
+    for edge in DEMO_EDGES:
+        for node, route in [
+            (edge.listener, f"in_routes.from_node{edge.dialer}_{edge.protocol}"),
+            (edge.dialer, f"out_routes.node{edge.listener}_{edge.protocol}"),
+        ]:
+            tables[node] += [f"[{route}.price]", f"inbound_price_umel = {node + 1}", ""]
+    return {node: "\n".join(lines) for node, lines in tables.items()}
+
+
 def start_nodes(root: Path) -> list[RunningNode]:
-    nodes = generate_network(root, NODE_COUNT, DEMO_EDGES, extra_toml=DEMO_TOML)
+    nodes = generate_network(
+        root, NODE_COUNT, DEMO_EDGES, extra_toml=DEMO_TOML, node_toml=price_tables()
+    )
     running = []
     for node in nodes:
         log = (node.directory / "daemon.log").open("wb")
@@ -103,6 +121,12 @@ def print_summary(nodes: list[RunningNode], elapsed: float) -> None:
             f"{name:<14}{len(status['links']):>6}{relay['originated']:>8}"
             f"{relay['forwarded']:>9}{relay['peeled']:>8}{relay['delivered']:>10}  {drops}"
         )
+        for account in status["accounts"]:
+            print(
+                f"{'':<14}  with {account['neighbor'][:6]}: price {account['our_price_umel']}"
+                f" in / {account['their_price_umel']} out uMEL;"
+                f" they owe {account['debt_in_umel']:>7}, we owe {account['debt_out_umel']:>7}"
+            )
 
 
 def run_traffic(nodes: list[RunningNode], seconds: float, rate: int) -> int:
