@@ -96,6 +96,33 @@ def _reprice(args: argparse.Namespace) -> None:
     print("accepted" if answer["accepted"] else "rejected: the previous price stays in force")
 
 
+def _settle(args: argparse.Namespace) -> None:
+    body = {
+        "neighbor": args.neighbor,
+        "method": args.method,
+        "pay_umel": args.amount,
+        "request_umel": args.request,
+    }
+    answer = _api(args, "POST", "/api/settlements", body)
+    reason = f" ({answer['reason']})" if answer["reason"] else ""
+    print(f"settlement {answer['id']}: {answer['state']}{reason}")
+
+
+def _settlements(args: argparse.Namespace) -> None:
+    for s in _api(args, "GET", "/api/settlements")["settlements"]:
+        reason = f" ({s['reason']})" if s["reason"] else ""
+        print(
+            f"{s['id']}  {s['neighbor'][:8]}  {s['role']:<9}  {s['method']:<6}  "
+            f"we pay {s['paid_out_umel']:>9}  they pay {s['paid_in_umel']:>9}  "
+            f"{s['state']}{reason}"
+        )
+
+
+def _decide(args: argparse.Namespace) -> None:
+    answer = _api(args, "POST", f"/api/settlements/{args.id}/{args.decision}", {})
+    print(f"settlement {answer['id']}: {answer['state']}")
+
+
 def _unfreeze(args: argparse.Namespace) -> None:
     _api(args, "POST", f"/api/neighbors/{args.neighbor}/unfreeze", {})
     print("unfrozen")
@@ -168,6 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     unfreeze.add_argument("--config", type=Path, required=True)
     unfreeze.add_argument("--neighbor", required=True, help="fingerprint (64 hex digits)")
     unfreeze.set_defaults(run=_unfreeze)
+
+    settle = commands.add_parser("settle", help="propose a settlement to a neighbour")
+    settle.add_argument("--config", type=Path, required=True)
+    settle.add_argument("--neighbor", required=True, help="fingerprint (64 hex digits)")
+    settle.add_argument("--amount", type=int, default=0, help="uMEL of our debt we pay")
+    settle.add_argument("--request", type=int, default=0, help="uMEL of their debt they pay")
+    settle.add_argument("--method", choices=["manual", "pow"], required=True)
+    settle.set_defaults(run=_settle)
+
+    listing = commands.add_parser("settlements", help="list settlements, both ways")
+    listing.add_argument("--config", type=Path, required=True)
+    listing.set_defaults(run=_settlements)
+
+    for decision in ("accept", "reject"):
+        decide = commands.add_parser(decision, help=f"{decision} a neighbour's manual settlement")
+        decide.add_argument("--config", type=Path, required=True)
+        decide.add_argument("id", help="settlement id (hex, from `earendil-py settlements`)")
+        decide.set_defaults(run=_decide, decision=decision)
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", type=Path, required=True)

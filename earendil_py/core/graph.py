@@ -216,7 +216,7 @@ def decode_dump(data: bytes) -> GraphDump:
     """
     try:
         return _dump_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"undecodable graph dump: {exc}", "bad_dump") from None
 
 

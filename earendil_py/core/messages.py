@@ -64,5 +64,5 @@ def decode_control(data: bytes) -> ControlMessage:
     """Raises RemoteProtocolError("bad_control") for anything but a valid message."""
     try:
         return _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError included
         raise RemoteProtocolError(f"bad control message: {exc}", "bad_control") from None

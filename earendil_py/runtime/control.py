@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from earendil_py.core.errors import LocalProtocolError
+from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
 from earendil_py.core.identity import parse_fingerprint
 from earendil_py.core.packet import MAX_HOPS
 from earendil_py.core.pricing import PriceTerms
+from earendil_py.core.settlement import SettlementRecord
 from earendil_py.runtime.http import HttpError, Request, Response, Router, json_response
 from earendil_py.runtime.rpc import RpcError, RpcTimeout
 
@@ -31,6 +32,13 @@ Umel = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 class PriceRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     price_umel: Umel
     debt_limit_umel: Umel
+
+
+class SettleRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    neighbor: str
+    method: str
+    pay_umel: Umel = 0  # of our debt to them
+    request_umel: Umel = 0  # of their debt to us
 
 
 class SendRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -147,4 +155,49 @@ def build_router(node: Node) -> Router:
         await node.accounting.unfreeze(neighbor(request))
         return json_response({"frozen": ""})
 
+    @router.route("GET", "/api/settlements")
+    async def settlements(request: Request) -> Response:
+        return json_response({"settlements": list(node.settlements.summaries())})
+
+    @router.route("POST", "/api/settlements")
+    async def settle(request: Request) -> Response:
+        body = request.json(SettleRequest)
+        try:
+            neighbor = parse_fingerprint(body.neighbor)
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        if body.pay_umel == body.request_umel == 0:
+            raise HttpError(400, "nothing to settle: give pay_umel or request_umel")
+        try:
+            record = await node.settlements.propose(
+                neighbor, pay_umel=body.pay_umel, request_umel=body.request_umel, method=body.method
+            )
+        except LocalProtocolError as exc:
+            raise HttpError(409, str(exc)) from None
+        except RemoteProtocolError as exc:
+            raise HttpError(502, f"payment failed: {exc}") from None
+        return _settlement_response(record)
+
+    @router.route("POST", "/api/settlements/{id}/{decision}")
+    async def decide(request: Request) -> Response:
+        decision = request.params["decision"]
+        if decision not in ("accept", "reject"):
+            raise HttpError(404, "not found")
+        try:
+            settlement_id = bytes.fromhex(request.params["id"])
+            record = await node.settlements.operator_decides(
+                settlement_id, approve=decision == "accept"
+            )
+        except ValueError:
+            raise HttpError(400, "a settlement id is hex") from None
+        except LocalProtocolError as exc:
+            raise HttpError(409, str(exc)) from None
+        return _settlement_response(record)
+
     return router
+
+
+def _settlement_response(record: SettlementRecord) -> Response:
+    return json_response(
+        {"id": record.proposal.id_hex, "state": str(record.state), "reason": record.reason}
+    )

@@ -58,6 +58,7 @@ from earendil_py.runtime.control import build_router
 from earendil_py.runtime.gossip import Gossip
 from earendil_py.runtime.http import HttpServer
 from earendil_py.runtime.rpc import GlobalRpc
+from earendil_py.runtime.settlement import Settlements
 
 log = structlog.get_logger("earendil_py.node")
 
@@ -297,6 +298,7 @@ class Node:
         self.gossip = Gossip(self)
         self.rpc = GlobalRpc(self._send_rpc)
         self.accounting = Accounting(self)
+        self.settlements = Settlements(self)
         self._accounts_changed = anyio.Event()
         self.listening: dict[str, Address] = {}
         self._links_changed = anyio.Event()
@@ -316,6 +318,7 @@ class Node:
         self._notify()
         self.gossip.on_link_up(runner)
         self.accounting.on_link_up(runner)
+        self.settlements.on_link_up(runner)
 
     def remove_link(self, runner: LinkRunner) -> bool:
         fingerprint = runner.peer_fingerprint
@@ -529,6 +532,7 @@ class Node:
                     tg.start_soon(self._dial_forever, name, out_route)
                 tg.start_soon(self.gossip.run)
                 tg.start_soon(self.accounting.run)
+                tg.start_soon(self.settlements.run)
                 tg.start_soon(self._serve_control)
                 self._log.info("node_started", fingerprint=self.fingerprint.hex())
                 task_status.started()
@@ -594,6 +598,7 @@ class Node:
                 ) from None
         if self.accounting.ledger is None:
             await self.accounting.start()
+            await self.settlements.start()
 
     async def _serve_control(self) -> None:
         assert self._control_listener is not None
@@ -763,7 +768,15 @@ class Node:
             try:
                 async with receive_queue:
                     async for frame in receive_queue:
-                        await stream.send(frame)
+                        # Everything queued meanwhile goes in the same write: one syscall
+                        # per wake-up, so the writer keeps up with a batch of relayed frames.
+                        frames = [frame]
+                        while len(frames) < TCP_QUEUE:
+                            try:
+                                frames.append(receive_queue.receive_nowait())
+                            except (anyio.WouldBlock, anyio.EndOfStream):
+                                break
+                        await stream.send(b"".join(frames))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 runner.fail("connection_closed")
             finally:

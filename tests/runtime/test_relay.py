@@ -35,6 +35,19 @@ async def send_paced(node: Node, destination: bytes, payloads: list[bytes], hops
             await anyio.sleep(0.02)  # lossless loopback: never outrun a socket buffer
 
 
+def diagnose(nodes: list[Node]) -> str:
+    """Where packets went, for a failure message."""
+    lines = []
+    for i, node in enumerate(nodes):
+        links = {
+            r.route.name: (r.packets_sent, r.packets_received, dict(r.statistics().drops))
+            for runners in node.links.values()
+            for r in runners
+        }
+        lines.append(f"node{i}: {node.relay} drops={dict(node.drop_counts())} links={links}")
+    return "\n".join(lines)
+
+
 async def receive_all(node: Node, count: int) -> list[bytes]:
     got = []
     while len(got) < count:
@@ -51,9 +64,11 @@ async def test_thousand_datagrams_through_five_nodes(tmp_path: Path, topology: s
     async with running(nodes):
         with anyio.fail_after(5):
             await converged(nodes, edges)
-        with anyio.fail_after(30):
+        got: list[bytes] = []
+        with anyio.move_on_after(30):
             await send_paced(nodes[0], nodes[4].fingerprint, payloads, hops=3)
             got = await receive_all(nodes[4], len(payloads))
+        assert len(got) == len(payloads), diagnose(nodes)
         await anyio.sleep(0.2)
         assert sorted(got) == sorted(payloads)
         assert nodes[0].relay.originated == 1000
