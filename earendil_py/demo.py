@@ -46,6 +46,7 @@ redial_max_secs = 2.0
 format = "json"
 """
 DOCK = 7
+DEBT_LIMIT_UMEL = 4000  # small on purpose: auto-settlement (pow) starts at half of it
 # (source, destination) pairs: every flow crosses at least two links.
 FLOWS = [(0, 2), (1, 3), (2, 4), (3, 0), (4, 1)]
 
@@ -64,14 +65,21 @@ class RunningNode:
 
 
 def price_tables() -> dict[int, str]:
-    """Each node charges its own price (node N: N+1 uMEL a packet) on every route."""
+    """Each node charges its own price (node N: N+1 uMEL a packet) on every route, with a
+    small debt limit, so that automatic settlements must keep the traffic flowing."""
     tables: dict[int, list[str]] = {i: [] for i in range(NODE_COUNT)}
     for edge in DEMO_EDGES:
         for node, route in [
             (edge.listener, f"in_routes.from_node{edge.dialer}_{edge.protocol}"),
             (edge.dialer, f"out_routes.node{edge.listener}_{edge.protocol}"),
         ]:
-            tables[node] += [f"[{route}.price]", f"inbound_price_umel = {node + 1}", ""]
+            tables[node] += [
+                f"[{route}.price]",
+                f"inbound_price_umel = {node + 1}",
+                f"inbound_debt_limit_umel = {DEBT_LIMIT_UMEL}",
+                "outbound_min_debt_limit_umel = 1000",
+                "",
+            ]
     return {node: "\n".join(lines) for node, lines in tables.items()}
 
 
@@ -121,11 +129,19 @@ def print_summary(nodes: list[RunningNode], elapsed: float) -> None:
             f"{name:<14}{len(status['links']):>6}{relay['originated']:>8}"
             f"{relay['forwarded']:>9}{relay['peeled']:>8}{relay['delivered']:>10}  {drops}"
         )
+        settlements = node.call("GET", "/api/settlements")["settlements"]
         for account in status["accounts"]:
+            done = [
+                s
+                for s in settlements
+                if s["neighbor"] == account["neighbor"] and s["state"] == "completed"
+            ]
+            paid = sum(s["paid_out_umel"] for s in done)
             print(
                 f"{'':<14}  with {account['neighbor'][:6]}: price {account['our_price_umel']}"
                 f" in / {account['their_price_umel']} out uMEL;"
-                f" they owe {account['debt_in_umel']:>7}, we owe {account['debt_out_umel']:>7}"
+                f" they owe {account['debt_in_umel']:>5}, we owe {account['debt_out_umel']:>5};"
+                f" {len(done)} settlements, we paid {paid}"
             )
 
 
@@ -184,11 +200,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         print_summary(nodes, args.seconds)
         print(f"\nDatagrams sent {sent}, delivered {received} ({received * 100 // sent}%).")
-        return 0 if received == sent else 1
+        settled = summarize_settlements(nodes)
+        return 0 if received == sent and settled else 1
     except KeyboardInterrupt:
         return 130
     finally:
         stop(nodes)
+
+
+def summarize_settlements(nodes: list[RunningNode]) -> bool:
+    """Print what auto-settlement did; True if it settled and no debt limit was hit."""
+    completed = limit_drops = 0
+    for node in nodes:
+        for s in node.call("GET", "/api/settlements")["settlements"]:
+            completed += s["role"] == "proposer" and s["state"] == "completed"
+        for link in node.call("GET", "/api/status")["links"]:
+            limit_drops += link["drops"].get("debt_limit", 0)
+            limit_drops += link["drops"].get("debt_limit_out", 0)
+    print(
+        f"Automatic settlements completed: {completed} (proof of work, co-signed, in each"
+        f" node's ledger); packets dropped at a debt limit: {limit_drops}."
+    )
+    return completed > 0 and limit_drops == 0
 
 
 def stop(nodes: list[RunningNode]) -> None:

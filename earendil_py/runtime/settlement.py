@@ -61,7 +61,7 @@ log = structlog.get_logger("earendil_py.settlement")
 
 REFUSED = APPLICATION_ERROR_MIN + 1  # JSON-RPC error: `data` is the reason label
 UNKNOWN_SINCE = APPLICATION_ERROR_MIN + 2  # audit: we do not know the head asked from
-TICK_SECS = 1.0  # expiry, polling and auto-settle checks
+TICK_SECS = 0.5  # expiry, polling and auto-settle checks
 POLL_SECS = 5.0  # ask about an outgoing pending proposal this often
 RETRY_MIN_SECS = 2.0  # auto-settle backoff after a failure (doubles)
 RETRY_MAX_SECS = 120.0
@@ -559,6 +559,14 @@ class Settlements:
             mismatch = book.verify_audit(page.head, page.attestations, since=since)
             if mismatch is not None and mismatch.reason == "missing":
                 return None  # they lack our newest; they will fetch it as its proposer
+            if mismatch is not None and mismatch.reason == "extra":
+                # The answer to our own pending proposal, which we had not heard yet?
+                extra = page.attestations[mismatch.index]
+                record = book.record(extra.proposal.settlement_id)
+                if record is not None and record.role == "proposer" and record.answer is None:
+                    await self._apply_answer(neighbor, {"attestation": _b64(encode(extra))})
+                    since = GENESIS
+                    continue
             if mismatch is not None:
                 account = self.node.accounting.accounts[neighbor]
                 account.state.frozen = "audit_mismatch"

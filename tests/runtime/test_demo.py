@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 
-def test_demo_delivers_every_datagram_and_stops_its_daemons(tmp_path: Path) -> None:
+def test_demo_delivers_everything_settles_and_stops_its_daemons(tmp_path: Path) -> None:
     network = tmp_path / "net"
     result = subprocess.run(
-        [sys.executable, "-m", "earendil_py.demo", "--dir", str(network), "--seconds", "2"],
+        [sys.executable, "-m", "earendil_py.demo", "--dir", str(network), "--seconds", "5"],
         check=False,
         capture_output=True,
         text=True,
@@ -20,6 +20,8 @@ def test_demo_delivers_every_datagram_and_stops_its_daemons(tmp_path: Path) -> N
     out = result.stdout
     assert "Relay graphs converged" in out
     assert "(100%)" in out
+    assert "packets dropped at a debt limit: 0." in out
+    assert "Automatic settlements completed: 0 " not in out
     assert out.rstrip().endswith("All nodes stopped.")
     # Every daemon was stopped by its signal, not left running or killed.
     logs = sorted(network.glob("node*/daemon.log"))

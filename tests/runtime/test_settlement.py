@@ -12,6 +12,7 @@ import anyio
 import msgspec
 import pytest
 
+from earendil_py.cli import main
 from earendil_py.core.settlement import Attestation, SettlementRecord, SettlementState, encode
 from earendil_py.netgen import Edge
 from earendil_py.runtime.http import ControlApiError, call_api
@@ -314,3 +315,99 @@ async def test_a_crash_at_each_step_converges_without_double_application(
         assert balances(a, b) == (200, 200, 0, 0)
         assert a.settlements.books[b.fingerprint].head == b.settlements.books[a.fingerprint].head
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_auto_settlement_keeps_traffic_flowing_under_a_small_limit(tmp_path: Path) -> None:
+    # Node 1 charges 10 uMEL a packet and lets node 0 owe at most 20,000: 2,000 packets.
+    price = (
+        "[in_routes.from_node0_udp.price]\n"
+        "inbound_price_umel = 10\ninbound_debt_limit_umel = 20000\n"
+    )
+    a, b = make_nodes(tmp_path, 2, PAIR, extra_toml=SETTLEMENT, node_toml={1: price})
+    async with anyio.create_task_group() as tg:
+        for node in (a, b):
+            await tg.start(node.run)
+        with anyio.fail_after(5):
+            await converged([a, b], PAIR)
+        with anyio.fail_after(30):
+            await owe_paced(a, b, 5_000, per_second=800)  # 50,000 uMEL: 2.5 limits' worth
+        link = a.links[b.fingerprint][0]
+        assert link.statistics().drops["debt_limit_out"] == 0
+        assert b.links[a.fingerprint][0].statistics().drops["debt_limit"] == 0
+        completed = [
+            s
+            for s in a.settlements.summaries()
+            if s["state"] == "completed" and s["method"] == "pow"
+        ]
+        assert len(completed) >= 2
+        paid = sum(s["paid_out_umel"] for s in completed)
+        a_owes, b_says, _, _ = balances(a, b)
+        assert a_owes == b_says == 50_000 - paid
+        assert a_owes < 20_000
+        tg.cancel_scope.cancel()
+
+
+async def owe_paced(payer: Node, payee: Node, packets: int, per_second: int) -> None:
+    delivered = payee.relay.delivered
+    for i in range(packets):
+        payer.send_datagram(payee.fingerprint, DOCK, b"x", hops=1)
+        if i % 20 == 19:
+            await anyio.sleep(20 / per_second)
+            payee.receive_datagrams_nowait(DOCK, 10_000)  # keep the dock's queue short
+    while payee.relay.delivered < delivered + packets:
+        await anyio.sleep(0.02)
+
+
+@pytest.mark.anyio
+async def test_the_balance_audit_finds_a_ledger_that_lost_a_settlement(tmp_path: Path) -> None:
+    async with network(tmp_path) as (a, b):
+        await owe(a, b, 200)
+        await a.settlements.propose(b.fingerprint, pay_umel=150, request_umel=0, method="pow")
+        assert await a.settlements.audit(b.fingerprint) is None  # both chains agree
+        assert await b.settlements.audit(a.fingerprint) is None
+        # Bob's ledger loses the settlement (say, restored from an old backup).
+        book = b.settlements.books[a.fingerprint]
+        (key,) = book.state.completed
+        del book.state.records[key]
+        book.state.completed.clear()
+        book.state.head = bytes(32)
+        mismatch = await b.settlements.audit(a.fingerprint)
+        assert mismatch is not None and mismatch.startswith("extra at 0")
+        assert b.accounting.accounts[a.fingerprint].state.frozen == "audit_mismatch"
+        status = await api(b, "GET", "/api/status")
+        assert [acct["frozen"] for acct in status["accounts"]] == ["audit_mismatch"]
+
+
+@pytest.mark.anyio
+async def test_the_cli_settles_lists_and_rejects(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def cli(*argv: str) -> tuple[int, str, str]:
+        code = await anyio.to_thread.run_sync(main, list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    async with network(tmp_path) as (a, b):
+        await owe(a, b, 100)
+        config_a, config_b = str(a.config.source), str(b.config.source)
+        code, out, _ = await cli(
+            "settle", "--config", config_a, "--neighbor", b.fingerprint.hex(),
+            "--amount", "60", "--method", "manual",
+        )  # fmt: skip
+        (line,) = [line for line in out.splitlines() if line.startswith("settlement ")]
+        assert code == 0 and line.endswith(": pending")
+        settlement_id = line.split()[1].rstrip(":")
+        code, out, _ = await cli("settlements", "--config", config_b)
+        assert code == 0 and settlement_id in out and "they pay        60" in out
+        code, out, _ = await cli("reject", "--config", config_b, settlement_id)
+        assert code == 0 and f"settlement {settlement_id}: rejected\n" in out
+        code, _, err = await cli("accept", "--config", config_b, settlement_id)
+        assert code == 1 and "not waiting for us" in err
+        with pytest.raises(SystemExit) as exited:  # argparse's usage error
+            await cli(
+                "settle", "--config", config_a, "--neighbor", b.fingerprint.hex(),
+                "--amount", "60", "--method", "onchain",
+            )  # fmt: skip
+        assert exited.value.code == 2 and "invalid choice" in capsys.readouterr().err
+        assert balances(a, b) == (100, 100, 0, 0)
