@@ -51,6 +51,8 @@ log = structlog.get_logger("earendil_py.accounting")
 REFUSED = APPLICATION_ERROR_MIN
 # Checkpoints kept in full per neighbour (older ones keep only their hash in the chain).
 KEEP_CHECKPOINTS = 10
+# Old claim and checkpoint bodies are pruned every this many claims, not at each one.
+PRUNE_EVERY = 10
 # A debt-limit notice is sent at most this often per neighbour.
 NOTICE_INTERVAL_SECS = 10.0
 
@@ -105,9 +107,7 @@ class Accounting:
             await self.checkpoint()
             if anyio.current_time() >= next_claims:
                 next_claims = anyio.current_time() + self.config.push_debt_secs
-                for neighbor in list(self.accounts):
-                    if neighbor in self.node.links:
-                        self.node.spawn(self.push_debt, neighbor)
+                await self.push_debts([n for n in self.accounts if n in self.node.links])
 
     async def aclose(self) -> None:
         """Write a clean checkpoint of every account and close the ledger."""
@@ -246,16 +246,30 @@ class Accounting:
 
     # --- push_debt ----------------------------------------------------------------------
 
-    async def push_debt(self, neighbor: bytes) -> None:
-        """Send the neighbour our signed claim. One at a time per neighbour: a newer claim
-        overtaking an older one in flight would only get the older one refused."""
-        if neighbor in self._pushing:
-            return
-        self._pushing.add(neighbor)
-        try:
+    async def push_debts(self, neighbors: list[bytes]) -> None:
+        """Sign a claim for each neighbour, commit them all in one transaction, then send
+        them. One claim in flight per neighbour: a newer claim overtaking an older one would
+        only get the older one refused."""
+        now = unix_now()
+        claims: list[DebtClaim] = []
+        items: list[tuple[bytes, str, bytes]] = []
+        for neighbor in neighbors:
+            if neighbor in self._pushing:
+                continue
             account = self.accounts[neighbor]
-            claim = account.make_claim(unix_now())
-            await self._commit(account, "claim_sent", _record(claim))
+            claim = account.make_claim(now)
+            state = _state_encoder.encode(account.snapshot())
+            items += [(neighbor, "claim_sent", _record(claim)), (neighbor, "checkpoint", state)]
+            claims.append(claim)
+            self._pushing.add(neighbor)
+        if items:
+            await self._ledger().append_many(items, now)
+        for claim in claims:
+            self.node.spawn(self._send_claim, claim)
+
+    async def _send_claim(self, claim: DebtClaim) -> None:
+        neighbor = claim.counterparty
+        try:
             # Claims are cumulative: one unanswered for a push interval is superseded by the
             # next, rather than retransmitted for longer.
             with anyio.move_on_after(self.config.push_debt_secs) as scope:
@@ -265,7 +279,8 @@ class Accounting:
                     log.warning("debt_push_failed", neighbor=short_hex(neighbor), error=str(exc))
             if scope.cancelled_caught:
                 log.info("debt_push_unanswered", neighbor=short_hex(neighbor), seq=claim.seq)
-            await self._ledger().prune(neighbor, "claim_sent", self.config.keep_claims)
+            if claim.seq % PRUNE_EVERY == 0:
+                await self._ledger().prune(neighbor, "claim_sent", self.config.keep_claims)
         finally:
             self._pushing.discard(neighbor)
 
@@ -288,8 +303,9 @@ class Accounting:
             self.node.accounts_changed()
             raise RpcError(REFUSED, "claim disputed: account frozen", "dispute")
         await self._commit(account, "claim_received", _record(claim))
-        await self._ledger().prune(neighbor, "claim_received", self.config.keep_claims)
-        await self._ledger().prune(neighbor, "checkpoint", KEEP_CHECKPOINTS)
+        if claim.seq % PRUNE_EVERY == 0:
+            await self._ledger().prune(neighbor, "claim_received", self.config.keep_claims)
+            await self._ledger().prune(neighbor, "checkpoint", KEEP_CHECKPOINTS)
         return {"debt_umel": outcome.debt_out_after_umel}
 
     # --- debt limits --------------------------------------------------------------------

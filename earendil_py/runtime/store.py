@@ -50,6 +50,9 @@ CREATE TABLE entries (
     PRIMARY KEY (neighbor, seq)
 ) STRICT;
 CREATE INDEX entries_by_kind ON entries (neighbor, kind, seq);
+-- Only the rows that still have a body: pruning and `latest` stay fast however long the
+-- chain of pruned checkpoints grows.
+CREATE INDEX entries_with_body ON entries (neighbor, kind, seq) WHERE body IS NOT NULL;
 CREATE TABLE heads (
     neighbor BLOB PRIMARY KEY,
     seq INTEGER NOT NULL,

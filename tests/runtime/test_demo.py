@@ -10,7 +10,17 @@ from pathlib import Path
 def test_demo_delivers_everything_settles_and_stops_its_daemons(tmp_path: Path) -> None:
     network = tmp_path / "net"
     result = subprocess.run(
-        [sys.executable, "-m", "earendil_py.demo", "--dir", str(network), "--seconds", "5"],
+        [
+            sys.executable,
+            "-m",
+            "earendil_py.demo",
+            "--dir",
+            str(network),
+            "--seconds",
+            "5",
+            "--rate",
+            "100",
+        ],
         check=False,
         capture_output=True,
         text=True,
