@@ -84,6 +84,13 @@ def _param(params: Any, name: str) -> bytes:
         raise RpcError(INVALID_PARAMS, f"params need {name!r} (base64)") from None
 
 
+def _hex_param(params: Any, name: str) -> bytes:
+    try:
+        return bytes.fromhex(params[name])
+    except (KeyError, TypeError, ValueError):
+        raise RpcError(INVALID_PARAMS, f"params need {name!r} (hex)") from None
+
+
 def _refused(exc: RemoteProtocolError) -> RpcError:
     return RpcError(REFUSED, str(exc), exc.reason)
 
@@ -454,11 +461,7 @@ class Settlements:
 
     async def _on_status(self, neighbor: bytes, params: Any) -> Any:
         book = self._book(neighbor)
-        try:
-            settlement_id = bytes.fromhex(params["id"])
-        except (KeyError, TypeError, ValueError):
-            raise RpcError(INVALID_PARAMS, "params need 'id' (hex)") from None
-        record = book.record(settlement_id)
+        record = book.record(_hex_param(params, "id"))
         if record is None or record.role != "responder":
             raise RpcError(REFUSED, "unknown settlement", "unknown_settlement")
         return _answer(record)
@@ -582,11 +585,7 @@ class Settlements:
 
     async def _on_audit(self, neighbor: bytes, params: Any) -> Any:
         book = self._book(neighbor)
-        try:
-            since = bytes.fromhex(params["since"])
-        except (KeyError, TypeError, ValueError):
-            raise RpcError(INVALID_PARAMS, "params need 'since' (hex)") from None
-        page = book.audit_page(since)
+        page = book.audit_page(_hex_param(params, "since"))
         if page is None:
             raise RpcError(UNKNOWN_SINCE, "unknown head", "unknown_since")
         return {"page": _b64(encode(page))}

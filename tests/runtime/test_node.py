@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -18,7 +16,7 @@ from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.config import load_config
 from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.node import Node
-from tests.helpers import UdpProxy, seeded_rng
+from tests.helpers import UdpProxy, running, seeded_rng
 
 FAST = """
 [links]
@@ -34,14 +32,6 @@ def make_nodes(tmp_path: Path, count: int, edges: list[Edge]) -> list[Node]:
     generated = generate_network(tmp_path, count, edges, extra_toml=FAST)
     return [Node(g.config, load_identity_file(g.config.identity_file)) for g in generated]
 
-
-@asynccontextmanager
-async def running(nodes: list[Node]) -> AsyncIterator[anyio.abc.TaskGroup]:
-    async with anyio.create_task_group() as tg:
-        for node in nodes:
-            await tg.start(node.run)
-        yield tg
-        tg.cancel_scope.cancel()
 
 
 async def wait_all_up(nodes: list[Node], expected: dict[int, set[int]]) -> None:
