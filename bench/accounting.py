@@ -25,21 +25,36 @@
    same calls are also timed alone. The flag does not remove relay_batch's per-packet
    countdown of each source's allowance, which runs either way and so is in neither figure.
 
-2. push_debt with LINKS neighbours: one node's work in one interval. For each link it signs
-   its claim (`Account.make_claim`), verifies and applies the neighbour's claim
-   (`Account.on_claim`; the neighbour's account signs it before the timing), and commits
-   each with a checkpoint of the account to a real SQLite ledger file in a temp dir, through
-   `LedgerStore.append_many`. This runs twice: with one transaction per claim, two per link,
-   as `runtime.accounting._commit` does, and with all of them in one transaction. Counts move
-   between intervals, and every claim is applied (no disputes). CPU is `time.process_time()`
-   (user + system, all threads). Wall time is printed apart, since waiting for fsync is wall,
-   not CPU. The share of one core is CPU / push_debt_secs (60 s). Also printed: the cost per
-   step and link, the three prunes the runtime adds per link (keep_last=1 stands in for a
-   ledger that already holds keep_claims claims), the CPU of the hop to AsyncLedger's worker
-   thread that each runtime ledger call pays, their sum as the runtime spends it, and for
-   scale the periodic checkpoint of every account. Target: <= 1 % of one core.
-   Not included: the RPC that carries each claim (encoding, link encryption, the reply).
-   --quick runs the per-transaction parts on a sample of the links and scales them up.
+2. push_debt with LINKS neighbours: one node's work in one interval, as runtime.accounting
+   does it. Sending: `push_debts` signs a claim for every neighbour (`Account.make_claim`)
+   and commits all of them, each with a checkpoint of its account, in ONE `append_many`
+   transaction. Receiving: each neighbour's claim (signed by its account before the timing)
+   is verified and applied (`Account.on_claim`) and committed with a checkpoint in its own
+   transaction (`_commit`), since it must be on disk before it is acknowledged. At every
+   PRUNE_EVERY-th claim old bodies are pruned: claim_sent by the sender, claim_received and
+   checkpoint by the receiver, so 3 / PRUNE_EVERY prunes per link and interval. Every ledger
+   call goes through AsyncLedger, per interval one for all the sent claims, one per received
+   claim and one per prune; the CPU of its thread hop is measured apart and added. Printed:
+   each part, their sum and its share of one core (CPU / push_debt_secs, 60 s; target
+   <= 1 %), and the cost per link of each step.
+   The prunes are timed on extra neighbours ("ghosts") whose ledger holds what a prune finds
+   there: the bodies the previous prune kept (keep_claims claims of each kind,
+   KEEP_CHECKPOINTS checkpoints) and the PRUNE_EVERY intervals written since, interleaved
+   across neighbours as time writes them (claim_sent + checkpoint, claim_received +
+   checkpoint, and a checkpoint every checkpoint_secs), so each prune drops as many bodies as
+   in the runtime (checked). Older, already pruned rows are left out: neither statement of a
+   prune reads them (the SELECT walks the newest keep_last rows of the kind, the UPDATE the
+   partial index of rows that still have a body).
+   Reference points, both sides without prunes or hops: every commit in its own transaction,
+   as push_debts did before it batched (its send side timed that way, plus the same receive
+   side), and all entries in one transaction, which receiving cannot do.
+   The ledger is a real SQLite file in a temp dir (or DIR). Counts move between intervals,
+   and every claim is applied (no disputes). CPU is `time.process_time()` (user + system, all
+   threads). Wall time is printed apart, since waiting for fsync is wall, not CPU. For scale,
+   also the periodic checkpoint of every account. Not included: the RPC that carries each
+   claim (encoding, link encryption, the reply). The receive side (and the per-claim
+   reference) runs on --sample links and is scaled up (all of them by default, 100 with
+   --quick); the prunes always run on --prune-sample ghosts (100, 40 with --quick), scaled.
 
 Run: .venv/bin/python bench/accounting.py [--quick] [--rounds R] [--batches B] [--links N]
      [--sample S] [--prune-sample S] [--push-rounds R] [--hops N] [--dir DIR]
@@ -70,6 +85,7 @@ from earendil_py.core.pricing import AcceptanceRule, PriceAccepted, PriceTerms
 from earendil_py.core.relay import Peeler, encode_datagram
 from earendil_py.netgen import generate_network
 from earendil_py.runtime import node as node_module
+from earendil_py.runtime.accounting import KEEP_CHECKPOINTS, PRUNE_EVERY
 from earendil_py.runtime.config import AccountingConfig
 from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.logs import configure_logging
@@ -99,10 +115,6 @@ SETTINGS = [
     ("counting off", True, False),
     ("default again", True, True),
 ]
-
-# Ledger calls per link and interval in runtime.accounting: two `_commit`s (push_debt and
-# _on_push_debt) and three `prune`s after them.
-RUNTIME_CALLS = 5
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -366,37 +378,55 @@ def _bench_relay(args: argparse.Namespace, root: Path) -> list[str]:
 
 # --- 2. push_debt ---------------------------------------------------------------------------
 
+Item = tuple[bytes, str, bytes]  # (neighbor, kind, body): one ledger entry to append
+
+# What one prune finds in the runtime, per kind: (kind, keep_last, bodies it drops). Since the
+# last prune, PRUNE_EVERY intervals each wrote one claim of each kind and 2 + PERIODIC
+# checkpoints (one with each claim, the rest from Accounting.checkpoint).
+PERIODIC = round(ACCOUNTING.push_debt_secs / ACCOUNTING.checkpoint_secs)
+PRUNES = (
+    ("claim_sent", ACCOUNTING.keep_claims, PRUNE_EVERY),  # _send_claim
+    ("claim_received", ACCOUNTING.keep_claims, PRUNE_EVERY),  # _on_push_debt
+    ("checkpoint", KEEP_CHECKPOINTS, PRUNE_EVERY * (2 + PERIODIC)),  # _on_push_debt
+)
+
 
 @dataclass(slots=True)
-class Interval:
-    """One push_debt interval of one node, or part of one."""
+class Work:
+    """CPU and wall time of one part of one push_debt interval, over `links` links."""
 
-    links: int = 0
-    cpu: float = 0.0
-    wall: float = 0.0
-    sign: float = 0.0  # make_claim, seconds (perf_counter: CPU-bound, so ~CPU)
-    verify: float = 0.0  # on_claim
-    encode: float = 0.0  # the claim records and the two account snapshots
+    links: int
+    cpu: float = 0.0  # time.process_time(): user + system, all threads
+    wall: float = 0.0  # time.perf_counter()
+    crypto: float = 0.0  # make_claim or on_claim (perf_counter: CPU-bound, so ~CPU)
+    encode: float = 0.0  # the claim records and the account snapshots
     transactions: int = 0
-    prune_cpu: float = 0.0
-    prune_wall: float = 0.0
-    prune_links: int = 0
 
-    def scaled(self, links: int) -> Interval:
-        """This interval's figures for `links` links, from the ones it measured."""
+    @property
+    def ledger(self) -> float:
+        """CPU spent in the ledger: everything the stamps did not put elsewhere."""
+        return self.cpu - self.crypto - self.encode
+
+    def scaled(self, links: int) -> Work:
+        """This part's figures for `links` links, from the ones it measured."""
         f = links / self.links
-        g = links / self.prune_links if self.prune_links else 0.0
-        return Interval(
+        return Work(
             links,
             self.cpu * f,
             self.wall * f,
-            self.sign * f,
-            self.verify * f,
+            self.crypto * f,
             self.encode * f,
             round(self.transactions * f),
-            self.prune_cpu * g,
-            self.prune_wall * g,
-            links if self.prune_links else 0,
+        )
+
+    def __add__(self, other: Work) -> Work:
+        return Work(
+            max(self.links, other.links),
+            self.cpu + other.cpu,
+            self.wall + other.wall,
+            self.crypto + other.crypto,
+            self.encode + other.encode,
+            self.transactions + other.transactions,
         )
 
 
@@ -415,76 +445,148 @@ def _move_counts(pairs: list[tuple[Account, Account]], rng: random.Random) -> No
         ours.received += back - rng.randrange(10)
 
 
-def _push_interval(
-    pairs: list[tuple[Account, Account]],
-    store: LedgerStore,
-    *,
-    batched: bool,
-    prune_links: int = 0,
-) -> Interval:
-    """Our side of one push_debt interval with each of `pairs`: sign our claim and commit it,
-    verify and apply the neighbour's claim and commit it. The neighbours' own work (signing
-    their claims before, applying ours after) is not timed. With `prune_links`, the first that
-    many links also prune as the runtime does after each claim, timed apart."""
-    tolerance = ACCOUNTING.claim_tolerance_packets
-    their_claims = [theirs.make_claim(NOW) for _, theirs in pairs]
-    our_claims: list[DebtClaim] = []
-    result = Interval(len(pairs), prune_links=prune_links)
-    pending: list[tuple[bytes, str, bytes]] = []
-    applied = 0
+def _send(
+    pairs: list[tuple[Account, Account]], store: LedgerStore, commit: str
+) -> tuple[Work, list[DebtClaim], list[Item]]:
+    """Our claims to `pairs`, as `push_debts` makes them: sign each, encode it and a checkpoint
+    of its account, and commit them. `commit`: "all" in one transaction (push_debts), "each"
+    in one transaction per claim (push_debts before it batched), "later" not at all (the
+    entries are returned). Returns the timing, the claims (for the neighbours to apply,
+    untimed) and the uncommitted entries."""
+    result = Work(len(pairs))
+    claims: list[DebtClaim] = []
+    items: list[Item] = []
     clock = time.perf_counter
     gc.collect()
     wall, cpu = clock(), time.process_time()
-    for (ours, _), their_claim in zip(pairs, their_claims, strict=True):
+    for ours, _ in pairs:
         neighbor = ours.neighbor
         t0 = clock()
         claim = ours.make_claim(NOW)
         t1 = clock()
-        sent = [
+        entries = [
             (neighbor, "claim_sent", _record(claim)),
             (neighbor, "checkpoint", _encoder.encode(ours.snapshot())),
         ]
         t2 = clock()
-        if batched:
-            pending += sent
+        if commit == "each":
+            store.append_many(entries, NOW)
         else:
-            store.append_many(sent, NOW)
-        t3 = clock()
-        outcome = ours.on_claim(their_claim, NOW, tolerance)
-        t4 = clock()
-        received = [
-            (neighbor, "claim_received", _record(their_claim)),
+            items += entries
+        result.crypto += t1 - t0
+        result.encode += t2 - t1
+        claims.append(claim)
+    if commit == "all":
+        store.append_many(items, NOW)
+        items = []
+    result.cpu, result.wall = time.process_time() - cpu, clock() - wall
+    result.transactions = {"all": 1, "each": len(pairs), "later": 0}[commit]
+    return result, claims, items
+
+
+def _receive(
+    pairs: list[tuple[Account, Account]],
+    claims: list[DebtClaim],
+    store: LedgerStore,
+    commit: str,
+) -> tuple[Work, list[Item]]:
+    """The neighbours' `claims` to us, as `_on_push_debt` takes them: verify and apply each
+    (`on_claim`), encode it and a checkpoint of the account, and commit. `commit`: "each" in
+    its own transaction before the next (`_commit`: on disk before it is acknowledged),
+    "later" not at all (the entries are returned)."""
+    tolerance = ACCOUNTING.claim_tolerance_packets
+    result = Work(len(pairs))
+    items: list[Item] = []
+    applied = 0
+    clock = time.perf_counter
+    gc.collect()
+    wall, cpu = clock(), time.process_time()
+    for (ours, _), claim in zip(pairs, claims, strict=True):
+        neighbor = ours.neighbor
+        t0 = clock()
+        outcome = ours.on_claim(claim, NOW, tolerance)
+        t1 = clock()
+        entries = [
+            (neighbor, "claim_received", _record(claim)),
             (neighbor, "checkpoint", _encoder.encode(ours.snapshot())),
         ]
-        t5 = clock()
-        if batched:
-            pending += received
+        t2 = clock()
+        if commit == "each":
+            store.append_many(entries, NOW)
         else:
-            store.append_many(received, NOW)
-        result.sign += t1 - t0
-        result.encode += t2 - t1 + t5 - t4
-        result.verify += t4 - t3
+            items += entries
+        result.crypto += t1 - t0
+        result.encode += t2 - t1
         applied += isinstance(outcome, ClaimApplied)
-        our_claims.append(claim)
-    if batched:
-        store.append_many(pending, NOW)
     result.cpu, result.wall = time.process_time() - cpu, clock() - wall
-    result.transactions = 1 if batched else 2 * len(pairs)
+    result.transactions = len(pairs) if commit == "each" else 0
     if applied != len(pairs):
         raise SystemExit(f"only {applied} of {len(pairs)} claims were applied")
+    return result, items
 
-    # What runtime.accounting does after each claim; keep_last=1 stands in for a ledger that
-    # already holds keep_claims claims, where every call drops a body or two.
-    wall, cpu = clock(), time.process_time()
-    for ours, _ in pairs[:prune_links]:
-        store.prune(ours.neighbor, "claim_sent", 1)
-        store.prune(ours.neighbor, "claim_received", 1)
-        store.prune(ours.neighbor, "checkpoint", 1)
-    result.prune_cpu, result.prune_wall = time.process_time() - cpu, clock() - wall
 
-    for (_, theirs), claim in zip(pairs, our_claims, strict=True):
-        theirs.on_claim(claim, NOW, tolerance)
-    return result
+def _commit_all(items: list[Item], store: LedgerStore, links: int) -> Work:
+    """`items` in one transaction, timed."""
+    gc.collect()
+    wall, cpu = time.perf_counter(), time.process_time()
+    store.append_many(items, NOW)
+    return Work(links, time.process_time() - cpu, time.perf_counter() - wall, transactions=1)
+
+
+def _their_claims(pairs: list[tuple[Account, Account]]) -> list[DebtClaim]:
+    """The neighbours' claims to us, signed before the timing."""
+    return [theirs.make_claim(NOW) for _, theirs in pairs]
+
+
+def _deliver(pairs: list[tuple[Account, Account]], claims: list[DebtClaim]) -> None:
+    """The neighbours apply our claims (their work, untimed)."""
+    tolerance = ACCOUNTING.claim_tolerance_packets
+    for (_, theirs), claim in zip(pairs, claims, strict=True):
+        if not isinstance(theirs.on_claim(claim, NOW, tolerance), ClaimApplied):
+            raise SystemExit("a neighbour did not apply our claim")
+
+
+def _ghost_entries(ghosts: list[bytes], bodies: dict[str, bytes], intervals: int) -> list[Item]:
+    """`intervals` push intervals of ledger entries for each ghost neighbour, interleaved
+    across them as time interleaves them: per interval claim_sent + checkpoint (push_debts),
+    claim_received + checkpoint (_on_push_debt), then the PERIODIC checkpoints."""
+    one = [
+        ("claim_sent", bodies["claim_sent"]),
+        ("checkpoint", bodies["checkpoint"]),
+        ("claim_received", bodies["claim_received"]),
+        ("checkpoint", bodies["checkpoint"]),
+    ]
+    one += [("checkpoint", bodies["checkpoint"])] * PERIODIC
+    return [(ghost, kind, body) for _ in range(intervals) for ghost in ghosts for kind, body in one]
+
+
+def _kept_entries(ghosts: list[bytes], bodies: dict[str, bytes]) -> list[Item]:
+    """What the previous prune left each ghost with a body: the newest keep_last of each kind
+    (written interleaved, oldest first)."""
+    most = max(keep for _, keep, _ in PRUNES)
+    return [
+        (ghost, kind, bodies[kind])
+        for age in range(most, 0, -1)
+        for ghost in ghosts
+        for kind, keep, _ in PRUNES
+        if age <= keep
+    ]
+
+
+def _time_prunes(ghosts: list[bytes], store: LedgerStore) -> Timing:
+    """Each ghost's three prunes, as the runtime makes them every PRUNE_EVERY claims. Checks
+    that each dropped the bodies written since the last one."""
+    dropped = dict.fromkeys((kind for kind, _, _ in PRUNES), 0)
+    gc.collect()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for ghost in ghosts:
+        for kind, keep, _ in PRUNES:
+            dropped[kind] += store.prune(ghost, kind, keep)
+    timing = Timing(time.perf_counter() - wall, time.process_time() - cpu)
+    for kind, _, drops in PRUNES:
+        if dropped[kind] != drops * len(ghosts):
+            raise SystemExit(f"prune {kind}: dropped {dropped[kind]}, not {drops * len(ghosts)}")
+    return timing
 
 
 def _checkpoint_all(pairs: list[tuple[Account, Account]], store: LedgerStore) -> Timing:
@@ -527,73 +629,159 @@ def _hop_cpu(path: Path, calls: int) -> float:
     return hopped - direct / calls
 
 
-def _ledger_cpu(interval: Interval) -> float:
-    """CPU spent in the ledger: everything the stamps did not put elsewhere."""
-    return interval.cpu - interval.sign - interval.verify - interval.encode
-
-
-def _share(cpu: float) -> str:
+def _share(cpu: float, verdict: bool = True) -> str:
     share = cpu / ACCOUNTING.push_debt_secs
-    verdict = "PASS" if share <= CORE_SHARE_TARGET else "MISS"
-    return f"{share:6.2%} of a core  {verdict} (target <= {CORE_SHARE_TARGET:.0%})"
+    if not verdict:
+        return f"{share:6.2%} of a core"
+    mark = "PASS" if share <= CORE_SHARE_TARGET else "MISS"
+    return f"{share:6.2%} of a core  {mark} (target <= {CORE_SHARE_TARGET:.0%})"
+
+
+def _best(works: list[Work]) -> Work:
+    return min(works, key=lambda w: w.cpu)
 
 
 def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
     rng = random.Random(SEED)
     me = Identity.generate(rng.randbytes)
-    pairs = [_priced_pair(me, Identity.generate(rng.randbytes)) for _ in range(args.links)]
-    sample = min(args.sample, args.links)
-    prune_sample = min(args.prune_sample, sample)
+    links = args.links
+    pairs = [_priced_pair(me, Identity.generate(rng.randbytes)) for _ in range(links)]
+    sample = min(args.sample, links)
+    ghosts = [rng.randbytes(32) for _ in range(args.prune_sample)]
     hop = _hop_cpu(ledger_dir / "hops.db", args.hops)
+    sends: list[Work] = []
+    receives: list[Work] = []
+    sends_each: list[Work] = []
+    ones: list[Work] = []
+    prunes: list[Timing] = []
+    checkpoints: list[Timing] = []
     with LedgerStore.open(ledger_dir / "ledger.db") as store:
+        # Warm-up: every chain and head exists; its entries are the ghosts' bodies.
         _move_counts(pairs, rng)
-        _push_interval(pairs, store, batched=True)  # warm-up: every chain and head exists
-        each: list[Interval] = []
-        batched: list[Interval] = []
-        checkpoints: list[Timing] = []
+        their = _their_claims(pairs)
+        _, ours, items = _send(pairs, store, "later")
+        _, more = _receive(pairs, their, store, "later")
+        store.append_many(items + more, NOW)
+        _deliver(pairs, ours)
+        first = pairs[0][0].neighbor
+        bodies = {}
+        for kind, _, _ in PRUNES:
+            entry = store.latest(first, kind)
+            assert entry is not None and entry.body is not None
+            bodies[kind] = entry.body
+        store.append_many(_kept_entries(ghosts, bodies), NOW)
         for _ in range(args.push_rounds):
+            # As the runtime does it: push_debts to all, _on_push_debt from each.
             _move_counts(pairs, rng)
-            each.append(
-                _push_interval(pairs[:sample], store, batched=False, prune_links=prune_sample)
-            )
+            their = _their_claims(pairs[:sample])
+            send, ours, _ = _send(pairs, store, "all")
+            receive, _ = _receive(pairs[:sample], their, store, "each")
+            _deliver(pairs, ours)
+            sends.append(send)
+            receives.append(receive)
+            # Reference: push_debts with one transaction per claim, as it was before.
             _move_counts(pairs, rng)
-            batched.append(_push_interval(pairs, store, batched=True))
+            send_each, ours, _ = _send(pairs[:sample], store, "each")
+            _deliver(pairs[:sample], ours)
+            sends_each.append(send_each)
+            # Reference: both sides' entries in one transaction.
+            _move_counts(pairs, rng)
+            their = _their_claims(pairs)
+            send, ours, items = _send(pairs, store, "later")
+            receive, more = _receive(pairs, their, store, "later")
+            ones.append(send + receive + _commit_all(items + more, store, links))
+            _deliver(pairs, ours)
+            # The prunes: what PRUNE_EVERY intervals left, then the three prunes.
+            store.append_many(_ghost_entries(ghosts, bodies, PRUNE_EVERY), NOW)
+            prunes.append(_time_prunes(ghosts, store))
             _move_counts(pairs, rng)
             checkpoints.append(_checkpoint_all(pairs, store))
         size = (ledger_dir / "ledger.db").stat().st_size
-    one = min(each, key=lambda i: i.cpu).scaled(args.links)
-    many = min(batched, key=lambda i: i.cpu)
-    interval, every = ACCOUNTING.push_debt_secs, ACCOUNTING.checkpoint_secs
-    runtime_cpu = one.cpu + one.prune_cpu + RUNTIME_CALLS * args.links * hop
+
+    send, receive = _best(sends), _best(receives).scaled(links)
+    send_each, one = _best(sends_each).scaled(links), _best(ones)
+    each = send_each + receive
+    # Prunes per interval: each link prunes its three kinds at one claim in PRUNE_EVERY.
+    prune = min(prunes, key=lambda t: t.cpu)
+    prune_calls = len(PRUNES) * links / PRUNE_EVERY
+    prune_cpu = prune.cpu * links / PRUNE_EVERY / len(ghosts)
+    prune_wall = prune.wall * links / PRUNE_EVERY / len(ghosts)
+    # AsyncLedger calls per interval: one append_many for all sent claims, one _commit per
+    # received claim, and the prunes.
+    calls = 1 + links + prune_calls
+    runtime_cpu = send.cpu + receive.cpu + prune_cpu + calls * hop
+    runtime_wall = send.wall + receive.wall + prune_wall
     checkpoint = min(checkpoints, key=lambda t: t.cpu)
-    sampled = "" if sample == args.links else f", measured on {sample} links and scaled"
-    pruned = "" if prune_sample == args.links else f", measured on {prune_sample} links and scaled"
-    per_link = 1e6 / args.links
-    lines = [
-        f"2. push_debt, one interval ({interval:g} s) of one node with {args.links:,} "
-        f"neighbours: per link sign our claim, verify + apply theirs, commit both with a "
-        f"checkpoint (ledger {ledger_dir}, {size / 1e6:.1f} MB after the run); "
-        f"best of {args.push_rounds}",
-        f"   per-claim transactions ({one.transactions:,}, as _commit{sampled}):",
-        f"       cpu {one.cpu:6.3f} s  wall {one.wall:6.2f} s  -> {_share(one.cpu)}",
-        f"   one transaction for all ({len(pairs) * 4:,} entries):",
-        f"       cpu {many.cpu:6.3f} s  wall {many.wall:6.2f} s  -> {_share(many.cpu)}",
-        f"   per link, cpu: make_claim {many.sign * per_link:.0f} us, on_claim "
-        f"{many.verify * per_link:.0f} us, claim records + 2 snapshots "
-        f"{many.encode * per_link:.0f} us, ledger {_ledger_cpu(many) * per_link:.0f} us "
-        f"batched / {_ledger_cpu(one) * per_link:.0f} us "
-        f"in 2 transactions ({one.wall / one.transactions * 1e3:.1f} ms wall each)",
-        f"   + the runtime's 3 prunes per link ({3 * args.links:,} more transactions{pruned}):",
-        f"       cpu {one.prune_cpu:6.3f} s  wall {one.prune_wall:6.2f} s",
-        f"   as the runtime does it: per-claim commits, prunes, and {RUNTIME_CALLS} ledger "
-        f"calls per link through AsyncLedger ({hop * 1e6:.0f} us cpu each for the thread hop):",
-        f"       cpu {runtime_cpu:6.3f} s  -> {_share(runtime_cpu)}; its ledger thread waits "
-        f"{(one.wall + one.prune_wall):.1f} s of every {interval:g} s",
-        f"   not push_debt, for scale: the checkpoint every {every:g} s of all {args.links:,} "
+    interval, every = ACCOUNTING.push_debt_secs, ACCOUNTING.checkpoint_secs
+    scaled = "" if sample == links else f", timed on {sample} links and scaled"
+    kept = ", ".join(f"{kind} {keep}" for kind, keep, _ in PRUNES)
+    drops = "/".join(str(drops) for _, _, drops in PRUNES)
+    per_link = 1e6 / links
+
+    def row(label: str, cpu: float, wall: float | None, note: str = "") -> str:
+        walled = "-" if wall is None else f"{wall:.2f}"
+        return f"     {label:<56} {cpu:7.3f} {walled:>7}   {note}".rstrip()
+
+    base_cpu, base_wall = send.cpu + receive.cpu, send.wall + receive.wall
+    return [
+        f"2. push_debt, one interval ({interval:g} s) of one node with {links:,} neighbours "
+        f"(ledger {ledger_dir}, {size / 1e6:.1f} MB after the run); best of {args.push_rounds}",
+        f"   {'as the runtime does it':<58} {'cpu s':>7} {'wall s':>7}",
+        row(
+            f"push_debts: sign all, 1 transaction ({2 * links:,} entries)",
+            send.cpu,
+            send.wall,
+        ),
+        row(
+            f"_on_push_debt: verify, commit each ({receive.transactions:,} transactions)",
+            receive.cpu,
+            receive.wall,
+            f"commit before ack{scaled}",
+        ),
+        row(
+            f"prunes at every {PRUNE_EVERY}th claim ({prune_calls:,.0f} transactions)",
+            prune_cpu,
+            prune_wall,
+            f"{len(PRUNES)}/{PRUNE_EVERY} per link: keep {kept}, dropping {drops} bodies; "
+            f"timed on {len(ghosts)} links",
+        ),
+        row(
+            f"AsyncLedger thread hops ({calls:,.0f} calls)",
+            calls * hop,
+            None,
+            f"{hop * 1e6:.0f} us each: 1 for all sent claims, 1 per received claim and prune",
+        ),
+        row("total", runtime_cpu, runtime_wall, "-> " + _share(runtime_cpu)),
+        f"   per link, cpu: make_claim {send.crypto * per_link:.0f} us, on_claim "
+        f"{receive.crypto * per_link:.0f} us, claim records + snapshots "
+        f"{(send.encode + receive.encode) * per_link:.0f} us; ledger: sending "
+        f"{send.ledger * per_link:.0f} us (a 1/{links:,} share of its transaction), receiving "
+        f"{receive.ledger * per_link:.0f} us (its own transaction, "
+        f"{receive.wall / receive.transactions * 1e3:.1f} ms wall), prunes "
+        f"{prune_cpu * per_link:.0f} us, hops {calls * hop * per_link:.0f} us",
+        "   for reference, both sides without prunes or hops:",
+        row(
+            "as the runtime does it (the first two above)",
+            base_cpu,
+            base_wall,
+            _share(base_cpu, False),
+        ),
+        row(
+            f"every commit its own transaction ({each.transactions:,})",
+            each.cpu,
+            each.wall,
+            f"{_share(each.cpu, False)}  (push_debts before it batched{scaled})",
+        ),
+        row(
+            f"all in 1 transaction ({4 * links:,} entries)",
+            one.cpu,
+            one.wall,
+            f"{_share(one.cpu, False)}  (not allowed: receiving commits before each ack)",
+        ),
+        f"   not push_debt, for scale: the checkpoint every {every:g} s of all {links:,} "
         f"accounts (one transaction): cpu {checkpoint.cpu * 1e3:.0f} ms, wall "
         f"{checkpoint.wall * 1e3:.0f} ms -> {checkpoint.cpu / every:.2%} of a core",
     ]
-    return lines
 
 
 def main() -> int:
@@ -602,8 +790,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="relay loop rounds (default 60, quick 12)")
     parser.add_argument("--batches", type=int, help="batches per timing (default 25, quick 20)")
     parser.add_argument("--links", type=int, default=1000, help="push_debt neighbours")
-    parser.add_argument("--sample", type=int, help="links given per-claim transactions")
-    parser.add_argument("--prune-sample", type=int, help="links whose prunes are timed")
+    parser.add_argument("--sample", type=int, help="links whose received claims are timed")
+    parser.add_argument("--prune-sample", type=int, help="ghost links whose prunes are timed")
     parser.add_argument("--push-rounds", type=int, help="push_debt rounds (default 2, quick 1)")
     parser.add_argument("--hops", type=int, help="AsyncLedger calls timed (default 500)")
     parser.add_argument("--dir", type=Path, help="where the ledger file goes")
@@ -612,7 +800,7 @@ def main() -> int:
     args.rounds = args.rounds or (12 if quick else 60)
     args.batches = args.batches or (20 if quick else 25)
     args.sample = args.sample or (100 if quick else args.links)
-    args.prune_sample = args.prune_sample or (100 if quick else 250)
+    args.prune_sample = args.prune_sample or (40 if quick else 100)
     args.push_rounds = args.push_rounds or (1 if quick else 2)
     args.hops = args.hops or (200 if quick else 500)
     if min(args.rounds, args.batches, args.links, args.sample, args.prune_sample, args.hops) < 1:
