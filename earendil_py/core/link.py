@@ -42,10 +42,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import blake3
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
 from earendil_py.core.identity import Identity, fingerprint_of, verify
-from earendil_py.core.noise import CipherState, HandshakeState
+from earendil_py.core.noise import MAX_NONCE, NONCE, CipherState, HandshakeState
 
 Rng = Callable[[int], bytes]
 
@@ -62,6 +64,8 @@ DATA_HEADER = struct.Struct(">BIQ")  # type, receiver_index, counter
 DATA_OVERHEAD = DATA_HEADER.size + 1 + TAG_SIZE  # header, frame kind, AEAD tag
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
+_ONION_KIND = bytes([ONION])
+_DATA_KIND = bytes([DATA])
 
 # No message is larger: an onion frame is ~1.4 KB and control messages are kept small. On TCP
 # a larger announced length closes the connection; on UDP such a datagram is dropped.
@@ -241,6 +245,9 @@ class Link:
         # Transport ciphers after the handshake; the Noise nonce is the frame counter.
         self._send: CipherState | None = None
         self._recv: CipherState | None = None
+        # Their AEADs, called directly on the hot path: DATA frames carry explicit nonces.
+        self._send_aead: ChaCha20Poly1305 | None = None
+        self._recv_aead: ChaCha20Poly1305 | None = None
         self._window = ReplayWindow()
         self._stats = LinkStatistics()
         self._outbox: list[bytes] = []
@@ -316,7 +323,28 @@ class Link:
 
     def encrypt_onion(self, next_peeler: bytes, packet: bytes) -> bytes:
         """The hot path: one DATA message carrying an onion packet for `next_peeler`."""
-        return self._encrypt(ONION, next_peeler + packet)
+        return self._seal(b"".join((_ONION_KIND, next_peeler, packet)))
+
+    def encrypt_onions(self, onions: list[tuple[bytes, bytes]]) -> list[bytes]:
+        """`encrypt_onion` for each (next_peeler, packet), in order (the relay loop's batch)."""
+        cipher, aead, remote_index = self._send, self._send_aead, self.remote_index
+        if cipher is None or aead is None or remote_index is None:
+            raise LocalProtocolError("link has no transport keys yet")
+        first = cipher.nonce
+        # As many frames as the counter allows, then the error that frame-by-frame encryption
+        # would raise at the first one past it.
+        count = max(0, min(len(onions), REJECT_AFTER_FRAMES - first))
+        pack_header, pack_nonce, seal, join = DATA_HEADER.pack, NONCE.pack, aead.encrypt, b"".join
+        out: list[bytes] = []
+        append = out.append
+        for counter, (next_peeler, packet) in enumerate(onions[:count], first):
+            header = pack_header(DATA, remote_index, counter)
+            frame = join((_ONION_KIND, next_peeler, packet))
+            append(header + seal(pack_nonce(counter), frame, header))
+        cipher.set_nonce(first + count)
+        if count < len(onions):
+            raise LocalProtocolError("send counter exhausted: the link must be re-established")
+        return out
 
     def send_control(self, payload: bytes) -> None:
         """Queue a CONTROL frame (collected with `datagrams_to_send`)."""
@@ -328,14 +356,17 @@ class Link:
         Returns (next_peeler, onion packet) for ONION frames, the only kind the relay loop
         handles itself; everything else is handled here and surfaces as events or replies.
         """
-        self._stats.bytes_in += len(data)
+        stats = self._stats
+        stats.bytes_in += len(data)
         if len(data) > MAX_MESSAGE_SIZE:
-            self._stats.drops["too_large"] += 1
+            stats.drops["too_large"] += 1
             return None
         try:
+            if data[:1] == _DATA_KIND and self.state is not LinkState.CLOSED:
+                return self._receive_data(data, now)  # the hot path, straight to it
             return self._receive(data, now)
         except RemoteProtocolError as exc:
-            self._stats.drops[exc.reason] += 1
+            stats.drops[exc.reason] += 1
             return None
 
     # --- internals ----------------------------------------------------------------------
@@ -403,6 +434,8 @@ class Link:
 
     def _start_transport(self) -> None:
         self._send, self._recv = self._noise.split()
+        self._send_aead = self._send.transport_aead()
+        self._recv_aead = self._recv.transport_aead()
         self.state = LinkState.PROVING
 
     def _proof(self) -> bytes:
@@ -426,14 +459,20 @@ class Link:
         self._rto *= 2
 
     def _encrypt(self, kind: int, body: bytes) -> bytes:
-        cipher = self._send
-        if cipher is None or self.remote_index is None:
+        return self._seal(bytes([kind]) + body)
+
+    def _seal(self, frame: bytes) -> bytes:
+        """One DATA message carrying `frame` (its kind byte first)."""
+        cipher, aead = self._send, self._send_aead
+        if cipher is None or aead is None or self.remote_index is None:
             raise LocalProtocolError("link has no transport keys yet")
         counter = cipher.nonce
         if counter >= REJECT_AFTER_FRAMES:
             raise LocalProtocolError("send counter exhausted: the link must be re-established")
         header = DATA_HEADER.pack(DATA, self.remote_index, counter)
-        return header + cipher.encrypt_with_ad(header, bytes([kind]) + body)
+        ciphertext = aead.encrypt(NONCE.pack(counter), frame, header)
+        cipher.set_nonce(counter + 1)
+        return header + ciphertext
 
     def _queue_frame(self, kind: int, body: bytes) -> None:
         if self.state is not LinkState.ESTABLISHED:
@@ -441,26 +480,36 @@ class Link:
         self._outbox.append(self._encrypt(kind, body))
 
     def _receive_data(self, data: bytes, now: float) -> tuple[bytes, bytes] | None:
-        cipher = self._recv
-        if cipher is None:
+        # The Noise transport cipher with the frame's counter as its nonce (spec 5.1
+        # SetNonce), its AEAD called directly: this runs once per relayed frame.
+        aead = self._recv_aead
+        if aead is None:
             raise RemoteProtocolError("data before handshake", "not_established")
-        if len(data) < DATA_HEADER.size + TAG_SIZE + 1:
+        if len(data) < DATA_OVERHEAD:  # not even a frame kind
             raise RemoteProtocolError("short data message", "malformed")
         _, index, counter = DATA_HEADER.unpack_from(data)
         if index != self.local_index:
             raise RemoteProtocolError("data for another session", "wrong_session")
-        if reason := self._window.check(counter):
+        window = self._window
+        if reason := window.check(counter):
             raise RemoteProtocolError("replayed or stale frame", reason)
-        cipher.set_nonce(counter)
-        frame = cipher.decrypt_with_ad(data[: DATA_HEADER.size], data[DATA_HEADER.size :])
-        self._window.mark(counter)
+        if counter >= MAX_NONCE:
+            raise RemoteProtocolError("nonce exhausted", "nonce_exhausted")
+        try:
+            frame = aead.decrypt(
+                NONCE.pack(counter), data[DATA_HEADER.size :], data[: DATA_HEADER.size]
+            )
+        except InvalidTag:
+            raise RemoteProtocolError("authentication tag mismatch", "decrypt") from None
+        window.mark(counter)
         self._last_received = now
         self._stats.frames_in += 1
-        kind, body = frame[0], frame[1:]
+        kind = frame[0]
         if kind == ONION and self.state is LinkState.ESTABLISHED:
-            if len(body) <= FINGERPRINT_SIZE:
+            if len(frame) <= 1 + FINGERPRINT_SIZE:
                 raise RemoteProtocolError("short onion frame", "malformed")
-            return body[:FINGERPRINT_SIZE], body[FINGERPRINT_SIZE:]
+            return frame[1 : 1 + FINGERPRINT_SIZE], frame[1 + FINGERPRINT_SIZE :]
+        body = frame[1:]
         if kind == PROOF:
             self._receive_proof(body, now)
         elif self.state is not LinkState.ESTABLISHED:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
@@ -66,9 +67,9 @@ def _dh(private: bytes, public: bytes) -> bytes:
         raise RemoteProtocolError("low-order X25519 public key", "handshake_bad_key") from None
 
 
-def _nonce_bytes(n: int) -> bytes:
-    # Spec 12.3: 32 bits of zeros followed by the little-endian 64-bit counter.
-    return b"\x00" * 4 + n.to_bytes(8, "little")
+# Spec 12.3: 32 bits of zeros followed by the little-endian 64-bit counter. Public so that a
+# transport carrying explicit nonces (core.link) builds them in one call per frame.
+NONCE = struct.Struct("<4xQ")
 
 
 def _take(data: bytes, size: int) -> tuple[bytes, bytes]:
@@ -138,7 +139,7 @@ class CipherState:
         if self._nonce >= MAX_NONCE:
             raise LocalProtocolError("nonce exhausted: re-handshake before 2^64-1 messages")
         assert self._aead is not None
-        ciphertext = self._aead.encrypt(_nonce_bytes(self._nonce), plaintext, ad)
+        ciphertext = self._aead.encrypt(NONCE.pack(self._nonce), plaintext, ad)
         self._nonce += 1
         return ciphertext
 
@@ -151,19 +152,28 @@ class CipherState:
             raise RemoteProtocolError("ciphertext shorter than its tag", "decrypt")
         try:
             assert self._aead is not None
-            plaintext = self._aead.decrypt(_nonce_bytes(self._nonce), ciphertext, ad)
+            plaintext = self._aead.decrypt(NONCE.pack(self._nonce), ciphertext, ad)
         except InvalidTag:
             raise RemoteProtocolError("authentication tag mismatch", "decrypt") from None
         # Spec 5.1: the counter only advances on success, so a forgery costs the peer nothing.
         self._nonce += 1
         return plaintext
 
+    def transport_aead(self) -> ChaCha20Poly1305:
+        """The AEAD under this key, for a transport that carries explicit nonces and calls
+        it directly on its hot path (core.link): it then builds nonces with `NONCE`, refuses
+        MAX_NONCE, and keeps `nonce` advanced for what it sends. `rekey` replaces the AEAD.
+        Raises LocalProtocolError without a key."""
+        if self._aead is None:
+            raise LocalProtocolError("a transport AEAD needs a key")
+        return self._aead
+
     def rekey(self) -> None:
         """Replace the key by REKEY(k) (spec 4.2, 11.3); the counter is kept."""
         if self._key is None:
             raise LocalProtocolError("rekey needs a key")
         assert self._aead is not None
-        self._key = self._aead.encrypt(_nonce_bytes(MAX_NONCE), b"\x00" * KEY_SIZE, b"")[:KEY_SIZE]
+        self._key = self._aead.encrypt(NONCE.pack(MAX_NONCE), b"\x00" * KEY_SIZE, b"")[:KEY_SIZE]
         self._aead = ChaCha20Poly1305(self._key)
 
     def copy(self) -> CipherState:

@@ -28,8 +28,12 @@ from earendil_py.core.errors import ConfigError, RemoteProtocolError
 from earendil_py.core.graph import RelayGraph
 from earendil_py.core.identity import Identity, parse_fingerprint, short_hex
 from earendil_py.core.link import (
+    DATA,
+    DATA_HEADER,
     HS_INIT,
     MAX_MESSAGE_SIZE,
+    TAG_SIZE,
+    U32,
     ControlReceived,
     Endpoint,
     Link,
@@ -78,6 +82,8 @@ TIMER_SLACK = 0.1  # a link's timer task re-checks at least this often (s)
 SHUTDOWN_GRACE = 1.0  # seconds to flush CLOSE frames on shutdown
 
 Address = tuple[str, int]
+_DATA_KIND = bytes([DATA])
+_DATA_MIN_SIZE = DATA_HEADER.size + TAG_SIZE  # what `receiver_index` needs to read a DATA index
 OnionHandler = Callable[["LinkRunner", bytes, bytes], None]
 
 
@@ -118,6 +124,27 @@ class UdpTransport:
         except OSError:
             return False  # a full buffer, an ICMP error or a closed socket: loss, as on the wire
         return True
+
+    def send_many(self, messages: list[bytes]) -> int:
+        """`send` for each message in order; returns how many were sent."""
+        sent = 0
+        if self._address is None:
+            send = self._sock.send
+            for message in messages:
+                try:
+                    send(message)
+                except OSError:
+                    continue  # as in `send`
+                sent += 1
+        else:
+            sendto, address = self._sock.sendto, self._address
+            for message in messages:
+                try:
+                    sendto(message, address)
+                except OSError:
+                    continue
+                sent += 1
+        return sent
 
     def close(self) -> None:
         """The socket belongs to the listener or dialer that created it."""
@@ -201,8 +228,15 @@ class LinkRunner:
             if allowed < len(frames):
                 self.link.statistics().drops[_refusal(account) + "_out"] += len(frames) - allowed
                 frames = frames[:allowed]
-        send = self.transport.send
-        sent = sum(1 for frame in frames if send(frame))
+        transport = self.transport
+        if type(transport) is UdpTransport:
+            sent = transport.send_many(frames)
+        else:
+            send = transport.send
+            sent = 0
+            for frame in frames:
+                if send(frame):
+                    sent += 1
         if COUNT_PACKETS:
             self.packets_sent += sent
         if ACCOUNTING and account is not None:
@@ -398,7 +432,8 @@ class Node:
         Counters are bumped once per batch per link, never per packet.
         """
         me = self.fingerprint
-        outgoing: dict[LinkRunner, list[bytes]] = {}
+        links = self.links
+        outgoing: dict[LinkRunner, list[tuple[bytes, bytes]]] = {}
         # Per source link: packets it may still send us (its allowance), counted down.
         allowance: dict[LinkRunner, int] = {}
         initial: dict[LinkRunner, int] = {}
@@ -426,14 +461,20 @@ class Node:
                 next_peeler, packet = result
             elif source is not None:
                 forwarded += 1
-            target = self._route_to(next_peeler)
+            # A neighbour directly, as `_route_to` does first; else the graph's next hop.
+            runners = links.get(next_peeler)
+            target = runners[0] if runners is not None else self._route_to(next_peeler)
             if target is None:
                 no_route += 1
                 continue
-            frames = outgoing.get(target)
-            if frames is None:
-                frames = outgoing[target] = []
-            frames.append(target.link.encrypt_onion(next_peeler, packet))
+            onions = outgoing.get(target)
+            if onions is None:
+                onions = outgoing[target] = []
+            onions.append((next_peeler, packet))
+        # Every link's frames are encrypted before any is sent (an error then sends nothing).
+        encrypted = [
+            (runner, runner.link.encrypt_onions(onions)) for runner, onions in outgoing.items()
+        ]
         for runner, left in allowance.items():
             count = initial[runner] - left
             if COUNT_PACKETS:
@@ -442,7 +483,7 @@ class Node:
                 runner.account.received += count
         if refused:
             self._refused(refused)
-        for runner, frames in outgoing.items():
+        for runner, frames in encrypted:
             runner.send_onions(frames)
         stats = self.relay
         stats.peeled += peeled
@@ -636,29 +677,45 @@ class Node:
                 endpoint.remove(runner.link)
                 runners.pop(runner.link.local_index, None)
 
+        recvfrom, find_session, find_runner = sock.recvfrom, endpoint.route, runners.get
+        unpack_index = U32.unpack_from
         while True:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
             batch: list[tuple[LinkRunner | None, bytes, bytes]] = []
             for _ in range(UDP_BATCH):
                 try:
-                    data, address = sock.recvfrom(MAX_MESSAGE_SIZE + 1)
+                    data, address = recvfrom(MAX_MESSAGE_SIZE + 1)
                 except BlockingIOError:
                     break
                 except OSError:
                     self.drops["udp_error"] += 1
                     continue
                 address = address[:2]
-                link = endpoint.route(data, address, now)
-                if link is None:
-                    continue
-                runner = runners.get(link.local_index)
+                runner = None
+                # DATA for a known session from the address that opened it: what
+                # `endpoint.route` would find (runners and sessions come and go together).
+                # Anything else takes the full route, which counts the drops.
+                if data[:1] == _DATA_KIND and len(data) >= _DATA_MIN_SIZE:
+                    runner = find_runner(unpack_index(data, 1)[0])
+                    if runner is not None and runner.peer_address != address:
+                        runner = None
                 if runner is None:
-                    runner = LinkRunner(self, link, UdpTransport(sock, address), info, address)
-                    runners[link.local_index] = runner
-                    task_group.start_soon(run_session, runner)
-                if (onion := runner.receive(data, now)) is not None:
-                    batch.append((runner, *onion))
+                    link = find_session(data, address, now)
+                    if link is None:
+                        continue
+                    runner = find_runner(link.local_index)
+                    if runner is None:
+                        runner = LinkRunner(self, link, UdpTransport(sock, address), info, address)
+                        runners[link.local_index] = runner
+                        task_group.start_soon(run_session, runner)
+                # `runner.receive`, inlined: this runs once per datagram.
+                link = runner.link
+                onion = link.receive_datagram(data, now)
+                if link.wants_service:
+                    runner.service(now)
+                if onion is not None:
+                    batch.append((runner, onion[0], onion[1]))
             if batch:
                 self.relay_batch(batch, now)
             await anyio.lowlevel.checkpoint()
@@ -733,19 +790,20 @@ class Node:
         return runner.was_established
 
     async def _read_connected_udp(self, sock: socket.socket, runner: LinkRunner) -> None:
+        recv, receive = sock.recv, runner.receive
         while True:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
             batch: list[tuple[LinkRunner | None, bytes, bytes]] = []
             for _ in range(UDP_BATCH):
                 try:
-                    data = sock.recv(MAX_MESSAGE_SIZE + 1)
+                    data = recv(MAX_MESSAGE_SIZE + 1)
                 except BlockingIOError:
                     break
                 except ConnectionRefusedError:
                     continue  # ICMP port unreachable: the peer is not there (yet)
-                if (onion := runner.receive(data, now)) is not None:
-                    batch.append((runner, *onion))
+                if (onion := receive(data, now)) is not None:
+                    batch.append((runner, onion[0], onion[1]))
             if batch:
                 self.relay_batch(batch, now)
             await anyio.lowlevel.checkpoint()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from earendil_py.core.errors import RemoteProtocolError
+from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
 from earendil_py.core.identity import Identity
 from earendil_py.core.link import (
     DATA_HEADER,
@@ -423,3 +423,37 @@ def test_a_huge_counter_jump_costs_no_memory() -> None:
     pair.a._send.set_nonce(2**59)
     pair.deliver_to_b(pair.a.encrypt_onion(b"\x55" * 32, b"far"))
     assert pair.onions_at_b == [(b"\x55" * 32, b"far")]
+
+
+def test_a_batch_is_encrypted_exactly_as_frame_by_frame() -> None:
+    batched, single = established(), established()  # same seed: same keys and counters
+    onions = [(bytes([i]) * 32, bytes([i]) * (50 + i)) for i in range(5)]
+    frames = batched.a.encrypt_onions(onions)
+    assert frames == [single.a.encrypt_onion(*onion) for onion in onions]
+    for frame in reversed(frames):
+        batched.deliver_to_b(frame)
+    assert batched.onions_at_b == onions[::-1]
+
+
+def test_a_batch_stops_at_the_send_limit_like_single_frames() -> None:
+    from earendil_py.core.link import REJECT_AFTER_FRAMES
+
+    pair = established()
+    assert pair.a._send is not None
+    pair.a._send.set_nonce(REJECT_AFTER_FRAMES - 2)
+    with pytest.raises(LocalProtocolError):
+        pair.a.encrypt_onions([(b"\x66" * 32, b"p")] * 3)
+    assert pair.a._send.nonce == REJECT_AFTER_FRAMES  # the two frames it could encrypt
+    with pytest.raises(LocalProtocolError):
+        pair.a.encrypt_onion(b"\x66" * 32, b"p")
+
+
+def test_a_data_frame_with_the_reserved_nonce_is_dropped_before_decryption() -> None:
+    pair = established()
+    assert pair.b is not None
+    # Noise reserves nonce 2^64-1 (spec 5.1); a header can still carry it.
+    header = DATA_HEADER.pack(4, pair.b.local_index, 2**64 - 1)
+    pair.deliver_to_b(header + bytes(40))
+    assert pair.b.statistics().drops["nonce_exhausted"] == 1
+    pair.deliver_to_b(pair.a.encrypt_onion(b"\x77" * 32, b"next"))
+    assert pair.onions_at_b == [(b"\x77" * 32, b"next")]

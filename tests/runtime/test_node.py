@@ -33,7 +33,6 @@ def make_nodes(tmp_path: Path, count: int, edges: list[Edge]) -> list[Node]:
     return [Node(g.config, load_identity_file(g.config.identity_file)) for g in generated]
 
 
-
 async def wait_all_up(nodes: list[Node], expected: dict[int, set[int]]) -> None:
     for index, neighbours in expected.items():
         await nodes[index].wait_neighbors({nodes[n].fingerprint for n in neighbours})
