@@ -20,7 +20,8 @@ import anyio
 import anyio.abc
 
 from earendil_py.netgen import Edge, generate_network
-from earendil_py.runtime.config import Config
+from earendil_py.runtime.config import Config, load_config
+from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.node import Node
 
@@ -221,3 +222,36 @@ async def converged(nodes: list[Node], edges: list[Edge]) -> None:
         for node in nodes
     ):
         await anyio.sleep(0.05)
+
+
+# --- daemons seen through their control API -------------------------------------------
+
+
+def daemon_api(config_path: Path, method: str, path: str, body: object | None = None) -> Any:
+    host, port = load_config(config_path).control_listen
+    return call_api(host, port, method, path, body)
+
+
+def summary_of(config_path: Path, neighbor: str) -> dict[str, Any]:
+    """The daemon's account with `neighbor` (hex), from /api/status."""
+    status = daemon_api(config_path, "GET", "/api/status")
+    (found,) = [a for a in status["accounts"] if a["neighbor"] == neighbor]
+    return found
+
+
+def daemon_priced(config_path: Path, neighbor: str) -> bool:
+    return bool(summary_of(config_path, neighbor)["priced"])
+
+
+def wait_until(check: Callable[[], bool], timeout: float) -> None:
+    """Poll `check` until true. A daemon not answering yet (still starting) or without the
+    account yet counts as not yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (ControlApiError, ValueError):
+            pass
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)

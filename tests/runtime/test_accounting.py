@@ -7,9 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import msgspec
@@ -19,10 +17,22 @@ from earendil_py.core.accounting import EpochCount
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.accounting import REFUSED
 from earendil_py.runtime.config import load_config
-from earendil_py.runtime.http import ControlApiError, call_api
+from earendil_py.runtime.http import call_api
 from earendil_py.runtime.node import Node
 from earendil_py.runtime.rpc import RpcError
-from tests.helpers import FAST, DaemonProcess, UdpProxy, converged, make_nodes, node_from, running
+from tests.helpers import (
+    FAST,
+    DaemonProcess,
+    UdpProxy,
+    converged,
+    daemon_api,
+    daemon_priced,
+    make_nodes,
+    node_from,
+    running,
+    summary_of,
+    wait_until,
+)
 
 ACCOUNTING = """
 [accounting]
@@ -239,34 +249,16 @@ async def test_forged_replayed_and_overclaiming_push_debt(tmp_path: Path) -> Non
         assert account(a, b).state.frozen == ""
 
 
-def api(config_path: Path, method: str, path: str, body: object | None = None) -> Any:
-    host, port = load_config(config_path).control_listen
-    return call_api(host, port, method, path, body)
-
-
-def summary_of(config_path: Path, neighbor: str) -> dict[str, Any]:
-    status = api(config_path, "GET", "/api/status")
-    (found,) = [a for a in status["accounts"] if a["neighbor"] == neighbor]
-    return found
-
-
-def wait_until(check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_sigkill_then_restart_resumes_balances_and_a_tampered_ledger_is_refused(
     tmp_path: Path,
 ) -> None:
     a, b = generate_network(tmp_path, 2, [Edge(0, 1, "tcp")], extra_toml=FAST + ACCOUNTING)
     sender, receiver = DaemonProcess(a.config_path), DaemonProcess(b.config_path)
     try:
-        wait_until(lambda: _priced(a.config_path, b.fingerprint), 10)
+        wait_until(lambda: daemon_priced(a.config_path, b.fingerprint), 10)
         body = {"destination": b.fingerprint, "dock": DOCK, "data_b64": "eA==", "hops": 1}
         for i in range(300):
-            api(a.config_path, "POST", "/api/send", body)
+            daemon_api(a.config_path, "POST", "/api/send", body)
             if i == 200:
                 receiver.stop(signal.SIGKILL)  # mid-traffic, between checkpoints
         # Counted when handed to the link; the link notices the death soon after.
@@ -308,10 +300,3 @@ def test_sigkill_then_restart_resumes_balances_and_a_tampered_ledger_is_refused(
     assert result.stderr.startswith(f"earendil-py: error: {db}: ")
     assert f"seq {seq}" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def _priced(config_path: Path, neighbor: str) -> bool:
-    try:
-        return bool(summary_of(config_path, neighbor)["priced"])
-    except (ControlApiError, ValueError):
-        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,12 +15,22 @@ import pytest
 
 from earendil_py.cli import main
 from earendil_py.core.settlement import Attestation, SettlementRecord, SettlementState, encode
-from earendil_py.netgen import Edge
+from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.node import Node
 from earendil_py.runtime.rpc import RpcError
 from earendil_py.runtime.settlement import REFUSED
-from tests.helpers import converged, make_nodes, node_from
+from tests.helpers import (
+    FAST,
+    DaemonProcess,
+    converged,
+    daemon_api,
+    daemon_priced,
+    make_nodes,
+    node_from,
+    summary_of,
+    wait_until,
+)
 
 PAIR = [Edge(0, 1, "udp")]
 DOCK = 7
@@ -411,3 +422,46 @@ async def test_the_cli_settles_lists_and_rejects(
             )  # fmt: skip
         assert exited.value.code == 2 and "invalid choice" in capsys.readouterr().err
         assert balances(a, b) == (100, 100, 0, 0)
+
+
+def test_sigkilled_daemons_around_a_manual_settlement_converge(tmp_path: Path) -> None:
+    """Real SIGKILLs at the step boundaries a manual settlement exposes: the proposer right
+    after its proposal is pending on both sides, the responder right after it committed its
+    approval (its answer to the proposer may not have left)."""
+    timing = FAST + "[accounting]\npush_debt_secs = 0.5\ncheckpoint_secs = 0.1\n"
+    a, b = generate_network(tmp_path, 2, [Edge(0, 1, "tcp")], extra_toml=timing)
+    proposer, responder = DaemonProcess(a.config_path), DaemonProcess(b.config_path)
+    try:
+        wait_until(lambda: daemon_priced(a.config_path, b.fingerprint), 10)
+        send = {"destination": b.fingerprint, "dock": DOCK, "data_b64": "eA==", "hops": 1}
+        for _ in range(300):
+            daemon_api(a.config_path, "POST", "/api/send", send)
+        wait_until(lambda: summary_of(b.config_path, a.fingerprint)["debt_in_umel"] == 300, 10)
+        settle = {"neighbor": b.fingerprint, "method": "manual", "pay_umel": 200}
+        answer = daemon_api(a.config_path, "POST", "/api/settlements", settle)
+        assert answer["state"] == "pending"
+        proposer.stop(signal.SIGKILL)
+        proposer = DaemonProcess(a.config_path)
+        wait_until(lambda: daemon_priced(a.config_path, b.fingerprint), 10)
+
+        decided = daemon_api(b.config_path, "POST", f"/api/settlements/{answer['id']}/accept", {})
+        assert decided["state"] == "completed"
+        responder.stop(signal.SIGKILL)
+        responder = DaemonProcess(b.config_path)
+
+        def states(config_path: Path) -> list[str]:
+            listed = daemon_api(config_path, "GET", "/api/settlements")["settlements"]
+            return [s["state"] for s in listed if s["id"] == answer["id"]]
+
+        wait_until(lambda: states(a.config_path) == states(b.config_path) == ["completed"], 20)
+        wait_until(
+            lambda: (
+                summary_of(a.config_path, b.fingerprint)["debt_out_umel"]
+                == summary_of(b.config_path, a.fingerprint)["debt_in_umel"]
+                == 100
+            ),
+            10,
+        )
+    finally:
+        proposer.stop()
+        responder.stop()
