@@ -30,34 +30,43 @@
    and commits all of them, each with a checkpoint of its account, in ONE `append_many`
    transaction. Receiving: each neighbour's claim (signed by its account before the timing)
    is verified and applied (`Account.on_claim`) and committed with a checkpoint in its own
-   transaction (`_commit`), since it must be on disk before it is acknowledged. At every
-   PRUNE_EVERY-th claim old bodies are pruned: claim_sent by the sender, claim_received and
-   checkpoint by the receiver, so 3 / PRUNE_EVERY prunes per link and interval. Every ledger
-   call goes through AsyncLedger, per interval one for all the sent claims, one per received
-   claim and one per prune; the CPU of its thread hop is measured apart and added. Printed:
-   each part, their sum and its share of one core (CPU / push_debt_secs, 60 s; target
-   <= 1 %), and the cost per link of each step.
-   The prunes are timed on extra neighbours ("ghosts") whose ledger holds what a prune finds
-   there: the bodies the previous prune kept (keep_claims claims of each kind,
-   KEEP_CHECKPOINTS checkpoints) and the PRUNE_EVERY intervals written since, interleaved
-   across neighbours as time writes them (claim_sent + checkpoint, claim_received +
-   checkpoint, and a checkpoint every checkpoint_secs), so each prune drops as many bodies as
-   in the runtime (checked). Older, already pruned rows are left out: neither statement of a
-   prune reads them (the SELECT walks the newest keep_last rows of the kind, the UPDATE the
-   partial index of rows that still have a body).
+   transaction (`_commit`), since it must be on disk before it is acknowledged. Old claim
+   bodies are pruned at every PRUNE_EVERY-th claim, inside those same transactions (the
+   `prune` of `append_many`): claim_sent in push_debts' transaction, claim_received in that
+   claim's `_commit`; so per interval 1 / PRUNE_EVERY of the links prune each kind (the
+   runtime prunes a link at its claim seqs divisible by PRUNE_EVERY: the same on average).
+   No prune is a ledger call or a transaction of its own. Every ledger call goes through
+   AsyncLedger, per interval one for all the sent claims and one per received claim; the CPU
+   of its thread hop is measured apart and added. Printed: each part, their sum and its share
+   of one core (CPU / push_debt_secs, 60 s; target <= 1 %), and the cost per link of each step.
+   Checkpoint bodies are not pruned on the claim path: `Accounting.checkpoint`, every
+   checkpoint_secs, writes a checkpoint of each account whose counts moved and, in the same
+   transaction, prunes the old checkpoints of the accounts whose turn it is (each at one tick
+   in PRUNE_EVERY, offset by its fingerprint: 1 / PRUNE_EVERY of them per tick). Printed
+   apart, for scale: that transaction for every account, with its prunes and its hop.
+   The prunes run on extra neighbours ("ghosts", LINKS / PRUNE_EVERY of them, so as many
+   prunes of each kind as the runtime makes per interval, or per periodic checkpoint) whose
+   ledger holds what a prune finds there: the bodies the previous prune kept (keep_claims
+   claims of each kind, KEEP_CHECKPOINTS checkpoints) and what was written since, interleaved
+   across neighbours as time writes them: PRUNE_EVERY claims of each kind, and for the
+   checkpoints the PRUNE_EVERY periodic ones plus those written with a claim in those
+   PRUNE_EVERY * checkpoint_secs (sent and received, each with the chance it falls in that
+   window, by the ghost's phase). Each prune drops as many bodies as in the runtime (checked).
+   A prune's statements read only the rows of its kind that still have a body (and the newest
+   keep_last of its kind), so older, already pruned rows are left out. Ghosts whose received
+   claim is not in the timed sample are pruned untimed, to keep their ledgers in step.
    Reference points, both sides without prunes or hops: every commit in its own transaction,
    as push_debts did before it batched (its send side timed that way, plus the same receive
    side), and all entries in one transaction, which receiving cannot do.
    The ledger is a real SQLite file in a temp dir (or DIR). Counts move between intervals,
    and every claim is applied (no disputes). CPU is `time.process_time()` (user + system, all
-   threads). Wall time is printed apart, since waiting for fsync is wall, not CPU. For scale,
-   also the periodic checkpoint of every account. Not included: the RPC that carries each
-   claim (encoding, link encryption, the reply). The receive side (and the per-claim
-   reference) runs on --sample links and is scaled up (all of them by default, 100 with
-   --quick); the prunes always run on --prune-sample ghosts (100, 40 with --quick), scaled.
+   threads). Wall time is printed apart, since waiting for fsync is wall, not CPU. Not
+   included: the RPC that carries each claim (encoding, link encryption, the reply). The
+   receive side (and the per-claim reference) runs on --sample links and is scaled up (all of
+   them by default, 100 with --quick).
 
 Run: .venv/bin/python bench/accounting.py [--quick] [--rounds R] [--batches B] [--links N]
-     [--sample S] [--prune-sample S] [--push-rounds R] [--hops N] [--dir DIR]
+     [--sample S] [--push-rounds R] [--hops N] [--dir DIR]
      (DIR: where the ledger file goes, to measure a particular disk; default the system temp)
 """
 
@@ -379,15 +388,15 @@ def _bench_relay(args: argparse.Namespace, root: Path) -> list[str]:
 # --- 2. push_debt ---------------------------------------------------------------------------
 
 Item = tuple[bytes, str, bytes]  # (neighbor, kind, body): one ledger entry to append
+Prune = tuple[bytes, str, int]  # (neighbor, kind, keep_last): one prune in a transaction
 
-# What one prune finds in the runtime, per kind: (kind, keep_last, bodies it drops). Since the
-# last prune, PRUNE_EVERY intervals each wrote one claim of each kind and 2 + PERIODIC
-# checkpoints (one with each claim, the rest from Accounting.checkpoint).
+# Periodic checkpoints per push interval.
 PERIODIC = round(ACCOUNTING.push_debt_secs / ACCOUNTING.checkpoint_secs)
+# What each prune keeps, per kind (the bodies it drops: `_ghost_drops`).
 PRUNES = (
-    ("claim_sent", ACCOUNTING.keep_claims, PRUNE_EVERY),  # _send_claim
-    ("claim_received", ACCOUNTING.keep_claims, PRUNE_EVERY),  # _on_push_debt
-    ("checkpoint", KEEP_CHECKPOINTS, PRUNE_EVERY * (2 + PERIODIC)),  # _on_push_debt
+    ("claim_sent", ACCOUNTING.keep_claims),  # push_debts
+    ("claim_received", ACCOUNTING.keep_claims),  # _on_push_debt's _commit
+    ("checkpoint", KEEP_CHECKPOINTS),  # checkpoint
 )
 
 
@@ -446,13 +455,16 @@ def _move_counts(pairs: list[tuple[Account, Account]], rng: random.Random) -> No
 
 
 def _send(
-    pairs: list[tuple[Account, Account]], store: LedgerStore, commit: str
+    pairs: list[tuple[Account, Account]],
+    store: LedgerStore,
+    commit: str,
+    prune: list[Prune] | None = None,
 ) -> tuple[Work, list[DebtClaim], list[Item]]:
     """Our claims to `pairs`, as `push_debts` makes them: sign each, encode it and a checkpoint
-    of its account, and commit them. `commit`: "all" in one transaction (push_debts), "each"
-    in one transaction per claim (push_debts before it batched), "later" not at all (the
-    entries are returned). Returns the timing, the claims (for the neighbours to apply,
-    untimed) and the uncommitted entries."""
+    of its account, and commit them. `commit`: "all" in one transaction (push_debts), with
+    `prune` in it, "each" in one transaction per claim (push_debts before it batched), "later"
+    not at all (the entries are returned). Returns the timing, the claims (for the neighbours
+    to apply, untimed) and the uncommitted entries."""
     result = Work(len(pairs))
     claims: list[DebtClaim] = []
     items: list[Item] = []
@@ -477,7 +489,7 @@ def _send(
         result.encode += t2 - t1
         claims.append(claim)
     if commit == "all":
-        store.append_many(items, NOW)
+        store.append_many(items, NOW, prune=prune or ())
         items = []
     result.cpu, result.wall = time.process_time() - cpu, clock() - wall
     result.transactions = {"all": 1, "each": len(pairs), "later": 0}[commit]
@@ -489,11 +501,14 @@ def _receive(
     claims: list[DebtClaim],
     store: LedgerStore,
     commit: str,
+    prunes: dict[int, Prune] | None = None,
 ) -> tuple[Work, list[Item]]:
     """The neighbours' `claims` to us, as `_on_push_debt` takes them: verify and apply each
     (`on_claim`), encode it and a checkpoint of the account, and commit. `commit`: "each" in
-    its own transaction before the next (`_commit`: on disk before it is acknowledged),
-    "later" not at all (the entries are returned)."""
+    its own transaction before the next (`_commit`: on disk before it is acknowledged), the
+    i-th with the prune `prunes[i]` if there is one, "later" not at all (the entries are
+    returned)."""
+    prunes = prunes or {}
     tolerance = ACCOUNTING.claim_tolerance_packets
     result = Work(len(pairs))
     items: list[Item] = []
@@ -501,7 +516,7 @@ def _receive(
     clock = time.perf_counter
     gc.collect()
     wall, cpu = clock(), time.process_time()
-    for (ours, _), claim in zip(pairs, claims, strict=True):
+    for index, ((ours, _), claim) in enumerate(zip(pairs, claims, strict=True)):
         neighbor = ours.neighbor
         t0 = clock()
         outcome = ours.on_claim(claim, NOW, tolerance)
@@ -512,7 +527,8 @@ def _receive(
         ]
         t2 = clock()
         if commit == "each":
-            store.append_many(entries, NOW)
+            prune = prunes.get(index)
+            store.append_many(entries, NOW, prune=() if prune is None else (prune,))
         else:
             items += entries
         result.crypto += t1 - t0
@@ -546,56 +562,86 @@ def _deliver(pairs: list[tuple[Account, Account]], claims: list[DebtClaim]) -> N
             raise SystemExit("a neighbour did not apply our claim")
 
 
-def _ghost_entries(ghosts: list[bytes], bodies: dict[str, bytes], intervals: int) -> list[Item]:
-    """`intervals` push intervals of ledger entries for each ghost neighbour, interleaved
-    across them as time interleaves them: per interval claim_sent + checkpoint (push_debts),
-    claim_received + checkpoint (_on_push_debt), then the PERIODIC checkpoints."""
-    one = [
-        ("claim_sent", bodies["claim_sent"]),
-        ("checkpoint", bodies["checkpoint"]),
-        ("claim_received", bodies["claim_received"]),
-        ("checkpoint", bodies["checkpoint"]),
-    ]
-    one += [("checkpoint", bodies["checkpoint"])] * PERIODIC
-    return [(ghost, kind, body) for _ in range(intervals) for ghost in ghosts for kind, body in one]
+def _claims_in_window(index: int) -> tuple[bool, bool]:
+    """Whether ghost `index`'s sent and received claim (one each per push interval, at phases
+    of their own) fall in the PRUNE_EVERY periodic checkpoints since its last checkpoint
+    prune: by its phase, as often as PRUNE_EVERY / PERIODIC of the ghosts."""
+    return index % PERIODIC < PRUNE_EVERY, (index + PERIODIC // 2) % PERIODIC < PRUNE_EVERY
+
+
+def _ghost_drops(index: int) -> dict[str, int]:
+    """The bodies each prune of ghost `index` drops, per kind."""
+    sent, received = _claims_in_window(index)
+    return {
+        "claim_sent": PRUNE_EVERY,
+        "claim_received": PRUNE_EVERY,
+        "checkpoint": PRUNE_EVERY + sent + received,
+    }
+
+
+def _ghost_entries(ghosts: list[bytes], bodies: dict[str, bytes]) -> list[Item]:
+    """What each ghost's ledger gained since its previous prunes, interleaved across the ghosts
+    as time interleaves them: PRUNE_EVERY steps of claim_sent, claim_received and a periodic
+    checkpoint, the checkpoints written with the claims in the first step (`_ghost_drops`)."""
+    items: list[Item] = []
+    for step in range(PRUNE_EVERY):
+        for index, ghost in enumerate(ghosts):
+            sent, received = _claims_in_window(index) if step == 0 else (False, False)
+            kinds = ["claim_sent", *["checkpoint"] * sent, "claim_received"]
+            kinds += ["checkpoint"] * (received + 1)
+            items += [(ghost, kind, bodies[kind]) for kind in kinds]
+    return items
 
 
 def _kept_entries(ghosts: list[bytes], bodies: dict[str, bytes]) -> list[Item]:
-    """What the previous prune left each ghost with a body: the newest keep_last of each kind
+    """What the previous prunes left each ghost with a body: the newest keep_last of each kind
     (written interleaved, oldest first)."""
-    most = max(keep for _, keep, _ in PRUNES)
+    most = max(keep for _, keep in PRUNES)
     return [
         (ghost, kind, bodies[kind])
         for age in range(most, 0, -1)
         for ghost in ghosts
-        for kind, keep, _ in PRUNES
+        for kind, keep in PRUNES
         if age <= keep
     ]
 
 
-def _time_prunes(ghosts: list[bytes], store: LedgerStore) -> Timing:
-    """Each ghost's three prunes, as the runtime makes them every PRUNE_EVERY claims. Checks
-    that each dropped the bodies written since the last one."""
-    dropped = dict.fromkeys((kind for kind, _, _ in PRUNES), 0)
-    gc.collect()
-    wall, cpu = time.perf_counter(), time.process_time()
+def _ghost_prunes(ghosts: list[bytes], kind: str) -> list[Prune]:
+    keep = dict(PRUNES)[kind]
+    return [(ghost, kind, keep) for ghost in ghosts]
+
+
+def _pruned(ghosts: list[bytes], store: LedgerStore) -> list[dict[str, int]]:
+    """Per ghost, per kind: how many of its entries have no body (untimed)."""
+    counts = []
     for ghost in ghosts:
-        for kind, keep, _ in PRUNES:
-            dropped[kind] += store.prune(ghost, kind, keep)
-    timing = Timing(time.perf_counter() - wall, time.process_time() - cpu)
-    for kind, _, drops in PRUNES:
-        if dropped[kind] != drops * len(ghosts):
-            raise SystemExit(f"prune {kind}: dropped {dropped[kind]}, not {drops * len(ghosts)}")
-    return timing
+        entries = store.entries(ghost)
+        counts.append(
+            {kind: sum(e.kind == kind and e.body is None for e in entries) for kind, _ in PRUNES}
+        )
+    return counts
 
 
-def _checkpoint_all(pairs: list[tuple[Account, Account]], store: LedgerStore) -> Timing:
+def _check_drops(ghosts: list[bytes], store: LedgerStore, before: list[dict[str, int]]) -> None:
+    """Every ghost's prunes dropped what it gained since its previous ones, as in the runtime."""
+    for index, (was, now) in enumerate(zip(before, _pruned(ghosts, store), strict=True)):
+        for kind, drops in _ghost_drops(index).items():
+            if now[kind] - was[kind] != drops:
+                raise SystemExit(
+                    f"ghost {index} {kind}: dropped {now[kind] - was[kind]}, not {drops}"
+                )
+
+
+def _checkpoint_all(
+    pairs: list[tuple[Account, Account]], store: LedgerStore, prune: list[Prune]
+) -> Timing:
     """What `Accounting.checkpoint` does every checkpoint_secs once every account's counts
-    moved: a snapshot of each, all in one transaction."""
+    moved: a snapshot of each, and the checkpoint prunes of the accounts whose turn it is, all
+    in one transaction."""
     gc.collect()
     wall, cpu = time.perf_counter(), time.process_time()
     items = [(ours.neighbor, "checkpoint", _encoder.encode(ours.snapshot())) for ours, _ in pairs]
-    store.append_many(items, NOW)
+    store.append_many(items, NOW, prune=prune)
     return Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
@@ -647,13 +693,20 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
     links = args.links
     pairs = [_priced_pair(me, Identity.generate(rng.randbytes)) for _ in range(links)]
     sample = min(args.sample, links)
-    ghosts = [rng.randbytes(32) for _ in range(args.prune_sample)]
+    # As many ghosts as links prune each kind per interval (or per periodic checkpoint).
+    ghosts = [rng.randbytes(32) for _ in range(max(1, round(links / PRUNE_EVERY)))]
+    # The sampled received claims that prune, each on a ghost of its own: every PRUNE_EVERY-th.
+    receive_prunes = {
+        index: (ghosts[index // PRUNE_EVERY], "claim_received", ACCOUNTING.keep_claims)
+        for index in range(0, min(sample, len(ghosts) * PRUNE_EVERY), PRUNE_EVERY)
+    }
+    unsampled = [ghost for ghost, _, _ in receive_prunes.values()]
+    unsampled = [ghost for ghost in ghosts if ghost not in unsampled]
     hop = _hop_cpu(ledger_dir / "hops.db", args.hops)
     sends: list[Work] = []
     receives: list[Work] = []
     sends_each: list[Work] = []
     ones: list[Work] = []
-    prunes: list[Timing] = []
     checkpoints: list[Timing] = []
     with LedgerStore.open(ledger_dir / "ledger.db") as store:
         # Warm-up: every chain and head exists; its entries are the ghosts' bodies.
@@ -665,20 +718,26 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
         _deliver(pairs, ours)
         first = pairs[0][0].neighbor
         bodies = {}
-        for kind, _, _ in PRUNES:
+        for kind, _ in PRUNES:
             entry = store.latest(first, kind)
             assert entry is not None and entry.body is not None
             bodies[kind] = entry.body
         store.append_many(_kept_entries(ghosts, bodies), NOW)
         for _ in range(args.push_rounds):
-            # As the runtime does it: push_debts to all, _on_push_debt from each.
+            # What the ghosts gained since their previous prunes (untimed).
+            store.append_many(_ghost_entries(ghosts, bodies), NOW)
+            before = _pruned(ghosts, store)
+            # As the runtime does it: push_debts to all, _on_push_debt from each, the claim
+            # prunes in their transactions.
             _move_counts(pairs, rng)
             their = _their_claims(pairs[:sample])
-            send, ours, _ = _send(pairs, store, "all")
-            receive, _ = _receive(pairs[:sample], their, store, "each")
+            send, ours, _ = _send(pairs, store, "all", _ghost_prunes(ghosts, "claim_sent"))
+            receive, _ = _receive(pairs[:sample], their, store, "each", receive_prunes)
             _deliver(pairs, ours)
             sends.append(send)
             receives.append(receive)
+            # The received claims' prunes outside the sample, untimed: ghosts stay in step.
+            store.append_many([], NOW, prune=_ghost_prunes(unsampled, "claim_received"))
             # Reference: push_debts with one transaction per claim, as it was before.
             _move_counts(pairs, rng)
             send_each, ours, _ = _send(pairs[:sample], store, "each")
@@ -691,31 +750,27 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
             receive, more = _receive(pairs, their, store, "later")
             ones.append(send + receive + _commit_all(items + more, store, links))
             _deliver(pairs, ours)
-            # The prunes: what PRUNE_EVERY intervals left, then the three prunes.
-            store.append_many(_ghost_entries(ghosts, bodies, PRUNE_EVERY), NOW)
-            prunes.append(_time_prunes(ghosts, store))
+            # The periodic checkpoint, with the checkpoint prunes whose turn it is.
             _move_counts(pairs, rng)
-            checkpoints.append(_checkpoint_all(pairs, store))
+            checkpoints.append(_checkpoint_all(pairs, store, _ghost_prunes(ghosts, "checkpoint")))
+            _check_drops(ghosts, store, before)
         size = (ledger_dir / "ledger.db").stat().st_size
 
     send, receive = _best(sends), _best(receives).scaled(links)
     send_each, one = _best(sends_each).scaled(links), _best(ones)
     each = send_each + receive
-    # Prunes per interval: each link prunes its three kinds at one claim in PRUNE_EVERY.
-    prune = min(prunes, key=lambda t: t.cpu)
-    prune_calls = len(PRUNES) * links / PRUNE_EVERY
-    prune_cpu = prune.cpu * links / PRUNE_EVERY / len(ghosts)
-    prune_wall = prune.wall * links / PRUNE_EVERY / len(ghosts)
-    # AsyncLedger calls per interval: one append_many for all sent claims, one _commit per
-    # received claim, and the prunes.
-    calls = 1 + links + prune_calls
-    runtime_cpu = send.cpu + receive.cpu + prune_cpu + calls * hop
-    runtime_wall = send.wall + receive.wall + prune_wall
+    # AsyncLedger calls per interval: one append_many for all sent claims (its prunes in it),
+    # one _commit per received claim (its prune in it). No prune is a call of its own.
+    calls = 1 + links
+    runtime_cpu = send.cpu + receive.cpu + calls * hop
+    runtime_wall = send.wall + receive.wall
     checkpoint = min(checkpoints, key=lambda t: t.cpu)
+    checkpoint_cpu = checkpoint.cpu + hop
     interval, every = ACCOUNTING.push_debt_secs, ACCOUNTING.checkpoint_secs
     scaled = "" if sample == links else f", timed on {sample} links and scaled"
-    kept = ", ".join(f"{kind} {keep}" for kind, keep, _ in PRUNES)
-    drops = "/".join(str(drops) for _, _, drops in PRUNES)
+    drops = [_ghost_drops(index) for index in range(len(ghosts))]
+    checkpoint_drops = sum(d["checkpoint"] for d in drops) / len(ghosts)
+    claim_prunes = len(ghosts)
     per_link = 1e6 / links
 
     def row(label: str, cpu: float, wall: float | None, note: str = "") -> str:
@@ -731,35 +786,31 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
             f"push_debts: sign all, 1 transaction ({2 * links:,} entries)",
             send.cpu,
             send.wall,
+            f"with {claim_prunes:,} claim_sent prunes (keep {ACCOUNTING.keep_claims}, "
+            f"dropping {PRUNE_EVERY} bodies each)",
         ),
         row(
             f"_on_push_debt: verify, commit each ({receive.transactions:,} transactions)",
             receive.cpu,
             receive.wall,
-            f"commit before ack{scaled}",
+            f"commit before ack; every {PRUNE_EVERY}th with its claim_received prune "
+            f"(keep {ACCOUNTING.keep_claims}, dropping {PRUNE_EVERY}){scaled}",
         ),
         row(
-            f"prunes at every {PRUNE_EVERY}th claim ({prune_calls:,.0f} transactions)",
-            prune_cpu,
-            prune_wall,
-            f"{len(PRUNES)}/{PRUNE_EVERY} per link: keep {kept}, dropping {drops} bodies; "
-            f"timed on {len(ghosts)} links",
-        ),
-        row(
-            f"AsyncLedger thread hops ({calls:,.0f} calls)",
+            f"AsyncLedger thread hops ({calls:,} calls)",
             calls * hop,
             None,
-            f"{hop * 1e6:.0f} us each: 1 for all sent claims, 1 per received claim and prune",
+            f"{hop * 1e6:.0f} us each: 1 for all sent claims, 1 per received claim",
         ),
         row("total", runtime_cpu, runtime_wall, "-> " + _share(runtime_cpu)),
         f"   per link, cpu: make_claim {send.crypto * per_link:.0f} us, on_claim "
         f"{receive.crypto * per_link:.0f} us, claim records + snapshots "
-        f"{(send.encode + receive.encode) * per_link:.0f} us; ledger: sending "
-        f"{send.ledger * per_link:.0f} us (a 1/{links:,} share of its transaction), receiving "
-        f"{receive.ledger * per_link:.0f} us (its own transaction, "
-        f"{receive.wall / receive.transactions * 1e3:.1f} ms wall), prunes "
-        f"{prune_cpu * per_link:.0f} us, hops {calls * hop * per_link:.0f} us",
-        "   for reference, both sides without prunes or hops:",
+        f"{(send.encode + receive.encode) * per_link:.0f} us; ledger, with the claim prunes: "
+        f"sending {send.ledger * per_link:.0f} us (a 1/{links:,} share of its transaction), "
+        f"receiving {receive.ledger * per_link:.0f} us (its own transaction, "
+        f"{receive.wall / receive.transactions * 1e3:.1f} ms wall), hops "
+        f"{calls * hop * per_link:.0f} us",
+        "   for reference, both sides without hops (the last two also without prunes):",
         row(
             "as the runtime does it (the first two above)",
             base_cpu,
@@ -779,8 +830,10 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
             f"{_share(one.cpu, False)}  (not allowed: receiving commits before each ack)",
         ),
         f"   not push_debt, for scale: the checkpoint every {every:g} s of all {links:,} "
-        f"accounts (one transaction): cpu {checkpoint.cpu * 1e3:.0f} ms, wall "
-        f"{checkpoint.wall * 1e3:.0f} ms -> {checkpoint.cpu / every:.2%} of a core",
+        f"accounts, with the {len(ghosts):,} checkpoint prunes whose turn it is (keep "
+        f"{KEEP_CHECKPOINTS}, dropping {checkpoint_drops:.2f} bodies each on average), one "
+        f"transaction and hop: cpu {checkpoint_cpu * 1e3:.0f} ms, wall "
+        f"{checkpoint.wall * 1e3:.0f} ms -> {checkpoint_cpu / every:.2%} of a core",
     ]
 
 
@@ -791,7 +844,6 @@ def main() -> int:
     parser.add_argument("--batches", type=int, help="batches per timing (default 25, quick 20)")
     parser.add_argument("--links", type=int, default=1000, help="push_debt neighbours")
     parser.add_argument("--sample", type=int, help="links whose received claims are timed")
-    parser.add_argument("--prune-sample", type=int, help="ghost links whose prunes are timed")
     parser.add_argument("--push-rounds", type=int, help="push_debt rounds (default 2, quick 1)")
     parser.add_argument("--hops", type=int, help="AsyncLedger calls timed (default 500)")
     parser.add_argument("--dir", type=Path, help="where the ledger file goes")
@@ -800,10 +852,9 @@ def main() -> int:
     args.rounds = args.rounds or (12 if quick else 60)
     args.batches = args.batches or (20 if quick else 25)
     args.sample = args.sample or (100 if quick else args.links)
-    args.prune_sample = args.prune_sample or (40 if quick else 100)
     args.push_rounds = args.push_rounds or (1 if quick else 2)
     args.hops = args.hops or (200 if quick else 500)
-    if min(args.rounds, args.batches, args.links, args.sample, args.prune_sample, args.hops) < 1:
+    if min(args.rounds, args.batches, args.links, args.sample, args.hops) < 1:
         parser.error("counts must be positive")
     configure_logging("warning", "json")
 

@@ -14,7 +14,7 @@ The relay loop never waits on any of this: it reads allowances and bumps counter
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -51,7 +51,9 @@ log = structlog.get_logger("earendil_py.accounting")
 REFUSED = APPLICATION_ERROR_MIN
 # Checkpoints kept in full per neighbour (older ones keep only their hash in the chain).
 KEEP_CHECKPOINTS = 10
-# Old claim and checkpoint bodies are pruned every this many claims, not at each one.
+# Old claim bodies are pruned every this many claims, in the claim's own transaction; old
+# checkpoint bodies every this many periodic checkpoints, in the checkpoint's transaction
+# (each account at its own turn, so every periodic checkpoint prunes ~1/PRUNE_EVERY of them).
 PRUNE_EVERY = 10
 # A debt-limit notice is sent at most this often per neighbour.
 NOTICE_INTERVAL_SECS = 10.0
@@ -62,6 +64,12 @@ _state_decoder = msgspec.msgpack.Decoder(AccountState)
 
 def unix_now() -> int:
     return int(time.time())
+
+
+def prune_turn(neighbor: bytes, tick: int) -> bool:
+    """Whether `neighbor`'s old checkpoints are pruned at the `tick`-th periodic checkpoint:
+    one tick in PRUNE_EVERY, offset by its fingerprint, so the prunes spread over the ticks."""
+    return (tick + neighbor[0]) % PRUNE_EVERY == 0
 
 
 def _record(*items: object) -> bytes:
@@ -82,6 +90,8 @@ class Accounting:
         self._saved: dict[bytes, AccountState] = {}
         self._last_notice: dict[bytes, float] = {}
         self._checkpointed: dict[bytes, tuple[int, int]] = {}
+        self._checkpoint_ticks = 0  # calls of checkpoint(): when each account prunes
+        self._unpruned: set[bytes] = set()  # checkpoint bodies written since their last prune
         self._pushing: set[bytes] = set()
         rpc = node.rpc
         rpc.register("push_price", self._on_push_price)
@@ -124,23 +134,37 @@ class Accounting:
         self.ledger = None
 
     async def checkpoint(self) -> None:
-        """Persist the counts of every account whose counts moved since the last time."""
+        """Persist the counts of every account whose counts moved since the last time, and
+        in the same transaction prune the old checkpoint bodies of the accounts whose turn it
+        is: each account's turn comes every PRUNE_EVERY calls, at an offset of its own."""
         items = []
         for neighbor, account in self.accounts.items():
             counts = (account.sent, account.received)
             if self._checkpointed.get(neighbor) != counts:
                 self._checkpointed[neighbor] = counts
                 items.append((neighbor, "checkpoint", _state_encoder.encode(account.snapshot())))
-        if items:
-            await self._ledger().append_many(items, unix_now())
+                self._unpruned.add(neighbor)
+        self._checkpoint_ticks += 1
+        due = [n for n in self._unpruned if prune_turn(n, self._checkpoint_ticks)]
+        prunes = [(n, "checkpoint", KEEP_CHECKPOINTS) for n in due]
+        if items or prunes:
+            await self._ledger().append_many(items, unix_now(), prune=prunes)
+            self._unpruned.difference_update(due)
 
-    async def _commit(self, account: Account, kind: str, body: bytes) -> None:
-        """Append an event and a checkpoint of `account` in one transaction."""
+    async def _commit(
+        self,
+        account: Account,
+        kind: str,
+        body: bytes,
+        prune: Sequence[tuple[bytes, str, int]] = (),
+    ) -> None:
+        """Append an event and a checkpoint of `account` in one transaction, with `prune`."""
         state = _state_encoder.encode(account.snapshot())
         neighbor = account.neighbor
         await self._ledger().append_many(
-            [(neighbor, kind, body), (neighbor, "checkpoint", state)], unix_now()
+            [(neighbor, kind, body), (neighbor, "checkpoint", state)], unix_now(), prune=prune
         )
+        self._unpruned.add(neighbor)
 
     async def _call(self, neighbor: bytes, method: str, params: Any) -> Any:
         # A task cancelled (shutdown) while committing must stop here, not call an RPC
@@ -253,6 +277,7 @@ class Accounting:
         now = unix_now()
         claims: list[DebtClaim] = []
         items: list[tuple[bytes, str, bytes]] = []
+        prunes: list[tuple[bytes, str, int]] = []
         for neighbor in neighbors:
             if neighbor in self._pushing:
                 continue
@@ -260,10 +285,13 @@ class Accounting:
             claim = account.make_claim(now)
             state = _state_encoder.encode(account.snapshot())
             items += [(neighbor, "claim_sent", _record(claim)), (neighbor, "checkpoint", state)]
+            if claim.seq % PRUNE_EVERY == 0:
+                prunes.append((neighbor, "claim_sent", self.config.keep_claims))
             claims.append(claim)
             self._pushing.add(neighbor)
         if items:
-            await self._ledger().append_many(items, now)
+            await self._ledger().append_many(items, now, prune=prunes)
+            self._unpruned.update(claim.counterparty for claim in claims)
         for claim in claims:
             self.node.spawn(self._send_claim, claim)
 
@@ -279,8 +307,6 @@ class Accounting:
                     log.warning("debt_push_failed", neighbor=short_hex(neighbor), error=str(exc))
             if scope.cancelled_caught:
                 log.info("debt_push_unanswered", neighbor=short_hex(neighbor), seq=claim.seq)
-            if claim.seq % PRUNE_EVERY == 0:
-                await self._ledger().prune(neighbor, "claim_sent", self.config.keep_claims)
         finally:
             self._pushing.discard(neighbor)
 
@@ -302,10 +328,12 @@ class Accounting:
             )
             self.node.accounts_changed()
             raise RpcError(REFUSED, "claim disputed: account frozen", "dispute")
-        await self._commit(account, "claim_received", _record(claim))
-        if claim.seq % PRUNE_EVERY == 0:
-            await self._ledger().prune(neighbor, "claim_received", self.config.keep_claims)
-            await self._ledger().prune(neighbor, "checkpoint", KEEP_CHECKPOINTS)
+        prune = (
+            [(neighbor, "claim_received", self.config.keep_claims)]
+            if claim.seq % PRUNE_EVERY == 0
+            else []
+        )
+        await self._commit(account, "claim_received", _record(claim), prune)
         return {"debt_umel": outcome.debt_out_after_umel}
 
     # --- debt limits --------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from itertools import groupby
 from operator import attrgetter
 from pathlib import Path
@@ -172,12 +172,23 @@ class LedgerStore:
         """
         return self.append_many([(neighbor, kind, body)], recorded_at)[0]
 
-    def append_many(self, items: list[tuple[bytes, str, bytes]], recorded_at: int) -> list[Entry]:
+    def append_many(
+        self,
+        items: list[tuple[bytes, str, bytes]],
+        recorded_at: int,
+        *,
+        prune: Sequence[tuple[bytes, str, int]] = (),
+    ) -> list[Entry]:
         """Append `(neighbor, kind, body)` items, in order, in ONE transaction: all or none.
 
-        Items may name different neighbours and the same one several times. Raises as `append`.
+        Items may name different neighbours and the same one several times. `prune` holds
+        `(neighbor, kind, keep_last)` prunes (as `prune`) run in the same transaction after the
+        appends, so they commit with them or not at all; with no items they still run. Raises
+        as `append`, and LocalProtocolError (nothing written) if a `keep_last` is negative.
         """
-        if not items:
+        prune = list(prune)
+        _check_keep(prune)
+        if not items and not prune:
             return []
         conn = self._connection()
         appended: list[Entry] = []
@@ -214,6 +225,8 @@ class LedgerStore:
                 "ON CONFLICT (neighbor) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                 [(neighbor, seq, digest) for neighbor, (seq, digest) in heads.items()],
             )
+            for neighbor, kind, keep_last in prune:
+                _prune(conn, neighbor, kind, keep_last)
         return appended
 
     def head(self, neighbor: bytes) -> tuple[int, bytes]:
@@ -267,30 +280,10 @@ class LedgerStore:
         for reuse inside the file; it is not a secure erase (old pages keep the bytes until
         SQLite reuses them). Raises LocalProtocolError if `keep_last` is negative.
         """
-        if keep_last < 0:
-            raise LocalProtocolError(f"keep_last must be >= 0, got {keep_last}")
+        _check_keep([(neighbor, kind, keep_last)])
         conn = self._connection()
         with self._transaction(conn, write=True):
-            if keep_last == 0:
-                cursor = conn.execute(
-                    "UPDATE entries SET body = NULL "
-                    "WHERE neighbor = ? AND kind = ? AND body IS NOT NULL",
-                    (neighbor, kind),
-                )
-                return cursor.rowcount
-            oldest_kept = conn.execute(
-                "SELECT seq FROM entries WHERE neighbor = ? AND kind = ? "
-                "ORDER BY seq DESC LIMIT 1 OFFSET ?",
-                (neighbor, kind, keep_last - 1),
-            ).fetchone()
-            if oldest_kept is None:
-                return 0
-            cursor = conn.execute(
-                "UPDATE entries SET body = NULL "
-                "WHERE neighbor = ? AND kind = ? AND seq < ? AND body IS NOT NULL",
-                (neighbor, kind, oldest_kept[0]),
-            )
-            return cursor.rowcount
+            return _prune(conn, neighbor, kind, keep_last)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -466,10 +459,15 @@ class AsyncLedger:
         return await self._run(lambda: self._store.append(neighbor, kind, body, recorded_at))
 
     async def append_many(
-        self, items: list[tuple[bytes, str, bytes]], recorded_at: int
+        self,
+        items: list[tuple[bytes, str, bytes]],
+        recorded_at: int,
+        *,
+        prune: Sequence[tuple[bytes, str, int]] = (),
     ) -> list[Entry]:
-        items = list(items)  # the caller may mutate its list while we wait our turn
-        return await self._run(lambda: self._store.append_many(items, recorded_at))
+        items = list(items)  # the caller may mutate its lists while we wait our turn
+        prunes = list(prune)
+        return await self._run(lambda: self._store.append_many(items, recorded_at, prune=prunes))
 
     async def head(self, neighbor: bytes) -> tuple[int, bytes]:
         return await self._run(lambda: self._store.head(neighbor))
@@ -505,6 +503,35 @@ class AsyncLedger:
             return call()
 
         return await anyio.to_thread.run_sync(guarded, limiter=self._limiter)
+
+
+def _check_keep(prunes: Iterable[tuple[bytes, str, int]]) -> None:
+    for _, _, keep_last in prunes:
+        if keep_last < 0:
+            raise LocalProtocolError(f"keep_last must be >= 0, got {keep_last}")
+
+
+def _prune(conn: sqlite3.Connection, neighbor: bytes, kind: str, keep_last: int) -> int:
+    """`LedgerStore.prune`'s statements, inside the caller's write transaction."""
+    if keep_last == 0:
+        cursor = conn.execute(
+            "UPDATE entries SET body = NULL WHERE neighbor = ? AND kind = ? AND body IS NOT NULL",
+            (neighbor, kind),
+        )
+        return cursor.rowcount
+    oldest_kept = conn.execute(
+        "SELECT seq FROM entries WHERE neighbor = ? AND kind = ? "
+        "ORDER BY seq DESC LIMIT 1 OFFSET ?",
+        (neighbor, kind, keep_last - 1),
+    ).fetchone()
+    if oldest_kept is None:
+        return 0
+    cursor = conn.execute(
+        "UPDATE entries SET body = NULL "
+        "WHERE neighbor = ? AND kind = ? AND seq < ? AND body IS NOT NULL",
+        (neighbor, kind, oldest_kept[0]),
+    )
+    return cursor.rowcount
 
 
 def _entry_from_row(row: _Row) -> Entry:

@@ -15,11 +15,12 @@ import pytest
 
 from earendil_py.core.accounting import EpochCount
 from earendil_py.netgen import Edge, generate_network
-from earendil_py.runtime.accounting import REFUSED
+from earendil_py.runtime.accounting import KEEP_CHECKPOINTS, PRUNE_EVERY, REFUSED, prune_turn
 from earendil_py.runtime.config import load_config
 from earendil_py.runtime.http import call_api
 from earendil_py.runtime.node import Node
 from earendil_py.runtime.rpc import RpcError
+from earendil_py.runtime.store import LedgerStore
 from tests.helpers import (
     FAST,
     DaemonProcess,
@@ -208,6 +209,63 @@ async def test_a_neighbour_over_its_limit_is_cut_off(tmp_path: Path) -> None:
         assert b.links[a.fingerprint][0].statistics().drops["debt_limit"] == 30
         assert account(b, a).debt_in_umel == 10_000
         assert len(b.receive_datagrams_nowait(DOCK, 1000)) == 100
+
+
+def test_each_account_prunes_its_checkpoints_once_every_prune_every_ticks() -> None:
+    for first in range(256):
+        turns = [t for t in range(1, 3 * PRUNE_EVERY + 1) if prune_turn(bytes([first]), t)]
+        assert len(turns) == 3 and turns[1] - turns[0] == turns[2] - turns[1] == PRUNE_EVERY
+
+
+@pytest.mark.anyio
+async def test_prunes_ride_in_the_claim_and_checkpoint_transactions(tmp_path: Path) -> None:
+    # No periodic work of its own: the test makes every claim and checkpoint.
+    toml = "[accounting]\npush_debt_secs = 1000\ncheckpoint_secs = 1000\nkeep_claims = 3\n"
+    nodes = make_nodes(
+        tmp_path,
+        2,
+        PAIR,
+        extra_toml=toml,
+        node_toml={
+            0: price_toml("out_routes.node1_udp", 1),
+            1: price_toml("in_routes.from_node0_udp", 1),
+        },
+    )
+    a, b = nodes
+    async with running(nodes):
+        with anyio.fail_after(5):
+            await converged(nodes, PAIR)
+        ledgers = [a.accounting._ledger(), b.accounting._ledger()]
+
+        async def no_prune_calls(*args: object) -> int:
+            raise AssertionError("prunes ride in other transactions")
+
+        for ledger in ledgers:
+            ledger.prune = no_prune_calls  # type: ignore[method-assign]
+        with anyio.fail_after(10):
+            for i in range(2 * PRUNE_EVERY):
+                if i < PRUNE_EVERY:  # then idle: a's counts stop moving
+                    await send_and_wait(a, b, 3)
+                await a.accounting.push_debts([b.fingerprint])
+                while b.fingerprint in a.accounting._pushing:  # until b acknowledged it
+                    await anyio.sleep(0.01)
+                await a.accounting.checkpoint()
+
+    def bodies(node: Node, other: Node, kind: str) -> list[bool]:
+        store = LedgerStore.open(node.config.db_path)
+        with store:
+            return [e.body is not None for e in store.entries(other.fingerprint, kinds=[kind])]
+
+    for node, other, kind in [(a, b, "claim_sent"), (b, a, "claim_received")]:
+        kept = bodies(node, other, kind)
+        assert len(kept) == 2 * PRUNE_EVERY and kept == [False] * (len(kept) - 3) + [True] * 3
+    # a pruned its checkpoints at its turns, idle or not (after its turn in the idle half
+    # came at most one checkpoint per idle tick, then the clean one at shutdown); b's claims
+    # pruned none of its checkpoints.
+    kept = bodies(a, b, "checkpoint")
+    assert KEEP_CHECKPOINTS < sum(kept) <= KEEP_CHECKPOINTS + PRUNE_EVERY < len(kept)
+    assert kept == sorted(kept)  # the newest are the ones kept
+    assert all(bodies(b, a, "checkpoint"))
 
 
 @pytest.mark.anyio

@@ -251,6 +251,53 @@ def test_append_many_writes_nothing_when_an_item_fails(tmp_path: Path) -> None:
         assert store.append(CAROL, "price", b"ok", T0).seq == 1  # still usable
 
 
+def test_append_many_prunes_in_the_same_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with LedgerStore.open(path) as store:
+        for i in range(4):
+            store.append(ALICE, "debt_checkpoint", b"total %d" % i, T0 + i)
+        store.append(BOB, "price", b"bob", T0)
+        batch = store.append_many(
+            [(ALICE, "debt_checkpoint", b"total 4"), (CAROL, "price", b"carol")],
+            T0 + 10,
+            prune=[(ALICE, "debt_checkpoint", 2), (BOB, "price", 0), (CAROL, "price", 1)],
+        )
+        assert [(e.neighbor, e.seq) for e in batch] == [(ALICE, 5), (CAROL, 1)]
+        # The prunes ran after the appends: the new checkpoint is one of the two kept.
+        bodies = [e.body for e in store.entries(ALICE)]
+        assert bodies == [None, None, None, b"total 3", b"total 4"]
+        assert [e.body for e in store.entries(BOB)] == [None]
+        assert [e.body for e in store.entries(CAROL)] == [b"carol"]
+        # Prunes alone still run, in a transaction of their own.
+        assert store.append_many([], T0, prune=[(ALICE, "debt_checkpoint", 1)]) == []
+        assert [e.body for e in store.entries(ALICE)][-2:] == [None, b"total 4"]
+        with pytest.raises(LocalProtocolError, match="keep_last"):
+            store.append_many([(CAROL, "price", b"x")], T0, prune=[(CAROL, "price", -1)])
+        assert store.head(CAROL) == (1, batch[1].hash)
+    LedgerStore.open(path).close()  # verifies the pruned chains
+
+
+def test_append_many_prunes_nothing_when_an_item_fails(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with LedgerStore.open(path) as store:
+        entries = [store.append(ALICE, "price", b"p %d" % i, T0) for i in range(3)]
+        raw(
+            path,
+            "INSERT INTO entries VALUES (?, 1, 'price', x'00', ?, ?, ?, 0)",
+            (BOB, bytes(32), bytes(32), bytes(32)),
+        )
+        with pytest.raises(LedgerCorrupt):
+            store.append_many(
+                [(ALICE, "price", b"new"), (BOB, "price", b"b")],
+                T0,
+                prune=[(ALICE, "price", 1)],
+            )
+        assert store.entries(ALICE) == entries  # not appended, not pruned
+        raw(path, "DELETE FROM entries WHERE neighbor = ?", (BOB,))
+    with LedgerStore.open(path) as store:
+        assert store.entries(ALICE) == entries
+
+
 def test_closed_store_refuses_calls(tmp_path: Path) -> None:
     store = LedgerStore.open(tmp_path / "ledger.db")
     store.close()
@@ -356,6 +403,9 @@ async def test_async_ledger_methods_and_close(tmp_path: Path) -> None:
         )
         assert [e.seq for e in batch] == [1, 2]
         assert await ledger.neighbors() == [ALICE]
+        pruned = await ledger.append_many([(BOB, "price", b"b")], T0, prune=[(BOB, "price", 0)])
+        assert [e.body for e in await ledger.entries(BOB)] == [None] and pruned[0].seq == 1
+        assert await ledger.neighbors() == [ALICE, BOB]
         assert await ledger.prune(ALICE, "debt_checkpoint", keep_last=1) == 1
         latest = await ledger.latest(ALICE, "debt_checkpoint")
         assert latest == batch[1]
