@@ -177,68 +177,54 @@ def verify_chain(entries: Iterable[Entry], *, start: tuple[int, bytes] = (0, GEN
         expected_seq += 1
         if neighbor is None:
             neighbor = entry.neighbor
-        where = f"neighbour {_short(neighbor)} seq {expected_seq}"
-        if entry.neighbor != neighbor:
-            raise LedgerCorrupt(
-                f"{where}: entry belongs to neighbour {_short(entry.neighbor)}",
-                neighbor=neighbor,
-                seq=expected_seq,
-                reason="wrong_neighbor",
-            )
-        if entry.seq != expected_seq:
-            raise LedgerCorrupt(
-                f"{where}: seq gap: the next entry has seq {entry.seq}",
-                neighbor=neighbor,
-                seq=expected_seq,
-                reason="seq_gap",
-            )
-        problem = _field_problem(
-            neighbor=entry.neighbor,
-            seq=entry.seq,
-            kind=entry.kind,
-            body_digest=entry.body_hash,
-            prev_hash=entry.prev_hash,
-            recorded_at=entry.recorded_at,
-            digest=entry.hash,
-        )
+        problem = _entry_problem(entry, neighbor, expected_seq, head)
         if problem is not None:
+            reason, what = problem
             raise LedgerCorrupt(
-                f"{where}: malformed entry: {problem}",
+                f"neighbour {_short(neighbor)} seq {expected_seq}: {what}",
                 neighbor=neighbor,
                 seq=expected_seq,
-                reason="malformed",
-            )
-        if entry.prev_hash != head:
-            raise LedgerCorrupt(
-                f"{where}: prev_hash mismatch: it does not link to the entry before it",
-                neighbor=neighbor,
-                seq=expected_seq,
-                reason="prev_hash_mismatch",
-            )
-        if entry.body is not None and body_hash(entry.body) != entry.body_hash:
-            raise LedgerCorrupt(
-                f"{where}: body does not match body_hash",
-                neighbor=neighbor,
-                seq=expected_seq,
-                reason="body_mismatch",
-            )
-        computed = entry_hash(
-            entry.prev_hash,
-            entry.neighbor,
-            entry.seq,
-            entry.kind,
-            entry.body_hash,
-            recorded_at=entry.recorded_at,
-        )
-        if computed != entry.hash:
-            raise LedgerCorrupt(
-                f"{where}: hash mismatch: the entry's fields do not hash to its stored hash",
-                neighbor=neighbor,
-                seq=expected_seq,
-                reason="hash_mismatch",
+                reason=reason,
             )
         head = entry.hash
     return head
+
+
+def _entry_problem(
+    entry: Entry, neighbor: bytes, expected_seq: int, head: bytes
+) -> tuple[str, str] | None:
+    """(reason, description) of the first thing wrong with `entry` at this place in its
+    chain, or None."""
+    if entry.neighbor != neighbor:
+        return "wrong_neighbor", f"entry belongs to neighbour {_short(entry.neighbor)}"
+    if entry.seq != expected_seq:
+        return "seq_gap", f"seq gap: the next entry has seq {entry.seq}"
+    problem = _field_problem(
+        neighbor=entry.neighbor,
+        seq=entry.seq,
+        kind=entry.kind,
+        body_digest=entry.body_hash,
+        prev_hash=entry.prev_hash,
+        recorded_at=entry.recorded_at,
+        digest=entry.hash,
+    )
+    if problem is not None:
+        return "malformed", f"malformed entry: {problem}"
+    if entry.prev_hash != head:
+        return "prev_hash_mismatch", "prev_hash mismatch: it does not link to the entry before it"
+    if entry.body is not None and body_hash(entry.body) != entry.body_hash:
+        return "body_mismatch", "body does not match body_hash"
+    computed = entry_hash(
+        entry.prev_hash,
+        entry.neighbor,
+        entry.seq,
+        entry.kind,
+        entry.body_hash,
+        recorded_at=entry.recorded_at,
+    )
+    if computed != entry.hash:
+        return "hash_mismatch", "hash mismatch: the entry's fields do not hash to its stored hash"
+    return None
 
 
 def _short(neighbor: bytes) -> str:
