@@ -30,10 +30,10 @@
    and commits all of them, each with a checkpoint of its account, in ONE `append_many`
    transaction. Receiving: each neighbour's claim (signed by its account before the timing)
    is verified and applied (`Account.on_claim`) and committed with a checkpoint in its own
-   transaction (`_commit`), since it must be on disk before it is acknowledged. Old claim
+   transaction (`commit`), since it must be on disk before it is acknowledged. Old claim
    bodies are pruned at every PRUNE_EVERY-th claim, inside those same transactions (the
    `prune` of `append_many`): claim_sent in push_debts' transaction, claim_received in that
-   claim's `_commit`; so per interval 1 / PRUNE_EVERY of the links prune each kind (the
+   claim's `commit`; so per interval 1 / PRUNE_EVERY of the links prune each kind (the
    runtime prunes a link at its claim seqs divisible by PRUNE_EVERY: the same on average).
    No prune is a ledger call or a transaction of its own. Every ledger call goes through
    AsyncLedger, per interval one for all the sent claims and one per received claim; the CPU
@@ -395,7 +395,7 @@ PERIODIC = round(ACCOUNTING.push_debt_secs / ACCOUNTING.checkpoint_secs)
 # What each prune keeps, per kind (the bodies it drops: `_ghost_drops`).
 PRUNES = (
     ("claim_sent", ACCOUNTING.keep_claims),  # push_debts
-    ("claim_received", ACCOUNTING.keep_claims),  # _on_push_debt's _commit
+    ("claim_received", ACCOUNTING.keep_claims),  # _on_push_debt's commit
     ("checkpoint", KEEP_CHECKPOINTS),  # checkpoint
 )
 
@@ -505,7 +505,7 @@ def _receive(
 ) -> tuple[Work, list[Item]]:
     """The neighbours' `claims` to us, as `_on_push_debt` takes them: verify and apply each
     (`on_claim`), encode it and a checkpoint of the account, and commit. `commit`: "each" in
-    its own transaction before the next (`_commit`: on disk before it is acknowledged), the
+    its own transaction before the next (`commit`: on disk before it is acknowledged), the
     i-th with the prune `prunes[i]` if there is one, "later" not at all (the entries are
     returned)."""
     prunes = prunes or {}
@@ -760,7 +760,7 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
     send_each, one = _best(sends_each).scaled(links), _best(ones)
     each = send_each + receive
     # AsyncLedger calls per interval: one append_many for all sent claims (its prunes in it),
-    # one _commit per received claim (its prune in it). No prune is a call of its own.
+    # one commit per received claim (its prune in it). No prune is a call of its own.
     calls = 1 + links
     runtime_cpu = send.cpu + receive.cpu + calls * hop
     runtime_wall = send.wall + receive.wall

@@ -151,26 +151,24 @@ class Accounting:
             await self._ledger().append_many(items, unix_now(), prune=prunes)
             self._unpruned.difference_update(due)
 
-    async def _commit(
+    async def commit(
         self,
         account: Account,
         kind: str,
         body: bytes,
         prune: Sequence[tuple[bytes, str, int]] = (),
+        *,
+        also: Sequence[tuple[str, bytes]] = (),
     ) -> None:
-        """Append an event and a checkpoint of `account` in one transaction, with `prune`."""
+        """Append an event, the entries in `also`, and a checkpoint of `account` in one
+        transaction, with `prune`."""
         state = _state_encoder.encode(account.snapshot())
         neighbor = account.neighbor
-        await self._ledger().append_many(
-            [(neighbor, kind, body), (neighbor, "checkpoint", state)], unix_now(), prune=prune
-        )
+        items = [(neighbor, kind, body)]
+        items += [(neighbor, other_kind, other_body) for other_kind, other_body in also]
+        items.append((neighbor, "checkpoint", state))
+        await self._ledger().append_many(items, unix_now(), prune=prune)
         self._unpruned.add(neighbor)
-
-    async def _call(self, neighbor: bytes, method: str, params: Any) -> Any:
-        # A task cancelled (shutdown) while committing must stop here, not call an RPC
-        # layer that has already stopped.
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        return await self.node.rpc.call(neighbor, method, params)
 
     def _ledger(self) -> AsyncLedger:
         assert self.ledger is not None, "Accounting.start() opens the ledger"
@@ -224,9 +222,11 @@ class Accounting:
         account = runner.account
         assert account is not None
         offer = account.propose(terms or self.terms_for(runner)[0], unix_now())
-        await self._commit(account, "price_offer_sent", _record(offer))
+        await self.commit(account, "price_offer_sent", _record(offer))
         try:
-            raw = await self._call(account.neighbor, "push_price", msgspec.to_builtins(offer))
+            raw = await self.node.rpc.call(
+                account.neighbor, "push_price", msgspec.to_builtins(offer)
+            )
             answer = msgspec.convert(raw, PriceAnswer)
             outcome = account.on_answer(answer)
         except (RpcError, RpcTimeout) as exc:
@@ -238,7 +238,7 @@ class Accounting:
                 "price_answer_refused", neighbor=short_hex(account.neighbor), error=str(exc)
             )
             return
-        await self._commit(account, "price_answer_received", _record(offer, answer))
+        await self.commit(account, "price_answer_received", _record(offer, answer))
         if isinstance(outcome, PriceAccepted):
             log.info(
                 "price_accepted",
@@ -264,7 +264,7 @@ class Accounting:
             answer = account.on_offer(offer, rule, unix_now())
         except RemoteProtocolError as exc:
             raise _refused(exc) from None
-        await self._commit(account, "price_answered", _record(offer, answer))
+        await self.commit(account, "price_answered", _record(offer, answer))
         self.node.accounts_changed()
         return msgspec.to_builtins(answer)
 
@@ -302,7 +302,7 @@ class Accounting:
             # next, rather than retransmitted for longer.
             with anyio.move_on_after(self.config.push_debt_secs) as scope:
                 try:
-                    await self._call(neighbor, "push_debt", msgspec.to_builtins(claim))
+                    await self.node.rpc.call(neighbor, "push_debt", msgspec.to_builtins(claim))
                 except (RpcError, RpcTimeout) as exc:
                     log.warning("debt_push_failed", neighbor=short_hex(neighbor), error=str(exc))
             if scope.cancelled_caught:
@@ -318,7 +318,7 @@ class Accounting:
         except RemoteProtocolError as exc:
             raise _refused(exc) from None
         if isinstance(outcome, Dispute):
-            await self._commit(account, "dispute", _record(claim, msgspec.to_builtins(outcome)))
+            await self.commit(account, "dispute", _record(claim, msgspec.to_builtins(outcome)))
             log.warning(
                 "debt_dispute",
                 neighbor=short_hex(neighbor),
@@ -333,7 +333,7 @@ class Accounting:
             if claim.seq % PRUNE_EVERY == 0
             else []
         )
-        await self._commit(account, "claim_received", _record(claim), prune)
+        await self.commit(account, "claim_received", _record(claim), prune)
         return {"debt_umel": outcome.debt_out_after_umel}
 
     # --- debt limits --------------------------------------------------------------------
@@ -362,7 +362,7 @@ class Accounting:
 
     async def _send_notice(self, neighbor: bytes, notice: DebtLimitNotice) -> None:
         try:
-            await self._call(neighbor, "debt_limit", msgspec.to_builtins(notice))
+            await self.node.rpc.call(neighbor, "debt_limit", msgspec.to_builtins(notice))
         except (RpcError, RpcTimeout) as exc:
             log.info("debt_limit_notice_failed", neighbor=short_hex(neighbor), error=str(exc))
 
@@ -393,7 +393,7 @@ class Accounting:
     async def unfreeze(self, neighbor: bytes) -> None:
         account = self.accounts[neighbor]
         account.unfreeze()
-        await self._commit(account, "unfreeze", _record(unix_now()))
+        await self.commit(account, "unfreeze", _record(unix_now()))
         self.node.accounts_changed()
 
     def _linked(self, neighbor: bytes) -> tuple[LinkRunner, Account]:

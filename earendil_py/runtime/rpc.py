@@ -148,6 +148,8 @@ class GlobalRpc:
         Raises LocalProtocolError if `run` is not running or params are not encodable or too
         large.
         """
+        # A caller cancelled (shutdown) stops here, before finding `run` already stopped.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         if self._task_group is None:
             raise LocalProtocolError("GlobalRpc.run() is not running")
         request_id, payload = self._client.request(

@@ -248,18 +248,14 @@ class Settlements:
 
     async def _commit(self, neighbor: bytes, kind: str, body: bytes) -> None:
         """Append an event, the account's checkpoint and the book's, in one transaction."""
-        items = [(neighbor, kind, body)]
-        account = self.node.accounting.accounts.get(neighbor)
-        if account is not None:
-            items.append((neighbor, "checkpoint", msgspec.msgpack.encode(account.snapshot())))
-        items.append((neighbor, "settlements", msgspec.msgpack.encode(self.books[neighbor].state)))
-        ledger = self.node.accounting.ledger
-        assert ledger is not None
-        await ledger.append_many(items, unix_now())
+        accounting = self.node.accounting
+        book_state = msgspec.msgpack.encode(self.books[neighbor].state)
+        await accounting.commit(
+            accounting.accounts[neighbor], kind, body, also=[("settlements", book_state)]
+        )
         self.node.accounts_changed()
 
     async def call(self, neighbor: bytes, method: str, params: Any) -> Any:
-        await anyio.lowlevel.checkpoint_if_cancelled()
         return await self.node.rpc.call(neighbor, method, params)
 
     # --- proposing ----------------------------------------------------------------------
