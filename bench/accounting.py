@@ -478,7 +478,7 @@ def _send(
         t1 = clock()
         entries = [
             (neighbor, "claim_sent", _record(claim)),
-            (neighbor, "checkpoint", _encoder.encode(ours.snapshot())),
+            (neighbor, "checkpoint", ours.checkpoint()),
         ]
         t2 = clock()
         if commit == "each":
@@ -523,7 +523,7 @@ def _receive(
         t1 = clock()
         entries = [
             (neighbor, "claim_received", _record(claim)),
-            (neighbor, "checkpoint", _encoder.encode(ours.snapshot())),
+            (neighbor, "checkpoint", ours.checkpoint()),
         ]
         t2 = clock()
         if commit == "each":
@@ -640,7 +640,7 @@ def _checkpoint_all(
     in one transaction."""
     gc.collect()
     wall, cpu = time.perf_counter(), time.process_time()
-    items = [(ours.neighbor, "checkpoint", _encoder.encode(ours.snapshot())) for ours, _ in pairs]
+    items = [(ours.neighbor, "checkpoint", ours.checkpoint()) for ours, _ in pairs]
     store.append_many(items, NOW, prune=prune)
     return Timing(time.perf_counter() - wall, time.process_time() - cpu)
 

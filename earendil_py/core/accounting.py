@@ -286,18 +286,23 @@ class Account:
     def unfreeze(self) -> None:
         self.state.frozen = ""
 
-    def snapshot(self, *, clean: bool = False) -> AccountState:
-        """Bring the state up to date with the live counts and return it (for a checkpoint).
-        Also tracks the busiest interval between checkpoints, for crash recovery."""
+    def checkpoint(self, *, clean: bool = False) -> bytes:
+        """Bring the state up to date with the live counts and encode it (a ledger
+        checkpoint). Also tracks the busiest interval between checkpoints, for crash
+        recovery."""
         s = self.state
         self._sync_live()
         total = sum(e.packets for e in s.inbound) + sum(e.packets for e in s.outbound)
         s.peak_packets = max(s.peak_packets, total - s.checkpoint_packets)
         s.checkpoint_packets = total
         s.clean = clean
-        copy = msgspec.msgpack.decode(msgspec.msgpack.encode(s), type=AccountState)
+        encoded = _encoder.encode(s)
         s.clean = False
-        return copy
+        return encoded
+
+    def snapshot(self, *, clean: bool = False) -> AccountState:
+        """`checkpoint`, as a copy of the state."""
+        return msgspec.msgpack.decode(self.checkpoint(clean=clean), type=AccountState)
 
     def _sync_live(self) -> None:
         """Copy the live counts into the open epochs."""

@@ -58,7 +58,7 @@ PRUNE_EVERY = 10
 # A debt-limit notice is sent at most this often per neighbour.
 NOTICE_INTERVAL_SECS = 10.0
 
-_state_encoder = msgspec.msgpack.Encoder()
+_record_encoder = msgspec.msgpack.Encoder()
 _state_decoder = msgspec.msgpack.Decoder(AccountState)
 
 
@@ -73,7 +73,7 @@ def prune_turn(neighbor: bytes, tick: int) -> bool:
 
 
 def _record(*items: object) -> bytes:
-    return _state_encoder.encode(items)
+    return _record_encoder.encode(items)
 
 
 class Accounting:
@@ -124,10 +124,7 @@ class Accounting:
         if self.ledger is None:
             return
         with anyio.CancelScope(shield=True):
-            items = [
-                (n, "checkpoint", _state_encoder.encode(a.snapshot(clean=True)))
-                for n, a in self.accounts.items()
-            ]
+            items = [(n, "checkpoint", a.checkpoint(clean=True)) for n, a in self.accounts.items()]
             if items:
                 await self.ledger.append_many(items, unix_now())
             await self.ledger.aclose()
@@ -142,7 +139,7 @@ class Accounting:
             counts = (account.sent, account.received)
             if self._checkpointed.get(neighbor) != counts:
                 self._checkpointed[neighbor] = counts
-                items.append((neighbor, "checkpoint", _state_encoder.encode(account.snapshot())))
+                items.append((neighbor, "checkpoint", account.checkpoint()))
                 self._unpruned.add(neighbor)
         self._checkpoint_ticks += 1
         due = [n for n in self._unpruned if prune_turn(n, self._checkpoint_ticks)]
@@ -162,7 +159,7 @@ class Accounting:
     ) -> None:
         """Append an event, the entries in `also`, and a checkpoint of `account` in one
         transaction, with `prune`."""
-        state = _state_encoder.encode(account.snapshot())
+        state = account.checkpoint()
         neighbor = account.neighbor
         items = [(neighbor, kind, body)]
         items += [(neighbor, other_kind, other_body) for other_kind, other_body in also]
@@ -283,7 +280,7 @@ class Accounting:
                 continue
             account = self.accounts[neighbor]
             claim = account.make_claim(now)
-            state = _state_encoder.encode(account.snapshot())
+            state = account.checkpoint()
             items += [(neighbor, "claim_sent", _record(claim)), (neighbor, "checkpoint", state)]
             if claim.seq % PRUNE_EVERY == 0:
                 prunes.append((neighbor, "claim_sent", self.config.keep_claims))
