@@ -81,6 +81,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 
 import anyio
@@ -500,14 +501,14 @@ def _receive(
     pairs: list[tuple[Account, Account]],
     claims: list[DebtClaim],
     store: LedgerStore,
-    commit: str,
+    groups: list[range] | None,
     prunes: dict[int, Prune] | None = None,
 ) -> tuple[Work, list[Item]]:
     """The neighbours' `claims` to us, as `_on_push_debt` takes them: verify and apply each
-    (`on_claim`), encode it and a checkpoint of the account, and commit. `commit`: "each" in
-    its own transaction before the next (`commit`: on disk before it is acknowledged), the
-    i-th with the prune `prunes[i]` if there is one, "later" not at all (the entries are
-    returned)."""
+    (`on_claim`) as it arrives, then encode each with a checkpoint of its account and commit
+    them, one transaction per group of `groups` (`_commit_claim`: on disk before any is
+    acknowledged), each with the prunes `prunes[i]` of its members i that have one.
+    `groups` None: not committed at all (the entries are returned)."""
     prunes = prunes or {}
     tolerance = ACCOUNTING.claim_tolerance_packets
     result = Work(len(pairs))
@@ -516,29 +517,45 @@ def _receive(
     clock = time.perf_counter
     gc.collect()
     wall, cpu = clock(), time.process_time()
-    for index, ((ours, _), claim) in enumerate(zip(pairs, claims, strict=True)):
-        neighbor = ours.neighbor
-        t0 = clock()
-        outcome = ours.on_claim(claim, NOW, tolerance)
+    for group in groups or [range(len(pairs))]:
+        for index in group:
+            t0 = clock()
+            outcome = pairs[index][0].on_claim(claims[index], NOW, tolerance)
+            result.crypto += clock() - t0
+            applied += isinstance(outcome, ClaimApplied)
         t1 = clock()
-        entries = [
-            (neighbor, "claim_received", _record(claim)),
-            (neighbor, "checkpoint", ours.checkpoint()),
-        ]
-        t2 = clock()
-        if commit == "each":
-            prune = prunes.get(index)
-            store.append_many(entries, NOW, prune=() if prune is None else (prune,))
-        else:
+        entries: list[Item] = []
+        for index in group:
+            ours = pairs[index][0]
+            entries += [
+                (ours.neighbor, "claim_received", _record(claims[index])),
+                (ours.neighbor, "checkpoint", ours.checkpoint()),
+            ]
+        result.encode += clock() - t1
+        if groups is None:
             items += entries
-        result.crypto += t1 - t0
-        result.encode += t2 - t1
-        applied += isinstance(outcome, ClaimApplied)
+        else:
+            group_prunes = [prunes[index] for index in group if index in prunes]
+            store.append_many(entries, NOW, prune=group_prunes)
     result.cpu, result.wall = time.process_time() - cpu, clock() - wall
-    result.transactions = len(pairs) if commit == "each" else 0
+    result.transactions = 0 if groups is None else len(groups)
     if applied != len(pairs):
         raise SystemExit(f"only {applied} of {len(pairs)} claims were applied")
     return result, items
+
+
+def _arrivals(links: int, rng: random.Random) -> list[range]:
+    """How `_commit_claim` groups the claims of `links` neighbours in one push interval: each
+    neighbour pushes at a phase of its own (uniformly random), a group is the first claim and
+    those arriving within claim_commit_delay_secs of it. Claims are numbered in arrival order,
+    so each group is a range."""
+    times = sorted(rng.uniform(0, ACCOUNTING.push_debt_secs) for _ in range(links))
+    delay = ACCOUNTING.claim_commit_delay_secs
+    starts = [0]
+    for index in range(1, links):
+        if times[index] >= times[starts[-1]] + delay:
+            starts.append(index)
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], links], strict=True)]
 
 
 def _commit_all(items: list[Item], store: LedgerStore, links: int) -> Work:
@@ -692,7 +709,11 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
     me = Identity.generate(rng.randbytes)
     links = args.links
     pairs = [_priced_pair(me, Identity.generate(rng.randbytes)) for _ in range(links)]
-    sample = min(args.sample, links)
+    # The received claims timed: whole arrival groups, from the first, until `sample` claims.
+    groups = _arrivals(links, rng)
+    timed_groups = list(takewhile(lambda g: g.start < min(args.sample, links), groups))
+    sample = timed_groups[-1].stop
+    singles = [range(index, index + 1) for index in range(sample)]
     # As many ghosts as links prune each kind per interval (or per periodic checkpoint).
     ghosts = [rng.randbytes(32) for _ in range(max(1, round(links / PRUNE_EVERY)))]
     # The sampled received claims that prune, each on a ghost of its own: every PRUNE_EVERY-th.
@@ -706,6 +727,7 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
     sends: list[Work] = []
     receives: list[Work] = []
     sends_each: list[Work] = []
+    receives_each: list[Work] = []
     ones: list[Work] = []
     checkpoints: list[Timing] = []
     with LedgerStore.open(ledger_dir / "ledger.db") as store:
@@ -713,7 +735,7 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
         _move_counts(pairs, rng)
         their = _their_claims(pairs)
         _, ours, items = _send(pairs, store, "later")
-        _, more = _receive(pairs, their, store, "later")
+        _, more = _receive(pairs, their, store, None)
         store.append_many(items + more, NOW)
         _deliver(pairs, ours)
         first = pairs[0][0].neighbor
@@ -732,22 +754,26 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
             _move_counts(pairs, rng)
             their = _their_claims(pairs[:sample])
             send, ours, _ = _send(pairs, store, "all", _ghost_prunes(ghosts, "claim_sent"))
-            receive, _ = _receive(pairs[:sample], their, store, "each", receive_prunes)
+            receive, _ = _receive(pairs[:sample], their, store, timed_groups, receive_prunes)
             _deliver(pairs, ours)
             sends.append(send)
             receives.append(receive)
             # The received claims' prunes outside the sample, untimed: ghosts stay in step.
             store.append_many([], NOW, prune=_ghost_prunes(unsampled, "claim_received"))
-            # Reference: push_debts with one transaction per claim, as it was before.
+            # Reference: one transaction per claim, sent (as push_debts was before it batched)
+            # and received (as with claim_commit_delay_secs = 0), without prunes.
             _move_counts(pairs, rng)
+            their = _their_claims(pairs[:sample])
             send_each, ours, _ = _send(pairs[:sample], store, "each")
+            receive_each, _ = _receive(pairs[:sample], their, store, singles)
             _deliver(pairs[:sample], ours)
             sends_each.append(send_each)
+            receives_each.append(receive_each)
             # Reference: both sides' entries in one transaction.
             _move_counts(pairs, rng)
             their = _their_claims(pairs)
             send, ours, items = _send(pairs, store, "later")
-            receive, more = _receive(pairs, their, store, "later")
+            receive, more = _receive(pairs, their, store, None)
             ones.append(send + receive + _commit_all(items + more, store, links))
             _deliver(pairs, ours)
             # The periodic checkpoint, with the checkpoint prunes whose turn it is.
@@ -758,15 +784,18 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
 
     send, receive = _best(sends), _best(receives).scaled(links)
     send_each, one = _best(sends_each).scaled(links), _best(ones)
-    each = send_each + receive
+    receive_each = _best(receives_each).scaled(links)
+    each = send_each + receive_each
     # AsyncLedger calls per interval: one append_many for all sent claims (its prunes in it),
-    # one commit per received claim (its prune in it). No prune is a call of its own.
-    calls = 1 + links
+    # one per group of received claims (their prunes in it). No prune is a call of its own.
+    calls = 1 + len(groups)
+    alone_cpu = send.cpu + receive_each.cpu + (1 + links) * hop
     runtime_cpu = send.cpu + receive.cpu + calls * hop
     runtime_wall = send.wall + receive.wall
     checkpoint = min(checkpoints, key=lambda t: t.cpu)
     checkpoint_cpu = checkpoint.cpu + hop
     interval, every = ACCOUNTING.push_debt_secs, ACCOUNTING.checkpoint_secs
+    delay = ACCOUNTING.claim_commit_delay_secs
     scaled = "" if sample == links else f", timed on {sample} links and scaled"
     drops = [_ghost_drops(index) for index in range(len(ghosts))]
     checkpoint_drops = sum(d["checkpoint"] for d in drops) / len(ghosts)
@@ -790,26 +819,35 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
             f"dropping {PRUNE_EVERY} bodies each)",
         ),
         row(
-            f"_on_push_debt: verify, commit each ({receive.transactions:,} transactions)",
+            f"_on_push_debt: verify, commit in groups ({receive.transactions:,} transactions)",
             receive.cpu,
             receive.wall,
-            f"commit before ack; every {PRUNE_EVERY}th with its claim_received prune "
-            f"(keep {ACCOUNTING.keep_claims}, dropping {PRUNE_EVERY}){scaled}",
+            f"committed before acked, {links / len(groups):.1f} claims a group "
+            f"(claim_commit_delay_secs {delay:g}); every {PRUNE_EVERY}th claim with its "
+            f"claim_received prune (keep {ACCOUNTING.keep_claims}, dropping {PRUNE_EVERY})"
+            f"{scaled}",
         ),
         row(
             f"AsyncLedger thread hops ({calls:,} calls)",
             calls * hop,
             None,
-            f"{hop * 1e6:.0f} us each: 1 for all sent claims, 1 per received claim",
+            f"{hop * 1e6:.0f} us each: 1 for all sent claims, 1 per group of received claims",
         ),
         row("total", runtime_cpu, runtime_wall, "-> " + _share(runtime_cpu)),
         f"   per link, cpu: make_claim {send.crypto * per_link:.0f} us, on_claim "
         f"{receive.crypto * per_link:.0f} us, claim records + snapshots "
         f"{(send.encode + receive.encode) * per_link:.0f} us; ledger, with the claim prunes: "
         f"sending {send.ledger * per_link:.0f} us (a 1/{links:,} share of its transaction), "
-        f"receiving {receive.ledger * per_link:.0f} us (its own transaction, "
-        f"{receive.wall / receive.transactions * 1e3:.1f} ms wall), hops "
+        f"receiving {receive.ledger * per_link:.0f} us (a share of its group's transaction, "
+        f"{receive.wall / receive.transactions * 1e3:.1f} ms wall each), hops "
         f"{calls * hop * per_link:.0f} us",
+        row(
+            "the same with claim_commit_delay_secs 0 (each claim alone)",
+            alone_cpu,
+            None,
+            f"-> {_share(alone_cpu, False)}  ({links + 1:,} transactions and hops, "
+            f"no receive prunes{scaled})",
+        ),
         "   for reference, both sides without hops (the last two also without prunes):",
         row(
             "as the runtime does it (the first two above)",
@@ -821,13 +859,14 @@ def _bench_push_debt(args: argparse.Namespace, ledger_dir: Path) -> list[str]:
             f"every commit its own transaction ({each.transactions:,})",
             each.cpu,
             each.wall,
-            f"{_share(each.cpu, False)}  (push_debts before it batched{scaled})",
+            f"{_share(each.cpu, False)}  (push_debts before it batched, claims received "
+            f"alone{scaled})",
         ),
         row(
             f"all in 1 transaction ({4 * links:,} entries)",
             one.cpu,
             one.wall,
-            f"{_share(one.cpu, False)}  (not allowed: receiving commits before each ack)",
+            f"{_share(one.cpu, False)}  (not allowed: received claims wait at most {delay:g} s)",
         ),
         f"   not push_debt, for scale: the checkpoint every {every:g} s of all {links:,} "
         f"accounts, with the {len(ghosts):,} checkpoint prunes whose turn it is (keep "

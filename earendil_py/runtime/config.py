@@ -80,6 +80,9 @@ class AccountingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, 
     checkpoint_secs: Seconds = 5.0
     claim_tolerance_packets: NonNegative = 256
     keep_claims: Positive = 100
+    # Received claims are committed in groups: the first waits this long for others. Below
+    # the 0.5 s after which a neighbour's RPC client sends the claim again.
+    claim_commit_delay_secs: Annotated[float, msgspec.Meta(ge=0, lt=0.5)] = 0.25
 
 
 class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -14,18 +14,22 @@ spinning disks or SD cards), which is why periodic checkpoints of many links go 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from itertools import groupby
-from operator import attrgetter
+from operator import attrgetter, getitem
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Generic, NamedTuple, Self, TypeVar
 
 import anyio
-import anyio.to_thread
 
 from earendil_py.core.errors import ConfigError, LocalProtocolError
 from earendil_py.core.identity import short_hex
@@ -33,7 +37,7 @@ from earendil_py.core.ledger import GENESIS, Entry, LedgerCorrupt, build_entry, 
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1  # PRAGMA user_version; bump with a migration, never reinterpret old files
+SCHEMA_VERSION = 2  # PRAGMA user_version; bump with a migration, never reinterpret old files
 APPLICATION_ID = int.from_bytes(b"EPLg", "big")  # PRAGMA application_id: "this is our ledger"
 MIN_SQLITE = (3, 37, 0)  # STRICT tables
 
@@ -49,9 +53,9 @@ CREATE TABLE entries (
     recorded_at INTEGER NOT NULL,
     PRIMARY KEY (neighbor, seq)
 ) STRICT;
-CREATE INDEX entries_by_kind ON entries (neighbor, kind, seq);
 -- Only the rows that still have a body: pruning and `latest` stay fast however long the
--- chain of pruned checkpoints grows.
+-- chain of pruned checkpoints grows. The only secondary index: each one costs every append
+-- a page write in a random place (entries of many neighbours interleave).
 CREATE INDEX entries_with_body ON entries (neighbor, kind, seq) WHERE body IS NOT NULL;
 CREATE TABLE heads (
     neighbor BLOB PRIMARY KEY,
@@ -60,7 +64,22 @@ CREATE TABLE heads (
     FOREIGN KEY (neighbor, seq) REFERENCES entries (neighbor, seq)
 ) STRICT;
 """
+# From the schema version of the key to the next one; entries are never rewritten.
+_MIGRATIONS = {
+    # The (neighbor, kind, seq) index over every row: entries_with_body serves every query.
+    1: "DROP INDEX entries_by_kind",
+}
 _Row = tuple[bytes, int, str, bytes | None, bytes, bytes, bytes, int]
+Item = tuple[bytes, str, bytes]  # (neighbor, kind, body) to append
+Prune = tuple[bytes, str, int]  # (neighbor, kind, keep_last)
+
+
+class Batch(NamedTuple):
+    """One `append_many` call's arguments."""
+
+    items: Sequence[Item]
+    recorded_at: int
+    prune: Sequence[Prune] = ()
 
 
 class LedgerStore:
@@ -76,14 +95,12 @@ class LedgerStore:
         self._conn: sqlite3.Connection | None = connection
 
     @classmethod
-    def open(cls, path: Path, *, check_same_thread: bool = True) -> LedgerStore:
+    def open(cls, path: Path) -> LedgerStore:
         """Open the ledger at `path`, creating it if missing, and verify every chain in it.
 
         Raises ConfigError (message starts with the path) if the file cannot be opened, is not
         a ledger, or has a newer schema than this version understands; raises LedgerCorrupt
         (message starts with the path) if any chain or head does not verify.
-        `check_same_thread=False` is only for callers that hand the store from thread to
-        thread while never using it from two at once, as AsyncLedger does.
         """
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise ConfigError(
@@ -94,9 +111,7 @@ class LedgerStore:
         try:
             # isolation_level=None: the sqlite3 module opens no implicit transactions; every
             # transaction below is an explicit BEGIN ... COMMIT.
-            connection = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=check_same_thread
-            )
+            connection = sqlite3.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
             raise ConfigError(f"{path}: cannot open ledger: {exc}") from None
         store = cls(path, connection)
@@ -174,10 +189,10 @@ class LedgerStore:
 
     def append_many(
         self,
-        items: list[tuple[bytes, str, bytes]],
+        items: Sequence[Item],
         recorded_at: int,
         *,
-        prune: Sequence[tuple[bytes, str, int]] = (),
+        prune: Sequence[Prune] = (),
     ) -> list[Entry]:
         """Append `(neighbor, kind, body)` items, in order, in ONE transaction: all or none.
 
@@ -186,47 +201,55 @@ class LedgerStore:
         appends, so they commit with them or not at all; with no items they still run. Raises
         as `append`, and LocalProtocolError (nothing written) if a `keep_last` is negative.
         """
-        prune = list(prune)
-        _check_keep(prune)
-        if not items and not prune:
-            return []
+        return self.append_batches([Batch(items, recorded_at, prune)])[0]
+
+    def append_batches(self, batches: Sequence[Batch]) -> list[list[Entry]]:
+        """Several `append_many` calls, in order, in ONE transaction and one fsync (a group
+        commit): all or none. Returns each batch's entries. Raises as `append_many`."""
+        for batch in batches:
+            _check_keep(batch.prune)
+        if not any(batch.items or batch.prune for batch in batches):
+            return [[] for _ in batches]
         conn = self._connection()
-        appended: list[Entry] = []
+        appended: list[list[Entry]] = []
         with self._transaction(conn, write=True):
             heads: dict[bytes, tuple[int, bytes]] = {}
-            for neighbor, kind, body in items:
-                seq, prev = heads.get(neighbor) or self._read_head(conn, neighbor)
-                entry = build_entry(
-                    neighbor=neighbor,
-                    seq=seq + 1,
-                    kind=kind,
-                    body=body,
-                    prev_hash=prev,
-                    recorded_at=recorded_at,
-                )
-                try:
-                    conn.execute(
-                        "INSERT INTO entries (neighbor, seq, kind, body, body_hash, prev_hash, "
-                        "hash, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        _row_from_entry(entry),
+            for items, recorded_at, prune in batches:
+                appended.append([])
+                for neighbor, kind, body in items:
+                    seq, prev = heads.get(neighbor) or self._read_head(conn, neighbor)
+                    entry = build_entry(
+                        neighbor=neighbor,
+                        seq=seq + 1,
+                        kind=kind,
+                        body=body,
+                        prev_hash=prev,
+                        recorded_at=recorded_at,
                     )
-                except sqlite3.IntegrityError:
-                    raise self._corrupt(
-                        f"neighbour {short_hex(neighbor)} seq {entry.seq}: an entry already "
-                        f"exists past the recorded head (seq {seq})",
-                        neighbor,
-                        entry.seq,
-                        "head_behind",
-                    ) from None
-                heads[neighbor] = (entry.seq, entry.hash)
-                appended.append(entry)
+                    try:
+                        conn.execute(
+                            "INSERT INTO entries (neighbor, seq, kind, body, body_hash, "
+                            "prev_hash, hash, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            _row_from_entry(entry),
+                        )
+                    except sqlite3.IntegrityError:
+                        raise self._corrupt(
+                            f"neighbour {short_hex(neighbor)} seq {entry.seq}: an entry already "
+                            f"exists past the recorded head (seq {seq})",
+                            neighbor,
+                            entry.seq,
+                            "head_behind",
+                        ) from None
+                    heads[neighbor] = (entry.seq, entry.hash)
+                    appended[-1].append(entry)
+                # A batch's prunes follow its own appends, as in append_many.
+                for neighbor, kind, keep_last in prune:
+                    _prune(conn, neighbor, kind, keep_last)
             conn.executemany(
                 "INSERT INTO heads (neighbor, seq, hash) VALUES (?, ?, ?) "
                 "ON CONFLICT (neighbor) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                 [(neighbor, seq, digest) for neighbor, (seq, digest) in heads.items()],
             )
-            for neighbor, kind, keep_last in prune:
-                _prune(conn, neighbor, kind, keep_last)
         return appended
 
     def head(self, neighbor: bytes) -> tuple[int, bytes]:
@@ -338,14 +361,19 @@ class LedgerStore:
             return
         with self._transaction(conn, write=True):
             # Re-read under the write lock: another process may have created it meanwhile.
-            if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == SCHEMA_VERSION:
                 return
-            if conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
-                raise ConfigError(f"{self._path}: not an earendil_py ledger file")
-            for statement in _SCHEMA.split(";"):
+            if version == 0:
+                if conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
+                    raise ConfigError(f"{self._path}: not an earendil_py ledger file")
+                statements = _SCHEMA
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            else:
+                statements = ";".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+            for statement in statements.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @staticmethod
@@ -399,25 +427,38 @@ class LedgerStore:
 
 
 class AsyncLedger:
-    """A LedgerStore whose calls run in a worker thread, one at a time, in call order.
+    """A LedgerStore that lives in a thread of its own. Its calls run there one at a time, in
+    call order, so the event loop never waits on SQLite or fsync, and appends to one
+    neighbour form a gap-free chain.
 
-    The event loop never waits on SQLite or fsync. All calls go through a CapacityLimiter of
-    one token, which is FIFO, so calls from many tasks run one after another in the order they
-    were made, and appends to one neighbour form a gap-free chain.
+    Group commit: `append_many` calls queued while the thread was busy run together in ONE
+    transaction (one fsync), and each caller still gets its own entries back only once they
+    are on disk. If that shared transaction fails, each of its calls runs again alone, so an
+    error reaches only the call that caused it.
 
-    Cancellation: a call cancelled while it waits its turn never runs. Once it has started in
-    the worker thread it runs to completion (its transaction commits or rolls back as a whole;
-    a transaction is never left half done) and the caller waits for it, shielded; the
-    cancellation takes effect at the caller's next checkpoint. So a caller whose append raised
-    a cancellation cannot assume either way whether it was committed: compare `head()` if it
-    matters. A call made after `aclose` raises anyio.ClosedResourceError; everything else
-    raises as the LedgerStore method of the same name.
+    Cancellation: a call cancelled while it waits its turn never runs. Once it has started it
+    runs to completion (its transaction commits or rolls back as a whole; a transaction is
+    never left half done) and the caller waits for it, shielded; the cancellation takes effect
+    at the caller's next checkpoint. So a caller whose append raised a cancellation cannot
+    assume either way whether it was committed: compare `head()` if it matters. A call made
+    after `aclose` raises anyio.ClosedResourceError; everything else raises as the LedgerStore
+    method of the same name.
+
+    Needs anyio's asyncio backend (the daemon's): the thread hands results back with the
+    loop's `call_soon_threadsafe`, a third of the CPU of an `anyio.to_thread` call (measured
+    by bench/accounting.py), and the node makes one call per received push_debt claim.
     """
 
-    def __init__(self, store: LedgerStore, limiter: anyio.CapacityLimiter) -> None:
-        self._store = store
-        self._limiter = limiter
-        self._closing = False
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: queue.SimpleQueue[_Call[Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards every _Call.state between the two threads
+        self._store: LedgerStore | None = None
+        self._path: Path | None = None
+        self._closing: _Call[None] | None = None
+        self._stopped = False  # only the thread reads and writes it
+        self._stats = LedgerStatistics()  # only the thread writes it
+        threading.Thread(target=self._serve, name="ledger", daemon=True).start()
 
     @classmethod
     async def open(cls, path: Path) -> AsyncLedger:
@@ -425,18 +466,23 @@ class AsyncLedger:
 
         Raises as LedgerStore.open.
         """
-        limiter = anyio.CapacityLimiter(1)
-        # The connection is created in one worker thread and used from whichever worker thread
-        # anyio hands the next call to; the limiter guarantees never two at once, which is the
-        # condition under which sqlite3's check_same_thread may be turned off.
-        store = await anyio.to_thread.run_sync(
-            lambda: LedgerStore.open(path, check_same_thread=False), limiter=limiter
-        )
-        return cls(store, limiter)
+        ledger = cls(asyncio.get_running_loop())
+
+        def open_store() -> None:
+            ledger._store = LedgerStore.open(path)  # made in, and only used from, its thread
+            ledger._path = path
+
+        try:
+            await ledger._run(open_store)
+        except BaseException:
+            await ledger.aclose()
+            raise
+        return ledger
 
     @property
     def path(self) -> Path:
-        return self._store.path
+        assert self._path is not None, "AsyncLedger.open sets the path"
+        return self._path
 
     async def __aenter__(self) -> Self:
         return self
@@ -450,59 +496,168 @@ class AsyncLedger:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the file after the calls already queued have run. Idempotent."""
-        self._closing = True
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._store.close, limiter=self._limiter)
+        """Close the file after the calls already queued have run, and end the thread.
+        Idempotent."""
+        if self._closing is None:
+            self._closing = self._submit(self._close)
+        if not self._closing.finished:
+            with anyio.CancelScope(shield=True):
+                await asyncio.shield(self._closing.waiter)  # several may wait for it
 
     async def append(self, neighbor: bytes, kind: str, body: bytes, recorded_at: int) -> Entry:
-        return await self._run(lambda: self._store.append(neighbor, kind, body, recorded_at))
+        return (await self.append_many([(neighbor, kind, body)], recorded_at))[0]
 
     async def append_many(
-        self,
-        items: list[tuple[bytes, str, bytes]],
-        recorded_at: int,
-        *,
-        prune: Sequence[tuple[bytes, str, int]] = (),
+        self, items: Sequence[Item], recorded_at: int, *, prune: Sequence[Prune] = ()
     ) -> list[Entry]:
-        items = list(items)  # the caller may mutate its lists while we wait our turn
-        prunes = list(prune)
-        return await self._run(lambda: self._store.append_many(items, recorded_at, prune=prunes))
+        # Copies: the caller may change its lists while we wait our turn.
+        entries: list[Entry] = await self._run(Batch(list(items), recorded_at, list(prune)))
+        return entries
 
     async def head(self, neighbor: bytes) -> tuple[int, bytes]:
-        return await self._run(lambda: self._store.head(neighbor))
+        return await self._run(lambda: self._live().head(neighbor))
 
     async def neighbors(self) -> list[bytes]:
-        return await self._run(self._store.neighbors)
+        return await self._run(lambda: self._live().neighbors())
 
     async def entries(
         self, neighbor: bytes, *, kinds: Collection[str] | None = None, after_seq: int = 0
     ) -> list[Entry]:
         kinds = None if kinds is None else tuple(kinds)
         return await self._run(
-            lambda: self._store.entries(neighbor, kinds=kinds, after_seq=after_seq)
+            lambda: self._live().entries(neighbor, kinds=kinds, after_seq=after_seq)
         )
 
     async def latest(self, neighbor: bytes, kind: str) -> Entry | None:
-        return await self._run(lambda: self._store.latest(neighbor, kind))
+        return await self._run(lambda: self._live().latest(neighbor, kind))
 
     async def prune(self, neighbor: bytes, kind: str, keep_last: int) -> int:
-        return await self._run(lambda: self._store.prune(neighbor, kind, keep_last))
+        return await self._run(lambda: self._live().prune(neighbor, kind, keep_last))
 
     async def verify(self) -> None:
-        await self._run(self._store.verify)
+        await self._run(lambda: self._live().verify())
 
-    async def _run(self, call: Callable[[], T]) -> T:
-        if self._closing:
+    def statistics(self) -> LedgerStatistics:
+        """A copy of the counters so far."""
+        return replace(self._stats)
+
+    # -- the event loop's side ---------------------------------------------------------------
+
+    def _submit(self, work: Callable[[], T] | Batch) -> _Call[T]:
+        call: _Call[T] = _Call(work, self._loop.create_future())
+        self._queue.put(call)
+        return call
+
+    async def _run(self, work: Callable[[], T] | Batch) -> T:
+        if self._closing is not None:
             raise anyio.ClosedResourceError
+        call: _Call[T] = self._submit(work)
+        await self._wait(call)
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[return-value]  # set whenever error is not
 
-        def guarded() -> T:
-            # aclose may have been queued ahead of us after the check above.
-            if self._store.closed:
-                raise anyio.ClosedResourceError
-            return call()
+    async def _wait(self, call: _Call[Any]) -> None:
+        try:
+            await call.waiter
+        except anyio.get_cancelled_exc_class():
+            with self._lock:
+                started = call.state != _QUEUED
+                if not started:
+                    call.state = _SKIPPED  # the thread will pass it by
+            if started and not call.finished:
+                # The cancellation also cancelled the waiter: wait on a new one. _wake runs
+                # on this loop too, so it cannot slip in between the check and the wait.
+                call.waiter = self._loop.create_future()
+                with anyio.CancelScope(shield=True):
+                    await call.waiter
+            raise
 
-        return await anyio.to_thread.run_sync(guarded, limiter=self._limiter)
+    # -- the thread's side -------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._stopped:
+            calls = [self._queue.get()]
+            while not self._queue.empty():  # only this thread takes from the queue
+                calls.append(self._queue.get_nowait())
+            with self._lock:
+                calls = [call for call in calls if call.state == _QUEUED]
+                for call in calls:
+                    call.state = _STARTED
+            # Consecutive appends share one transaction; anything else runs alone.
+            for appends, group in groupby(calls, key=lambda call: isinstance(call.work, Batch)):
+                if appends:
+                    self._append(list(group))
+                else:
+                    for call in group:
+                        assert not isinstance(call.work, Batch)
+                        self._finish(call, call.work)
+
+    def _append(self, calls: list[_Call[Any]]) -> None:
+        batches = [call.work for call in calls if isinstance(call.work, Batch)]
+        results: list[list[Entry]] | None = None
+        if len(calls) > 1:
+            with contextlib.suppress(Exception):  # rolled back: each call runs alone below
+                results = self._live().append_batches(batches)
+                self._stats.group_commits += 1
+                self._stats.grouped_appends += len(calls)
+        for index, (call, batch) in enumerate(zip(calls, batches, strict=True)):
+            if results is not None:
+                self._finish(call, partial(getitem, results, index))
+            else:
+                self._finish(call, partial(self._append_alone, batch))
+
+    def _append_alone(self, batch: Batch) -> list[Entry]:
+        return self._live().append_batches([batch])[0]
+
+    def _finish(self, call: _Call[T], work: Callable[[], T]) -> None:
+        try:
+            call.result = work()
+        except BaseException as exc:  # delivered to the caller, who raises it
+            call.error = exc
+        try:
+            self._loop.call_soon_threadsafe(_wake, call)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            self._stopped = True
+
+    def _live(self) -> LedgerStore:
+        # aclose may have been queued ahead of a call that passed _run's check.
+        if self._store is None or self._store.closed:
+            raise anyio.ClosedResourceError
+        return self._store
+
+    def _close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        self._stopped = True
+
+
+_QUEUED, _STARTED, _SKIPPED = "queued", "started", "skipped"
+
+
+@dataclass(slots=True)
+class LedgerStatistics:
+    group_commits: int = 0  # transactions that held more than one append_many call
+    grouped_appends: int = 0  # append_many calls committed in those
+
+
+@dataclass(slots=True)
+class _Call(Generic[T]):
+    """One AsyncLedger call on its way to the thread and back."""
+
+    work: Callable[[], T] | Batch
+    waiter: asyncio.Future[None]  # the caller awaits it; only the event loop touches it
+    state: str = _QUEUED  # queued -> started (by the thread) or skipped (by a cancellation)
+    finished: bool = False  # result or error is set; only the event loop touches it
+    result: T | None = None
+    error: BaseException | None = None
+
+
+def _wake(call: _Call[Any]) -> None:
+    """On the event loop: the thread is done with `call`."""
+    call.finished = True
+    if not call.waiter.done():
+        call.waiter.set_result(None)
 
 
 def _check_keep(prunes: Iterable[tuple[bytes, str, int]]) -> None:
@@ -520,7 +675,9 @@ def _prune(conn: sqlite3.Connection, neighbor: bytes, kind: str, keep_last: int)
         )
         return cursor.rowcount
     oldest_kept = conn.execute(
-        "SELECT seq FROM entries WHERE neighbor = ? AND kind = ? "
+        # Bodies are only ever dropped oldest first, so the newest `keep_last` entries of a kind
+        # are the newest ones that still have a body: the partial index finds them.
+        "SELECT seq FROM entries WHERE neighbor = ? AND kind = ? AND body IS NOT NULL "
         "ORDER BY seq DESC LIMIT 1 OFFSET ?",
         (neighbor, kind, keep_last - 1),
     ).fetchone()

@@ -268,6 +268,54 @@ async def test_prunes_ride_in_the_claim_and_checkpoint_transactions(tmp_path: Pa
     assert all(bodies(b, a, "checkpoint"))
 
 
+STAR = [Edge(1, 0, "udp"), Edge(2, 0, "udp"), Edge(3, 0, "tcp")]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fail", [False, True])
+async def test_claims_received_together_are_committed_together(tmp_path: Path, fail: bool) -> None:
+    # Node 0 hears from three neighbours at once: one transaction, before any acknowledgement;
+    # if that transaction fails, none of them is acknowledged.
+    nodes = make_nodes(tmp_path, 4, STAR, extra_toml="[accounting]\npush_debt_secs = 1000\n")
+    hub, *leaves = nodes
+    async with running(nodes):
+        with anyio.fail_after(5):
+            await converged(nodes, STAR)
+        ledger = hub.accounting._ledger()
+        commits: list[list[str]] = []
+        append_many = ledger.append_many
+
+        async def spy(items: list[tuple[bytes, str, bytes]], *args: object, **kw: object) -> object:
+            commits.append([kind for _, kind, _ in items])
+            if fail:
+                raise sqlite3.OperationalError("disk I/O error")
+            return await append_many(items, *args, **kw)  # type: ignore[arg-type]
+
+        ledger.append_many = spy  # type: ignore[method-assign]
+        answers: dict[int, object] = {}
+
+        async def push(index: int, leaf: Node) -> None:
+            claim = msgspec.to_builtins(account(leaf, hub).make_claim(int(time.time())))
+            try:
+                answers[index] = await leaf.rpc.call(hub.fingerprint, "push_debt", claim)
+            except RpcError as exc:
+                answers[index] = exc.code
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                for index, leaf in enumerate(leaves):
+                    tg.start_soon(push, index, leaf)
+        ledger.append_many = append_many  # type: ignore[method-assign]
+    assert commits == [["claim_received", "checkpoint"] * 3]
+    if fail:
+        assert answers == {0: -32603, 1: -32603, 2: -32603}
+    else:
+        assert answers == {i: {"debt_umel": 0} for i in range(3)}
+        with LedgerStore.open(hub.config.db_path) as store:
+            for leaf in leaves:
+                assert store.latest(leaf.fingerprint, "claim_received") is not None
+
+
 @pytest.mark.anyio
 async def test_forged_replayed_and_overclaiming_push_debt(tmp_path: Path) -> None:
     nodes = priced_pair(tmp_path, price_0=1, price_1=1)

@@ -163,9 +163,25 @@ def test_wal_mode_is_persistent_in_the_file(tmp_path: Path) -> None:
 def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     populate(path)
-    raw(path, "PRAGMA user_version=2")
-    with pytest.raises(ConfigError, match=r"schema version 2 is newer .*\(1\); upgrade"):
+    raw(path, "PRAGMA user_version=3")
+    with pytest.raises(ConfigError, match=r"schema version 3 is newer .*\(2\); upgrade"):
         LedgerStore.open(path)
+
+
+def test_a_version_1_ledger_is_migrated_and_keeps_every_entry(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    populate(path)
+    # Version 1 had one more index; otherwise the same tables.
+    raw(path, "CREATE INDEX entries_by_kind ON entries (neighbor, kind, seq)")
+    raw(path, "PRAGMA user_version=1")
+    before = raw(path, "SELECT * FROM entries ORDER BY neighbor, seq")
+    with LedgerStore.open(path) as store:
+        assert store.head(ALICE)[0] == 5
+        assert store.append(ALICE, "price", b"after", T0).seq == 6
+    assert raw(path, "PRAGMA user_version") == [(2,)]
+    assert raw(path, "SELECT name FROM sqlite_schema WHERE name = 'entries_by_kind'") == []
+    after = "SELECT * FROM entries WHERE NOT (neighbor = ? AND seq = 6) ORDER BY neighbor, seq"
+    assert raw(path, after, (ALICE,)) == before
 
 
 @pytest.mark.parametrize("kind", ["garbage", "other-sqlite"])
@@ -206,6 +222,14 @@ def test_prune_drops_old_bodies_and_the_chain_still_verifies(tmp_path: Path) -> 
         assert store.latest(ALICE, "debt_checkpoint") is None
         assert store.latest(BOB, "debt_checkpoint") is not None
         assert store.prune(CAROL, "price", keep_last=1) == 0
+        # After everything was pruned, a prune keeps the newest keep_last entries, bodies
+        # or not: the two new ones are among them.
+        store.append(ALICE, "debt_checkpoint", b"new 1", T0)
+        store.append(ALICE, "debt_checkpoint", b"new 2", T0)
+        assert store.prune(ALICE, "debt_checkpoint", keep_last=3) == 0
+        assert store.prune(ALICE, "debt_checkpoint", keep_last=1) == 1
+        bodies = [e.body for e in store.entries(ALICE, kinds=["debt_checkpoint"])]
+        assert bodies == [None] * 7 + [b"new 2"]
     LedgerStore.open(path).close()
 
 
@@ -368,29 +392,81 @@ async def test_async_ledger_serializes_concurrent_appends_in_call_order(tmp_path
         assert store.head(ALICE)[0] == per_neighbor
 
 
+BIG = [(ALICE, "debt_checkpoint", b"x" * 100)] * 10_000  # a transaction of ~0.3 s
+
+
+async def wait_until_writing(path: Path) -> None:
+    """Until the ledger's thread is inside a write transaction."""
+    while not _write_locked(path):
+        await anyio.sleep(0.001)
+
+
 @pytest.mark.anyio
-async def test_cancelled_callers_leave_a_complete_chain(tmp_path: Path) -> None:
+async def test_callers_cancelled_in_the_queue_never_run(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
-    returned: list[int] = []
     with anyio.fail_after(20):
         async with await AsyncLedger.open(path) as ledger:
             async with anyio.create_task_group() as tg:
-
-                async def one(i: int) -> None:
-                    entry = await ledger.append(ALICE, "debt_checkpoint", b"%d" % i, T0)
-                    returned.append(entry.seq)
-                    if len(returned) == 3:
-                        tg.cancel_scope.cancel()
-
-                for i in range(40):
-                    tg.start_soon(one, i)
-            seq, digest = await ledger.head(ALICE)
-            assert 3 <= seq < 40  # some calls were cancelled in the queue and never ran
-            assert set(returned) <= set(range(1, seq + 1))
-            entries = await ledger.entries(ALICE)
-            assert [e.seq for e in entries] == list(range(1, seq + 1))
-            assert entries[-1].hash == digest
+                tg.start_soon(ledger.append_many, BIG, T0)
+                await wait_until_writing(path)
+                with anyio.CancelScope() as queued:
+                    async with anyio.create_task_group() as waiting:
+                        for i in range(40):
+                            waiting.start_soon(ledger.append, BOB, "price", b"%d" % i, T0)
+                        await anyio.sleep(0)  # all 40 are queued behind the big one
+                        queued.cancel()
+            assert await ledger.head(BOB) == (0, GENESIS)  # none of the 40 ran
+            assert (await ledger.append(BOB, "price", b"after", T0)).seq == 1
             await ledger.verify()
+
+
+@pytest.mark.anyio
+async def test_appends_queued_together_commit_together_in_call_order(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with anyio.fail_after(20):
+        async with await AsyncLedger.open(path) as ledger:
+            seqs: dict[int, int] = {}
+
+            async def one(i: int) -> None:
+                seqs[i] = (await ledger.append(BOB, "price", b"%d" % i, T0 + i)).seq
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ledger.append_many, BIG, T0)
+                await wait_until_writing(path)
+                for i in range(20):
+                    tg.start_soon(one, i)
+            assert seqs == {i: i + 1 for i in range(20)}
+            stats = ledger.statistics()
+            assert (stats.group_commits, stats.grouped_appends) == (1, 20)
+            entries = await ledger.entries(BOB)
+            assert [e.body for e in entries] == [b"%d" % i for i in range(20)]
+            assert [e.recorded_at for e in entries] == [T0 + i for i in range(20)]
+        with LedgerStore.open(path) as store:
+            assert store.head(BOB)[0] == 20
+
+
+@pytest.mark.anyio
+async def test_a_bad_append_in_a_group_fails_alone(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    outcomes: dict[str, object] = {}
+
+    async def one(name: str, kind: str) -> None:
+        try:
+            outcomes[name] = (await ledger.append(CAROL, kind, name.encode(), T0)).seq
+        except LocalProtocolError as exc:
+            outcomes[name] = exc
+
+    with anyio.fail_after(20):
+        async with await AsyncLedger.open(path) as ledger:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ledger.append_many, BIG, T0)
+                await wait_until_writing(path)
+                tg.start_soon(one, "first", "price")
+                tg.start_soon(one, "bad", "Not A Kind")
+                tg.start_soon(one, "last", "price")
+            assert outcomes["first"] == 1 and outcomes["last"] == 2
+            assert isinstance(outcomes["bad"], LocalProtocolError)
+            assert [e.body for e in await ledger.entries(CAROL)] == [b"first", b"last"]
 
 
 @pytest.mark.anyio
@@ -444,19 +520,17 @@ async def test_a_cancelled_caller_waits_until_its_started_transaction_is_done(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "ledger.db"
-    items = [(ALICE, "debt_checkpoint", b"x" * 100)] * 10_000  # a transaction of ~0.3 s
     with anyio.fail_after(20):
         async with await AsyncLedger.open(path) as ledger:
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(ledger.append_many, items, T0)
-                    while not _write_locked(path):  # the worker is inside its transaction
-                        await anyio.sleep(0.001)
+                    tg.start_soon(ledger.append_many, BIG, T0)
+                    await wait_until_writing(path)
                     scope.cancel()
             # The cancelled caller only got here once the transaction was committed, so another
             # connection sees all of it, and the next append follows it.
-            assert raw(path, "SELECT count(*) FROM entries") == [(len(items),)]
-            assert (await ledger.append(ALICE, "price", b"", T0)).seq == len(items) + 1
+            assert raw(path, "SELECT count(*) FROM entries") == [(len(BIG),)]
+            assert (await ledger.append(ALICE, "price", b"", T0)).seq == len(BIG) + 1
 
 
 def test_unwritable_location_is_a_config_error(tmp_path: Path) -> None:
