@@ -191,8 +191,9 @@ def _profile_rows(profiler: cProfile.Profile) -> list[tuple[float, int, str, str
 
 
 def _run_relay(config_path: str, count_packets: bool, cpu: int | None, conn: Connection) -> None:
-    """A relay process: the node from `config_path`, with counting on or off from the start."""
-    _pin(cpu)
+    """A relay process: the node from `config_path`, with counting on or off from the start.
+    Its event loop's thread is pinned to `cpu` once the node runs; the threads the node
+    started (its peel thread) keep every CPU."""
     node_module.COUNT_PACKETS = count_packets
     config = load_config(Path(config_path))
     configure_logging(config.logging.level, config.logging.format)
@@ -217,6 +218,7 @@ def _run_relay(config_path: str, count_packets: bool, cpu: int | None, conn: Con
     async def main() -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(node.run)
+            _pin(cpu)  # this thread only
             conn.send(None)
             await _answer(conn, snapshot, drops)
             tg.cancel_scope.cancel()

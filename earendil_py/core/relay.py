@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
-from earendil_py.core.packet import MAX_PAYLOAD, Delivered, peel_packet
+from earendil_py.core.packet import MAX_PAYLOAD, Delivered, Forward, peel_packet
 from earendil_py.core.replay import ReplayFilter
 
 DOCK = struct.Struct(">I")
@@ -23,6 +23,8 @@ MAX_DATAGRAM = MAX_PAYLOAD - DOCK.size
 # Replay tags are remembered for at least this long, and at most this many at once.
 REPLAY_WINDOW_SECS = 600.0
 REPLAY_MAX_ENTRIES = 1_000_000
+# One onion layer peeled: or why it could not be.
+Layer = Forward | Delivered | RemoteProtocolError
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,19 +55,30 @@ class Peeler:
 
     def peel(self, packet: bytes, now: float) -> tuple[bytes, bytes] | Datagram | None:
         """(next_peeler, inner packet) to forward, a Datagram for us, or None (dropped)."""
+        return self.accept(self.peel_layer(packet), now)
+
+    def peel_layer(self, packet: bytes) -> Layer:
+        """The onion crypto of `peel`, and nothing else: it reads only the key and writes
+        nothing, so several threads may call it at once. Pass the result to `accept`."""
         try:
-            result = peel_packet(packet, self._onion_secret)
+            return peel_packet(packet, self._onion_secret)
         except RemoteProtocolError as exc:
-            self.drops[exc.reason] += 1
+            return exc
+
+    def accept(self, layer: Layer, now: float) -> tuple[bytes, bytes] | Datagram | None:
+        """What `peel` returns for a `peel_layer` result: drops counted, the replay filter
+        checked, a datagram's dock parsed."""
+        if isinstance(layer, RemoteProtocolError):
+            self.drops[layer.reason] += 1
             return None
         # The tag is only recorded once the MAC verified, so forged packets cannot fill it.
-        if not self._replay.check_and_insert(result.replay_tag, now):
+        if not self._replay.check_and_insert(layer.replay_tag, now):
             self.drops["replay"] += 1
             return None
-        if isinstance(result, Delivered):
-            if len(result.payload) < DOCK.size:
+        if isinstance(layer, Delivered):
+            if len(layer.payload) < DOCK.size:
                 self.drops["bad_datagram"] += 1
                 return None
-            (dock,) = DOCK.unpack_from(result.payload)
-            return Datagram(dock, result.payload[DOCK.size :])
-        return result.next_peeler, result.packet
+            (dock,) = DOCK.unpack_from(layer.payload)
+            return Datagram(dock, layer.payload[DOCK.size :])
+        return layer.next_peeler, layer.packet

@@ -61,6 +61,7 @@ from earendil_py.runtime.config import Config, InRoute, OutRoute, parse_address
 from earendil_py.runtime.control import build_router
 from earendil_py.runtime.gossip import Gossip
 from earendil_py.runtime.http import HttpServer
+from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
 from earendil_py.runtime.rpc import GlobalRpc
 from earendil_py.runtime.settlement import Settlements
 
@@ -326,6 +327,7 @@ class Node:
         self.relay = RelayStatistics()
         self.graph = RelayGraph()
         self.peeler = Peeler(identity.onion_secret)
+        self.peeling = ParallelPeeler(self.peeler.peel_layer, threads=usable_cpus())
         self.hops = DEFAULT_HOPS
         self._docks: dict[int, deque[Datagram]] = {}
         self._delivered = anyio.Event()
@@ -429,7 +431,9 @@ class Node:
         """Peel or forward a batch of onion frames, then send them grouped by link.
 
         Each item is (link it came in on or None if we originate it, next_peeler, packet).
-        Counters are bumped once per batch per link, never per packet.
+        Counters are bumped once per batch per link, never per packet. The layers to peel
+        are peeled together (on two threads when there are two CPUs), so they leave after
+        the batch's plain forwards.
         """
         me = self.fingerprint
         links = self.links
@@ -440,6 +444,8 @@ class Node:
         refused: list[LinkRunner] = []
         peeled = forwarded = delivered = 0
         no_route = 0
+        leaving: list[tuple[bytes, bytes]] = []  # (next_peeler, packet)
+        to_peel: list[bytes] = []
         for source, next_peeler, packet in batch:
             if source is not None:
                 left = allowance.get(source)
@@ -450,7 +456,15 @@ class Node:
                     continue
                 allowance[source] = left - 1
             if next_peeler == me:
-                result = self.peeler.peel(packet, now)
+                to_peel.append(packet)
+                continue
+            if source is not None:
+                forwarded += 1
+            leaving.append((next_peeler, packet))
+        if to_peel:
+            accept = self.peeler.accept
+            for layer in self.peeling.peel_all(to_peel):
+                result = accept(layer, now)
                 if result is None:
                     continue
                 peeled += 1
@@ -458,9 +472,9 @@ class Node:
                     self._deliver(result)
                     delivered += 1
                     continue
-                next_peeler, packet = result
-            elif source is not None:
-                forwarded += 1
+                leaving.append(result)
+        for onion in leaving:
+            next_peeler = onion[0]
             # A neighbour directly, as `_route_to` does first; else the graph's next hop.
             runners = links.get(next_peeler)
             target = runners[0] if runners is not None else self._route_to(next_peeler)
@@ -470,7 +484,7 @@ class Node:
             onions = outgoing.get(target)
             if onions is None:
                 onions = outgoing[target] = []
-            onions.append((next_peeler, packet))
+            onions.append(onion)
         # Every link's frames are encrypted before any is sent (an error then sends nothing).
         encrypted = [
             (runner, runner.link.encrypt_onions(onions)) for runner, onions in outgoing.items()
@@ -566,6 +580,7 @@ class Node:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
                 await self.bind()
+                self.peeling.start()
                 await tg.start(self.rpc.run)
                 for name, in_route in self.config.in_routes.items():
                     tg.start_soon(self._listen, name, in_route)
@@ -578,6 +593,7 @@ class Node:
                 self._log.info("node_started", fingerprint=self.fingerprint.hex())
                 task_status.started()
         finally:
+            self.peeling.close()
             await self.accounting.aclose()
 
     def _new_link(self, *, initiator: bool, secret: str, reliable: bool, **kw: object) -> Link:

@@ -14,6 +14,7 @@ from earendil_py.core.relay import encode_datagram
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.node import Node
+from earendil_py.runtime.peeling import ParallelPeeler
 from tests.helpers import FAST, LINE, RING, DaemonProcess, converged, make_nodes, running
 
 
@@ -90,11 +91,11 @@ async def test_thousand_datagrams_through_five_nodes(tmp_path: Path, topology: s
 async def test_relays_that_are_not_the_next_peeler_do_no_onion_crypto(tmp_path: Path) -> None:
     nodes = make_nodes(tmp_path, 5, LINE)
 
-    def no_crypto(packet: bytes, now: float) -> None:
+    def no_crypto(packet: bytes) -> None:
         raise AssertionError("a plain relay peeled a packet")
 
-    nodes[1].peeler.peel = no_crypto  # type: ignore[method-assign]
-    nodes[3].peeler.peel = no_crypto  # type: ignore[method-assign]
+    for plain in (nodes[1], nodes[3]):
+        plain.peeling = ParallelPeeler(no_crypto, threads=1)  # type: ignore[arg-type]
     async with running(nodes):
         with anyio.fail_after(5):
             await converged(nodes, LINE)
