@@ -38,7 +38,7 @@ import enum
 import hmac
 import struct
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import blake3
@@ -107,6 +107,12 @@ def check_mac1(mac_key: bytes, message: bytes) -> bool:
         return False
     body = memoryview(message)[:-MAC_SIZE]
     return hmac.compare_digest(_mac1(mac_key, body), message[-MAC_SIZE:])
+
+
+def onion_frame(next_peeler: bytes, packet: bytes) -> bytes:
+    """The plaintext of a DATA message that carries an onion packet: the ONION kind byte,
+    the 32-byte fingerprint of the packet's next peeler, the packet."""
+    return b"".join((_ONION_KIND, next_peeler, packet))
 
 
 def message_type(message: bytes) -> int:
@@ -322,27 +328,27 @@ class Link:
             self._close(reason, now, notify=True)
 
     def encrypt_onion(self, next_peeler: bytes, packet: bytes) -> bytes:
-        """The hot path: one DATA message carrying an onion packet for `next_peeler`."""
-        return self._seal(b"".join((_ONION_KIND, next_peeler, packet)))
+        """One DATA message carrying an onion packet for `next_peeler`."""
+        return self.encrypt_onions([onion_frame(next_peeler, packet)])[0]
 
-    def encrypt_onions(self, onions: list[tuple[bytes, bytes]]) -> list[bytes]:
-        """`encrypt_onion` for each (next_peeler, packet), in order (the relay loop's batch)."""
+    def encrypt_onions(self, frames: list[bytes]) -> list[bytes]:
+        """One DATA message for each onion frame (`onion_frame`'s layout), in order: the relay
+        loop's hot path, which forwards the frames `receive_datagrams` returned as they are."""
         cipher, aead, remote_index = self._send, self._send_aead, self.remote_index
         if cipher is None or aead is None or remote_index is None:
             raise LocalProtocolError("link has no transport keys yet")
         first = cipher.nonce
         # As many frames as the counter allows, then the error that frame-by-frame encryption
         # would raise at the first one past it.
-        count = max(0, min(len(onions), REJECT_AFTER_FRAMES - first))
-        pack_header, pack_nonce, seal, join = DATA_HEADER.pack, NONCE.pack, aead.encrypt, b"".join
+        count = max(0, min(len(frames), REJECT_AFTER_FRAMES - first))
+        pack_header, pack_nonce, seal = DATA_HEADER.pack, NONCE.pack, aead.encrypt
         out: list[bytes] = []
         append = out.append
-        for counter, (next_peeler, packet) in enumerate(onions[:count], first):
+        for counter, frame in enumerate(frames[:count], first):
             header = pack_header(DATA, remote_index, counter)
-            frame = join((_ONION_KIND, next_peeler, packet))
             append(header + seal(pack_nonce(counter), frame, header))
         cipher.set_nonce(first + count)
-        if count < len(onions):
+        if count < len(frames):
             raise LocalProtocolError("send counter exhausted: the link must be re-established")
         return out
 
@@ -351,37 +357,50 @@ class Link:
         self._queue_frame(CONTROL, payload)
 
     def receive_datagram(self, data: bytes, now: float) -> tuple[bytes, bytes] | None:
-        """Process one message for this session.
+        """`receive_datagrams` for one message: (next_peeler, onion packet) for an ONION
+        frame, else None."""
+        for frame in self.receive_datagrams([data], now):
+            return frame[1 : 1 + FINGERPRINT_SIZE], frame[1 + FINGERPRINT_SIZE :]
+        return None
 
-        Returns (next_peeler, onion packet) for ONION frames, the only kind the relay loop
-        handles itself; everything else is handled here and surfaces as events or replies.
+    def receive_datagrams(self, datagrams: Iterable[bytes], now: float) -> list[bytes]:
+        """Process messages for this session, in order. Returns the ONION frames among them
+        (`onion_frame`'s layout), the only kind the relay loop handles itself; everything else
+        is handled here and surfaces as events or replies. Bad input is dropped and counted.
         """
-        stats = self._stats
-        stats.bytes_in += len(data)
-        if len(data) > MAX_MESSAGE_SIZE:
-            stats.drops["too_large"] += 1
-            return None
-        try:
-            if data[:1] == _DATA_KIND and self.state is not LinkState.CLOSED:
-                return self._receive_data(data, now)  # the hot path, straight to it
-            return self._receive(data, now)
-        except RemoteProtocolError as exc:
-            stats.drops[exc.reason] += 1
-            return None
+        frames: list[bytes] = []
+        run: list[bytes] = []  # consecutive DATA messages: the hot path takes them together
+        for data in datagrams:
+            if data[:1] == _DATA_KIND and len(data) <= MAX_MESSAGE_SIZE:
+                run.append(data)
+                continue
+            if run:
+                self._receive_data(run, now, frames)
+                run = []
+            self._stats.bytes_in += len(data)
+            if len(data) > MAX_MESSAGE_SIZE:
+                self._stats.drops["too_large"] += 1
+                continue
+            try:
+                self._receive(data, now)
+            except RemoteProtocolError as exc:
+                self._stats.drops[exc.reason] += 1
+        if run:
+            self._receive_data(run, now, frames)
+        return frames
 
     # --- internals ----------------------------------------------------------------------
 
-    def _receive(self, data: bytes, now: float) -> tuple[bytes, bytes] | None:
+    def _receive(self, data: bytes, now: float) -> None:
+        """A message that is not DATA."""
         if self.state is LinkState.CLOSED:
             raise RemoteProtocolError("link closed", "link_closed")
         kind = message_type(data)
-        if kind == DATA:
-            return self._receive_data(data, now)
         if kind in (HS_INIT, HS_RESP, HS_FINAL):
             if not check_mac1(self._mac_key, data):
                 raise RemoteProtocolError("bad cookie mac", "bad_mac1")
             self._receive_handshake(kind, data, now)
-            return None
+            return
         raise RemoteProtocolError("unknown message type", "malformed")
 
     def _handshake_message(self, kind: int, receiver: int | None) -> bytes:
@@ -479,37 +498,69 @@ class Link:
             raise LocalProtocolError(f"cannot send on a link that is {self.state.value}")
         self._outbox.append(self._encrypt(kind, body))
 
-    def _receive_data(self, data: bytes, now: float) -> tuple[bytes, bytes] | None:
-        # The Noise transport cipher with the frame's counter as its nonce (spec 5.1
-        # SetNonce), its AEAD called directly: this runs once per relayed frame.
+    def _receive_data(self, run: list[bytes], now: float, frames: list[bytes]) -> None:
+        # The hot path, once per relayed frame: the Noise transport cipher with each frame's
+        # counter as its nonce (spec 5.1 SetNonce), its AEAD called directly; statistics are
+        # added up once per run.
+        stats, drops = self._stats, self._stats.drops
         aead = self._recv_aead
-        if aead is None:
-            raise RemoteProtocolError("data before handshake", "not_established")
-        if len(data) < DATA_OVERHEAD:  # not even a frame kind
-            raise RemoteProtocolError("short data message", "malformed")
-        _, index, counter = DATA_HEADER.unpack_from(data)
-        if index != self.local_index:
-            raise RemoteProtocolError("data for another session", "wrong_session")
-        window = self._window
-        if reason := window.check(counter):
-            raise RemoteProtocolError("replayed or stale frame", reason)
-        if counter >= MAX_NONCE:
-            raise RemoteProtocolError("nonce exhausted", "nonce_exhausted")
-        try:
-            frame = aead.decrypt(
-                NONCE.pack(counter), data[DATA_HEADER.size :], data[: DATA_HEADER.size]
-            )
-        except InvalidTag:
-            raise RemoteProtocolError("authentication tag mismatch", "decrypt") from None
-        window.mark(counter)
-        self._last_received = now
-        self._stats.frames_in += 1
+        closed = self.state is LinkState.CLOSED
+        if aead is None or closed:
+            drops["link_closed" if closed else "not_established"] += len(run)
+            stats.bytes_in += sum(map(len, run))
+            return
+        established = self.state is LinkState.ESTABLISHED
+        window, local_index = self._window, self.local_index
+        check, mark = window.check, window.mark
+        unpack, pack_nonce, decrypt = DATA_HEADER.unpack_from, NONCE.pack, aead.decrypt
+        header_size = DATA_HEADER.size
+        size = opened = 0
+        for position, data in enumerate(run):
+            size += len(data)
+            if len(data) < DATA_OVERHEAD:  # not even a frame kind
+                drops["malformed"] += 1
+                continue
+            _, index, counter = unpack(data)
+            if index != local_index:
+                drops["wrong_session"] += 1
+                continue
+            if reason := check(counter):
+                drops[reason] += 1
+                continue
+            if counter >= MAX_NONCE:
+                drops["nonce_exhausted"] += 1
+                continue
+            try:
+                frame = decrypt(pack_nonce(counter), data[header_size:], data[:header_size])
+            except InvalidTag:
+                drops["decrypt"] += 1
+                continue
+            mark(counter)
+            opened += 1
+            if frame[0] == ONION and established and len(frame) > 1 + FINGERPRINT_SIZE:
+                frames.append(frame)
+                continue
+            try:
+                self._receive_frame(frame, now)
+            except RemoteProtocolError as exc:
+                drops[exc.reason] += 1
+            if self.state is LinkState.CLOSED:  # a CLOSE frame: the rest comes too late
+                rest = run[position + 1 :]
+                drops["link_closed"] += len(rest)
+                size += sum(map(len, rest))
+                break
+            established = self.state is LinkState.ESTABLISHED
+        stats.bytes_in += size
+        if opened:
+            stats.frames_in += opened
+            self._last_received = now
+
+    def _receive_frame(self, frame: bytes, now: float) -> None:
+        """A decrypted frame that is not an onion for an established link."""
         kind = frame[0]
-        if kind == ONION and self.state is LinkState.ESTABLISHED:
-            if len(frame) <= 1 + FINGERPRINT_SIZE:
-                raise RemoteProtocolError("short onion frame", "malformed")
-            return frame[1 : 1 + FINGERPRINT_SIZE], frame[1 + FINGERPRINT_SIZE :]
         body = frame[1:]
+        if kind == ONION and self.state is LinkState.ESTABLISHED:
+            raise RemoteProtocolError("short onion frame", "malformed")
         if kind == PROOF:
             self._receive_proof(body, now)
         elif self.state is not LinkState.ESTABLISHED:
@@ -530,7 +581,6 @@ class Link:
             self._events.append(LinkClosed(reason or "peer_closed", by_peer=True))
         else:
             raise RemoteProtocolError("unknown frame kind", "malformed")
-        return None
 
     def _receive_proof(self, body: bytes, now: float) -> None:
         if self.state is LinkState.ESTABLISHED:

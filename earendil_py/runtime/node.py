@@ -13,7 +13,7 @@ import random
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from earendil_py.core.identity import Identity, parse_fingerprint, short_hex
 from earendil_py.core.link import (
     DATA,
     DATA_HEADER,
+    FINGERPRINT_SIZE,
     HS_INIT,
     MAX_MESSAGE_SIZE,
     TAG_SIZE,
@@ -47,6 +48,7 @@ from earendil_py.core.link import (
     derive_cookie_keys,
     frame_for_stream,
     message_type,
+    onion_frame,
 )
 from earendil_py.core.messages import (
     GLOBAL_RPC_DOCK,
@@ -84,6 +86,9 @@ SHUTDOWN_GRACE = 1.0  # seconds to flush CLOSE frames on shutdown
 
 Address = tuple[str, int]
 _DATA_KIND = bytes([DATA])
+_NEXT_PEELER_END = 1 + FINGERPRINT_SIZE  # an onion frame: kind byte, next peeler, packet
+# `relay_batch`'s "not looked up yet": a list of its own, never appended to.
+_NO_LANE: list[bytes] = []
 _DATA_MIN_SIZE = DATA_HEADER.size + TAG_SIZE  # what `receiver_index` needs to read a DATA index
 OnionHandler = Callable[["LinkRunner", bytes, bytes], None]
 
@@ -199,12 +204,12 @@ class LinkRunner:
     def statistics(self) -> LinkStatistics:
         return self.link.statistics()
 
-    def receive(self, message: bytes, now: float) -> tuple[bytes, bytes] | None:
-        """Feed one message to the link; returns (next_peeler, packet) for an onion frame."""
-        result = self.link.receive_datagram(message, now)
+    def receive(self, messages: list[bytes], now: float) -> list[bytes]:
+        """Feed messages to the link; returns the onion frames among them."""
+        frames = self.link.receive_datagrams(messages, now)
         if self.link.wants_service:
             self.service(now)
-        return result
+        return frames
 
     def send(self, message: bytes) -> bool:
         if self.transport.send(message):
@@ -427,87 +432,102 @@ class Node:
 
     # --- the relay loop: the hot path ---------------------------------------------------
 
-    def relay_batch(self, batch: list[tuple[LinkRunner | None, bytes, bytes]], now: float) -> None:
-        """Peel or forward a batch of onion frames, then send them grouped by link.
+    def relay_batch(
+        self, batch: Sequence[tuple[LinkRunner | None, list[bytes]]], now: float
+    ) -> None:
+        """Peel or forward a batch of onion frames (`onion_frame`'s layout), then send them
+        grouped by link.
 
-        Each item is (link it came in on or None if we originate it, next_peeler, packet).
-        Counters are bumped once per batch per link, never per packet. The layers to peel
-        are peeled together (on two threads when there are two CPUs), so they leave after
-        the batch's plain forwards.
+        Each item is (the link the frames came in on, or None for our own, the frames).
+        Counters are bumped once per item, never per packet. A forwarded frame leaves as it
+        came, re-encrypted for the next link. The layers to peel are peeled together (on two
+        threads when there are two CPUs), so they leave after the batch's plain forwards.
         """
         me = self.fingerprint
-        links = self.links
-        outgoing: dict[LinkRunner, list[tuple[bytes, bytes]]] = {}
-        # Per source link: packets it may still send us (its allowance), counted down.
-        allowance: dict[LinkRunner, int] = {}
-        initial: dict[LinkRunner, int] = {}
-        refused: list[LinkRunner] = []
-        peeled = forwarded = delivered = 0
-        no_route = 0
-        leaving: list[tuple[bytes, bytes]] = []  # (next_peeler, packet)
+        outgoing: dict[LinkRunner, list[bytes]] = {}
+        lanes: dict[bytes, list[bytes] | None] = {}  # next peeler -> its link's frames
         to_peel: list[bytes] = []
-        for source, next_peeler, packet in batch:
+        refused: dict[LinkRunner, int] = {}
+        forwarded = no_route = 0
+        for source, frames in batch:
             if source is not None:
-                left = allowance.get(source)
-                if left is None:
-                    left = initial[source] = source.inbound_allowance()
-                if left <= 0:
-                    refused.append(source)
+                allowed = max(source.inbound_allowance(), 0)
+                if allowed < len(frames):
+                    refused[source] = refused.get(source, 0) + len(frames) - allowed
+                    frames = frames[:allowed]
+                if COUNT_PACKETS:
+                    source.packets_received += len(frames)
+                if ACCOUNTING and source.account is not None:
+                    source.account.received += len(frames)
+                forwarded += len(frames)
+            for frame in frames:
+                next_peeler = frame[1:_NEXT_PEELER_END]
+                if next_peeler == me:
+                    to_peel.append(frame)
+                    if source is not None:
+                        forwarded -= 1
                     continue
-                allowance[source] = left - 1
-            if next_peeler == me:
-                to_peel.append(packet)
-                continue
-            if source is not None:
-                forwarded += 1
-            leaving.append((next_peeler, packet))
+                lane = lanes.get(next_peeler, _NO_LANE)
+                if lane is _NO_LANE:
+                    lane = lanes[next_peeler] = self._lane(next_peeler, outgoing)
+                if lane is None:
+                    no_route += 1
+                    continue
+                lane.append(frame)
         if to_peel:
-            accept = self.peeler.accept
-            for layer in self.peeling.peel_all(to_peel):
-                result = accept(layer, now)
-                if result is None:
-                    continue
-                peeled += 1
-                if isinstance(result, Datagram):
-                    self._deliver(result)
-                    delivered += 1
-                    continue
-                leaving.append(result)
-        for onion in leaving:
-            next_peeler = onion[0]
-            # A neighbour directly, as `_route_to` does first; else the graph's next hop.
-            runners = links.get(next_peeler)
-            target = runners[0] if runners is not None else self._route_to(next_peeler)
-            if target is None:
-                no_route += 1
-                continue
-            onions = outgoing.get(target)
-            if onions is None:
-                onions = outgoing[target] = []
-            onions.append(onion)
+            no_route += self._peel_batch(to_peel, now, lanes, outgoing)
         # Every link's frames are encrypted before any is sent (an error then sends nothing).
         encrypted = [
-            (runner, runner.link.encrypt_onions(onions)) for runner, onions in outgoing.items()
+            (runner, runner.link.encrypt_onions(frames)) for runner, frames in outgoing.items()
         ]
-        for runner, left in allowance.items():
-            count = initial[runner] - left
-            if COUNT_PACKETS:
-                runner.packets_received += count
-            if ACCOUNTING and runner.account is not None:
-                runner.account.received += count
         if refused:
             self._refused(refused)
         for runner, frames in encrypted:
             runner.send_onions(frames)
-        stats = self.relay
-        stats.peeled += peeled
-        stats.forwarded += forwarded
-        stats.delivered += delivered
+        self.relay.forwarded += forwarded
         if no_route:
             self.drops["no_route"] += no_route
 
-    def _refused(self, refused: list[LinkRunner]) -> None:
-        for runner, count in Counter(refused).items():
+    def _peel_batch(
+        self,
+        frames: list[bytes],
+        now: float,
+        lanes: dict[bytes, list[bytes] | None],
+        outgoing: dict[LinkRunner, list[bytes]],
+    ) -> int:
+        """Peel the frames addressed to us: deliver what is ours, add the rest to `lanes`.
+        Returns how many had no route."""
+        stats, accept = self.relay, self.peeler.accept
+        no_route = 0
+        packets = [frame[_NEXT_PEELER_END:] for frame in frames]
+        for layer in self.peeling.peel_all(packets):
+            result = accept(layer, now)
+            if result is None:
+                continue
+            stats.peeled += 1
+            if isinstance(result, Datagram):
+                self._deliver(result)
+                stats.delivered += 1
+                continue
+            next_peeler, packet = result
+            lane = lanes.get(next_peeler, _NO_LANE)
+            if lane is _NO_LANE:
+                lane = lanes[next_peeler] = self._lane(next_peeler, outgoing)
+            if lane is None:
+                no_route += 1
+                continue
+            lane.append(onion_frame(next_peeler, packet))
+        return no_route
+
+    def _lane(
+        self, next_peeler: bytes, outgoing: dict[LinkRunner, list[bytes]]
+    ) -> list[bytes] | None:
+        """This batch's frames for the link toward `next_peeler` (None: no route)."""
+        target = self._route_to(next_peeler)
+        return None if target is None else outgoing.setdefault(target, [])
+
+    def _refused(self, refused: dict[LinkRunner, int]) -> None:
+        for runner, count in refused.items():
             runner.statistics().drops[_refusal(runner.account)] += count
             self.accounting.on_refused(runner)
 
@@ -549,7 +569,7 @@ class Node:
         )
         first_peeler, packet = build_packet(route, encode_datagram(dock, data), os.urandom)
         self.relay.originated += 1
-        self.relay_batch([(None, first_peeler, packet)], anyio.current_time())
+        self.relay_batch([(None, [onion_frame(first_peeler, packet)])], anyio.current_time())
 
     def receive_datagrams_nowait(self, dock: int, limit: int = 1000) -> list[Datagram]:
         """Up to `limit` datagrams that arrived for `dock`, oldest first."""
@@ -698,7 +718,7 @@ class Node:
         while True:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
-            batch: list[tuple[LinkRunner | None, bytes, bytes]] = []
+            arrived: dict[LinkRunner, list[bytes]] = {}
             for _ in range(UDP_BATCH):
                 try:
                     data, address = recvfrom(MAX_MESSAGE_SIZE + 1)
@@ -725,13 +745,14 @@ class Node:
                         runner = LinkRunner(self, link, UdpTransport(sock, address), info, address)
                         runners[link.local_index] = runner
                         task_group.start_soon(run_session, runner)
-                # `runner.receive`, inlined: this runs once per datagram.
-                link = runner.link
-                onion = link.receive_datagram(data, now)
-                if link.wants_service:
-                    runner.service(now)
-                if onion is not None:
-                    batch.append((runner, onion[0], onion[1]))
+                messages = arrived.get(runner)
+                if messages is None:
+                    messages = arrived[runner] = []
+                messages.append(data)
+            # Each link takes its messages at once: the hot path runs per link, not per frame.
+            batch = [
+                (runner, runner.receive(messages, now)) for runner, messages in arrived.items()
+            ]
             if batch:
                 self.relay_batch(batch, now)
             await anyio.lowlevel.checkpoint()
@@ -806,22 +827,20 @@ class Node:
         return runner.was_established
 
     async def _read_connected_udp(self, sock: socket.socket, runner: LinkRunner) -> None:
-        recv, receive = sock.recv, runner.receive
+        recv = sock.recv
         while True:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
-            batch: list[tuple[LinkRunner | None, bytes, bytes]] = []
+            messages: list[bytes] = []
             for _ in range(UDP_BATCH):
                 try:
-                    data = recv(MAX_MESSAGE_SIZE + 1)
+                    messages.append(recv(MAX_MESSAGE_SIZE + 1))
                 except BlockingIOError:
                     break
                 except ConnectionRefusedError:
                     continue  # ICMP port unreachable: the peer is not there (yet)
-                if (onion := receive(data, now)) is not None:
-                    batch.append((runner, onion[0], onion[1]))
-            if batch:
-                self.relay_batch(batch, now)
+            if frames := runner.receive(messages, now):
+                self.relay_batch([(runner, frames)], now)
             await anyio.lowlevel.checkpoint()
 
     # --- shared stream (TCP) plumbing ---------------------------------------------------
@@ -859,16 +878,15 @@ class Node:
         async def read() -> None:
             try:
                 if first is not None:
-                    runner.receive(first, anyio.current_time())
+                    runner.receive([first], anyio.current_time())
                 while True:
                     decoder.receive_bytes(await stream.receive())
                     now = anyio.current_time()
-                    batch: list[tuple[LinkRunner | None, bytes, bytes]] = []
+                    messages: list[bytes] = []
                     while (message := decoder.next_message()) is not None:
-                        if (onion := runner.receive(message, now)) is not None:
-                            batch.append((runner, *onion))
-                    if batch:
-                        self.relay_batch(batch, now)
+                        messages.append(message)
+                    if frames := runner.receive(messages, now):
+                        self.relay_batch([(runner, frames)], now)
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 runner.fail("connection_closed")
             except RemoteProtocolError as exc:

@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
 from earendil_py.core.identity import Identity
 from earendil_py.core.link import (
+    CLOSE,
     DATA_HEADER,
     HS_FINAL,
     HS_INIT,
     HS_RESP,
     MAX_MESSAGE_SIZE,
+    PING,
     PROOF,
     REPLAY_WINDOW,
     ControlReceived,
@@ -28,6 +30,7 @@ from earendil_py.core.link import (
     StreamDecoder,
     frame_for_stream,
     message_type,
+    onion_frame,
 )
 from tests.helpers import seeded_rng
 
@@ -428,7 +431,7 @@ def test_a_huge_counter_jump_costs_no_memory() -> None:
 def test_a_batch_is_encrypted_exactly_as_frame_by_frame() -> None:
     batched, single = established(), established()  # same seed: same keys and counters
     onions = [(bytes([i]) * 32, bytes([i]) * (50 + i)) for i in range(5)]
-    frames = batched.a.encrypt_onions(onions)
+    frames = batched.a.encrypt_onions([onion_frame(*onion) for onion in onions])
     assert frames == [single.a.encrypt_onion(*onion) for onion in onions]
     for frame in reversed(frames):
         batched.deliver_to_b(frame)
@@ -442,7 +445,7 @@ def test_a_batch_stops_at_the_send_limit_like_single_frames() -> None:
     assert pair.a._send is not None
     pair.a._send.set_nonce(REJECT_AFTER_FRAMES - 2)
     with pytest.raises(LocalProtocolError):
-        pair.a.encrypt_onions([(b"\x66" * 32, b"p")] * 3)
+        pair.a.encrypt_onions([onion_frame(b"\x66" * 32, b"p")] * 3)
     assert pair.a._send.nonce == REJECT_AFTER_FRAMES  # the two frames it could encrypt
     with pytest.raises(LocalProtocolError):
         pair.a.encrypt_onion(b"\x66" * 32, b"p")
@@ -457,3 +460,37 @@ def test_a_data_frame_with_the_reserved_nonce_is_dropped_before_decryption() -> 
     assert pair.b.statistics().drops["nonce_exhausted"] == 1
     pair.deliver_to_b(pair.a.encrypt_onion(b"\x77" * 32, b"next"))
     assert pair.onions_at_b == [(b"\x77" * 32, b"next")]
+
+
+def test_a_run_of_messages_is_taken_as_one_by_one() -> None:
+    batched, single = established(), established()  # same seed: the same keys
+    good = [batched.a.encrypt_onion(bytes([i]) * 32, b"onion %d" % i) for i in range(3)]
+    ping = batched.a._encrypt(PING, (7).to_bytes(8, "big"))
+    tampered = good[1][:-1] + bytes([good[1][-1] ^ 1])
+    run = [good[0], good[0], tampered, good[1], ping, b"\x09garbage", good[2], b"x" * 20_000]
+    before = batched.b.statistics()
+    before_in = (before.frames_in, before.bytes_in)
+    frames = batched.b.receive_datagrams(run, 1.0)
+    assert frames == [onion_frame(bytes([i]) * 32, b"onion %d" % i) for i in range(3)]
+    one_by_one = [single.b.receive_datagram(message, 1.0) for message in run]
+    assert [o for o in one_by_one if o is not None] == [(f[1:33], f[33:]) for f in frames]
+    stats, expected = batched.b.statistics(), single.b.statistics()
+    assert stats.drops == expected.drops
+    assert stats.drops == {"replay": 1, "decrypt": 1, "malformed": 1, "too_large": 1}
+    assert (stats.frames_in, stats.bytes_in) == (expected.frames_in, expected.bytes_in)
+    assert (stats.frames_in, stats.bytes_in) == (
+        before_in[0] + 4,
+        before_in[1] + sum(map(len, run)),
+    )
+    assert batched.b.datagrams_to_send() == single.b.datagrams_to_send() != []  # the PONG
+
+
+def test_messages_after_a_close_in_the_same_run_are_dropped() -> None:
+    pair = established()
+    first, second = (pair.a.encrypt_onion(b"\x01" * 32, b"x") for _ in range(2))
+    close = pair.a._encrypt(CLOSE, b"bye")
+    assert pair.b.receive_datagrams([first, close, second], 1.0) == [
+        onion_frame(b"\x01" * 32, b"x")
+    ]
+    assert pair.b.state is LinkState.CLOSED
+    assert pair.b.statistics().drops["link_closed"] == 1

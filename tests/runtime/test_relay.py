@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from earendil_py.core.link import onion_frame
 from earendil_py.core.packet import build_packet
 from earendil_py.core.relay import encode_datagram
 from earendil_py.netgen import Edge, generate_network
@@ -101,9 +102,9 @@ async def test_relays_that_are_not_the_next_peeler_do_no_onion_crypto(tmp_path: 
             await converged(nodes, LINE)
         route = [(n.fingerprint, n.identity.onion_public) for n in (nodes[2], nodes[4])]
         first, packet = build_packet(route, encode_datagram(7, b"hello"), os.urandom)
-        nodes[0].relay_batch([(None, first, packet)], anyio.current_time())
+        nodes[0].relay_batch([(None, [onion_frame(first, packet)])], anyio.current_time())
         # The same packet again: the peeler at node 2 must refuse the replay.
-        nodes[0].relay_batch([(None, first, packet)], anyio.current_time())
+        nodes[0].relay_batch([(None, [onion_frame(first, packet)])], anyio.current_time())
         with anyio.fail_after(5):
             assert (await nodes[4].receive_datagram(7)).data == b"hello"
         await anyio.sleep(0.3)
