@@ -88,7 +88,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl.bindings import crypto_scalarmult
 
 from earendil_py.core.identity import Identity
-from earendil_py.core.link import MAX_MESSAGE_SIZE
+from earendil_py.core.link import MAX_MESSAGE_SIZE, onion_frame
 from earendil_py.core.packet import BODY_SIZE, PACKET_SIZE, build_packet, peel_packet
 from earendil_py.core.relay import encode_datagram
 from earendil_py.netgen import Edge, GeneratedNode, generate_network
@@ -156,7 +156,10 @@ def _udp_socket() -> socket.socket:
 
 
 async def _answer(
-    conn: Connection, snapshot: Callable[[], Snapshot], drops: Callable[[], dict[str, int]]
+    conn: Connection,
+    snapshot: Callable[[], Snapshot],
+    drops: Callable[[], dict[str, int]],
+    peel_threads: Callable[[bool], None] = lambda two: None,
 ) -> None:
     """Answer the benchmark's commands until it says stop. This runs as one more task in the
     loop under test, so a snapshot always falls between two batches."""
@@ -175,6 +178,9 @@ async def _answer(
             case "profile_report":
                 profiler.disable()
                 conn.send(_profile_rows(profiler))
+            case "one_peel_thread" | "two_peel_threads" as command:
+                peel_threads(command == "two_peel_threads")
+                conn.send(None)
             case "stop":
                 return
 
@@ -215,12 +221,16 @@ def _run_relay(config_path: str, count_packets: bool, cpu: int | None, conn: Con
                 total.update(runner.statistics().drops)
         return dict(total)
 
+    def peel_threads(two: bool) -> None:
+        # The thread stays up, idle: started again from this thread, it would be pinned too.
+        node.peeling.parallel = two
+
     async def main() -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(node.run)
             _pin(cpu)  # this thread only
             conn.send(None)
-            await _answer(conn, snapshot, drops)
+            await _answer(conn, snapshot, drops, peel_threads)
             tg.cancel_scope.cancel()
 
     anyio.run(main)
@@ -439,18 +449,19 @@ def _plain_burst(sock: socket.socket, datagrams: list[bytes]) -> Callable[[], in
 def _onion_burst(runner: LinkRunner, onions: list[tuple[bytes, bytes]]) -> Callable[[], int]:
     """Encrypt a burst on S's link and send it as the node sends a batch. R does not peel in
     (b), so a few packets are cycled, each frame with its own link counter."""
-    encrypt, send_onions = runner.link.encrypt_onion, runner.send_onions
+    encrypt, send_onions = runner.link.encrypt_onions, runner.send_onions
+    frames = [onion_frame(next_peeler, packet) for next_peeler, packet in onions]
 
     def burst() -> int:
         before = runner.packets_sent
-        send_onions([encrypt(next_peeler, packet) for next_peeler, packet in onions])
+        send_onions(encrypt(frames))
         return runner.packets_sent - before
 
     return burst
 
 
 def _closed_loop(child: Child, runner: LinkRunner, onions: list[tuple[bytes, bytes]]) -> Round:
-    encrypt, send_onions = runner.link.encrypt_onion, runner.send_onions
+    encrypt, send_onions = runner.link.encrypt_onions, runner.send_onions
     total = len(onions)
     low, high = total // 10, total - total // 10
     start = child.snapshot()
@@ -460,7 +471,9 @@ def _closed_loop(child: Child, runner: LinkRunner, onions: list[tuple[bytes, byt
     while done < total:
         if sent - done < WINDOW and sent < total:
             chunk = onions[sent : min(total, done + WINDOW)]
-            send_onions([encrypt(next_peeler, packet) for next_peeler, packet in chunk])
+            send_onions(
+                encrypt([onion_frame(next_peeler, packet) for next_peeler, packet in chunk])
+            )
             sent += len(chunk)
         snapshot = child.snapshot()  # answered after R's current batch
         if snapshot.through - start.through != done:
@@ -669,7 +682,7 @@ async def _measure(
     counting = lines["b"]
     r_id, d_id = counting.relay_identity, counting.sink.identity
     route = [(r_id.fingerprint, r_id.onion_public), (d_id.fingerprint, d_id.onion_public)]
-    onions = _build(route, args.packets * (rounds + args.profile), len(cpus))
+    onions = _build(route, args.packets * (2 * rounds + args.profile), len(cpus))
     plain_source = _udp_socket()
     sockets.append(plain_source)
     plain_source.connect(forwarder.receive())
@@ -677,7 +690,7 @@ async def _measure(
         child.receive()
 
     results = Results(
-        {key: [] for key in "abcd"},
+        {key: [] for key in ("a", "b", "c", "c1", "d")},
         relay_secret=r_id.onion_secret,
         packets=[packet for _, packet in onions[:POOL_ITEMS]],
     )
@@ -708,9 +721,14 @@ async def _measure(
             for key in ("b", "d") if index % 2 == 0 else ("d", "b"):
                 results.rounds[key].append(_open_loop(lines[key].relay, bursts[key], args.seconds))
                 await _catch_up(lines[key])
-            share = onions[index * args.packets : (index + 1) * args.packets]
-            results.rounds["c"].append(_closed_loop(counting.relay, to_relay, share))
-            await _catch_up(counting)
+            # (c) as the node runs, and with its peel thread stopped, in alternating order.
+            for key in ("c", "c1") if index % 2 == 0 else ("c1", "c"):
+                counting.relay.ask("two_peel_threads" if key == "c" else "one_peel_thread")
+                start = (2 * index + (key == "c1")) * args.packets
+                share = onions[start : start + args.packets]
+                results.rounds[key].append(_closed_loop(counting.relay, to_relay, share))
+                await _catch_up(counting)
+            counting.relay.ask("two_peel_threads")
 
         if args.profile:
             relay_child = counting.relay
@@ -720,7 +738,7 @@ async def _measure(
                 lambda: _open_loop(relay_child, bursts["b"], args.seconds),
             )
             await _catch_up(counting)
-            share = onions[rounds * args.packets :]
+            share = onions[2 * rounds * args.packets :]
             results.profile += _profile_lines(
                 "profile (c)", relay_child, lambda: _closed_loop(relay_child, to_relay, share)
             )
@@ -787,7 +805,7 @@ def _report(args: argparse.Namespace, cpus: list[int], results: Results) -> int:
     paired_cpu = statistics.median(
         b.cpu_rate / d.cpu_rate for b, d in zip(rounds["b"], rounds["d"], strict=True)
     )
-    counted = all(r.counted_ok for r in rounds["b"] + rounds["c"])
+    counted = all(r.counted_ok for r in rounds["b"] + rounds["c"] + rounds["c1"])
     where = (
         f"this process on cpu {cpus[0]}, the one under test on cpu {cpus[1]}"
         if len(cpus) >= 2
@@ -801,6 +819,7 @@ def _report(args: argparse.Namespace, cpus: list[int], results: Results) -> int:
     print(f"(a) bare UDP forwarder   {_rates(rounds['a'])}")
     print(f"(b) node, forward only   {_rates(rounds['b'])}")
     print(f"(c) node, peel + forward {_rates(rounds['c'])}")
+    print(f"(c1) c, one peel thread  {_rates(rounds['c1'])}")
     print(
         f"crypto floor             {1 / floor_s:10,.0f} packets/s  (per cpu-s "
         f"{1 / floor_cpu_s:,.0f}; {floor_s * 1e6:.2f} us of X25519 + ChaCha20-Poly1305 + BLAKE3)"
@@ -814,6 +833,14 @@ def _report(args: argparse.Namespace, cpus: list[int], results: Results) -> int:
             PEEL_TARGET,
         )
     )
+    threads_paired = statistics.median(
+        c.rate / c1.rate for c, c1 in zip(rounds["c"], rounds["c1"], strict=True)
+    )
+    print(
+        f"    two peel threads / one {best['c'] / best['c1']:10.3f}  wall, "
+        f"{cpu['c'] / cpu['c1']:.3f} per cpu-s (best / best; median of {len(rounds['c'])} "
+        f"paired rounds: {threads_paired:.3f} wall)"
+    )
     print(f"(d) b, counting off      {_rates(rounds['d'])}")
     print(
         _ratio(
@@ -826,7 +853,8 @@ def _report(args: argparse.Namespace, cpus: list[int], results: Results) -> int:
         )
     )
     if args.each:
-        for key, label in (("a", "(a)"), ("b", "(b)"), ("c", "(c)"), ("d", "(d)")):
+        for key in ("a", "b", "c", "c1", "d"):
+            label = f"({key})"
             each = "  ".join(
                 f"{r.rate / 1000:.1f}k/{r.cpu_rate / 1000:.1f}k/{r.offered / 1000:.0f}k"
                 for r in rounds[key]

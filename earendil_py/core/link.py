@@ -170,41 +170,6 @@ class LinkStatistics:
     rtt: float | None = None  # smoothed round-trip time in seconds (RFC 6298 SRTT)
 
 
-class ReplayWindow:
-    """Sliding-window anti-replay over 64-bit counters (the bitmap idea of RFC 6479).
-
-    Bit i of `_bits` records whether counter `_top - i` was seen. `check` is separate from
-    `mark` so a forged frame (failing the AEAD) can never advance the window.
-    """
-
-    __slots__ = ("_bits", "_top")
-
-    def __init__(self) -> None:
-        self._top = -1
-        self._bits = 0
-
-    def check(self, counter: int) -> str | None:
-        """None if `counter` may be accepted, else the drop reason."""
-        if counter > self._top:
-            return None
-        offset = self._top - counter
-        if offset >= REPLAY_WINDOW:
-            return "too_old"
-        if (self._bits >> offset) & 1:
-            return "replay"
-        return None
-
-    def mark(self, counter: int) -> None:
-        if counter > self._top:
-            shift = counter - self._top
-            # A jump past the whole window forgets it; never shift by an unbounded amount.
-            shifted = self._bits << shift if shift < REPLAY_WINDOW else 0
-            self._bits = (shifted | 1) & _WINDOW_MASK
-            self._top = counter
-        else:
-            self._bits |= 1 << (self._top - counter)
-
-
 class Link:
     """One session with one neighbour. See the module docstring for the wire format.
 
@@ -254,7 +219,10 @@ class Link:
         # Their AEADs, called directly on the hot path: DATA frames carry explicit nonces.
         self._send_aead: ChaCha20Poly1305 | None = None
         self._recv_aead: ChaCha20Poly1305 | None = None
-        self._window = ReplayWindow()
+        # Anti-replay (RFC 6479's bitmap): bit i of _window_bits records whether counter
+        # _window_top - i was seen. Only a frame that decrypted moves it, so forgeries cannot.
+        self._window_top = -1
+        self._window_bits = 0
         self._stats = LinkStatistics()
         self._outbox: list[bytes] = []
         self._events: deque[LinkEvent] = deque()
@@ -368,34 +336,86 @@ class Link:
         (`onion_frame`'s layout), the only kind the relay loop handles itself; everything else
         is handled here and surfaces as events or replies. Bad input is dropped and counted.
         """
+        # The hot path, once per relayed frame: DATA opened with the Noise transport cipher's
+        # AEAD called directly, each frame's counter as its nonce (spec 5.1 SetNonce). The
+        # anti-replay window (RFC 6479's bitmap: bit i records whether counter top - i was
+        # seen; only a frame that decrypted moves it, so forgeries cannot) and the statistics
+        # live in locals until the end. Anything else takes `_receive`.
         frames: list[bytes] = []
-        run: list[bytes] = []  # consecutive DATA messages: the hot path takes them together
+        drops = self._stats.drops
+        top, bits = self._window_top, self._window_bits
+        aead, established = self._transport_state()
+        local_index = self.local_index
+        unpack, pack_nonce = DATA_HEADER.unpack_from, NONCE.pack
+        header_size = DATA_HEADER.size
+        size = opened = 0
         for data in datagrams:
-            if data[:1] == _DATA_KIND and len(data) <= MAX_MESSAGE_SIZE:
-                run.append(data)
+            length = len(data)
+            size += length
+            if length > MAX_MESSAGE_SIZE:
+                drops["too_large"] += 1
                 continue
-            if run:
-                self._receive_data(run, now, frames)
-                run = []
-            self._stats.bytes_in += len(data)
-            if len(data) > MAX_MESSAGE_SIZE:
-                self._stats.drops["too_large"] += 1
+            if aead is None or data[:1] != _DATA_KIND or length < DATA_OVERHEAD:
+                try:
+                    self._receive(data, now)
+                except RemoteProtocolError as exc:
+                    drops[exc.reason] += 1
+                aead, established = self._transport_state()
+                continue
+            _, index, counter = unpack(data)
+            if index != local_index:
+                drops["wrong_session"] += 1
+                continue
+            if counter <= top:
+                offset = top - counter
+                if offset >= REPLAY_WINDOW:
+                    drops["too_old"] += 1
+                    continue
+                if (bits >> offset) & 1:
+                    drops["replay"] += 1
+                    continue
+            if counter >= MAX_NONCE:
+                drops["nonce_exhausted"] += 1
                 continue
             try:
-                self._receive(data, now)
+                frame = aead.decrypt(pack_nonce(counter), data[header_size:], data[:header_size])
+            except InvalidTag:
+                drops["decrypt"] += 1
+                continue
+            if counter > top:
+                shift = counter - top
+                # A jump past the whole window forgets it; never shift by an unbounded amount.
+                bits = ((bits << shift if shift < REPLAY_WINDOW else 0) | 1) & _WINDOW_MASK
+                top = counter
+            else:
+                bits |= 1 << (top - counter)
+            opened += 1
+            if frame[0] == ONION and established and length > DATA_OVERHEAD + FINGERPRINT_SIZE:
+                frames.append(frame)
+                continue
+            try:
+                self._receive_frame(frame, now)
             except RemoteProtocolError as exc:
-                self._stats.drops[exc.reason] += 1
-        if run:
-            self._receive_data(run, now, frames)
+                drops[exc.reason] += 1
+            aead, established = self._transport_state()  # a PROOF or a CLOSE changes it
+        self._window_top, self._window_bits = top, bits
+        self._stats.bytes_in += size
+        if opened:
+            self._stats.frames_in += opened
+            self._last_received = now
         return frames
 
     # --- internals ----------------------------------------------------------------------
 
     def _receive(self, data: bytes, now: float) -> None:
-        """A message that is not DATA."""
+        """A message the hot path of `receive_datagrams` does not take."""
         if self.state is LinkState.CLOSED:
             raise RemoteProtocolError("link closed", "link_closed")
         kind = message_type(data)
+        if kind == DATA:
+            if self._recv_aead is None:
+                raise RemoteProtocolError("data before handshake", "not_established")
+            raise RemoteProtocolError("short data message", "malformed")
         if kind in (HS_INIT, HS_RESP, HS_FINAL):
             if not check_mac1(self._mac_key, data):
                 raise RemoteProtocolError("bad cookie mac", "bad_mac1")
@@ -498,62 +518,12 @@ class Link:
             raise LocalProtocolError(f"cannot send on a link that is {self.state.value}")
         self._outbox.append(self._encrypt(kind, body))
 
-    def _receive_data(self, run: list[bytes], now: float, frames: list[bytes]) -> None:
-        # The hot path, once per relayed frame: the Noise transport cipher with each frame's
-        # counter as its nonce (spec 5.1 SetNonce), its AEAD called directly; statistics are
-        # added up once per run.
-        stats, drops = self._stats, self._stats.drops
-        aead = self._recv_aead
-        closed = self.state is LinkState.CLOSED
-        if aead is None or closed:
-            drops["link_closed" if closed else "not_established"] += len(run)
-            stats.bytes_in += sum(map(len, run))
-            return
-        established = self.state is LinkState.ESTABLISHED
-        window, local_index = self._window, self.local_index
-        check, mark = window.check, window.mark
-        unpack, pack_nonce, decrypt = DATA_HEADER.unpack_from, NONCE.pack, aead.decrypt
-        header_size = DATA_HEADER.size
-        size = opened = 0
-        for position, data in enumerate(run):
-            size += len(data)
-            if len(data) < DATA_OVERHEAD:  # not even a frame kind
-                drops["malformed"] += 1
-                continue
-            _, index, counter = unpack(data)
-            if index != local_index:
-                drops["wrong_session"] += 1
-                continue
-            if reason := check(counter):
-                drops[reason] += 1
-                continue
-            if counter >= MAX_NONCE:
-                drops["nonce_exhausted"] += 1
-                continue
-            try:
-                frame = decrypt(pack_nonce(counter), data[header_size:], data[:header_size])
-            except InvalidTag:
-                drops["decrypt"] += 1
-                continue
-            mark(counter)
-            opened += 1
-            if frame[0] == ONION and established and len(frame) > 1 + FINGERPRINT_SIZE:
-                frames.append(frame)
-                continue
-            try:
-                self._receive_frame(frame, now)
-            except RemoteProtocolError as exc:
-                drops[exc.reason] += 1
-            if self.state is LinkState.CLOSED:  # a CLOSE frame: the rest comes too late
-                rest = run[position + 1 :]
-                drops["link_closed"] += len(rest)
-                size += sum(map(len, rest))
-                break
-            established = self.state is LinkState.ESTABLISHED
-        stats.bytes_in += size
-        if opened:
-            stats.frames_in += opened
-            self._last_received = now
+    def _transport_state(self) -> tuple[ChaCha20Poly1305 | None, bool]:
+        """The AEAD that opens DATA (None while DATA cannot be taken), and whether the link
+        is established."""
+        if self.state is LinkState.CLOSED:
+            return None, False
+        return self._recv_aead, self.state is LinkState.ESTABLISHED
 
     def _receive_frame(self, frame: bytes, now: float) -> None:
         """A decrypted frame that is not an onion for an established link."""

@@ -85,7 +85,6 @@ TIMER_SLACK = 0.1  # a link's timer task re-checks at least this often (s)
 SHUTDOWN_GRACE = 1.0  # seconds to flush CLOSE frames on shutdown
 
 Address = tuple[str, int]
-_DATA_KIND = bytes([DATA])
 _NEXT_PEELER_END = 1 + FINGERPRINT_SIZE  # an onion frame: kind byte, next peeler, packet
 # `relay_batch`'s "not looked up yet": a list of its own, never appended to.
 _NO_LANE: list[bytes] = []
@@ -144,12 +143,12 @@ class UdpTransport:
                 sent += 1
         else:
             sendto, address = self._sock.sendto, self._address
+            sent = len(messages)
             for message in messages:
                 try:
                     sendto(message, address)
                 except OSError:
-                    continue
-                sent += 1
+                    sent -= 1
         return sent
 
     def close(self) -> None:
@@ -719,6 +718,8 @@ class Node:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
             arrived: dict[LinkRunner, list[bytes]] = {}
+            last: LinkRunner | None = None
+            messages: list[bytes] = []
             for _ in range(UDP_BATCH):
                 try:
                     data, address = recvfrom(MAX_MESSAGE_SIZE + 1)
@@ -732,7 +733,7 @@ class Node:
                 # DATA for a known session from the address that opened it: what
                 # `endpoint.route` would find (runners and sessions come and go together).
                 # Anything else takes the full route, which counts the drops.
-                if data[:1] == _DATA_KIND and len(data) >= _DATA_MIN_SIZE:
+                if len(data) >= _DATA_MIN_SIZE and data[0] == DATA:
                     runner = find_runner(unpack_index(data, 1)[0])
                     if runner is not None and runner.peer_address != address:
                         runner = None
@@ -745,9 +746,9 @@ class Node:
                         runner = LinkRunner(self, link, UdpTransport(sock, address), info, address)
                         runners[link.local_index] = runner
                         task_group.start_soon(run_session, runner)
-                messages = arrived.get(runner)
-                if messages is None:
-                    messages = arrived[runner] = []
+                if runner is not last:  # a wake-up's datagrams mostly come from one link
+                    last = runner
+                    messages = arrived.setdefault(runner, [])
                 messages.append(data)
             # Each link takes its messages at once: the hot path runs per link, not per frame.
             batch = [
