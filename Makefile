@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/peel.py
 	$(BIN)/python bench/link.py
 	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/accounting.py
 
 clean:
 	rm -rf $(VENV) demo-net

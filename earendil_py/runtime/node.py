@@ -443,11 +443,10 @@ class Node:
         threads when there are two CPUs), so they leave after the batch's plain forwards.
         """
         me = self.fingerprint
-        outgoing: dict[LinkRunner, list[bytes]] = {}
-        lanes: dict[bytes, list[bytes] | None] = {}  # next peeler -> its link's frames
+        leaving: list[bytes] = []
         to_peel: list[bytes] = []
         refused: dict[LinkRunner, int] = {}
-        forwarded = no_route = 0
+        forwarded = 0
         for source, frames in batch:
             if source is not None:
                 allowed = max(source.inbound_allowance(), 0)
@@ -460,21 +459,26 @@ class Node:
                     source.account.received += len(frames)
                 forwarded += len(frames)
             for frame in frames:
-                next_peeler = frame[1:_NEXT_PEELER_END]
-                if next_peeler == me:
+                if frame.startswith(me, 1):  # we are its next peeler
                     to_peel.append(frame)
                     if source is not None:
                         forwarded -= 1
-                    continue
-                lane = lanes.get(next_peeler, _NO_LANE)
-                if lane is _NO_LANE:
-                    lane = lanes[next_peeler] = self._lane(next_peeler, outgoing)
-                if lane is None:
-                    no_route += 1
-                    continue
-                lane.append(frame)
+                else:
+                    leaving.append(frame)
         if to_peel:
-            no_route += self._peel_batch(to_peel, now, lanes, outgoing)
+            leaving += self._peel_batch(to_peel, now)
+        outgoing: dict[LinkRunner, list[bytes]] = {}
+        lanes: dict[bytes, list[bytes] | None] = {}  # next peeler -> its link's frames
+        no_route = 0
+        for frame in leaving:
+            next_peeler = frame[1:_NEXT_PEELER_END]
+            lane = lanes.get(next_peeler, _NO_LANE)
+            if lane is _NO_LANE:
+                lane = lanes[next_peeler] = self._lane(next_peeler, outgoing)
+            if lane is None:
+                no_route += 1
+                continue
+            lane.append(frame)
         # Every link's frames are encrypted before any is sent (an error then sends nothing).
         encrypted = [
             (runner, runner.link.encrypt_onions(frames)) for runner, frames in outgoing.items()
@@ -487,17 +491,10 @@ class Node:
         if no_route:
             self.drops["no_route"] += no_route
 
-    def _peel_batch(
-        self,
-        frames: list[bytes],
-        now: float,
-        lanes: dict[bytes, list[bytes] | None],
-        outgoing: dict[LinkRunner, list[bytes]],
-    ) -> int:
-        """Peel the frames addressed to us: deliver what is ours, add the rest to `lanes`.
-        Returns how many had no route."""
+    def _peel_batch(self, frames: list[bytes], now: float) -> list[bytes]:
+        """Peel the frames addressed to us: deliver what is ours, return the rest's frames."""
         stats, accept = self.relay, self.peeler.accept
-        no_route = 0
+        leaving: list[bytes] = []
         packets = [frame[_NEXT_PEELER_END:] for frame in frames]
         for layer in self.peeling.peel_all(packets):
             result = accept(layer, now)
@@ -507,16 +504,9 @@ class Node:
             if isinstance(result, Datagram):
                 self._deliver(result)
                 stats.delivered += 1
-                continue
-            next_peeler, packet = result
-            lane = lanes.get(next_peeler, _NO_LANE)
-            if lane is _NO_LANE:
-                lane = lanes[next_peeler] = self._lane(next_peeler, outgoing)
-            if lane is None:
-                no_route += 1
-                continue
-            lane.append(onion_frame(next_peeler, packet))
-        return no_route
+            else:
+                leaving.append(onion_frame(*result))
+        return leaving
 
     def _lane(
         self, next_peeler: bytes, outgoing: dict[LinkRunner, list[bytes]]
