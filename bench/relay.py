@@ -10,7 +10,10 @@ this process (the source and the sink) on the other:
     route's only peeler is D, so R decrypts the link frame, sees that next_peeler is not
     itself and re-encrypts the packet for D's link, with no onion crypto.
 (c) Our node peeling: the route is [R, D], so R peels one layer (X25519, BLAKE3 KDF and MAC,
-    ChaCha20, the replay filter) and forwards the inner packet to D.
+    ChaCha20, the replay filter) and forwards the inner packet to D. R runs as a daemon does:
+    with two CPUs it peels each batch on two threads (runtime/peeling.py).
+(c1) (c) with R's second peel thread idle, in rounds alternating with (c)'s: what the second
+    thread brings on this machine, printed as "two peel threads / one".
 (d) What counting costs: (b) again, against a second relay process started with
     `node.COUNT_PACKETS = False`. The rounds are interleaved, so drift hits both alike.
 (e) Whether a thread pool helps peeling on this machine: a batch peeled serially and split
@@ -46,7 +49,10 @@ UDP_BATCH peels, well under 1% of its time. R always has work and no prebuilt pa
 wasted. It is timed between 10% and 90% of the packets.
 
 The forwarder and both relays are pinned to the same CPU, and only one of them is fed at a
-time. Each waits until its backlog is worked off before the next round starts.
+time. For the relays that is their event loop's thread; the peel thread may run on either
+CPU, as it would in a daemon, so in (c) R uses up to two: its rate per CPU-second counts both
+threads, so for (c) it measures efficiency, while packets/s is the throughput the target is
+about. Each waits until its backlog is worked off before the next round starts.
 
 The crypto floor is bench/peel.py's: one X25519, one ChaCha20-Poly1305 pass over PACKET_SIZE
 bytes and one BLAKE3 of the body per packet, converted to packets/s. Figures are the best of
