@@ -89,7 +89,6 @@ _NEXT_PEELER_END = 1 + FINGERPRINT_SIZE  # an onion frame: kind byte, next peele
 # `relay_batch`'s "not looked up yet": a list of its own, never appended to.
 _NO_LANE: list[bytes] = []
 _DATA_MIN_SIZE = DATA_HEADER.size + TAG_SIZE  # what `receiver_index` needs to read a DATA index
-OnionHandler = Callable[["LinkRunner", bytes, bytes], None]
 
 
 @dataclass(slots=True)
