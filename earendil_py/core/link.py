@@ -65,7 +65,6 @@ DATA_OVERHEAD = DATA_HEADER.size + 1 + TAG_SIZE  # header, frame kind, AEAD tag
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
 _ONION_KIND = bytes([ONION])
-_DATA_KIND = bytes([DATA])
 
 # No message is larger: an onion frame is ~1.4 KB and control messages are kept small. On TCP
 # a larger announced length closes the connection; on UDP such a datagram is dropped.
@@ -355,7 +354,7 @@ class Link:
             if length > MAX_MESSAGE_SIZE:
                 drops["too_large"] += 1
                 continue
-            if aead is None or data[:1] != _DATA_KIND or length < DATA_OVERHEAD:
+            if aead is None or length < DATA_OVERHEAD or data[0] != DATA:
                 try:
                     self._receive(data, now)
                 except RemoteProtocolError as exc:
