@@ -803,14 +803,19 @@ def _report(args: argparse.Namespace, cpus: list[int], results: Results) -> int:
     floor_s, floor_cpu_s = _floor_per_packet(packets, results.relay_secret, args.rounds)
     pool_lines = _pool_lines(packets, results.relay_secret, args.rounds)
     rounds = results.rounds
+
+    def _paired(key: str, base: str) -> str:
+        """Best / best, and the median of the ratios of rounds run side by side."""
+        pairs = list(zip(rounds[key], rounds[base], strict=True))
+        wall = statistics.median(r.rate / b.rate for r, b in pairs)
+        per_cpu = statistics.median(r.cpu_rate / b.cpu_rate for r, b in pairs)
+        return (
+            f" (best / best; median of {len(pairs)} paired rounds: {wall:.3f} wall, "
+            f"{per_cpu:.3f} per cpu-s)"
+        )
+
     best = {key: max(r.rate for r in rounds[key]) for key in rounds}
     cpu = {key: max(r.cpu_rate for r in rounds[key]) for key in rounds}
-    paired = statistics.median(
-        b.rate / d.rate for b, d in zip(rounds["b"], rounds["d"], strict=True)
-    )
-    paired_cpu = statistics.median(
-        b.cpu_rate / d.cpu_rate for b, d in zip(rounds["b"], rounds["d"], strict=True)
-    )
     counted = all(r.counted_ok for r in rounds["b"] + rounds["c"] + rounds["c1"])
     where = (
         f"this process on cpu {cpus[0]}, the one under test on cpu {cpus[1]}"
@@ -830,17 +835,9 @@ def _report(args: argparse.Namespace, cpus: list[int], results: Results) -> int:
         f"crypto floor             {1 / floor_s:10,.0f} packets/s  (per cpu-s "
         f"{1 / floor_cpu_s:,.0f}; {floor_s * 1e6:.2f} us of X25519 + ChaCha20-Poly1305 + BLAKE3)"
     )
-    forward_paired = statistics.median(
-        b.rate / a.rate for b, a in zip(rounds["b"], rounds["a"], strict=True)
-    )
     print(
         _ratio(
-            "b / a",
-            best["b"] / best["a"],
-            cpu["b"] / cpu["a"],
-            FORWARD_TARGET,
-            f" (best / best; median of {len(rounds['b'])} paired rounds: "
-            f"{forward_paired:.3f} wall)",
+            "b / a", best["b"] / best["a"], cpu["b"] / cpu["a"], FORWARD_TARGET, _paired("b", "a")
         )
     )
     print(
@@ -851,13 +848,9 @@ def _report(args: argparse.Namespace, cpus: list[int], results: Results) -> int:
             PEEL_TARGET,
         )
     )
-    threads_paired = statistics.median(
-        c.rate / c1.rate for c, c1 in zip(rounds["c"], rounds["c1"], strict=True)
-    )
     print(
         f"    two peel threads / one {best['c'] / best['c1']:10.3f}  wall, "
-        f"{cpu['c'] / cpu['c1']:.3f} per cpu-s (best / best; median of {len(rounds['c'])} "
-        f"paired rounds: {threads_paired:.3f} wall)"
+        f"{cpu['c'] / cpu['c1']:.3f} per cpu-s{_paired('c', 'c1')}"
     )
     print(f"(d) b, counting off      {_rates(rounds['d'])}")
     print(
@@ -866,8 +859,7 @@ def _report(args: argparse.Namespace, cpus: list[int], results: Results) -> int:
             best["b"] / best["d"],
             cpu["b"] / cpu["d"],
             COUNTING_TARGET,
-            f" (best / best; median of {len(rounds['d'])} paired rounds: {paired:.3f} wall, "
-            f"{paired_cpu:.3f} per cpu-s)",
+            _paired("b", "d"),
         )
     )
     if args.each:
