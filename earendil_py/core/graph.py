@@ -22,7 +22,7 @@ from typing import Annotated
 
 import msgspec
 
-from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
+from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError, decode_remote
 from earendil_py.core.identity import (
     FINGERPRINT_SIZE,
     KEY_SIZE,
@@ -214,10 +214,7 @@ def decode_dump(data: bytes) -> GraphDump:
 
     Raises RemoteProtocolError("bad_dump") for anything that is not a well-formed dump.
     """
-    try:
-        return _dump_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise RemoteProtocolError(f"undecodable graph dump: {exc}", "bad_dump") from None
+    return decode_remote(_dump_decoder, data, "undecodable graph dump", "bad_dump")
 
 
 @dataclass(frozen=True, slots=True)

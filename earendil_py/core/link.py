@@ -300,7 +300,8 @@ class Link:
 
     def encrypt_onions(self, frames: list[bytes]) -> list[bytes]:
         """One DATA message for each onion frame (`onion_frame`'s layout), in order: the relay
-        loop's hot path, which forwards the frames `receive_datagrams` returned as they are."""
+        loop's hot path, which forwards the frames `receive_datagrams` returned as they are.
+        Every other frame is sealed here too (`_seal`)."""
         cipher, aead, remote_index = self._send, self._send_aead, self.remote_index
         if cipher is None or aead is None or remote_index is None:
             raise LocalProtocolError("link has no transport keys yet")
@@ -501,16 +502,7 @@ class Link:
 
     def _seal(self, frame: bytes) -> bytes:
         """One DATA message carrying `frame` (its kind byte first)."""
-        cipher, aead = self._send, self._send_aead
-        if cipher is None or aead is None or self.remote_index is None:
-            raise LocalProtocolError("link has no transport keys yet")
-        counter = cipher.nonce
-        if counter >= REJECT_AFTER_FRAMES:
-            raise LocalProtocolError("send counter exhausted: the link must be re-established")
-        header = DATA_HEADER.pack(DATA, self.remote_index, counter)
-        ciphertext = aead.encrypt(NONCE.pack(counter), frame, header)
-        cipher.set_nonce(counter + 1)
-        return header + ciphertext
+        return self.encrypt_onions([frame])[0]
 
     def _queue_frame(self, kind: int, body: bytes) -> None:
         if self.state is not LinkState.ESTABLISHED:

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import msgspec
 
-from earendil_py.core.errors import RemoteProtocolError
+from earendil_py.core.errors import decode_remote
 from earendil_py.core.graph import AdjacencyDescriptor
 from earendil_py.core.identity import IdentityDescriptor
 
@@ -62,7 +62,4 @@ def encode_control(message: ControlMessage) -> bytes:
 
 def decode_control(data: bytes) -> ControlMessage:
     """Raises RemoteProtocolError("bad_control") for anything but a valid message."""
-    try:
-        return _decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError included
-        raise RemoteProtocolError(f"bad control message: {exc}", "bad_control") from None
+    return decode_remote(_decoder, data, "bad control message", "bad_control")

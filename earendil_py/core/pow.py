@@ -30,7 +30,7 @@ from typing import Annotated
 import blake3
 import msgspec
 
-from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
+from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError, decode_remote
 from earendil_py.core.pricing import Fingerprint, Uint
 
 UMEL_PER_HASH = 1
@@ -214,10 +214,7 @@ def encode_challenge(challenge: PowChallenge) -> bytes:
 
 def decode_challenge(data: bytes) -> PowChallenge:
     """Raises RemoteProtocolError("bad_pow") for anything but a well-formed challenge."""
-    try:
-        return _challenge_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # see settlement._decode
-        raise RemoteProtocolError(f"bad pow challenge: {exc}", "bad_pow") from None
+    return decode_remote(_challenge_decoder, data, "bad pow challenge", "bad_pow")
 
 
 def encode_proof(proof: PowProof) -> bytes:
@@ -226,10 +223,7 @@ def encode_proof(proof: PowProof) -> bytes:
 
 def decode_proof(data: bytes) -> PowProof:
     """Raises RemoteProtocolError("bad_pow") for anything but a well-formed proof."""
-    try:
-        return _proof_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # see settlement._decode
-        raise RemoteProtocolError(f"bad pow proof: {exc}", "bad_pow") from None
+    return decode_remote(_proof_decoder, data, "bad pow proof", "bad_pow")
 
 
 def make_proof(challenge: PowChallenge, settlement_id: bytes, amount_umel: int) -> bytes:

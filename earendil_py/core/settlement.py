@@ -37,7 +37,7 @@ import blake3
 import msgspec
 
 from earendil_py.core.accounting import MAX_CLOCK_SKEW_SECS
-from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
+from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError, decode_remote
 from earendil_py.core.identity import Identity, fingerprint_of, verify
 from earendil_py.core.ledger import GENESIS
 from earendil_py.core.pricing import Fingerprint, Signature, Uint
@@ -392,13 +392,7 @@ def encode(message: SettlementMessage) -> bytes:
 
 
 def _decode(decoder: msgspec.msgpack.Decoder[_T], data: bytes) -> _T:
-    try:
-        return decoder.decode(data)
-    # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a str field.
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise RemoteProtocolError(
-            f"bad settlement message: {exc}", "malformed_settlement"
-        ) from None
+    return decode_remote(decoder, data, "bad settlement message", "malformed_settlement")
 
 
 def decode_proposal(data: bytes) -> Proposal:

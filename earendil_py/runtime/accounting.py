@@ -77,6 +77,17 @@ def _record(*items: object) -> bytes:
     return _record_encoder.encode(items)
 
 
+def _with_checkpoint(
+    account: Account, events: Sequence[tuple[str, bytes]]
+) -> list[tuple[bytes, str, bytes]]:
+    """Ledger items for `events` (kind, body) of `account`, then a checkpoint of it as it is
+    now: what every commit writes, so that a restart resumes from the state after them."""
+    neighbor = account.neighbor
+    items = [(neighbor, kind, body) for kind, body in events]
+    items.append((neighbor, "checkpoint", account.checkpoint()))
+    return items
+
+
 class Accounting:
     """The node's accounts and their persistence. `start()` before links come up; `run()`
     for the periodic work; `aclose()` on shutdown (a clean checkpoint)."""
@@ -161,13 +172,9 @@ class Accounting:
     ) -> None:
         """Append an event, the entries in `also`, and a checkpoint of `account` in one
         transaction, with `prune`."""
-        state = account.checkpoint()
-        neighbor = account.neighbor
-        items = [(neighbor, kind, body)]
-        items += [(neighbor, other_kind, other_body) for other_kind, other_body in also]
-        items.append((neighbor, "checkpoint", state))
+        items = _with_checkpoint(account, [(kind, body), *also])
         await self._ledger().append_many(items, unix_now(), prune=prune)
-        self._unpruned.add(neighbor)
+        self._unpruned.add(account.neighbor)
 
     def _ledger(self) -> AsyncLedger:
         assert self.ledger is not None, "Accounting.start() opens the ledger"
@@ -282,8 +289,7 @@ class Accounting:
                 continue
             account = self.accounts[neighbor]
             claim = account.make_claim(now)
-            state = account.checkpoint()
-            items += [(neighbor, "claim_sent", _record(claim)), (neighbor, "checkpoint", state)]
+            items += _with_checkpoint(account, [("claim_sent", _record(claim))])
             if claim.seq % PRUNE_EVERY == 0:
                 prunes.append((neighbor, "claim_sent", self.config.keep_claims))
             claims.append(claim)
@@ -352,13 +358,9 @@ class Accounting:
             items: list[tuple[bytes, str, bytes]] = []
             prunes = []
             for member, member_body, member_prune in group.members:
-                neighbor = member.neighbor
-                items += [
-                    (neighbor, "claim_received", member_body),
-                    (neighbor, "checkpoint", member.checkpoint()),
-                ]
+                items += _with_checkpoint(member, [("claim_received", member_body)])
                 if member_prune:
-                    prunes.append((neighbor, "claim_received", self.config.keep_claims))
+                    prunes.append((member.neighbor, "claim_received", self.config.keep_claims))
             try:
                 with anyio.CancelScope(shield=True):
                     await self._ledger().append_many(items, unix_now(), prune=prunes)

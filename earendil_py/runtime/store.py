@@ -692,17 +692,7 @@ def _prune(conn: sqlite3.Connection, neighbor: bytes, kind: str, keep_last: int)
 
 
 def _entry_from_row(row: _Row) -> Entry:
-    neighbor, seq, kind, body, body_digest, prev_hash, digest, recorded_at = row
-    return Entry(
-        neighbor=neighbor,
-        seq=seq,
-        kind=kind,
-        body=body,
-        body_hash=body_digest,
-        prev_hash=prev_hash,
-        hash=digest,
-        recorded_at=recorded_at,
-    )
+    return Entry(*row)  # the columns are in Entry's field order
 
 
 def _row_from_entry(entry: Entry) -> _Row:
