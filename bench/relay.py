@@ -6,6 +6,10 @@ this process (the source and the sink) on the other:
 (a) A bare forwarder: an anyio loop that waits for its socket, drains up to UDP_BATCH
     datagrams per wake-up with recvfrom and sends each on with sendto from a second socket.
     That is the relay loop's I/O and nothing else. Its datagrams are onion-frame sized.
+(a2) (a), sending each wake-up's datagrams as the node sends a link's batch: where the
+    kernel has UDP GSO, one segmented sendmsg per up to 46 frames (runtime/udp.py). The
+    targets are against (a), the bare forwarder; b / a2 shows how much of b / a that one
+    system-call saving is, since a forwarder can use it as well as the node.
 (b) Our node forwarding: a source S, the relay R under test and a sink D in a line. The
     route's only peeler is D, so R decrypts the link frame, sees that next_peeler is not
     itself and re-encrypts the packet for D's link, with no onion crypto.
@@ -37,8 +41,9 @@ also given per CPU-second the process got, with the share of the window it had t
 machine shared with other work, the wall-clock rate drops whenever the process is preempted
 but the rate per CPU-second does not, so both verdicts are printed side by side.
 
-(a), (b) and (d) are open loop: the source sends as fast as it can, R's receive buffer stays
-full and the kernel drops the excess, so what is timed is R at saturation, after a warm-up.
+(a), (a2), (b) and (d) are open loop: the source sends as fast as it can, R's receive buffer
+stays full and the kernel drops the excess, so what is timed is R at saturation, after a
+warm-up.
 Nothing reads the sink's socket during a round, so once its buffer is full the kernel drops
 what R sends, at the end of R's sendto. That is the same for (a) and (b), and R's cost does
 not depend on how fast the sink consumes.
@@ -48,7 +53,7 @@ R's counter, and S refills as R reports progress. R answers about one snapshot p
 UDP_BATCH peels, well under 1% of its time. R always has work and no prebuilt packet is
 wasted. It is timed between 10% and 90% of the packets.
 
-The forwarder and both relays are pinned to the same CPU, and only one of them is fed at a
+The forwarders and both relays are pinned to the same CPU, and only one of them is fed at a
 time. For the relays that is their event loop's thread; the peel thread may run on either
 CPU, as it would in a daemon, so in (c) R uses up to two: its rate per CPU-second counts both
 threads, so for (c) it measures efficiency, while packets/s is the throughput the target is
@@ -102,7 +107,8 @@ from earendil_py.runtime import node as node_module
 from earendil_py.runtime.config import InRoute, load_config
 from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.logs import configure_logging
-from earendil_py.runtime.node import UDP_BATCH, UDP_SOCKET_BUFFER, LinkRunner, Node
+from earendil_py.runtime.node import UDP_BATCH, LinkRunner, Node
+from earendil_py.runtime.udp import UDP_SOCKET_BUFFER, UdpTransport
 
 FORWARD_TARGET = 0.5  # b / a
 PEEL_TARGET = 0.7  # c / min(a, floor)
@@ -118,6 +124,7 @@ STALL_SECS = 1.0  # closed loop: end a round if R's counter stands still this lo
 ANSWER_SECS = 10.0
 POOL_ITEMS = 2048
 PROFILE_TOP = 15
+ROUND_KEYS = ("a", "a2", "b", "c", "c1", "d")
 DEBT_LIMIT_UMEL = 10**15  # at 1 uMEL a packet, far beyond any run
 
 # S (node0) and D (node2) both dial R (node1), so R receives on one in_route's socket and
@@ -242,13 +249,18 @@ def _run_relay(config_path: str, count_packets: bool, cpu: int | None, conn: Con
     anyio.run(main)
 
 
-def _run_forwarder(sink: tuple[str, int], cpu: int | None, conn: Connection) -> None:
-    """The baseline process: the relay loop's receive and send, with nothing in between."""
+def _run_forwarder(
+    sink: tuple[str, int], segmented: bool, cpu: int | None, conn: Connection
+) -> None:
+    """The baseline process: the relay loop's receive and send, with nothing in between.
+    `segmented`: each wake-up's datagrams go out as the node sends a link's batch
+    (runtime/udp.py, one segmented sendmsg per run where the kernel has UDP GSO)."""
     _pin(cpu)
     inbound, outbound = _udp_socket(), _udp_socket()
     inbound.bind(("127.0.0.1", 0))
     forwarded = 0
     drops: Counter[str] = Counter()
+    send_many = UdpTransport(outbound, sink).send_many
 
     async def forward() -> None:
         nonlocal forwarded
@@ -256,17 +268,24 @@ def _run_forwarder(sink: tuple[str, int], cpu: int | None, conn: Connection) -> 
         while True:
             await anyio.wait_readable(inbound)
             sent = 0
+            batch = []
             for _ in range(UDP_BATCH):
                 try:
                     data, _address = recvfrom(MAX_MESSAGE_SIZE + 1)
                 except BlockingIOError:
                     break
+                if segmented:
+                    batch.append(data)
+                    continue
                 try:
                     sendto(data, sink)
                 except OSError:
                     drops["send_failed"] += 1
                     continue
                 sent += 1
+            if batch:
+                sent = send_many(batch)
+                drops["send_failed"] += len(batch) - sent
             forwarded += sent
             await anyio.lowlevel.checkpoint()
 
@@ -675,8 +694,11 @@ async def _measure(
     plain_sink = _udp_socket()
     sockets.append(plain_sink)
     plain_sink.bind(("127.0.0.1", 0))
-    forwarder = Child("forwarder", _run_forwarder, plain_sink.getsockname(), child_cpu)
-    children.append(forwarder)
+    forwarders = {
+        key: Child(f"forwarder ({key})", _run_forwarder, plain_sink.getsockname(), gso, child_cpu)
+        for key, gso in (("a", False), ("a2", True))
+    }
+    children += forwarders.values()
     lines = {}
     for name, net, count in (("b", counting_net, True), ("d", silent_net, False)):
         relay = Child(f"relay ({name})", _run_relay, str(net[1].config_path), count, child_cpu)
@@ -689,14 +711,16 @@ async def _measure(
     r_id, d_id = counting.relay_identity, counting.sink.identity
     route = [(r_id.fingerprint, r_id.onion_public), (d_id.fingerprint, d_id.onion_public)]
     onions = _build(route, args.packets * (2 * rounds + args.profile), len(cpus))
-    plain_source = _udp_socket()
-    sockets.append(plain_source)
-    plain_source.connect(forwarder.receive())
-    for child in children[1:]:
+    plain_sources = {}
+    for key, forwarder in forwarders.items():
+        plain_sources[key] = _udp_socket()
+        sockets.append(plain_sources[key])
+        plain_sources[key].connect(forwarder.receive())
+    for child in children[len(forwarders) :]:
         child.receive()
 
     results = Results(
-        {key: [] for key in ("a", "b", "c", "c1", "d")},
+        {key: [] for key in ROUND_KEYS},
         relay_secret=r_id.onion_secret,
         packets=[packet for _, packet in onions[:POOL_ITEMS]],
     )
@@ -716,13 +740,16 @@ async def _measure(
             bursts[key] = _onion_burst(runners[key], cycled)
         to_relay = runners["b"]
         results.frame_size = len(to_relay.link.encrypt_onion(*cycled[0]))
-        bursts["a"] = _plain_burst(plain_source, [rng(results.frame_size) for _ in range(BURST)])
+        plain = [rng(results.frame_size) for _ in range(BURST)]
+        for key, source in plain_sources.items():
+            bursts[key] = _plain_burst(source, plain)
 
         # During a round this loop does not yield, so S and D (and their timers) stand still.
         _pin(driver_cpu)
         for index in range(rounds):
-            results.rounds["a"].append(_open_loop(forwarder, bursts["a"], args.seconds))
-            _drain(plain_sink)
+            for key, forwarder in forwarders.items():
+                results.rounds[key].append(_open_loop(forwarder, bursts[key], args.seconds))
+                _drain(plain_sink)
             # Alternate which of the pair goes first, so that neither always follows (a).
             for key in ("b", "d") if index % 2 == 0 else ("d", "b"):
                 results.rounds[key].append(_open_loop(lines[key].relay, bursts[key], args.seconds))
@@ -828,6 +855,7 @@ def _report(args: argparse.Namespace, cpus: list[int], results: Results) -> int:
         f"open-loop rounds of {args.seconds:g}s, peeling rounds of {args.packets} packets"
     )
     print(f"(a) bare UDP forwarder   {_rates(rounds['a'])}")
+    print(f"(a2) a, sends segmented  {_rates(rounds['a2'])}")
     print(f"(b) node, forward only   {_rates(rounds['b'])}")
     print(f"(c) node, peel + forward {_rates(rounds['c'])}")
     print(f"(c1) c, one peel thread  {_rates(rounds['c1'])}")
@@ -839,6 +867,10 @@ def _report(args: argparse.Namespace, cpus: list[int], results: Results) -> int:
         _ratio(
             "b / a", best["b"] / best["a"], cpu["b"] / cpu["a"], FORWARD_TARGET, _paired("b", "a")
         )
+    )
+    print(
+        f"    b / a2 (no target)     {best['b'] / best['a2']:10.3f}  wall, "
+        f"{cpu['b'] / cpu['a2']:.3f} per cpu-s{_paired('b', 'a2')}"
     )
     print(
         _ratio(
@@ -863,7 +895,7 @@ def _report(args: argparse.Namespace, cpus: list[int], results: Results) -> int:
         )
     )
     if args.each:
-        for key in ("a", "b", "c", "c1", "d"):
+        for key in ROUND_KEYS:
             label = f"({key})"
             each = "  ".join(
                 f"{r.rate / 1000:.1f}k/{r.cpu_rate / 1000:.1f}k/{r.offered / 1000:.0f}k"

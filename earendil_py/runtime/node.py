@@ -66,6 +66,7 @@ from earendil_py.runtime.http import HttpServer
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
 from earendil_py.runtime.rpc import GlobalRpc
 from earendil_py.runtime.settlement import Settlements
+from earendil_py.runtime.udp import UdpTransport, new_udp_socket, udp_socket
 
 log = structlog.get_logger("earendil_py.node")
 
@@ -76,7 +77,6 @@ COUNT_PACKETS = True
 # Only bench/accounting.py turns this off, to measure what it costs.
 ACCOUNTING = True
 UDP_BATCH = 64  # datagrams drained per wake-up before yielding to other tasks
-UDP_SOCKET_BUFFER = 4 << 20  # bytes asked of the kernel per UDP socket, each way
 DEFAULT_HOPS = 3  # peelers per route, the destination included
 MAX_DOCKS = 256  # docks holding undelivered datagrams
 DOCK_QUEUE = 4096  # undelivered datagrams kept per dock; more are dropped and counted
@@ -112,46 +112,6 @@ class Transport(Protocol):
     def send(self, message: bytes) -> bool: ...
 
     def close(self) -> None: ...
-
-
-class UdpTransport:
-    def __init__(self, sock: socket.socket, address: Address | None) -> None:
-        self._sock = sock
-        self._address = address  # None: the socket is connected
-
-    def send(self, message: bytes) -> bool:
-        try:
-            if self._address is None:
-                self._sock.send(message)
-            else:
-                self._sock.sendto(message, self._address)
-        except OSError:
-            return False  # a full buffer, an ICMP error or a closed socket: loss, as on the wire
-        return True
-
-    def send_many(self, messages: list[bytes]) -> int:
-        """`send` for each message in order; returns how many were sent."""
-        sent = 0
-        if self._address is None:
-            send = self._sock.send
-            for message in messages:
-                try:
-                    send(message)
-                except OSError:
-                    continue  # as in `send`
-                sent += 1
-        else:
-            sendto, address = self._sock.sendto, self._address
-            sent = len(messages)
-            for message in messages:
-                try:
-                    sendto(message, address)
-                except OSError:
-                    sent -= 1
-        return sent
-
-    def close(self) -> None:
-        """The socket belongs to the listener or dialer that created it."""
 
 
 class TcpTransport:
@@ -643,7 +603,7 @@ class Node:
             host, port = parse_address(route.listen)
             try:
                 if route.protocol == "udp":
-                    sock = _udp_socket(host)
+                    sock = udp_socket(host)
                     try:
                         sock.bind((host, port))
                     except OSError:
@@ -806,7 +766,7 @@ class Node:
         else:
             infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             family, _, _, _, address = infos[0]
-            with _new_udp_socket(family) as sock:
+            with new_udp_socket(family) as sock:
                 sock.connect(address)
                 runner = LinkRunner(self, link, UdpTransport(sock, None), info, (host, port))
                 runner.service(anyio.current_time())
@@ -915,21 +875,6 @@ def _refusal(account: Account | None) -> str:
     if account is None or not account.priced:
         return "not_priced"
     return "frozen" if account.state.frozen else "debt_limit"
-
-
-def _udp_socket(host: str) -> socket.socket:
-    return _new_udp_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-
-
-def _new_udp_socket(family: int) -> socket.socket:
-    """A non-blocking UDP socket with large buffers: a burst that arrives while the loop is
-    busy waits in the kernel instead of being dropped (Linux caps the size at
-    net.core.rmem_max / wmem_max; raise those for high-rate relays)."""
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_SOCKET_BUFFER)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_SOCKET_BUFFER)
-    sock.setblocking(False)
-    return sock
 
 
 def _as_address(value: object) -> Address:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import struct
 from pathlib import Path
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from earendil_py.core.link import DATA_HEADER
 from earendil_py.netgen import Edge, generate_network
+from earendil_py.runtime import udp
 from earendil_py.runtime.keyfile import load_identity_file
-from earendil_py.runtime.node import Node, UdpTransport
+from earendil_py.runtime.node import Node
+from earendil_py.runtime.udp import UdpTransport
 from tests.helpers import running
 
 FAST = """
@@ -25,10 +31,14 @@ redial_max_secs = 0.5
 
 
 class FlakySocket:
-    """Refuses every message that starts with b"x", as a full buffer would."""
+    """Refuses every message that starts with b"x", as a full buffer would; a segmented send
+    fails whole if any of its messages does, or with `refuse_segments` as a path that will
+    not segment."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse_segments: int | None = None) -> None:
         self.sent: list[tuple[bytes, object]] = []
+        self.calls: list[int] = []  # messages per call
+        self.refuse_segments = refuse_segments
 
     def send(self, message: bytes) -> int:
         return self.sendto(message, None)
@@ -36,20 +46,82 @@ class FlakySocket:
     def sendto(self, message: bytes, address: object) -> int:
         if message.startswith(b"x"):
             raise BlockingIOError
+        self.calls.append(1)
         self.sent.append((message, address))
         return len(message)
 
+    def sendmsg(self, buffers: list[bytes], ancdata: object, flags: int, *address: object) -> int:
+        if self.refuse_segments is not None:
+            raise OSError(self.refuse_segments, os.strerror(self.refuse_segments))
+        assert ancdata == [(socket.SOL_UDP, udp.UDP_SEGMENT, struct.pack("=H", len(buffers[0])))]
+        if any(b.startswith(b"x") for b in buffers):
+            raise BlockingIOError
+        self.calls.append(len(buffers))
+        self.sent += [(b, address[0] if address else None) for b in buffers]
+        return sum(map(len, buffers))
 
-@pytest.mark.parametrize("address", [None, ("127.0.0.1", 9)])
+
+ADDRESSES = [None, ("127.0.0.1", 9)]
+
+
+@pytest.mark.parametrize("address", ADDRESSES)
 def test_send_many_counts_each_failed_send_and_keeps_going(
-    address: tuple[str, int] | None,
+    address: tuple[str, int] | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(udp, "UDP_GSO", False)
     sock = FlakySocket()
     transport = UdpTransport(sock, address)  # type: ignore[arg-type]
     messages = [b"a", b"x1", b"b", b"x2", b"c"]
     assert transport.send_many(messages) == 3
     assert sock.sent == [(b"a", address), (b"b", address), (b"c", address)]
     assert [transport.send(m) for m in messages] == [True, False, True, False, True]
+
+
+@pytest.mark.parametrize("address", ADDRESSES)
+def test_runs_of_equal_size_go_out_segmented_and_a_failed_run_is_lost_whole(
+    address: tuple[str, int] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(udp, "gso_available", lambda: True)
+    sock = FlakySocket()
+    transport = UdpTransport(sock, address)  # type: ignore[arg-type]
+    assert transport.segments
+    size = 1412
+    per_call = udp.GSO_MAX_BYTES // size
+    big = [bytes([i]) * size for i in range(per_call + 3)]
+    lost = [b"y" * 10, b"x" * 10, b"z" * 10]  # one refused message loses its run
+    messages = [*big, b"s" * 5, *lost, *big[:2]]
+    assert transport.send_many(messages) == len(big) + 1 + 2
+    assert sock.calls == [per_call, 3, 1, 2]
+    assert [m for m, _ in sock.sent] == [*big, b"s" * 5, *big[:2]]
+    assert {a for _, a in sock.sent} == {address}
+    assert transport.segments  # a full buffer is loss, not a reason to stop segmenting
+
+
+def test_a_path_that_refuses_segments_falls_back_to_one_send_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(udp, "gso_available", lambda: True)
+    sock = FlakySocket(refuse_segments=errno.EIO)
+    transport = UdpTransport(sock, ("127.0.0.1", 9))  # type: ignore[arg-type]
+    messages = [b"m" * 100] * 5
+    with capture_logs() as logs:
+        assert transport.send_many(messages) == 5
+        assert transport.send_many(messages) == 5
+    assert sock.calls == [1] * 10
+    assert not transport.segments
+    assert [e["event"] for e in logs] == ["udp_gso_refused"]  # said once, not per batch
+
+
+@pytest.mark.skipif(not udp.gso_available(), reason="the kernel has no UDP_SEGMENT")
+def test_segmented_sends_arrive_as_the_datagrams_sent() -> None:
+    with udp.new_udp_socket(socket.AF_INET) as sink, udp.new_udp_socket(socket.AF_INET) as out:
+        sink.bind(("127.0.0.1", 0))
+        transport = UdpTransport(out, sink.getsockname())
+        assert transport.segments
+        messages = [os.urandom(1412) for _ in range(100)] + [os.urandom(300) for _ in range(3)]
+        assert transport.send_many(messages) == len(messages)
+        sink.settimeout(2)
+        assert [sink.recv(2048) for _ in messages] == messages
 
 
 @pytest.mark.anyio

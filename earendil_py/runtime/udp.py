@@ -1,0 +1,150 @@
+"""UDP sockets and the link transport over them, with segmentation offload where Linux has it.
+
+A relay's batch usually holds many onion frames for one link, all of one size. Linux (4.18+)
+sends such a run in one `sendmsg` call with the UDP_SEGMENT option (UDP GSO): the kernel cuts
+the buffers into one datagram per segment, the same datagrams `sendto` would have sent one by
+one, for a fraction of the per-packet system-call cost. The receiver sees ordinary datagrams.
+
+Where the option is missing (another OS, an older kernel) frames go out one `sendto` at a
+time. Where the kernel refuses it on a path (a device without checksum offload, a segment
+over the path MTU), the transport says so in the log once and sends one at a time from then on.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import sys
+from functools import cache
+
+import structlog
+
+log = structlog.get_logger("earendil_py.udp")
+
+UDP_SOCKET_BUFFER = 4 << 20  # bytes asked of the kernel per UDP socket, each way
+# Segmentation offload for runs of equal-size frames. Only bench/relay.py turns this off, to
+# measure what it brings.
+UDP_GSO = True
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # <linux/udp.h>; Python 3.11 lacks the name
+GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS (64 on every kernel that has GSO)
+GSO_MAX_BYTES = 65_000  # one call's payload, under IPv4's 65,507-byte datagram limit
+# What the kernel answers when it will not segment on this path: disable and send one by one.
+_GSO_REFUSED = frozenset({errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT})
+_SEGMENT_SIZE = struct.Struct("=H")
+
+Address = tuple[str, int]
+
+
+@cache
+def gso_available() -> bool:
+    """Whether this kernel knows UDP_SEGMENT (asked once, of a throwaway socket)."""
+    if sys.platform != "linux":
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.getsockopt(socket.SOL_UDP, UDP_SEGMENT)
+        except OSError:
+            return False
+    return True
+
+
+def udp_socket(host: str) -> socket.socket:
+    """A socket of the family `host` (an IP literal) belongs to; see `new_udp_socket`."""
+    return new_udp_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
+def new_udp_socket(family: int) -> socket.socket:
+    """A non-blocking UDP socket with large buffers: a burst that arrives while the loop is
+    busy waits in the kernel instead of being dropped (Linux caps the size at
+    net.core.rmem_max / wmem_max; raise those for high-rate relays)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_SOCKET_BUFFER)
+    sock.setblocking(False)
+    return sock
+
+
+class UdpTransport:
+    """A link's way out over a UDP socket, to `address` (None: the socket is connected).
+
+    `send` never blocks: it returns False on a drop. A failed send is a lost datagram, as on
+    the wire (a full buffer, an ICMP error, a closed socket); the link's counters say so.
+    """
+
+    def __init__(self, sock: socket.socket, address: Address | None) -> None:
+        self._sock = sock
+        self._address = address
+        self._gso = UDP_GSO and gso_available()
+
+    @property
+    def segments(self) -> bool:
+        """Whether runs of equal-size frames go out as one segmented send."""
+        return self._gso
+
+    def send(self, message: bytes) -> bool:
+        try:
+            if self._address is None:
+                self._sock.send(message)
+            else:
+                self._sock.sendto(message, self._address)
+        except OSError:
+            return False
+        return True
+
+    def send_many(self, messages: list[bytes]) -> int:
+        """`send` for each message in order; returns how many were sent."""
+        if self._gso and len(messages) > 1:
+            return self._send_runs(messages)
+        return self._send_each(messages)
+
+    def close(self) -> None:
+        """The socket belongs to the listener or dialer that created it."""
+
+    def _send_each(self, messages: list[bytes]) -> int:
+        sent = len(messages)
+        if self._address is None:
+            send = self._sock.send
+            for message in messages:
+                try:
+                    send(message)
+                except OSError:
+                    sent -= 1
+        else:
+            sendto, address = self._sock.sendto, self._address
+            for message in messages:
+                try:
+                    sendto(message, address)
+                except OSError:
+                    sent -= 1
+        return sent
+
+    def _send_runs(self, messages: list[bytes]) -> int:
+        """Each run of equal-size messages in one segmented `sendmsg`; a failed call loses
+        its whole run, as a full buffer would have lost its datagrams one by one."""
+        sendmsg = self._sock.sendmsg
+        where = () if self._address is None else (self._address,)
+        count = len(messages)
+        sent = start = 0
+        while start < count:
+            size = len(messages[start])
+            end = start + 1
+            limit = min(count, start + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+            while end < limit and len(messages[end]) == size:
+                end += 1
+            if end - start == 1:
+                sent += self._send_each(messages[start:end])
+                start = end
+                continue
+            segment = [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
+            try:
+                sendmsg(messages[start:end], segment, 0, *where)
+            except OSError as error:
+                if error.errno in _GSO_REFUSED:
+                    self._gso = False
+                    log.warning("udp_gso_refused", error=str(error), to=self._address)
+                    return sent + self._send_each(messages[start:])
+            else:
+                sent += end - start
+            start = end
+        return sent
