@@ -32,7 +32,6 @@ from earendil_py.core.link import (
     DATA_HEADER,
     FINGERPRINT_SIZE,
     HS_INIT,
-    MAX_MESSAGE_SIZE,
     TAG_SIZE,
     U32,
     ControlReceived,
@@ -66,7 +65,7 @@ from earendil_py.runtime.http import HttpServer
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
 from earendil_py.runtime.rpc import GlobalRpc
 from earendil_py.runtime.settlement import Settlements
-from earendil_py.runtime.udp import UdpTransport, new_udp_socket, udp_socket
+from earendil_py.runtime.udp import UdpTransport, datagram_reader, new_udp_socket, udp_socket
 
 log = structlog.get_logger("earendil_py.node")
 
@@ -76,7 +75,7 @@ COUNT_PACKETS = True
 # Debt accounting in the relay loop: price gating, debt limits and the per-neighbour counts.
 # Only bench/accounting.py turns this off, to measure what it costs.
 ACCOUNTING = True
-UDP_BATCH = 64  # datagrams drained per wake-up before yielding to other tasks
+UDP_BATCH = 64  # datagrams drained per wake-up before yielding (a coalesced read may pass it)
 DEFAULT_HOPS = 3  # peelers per route, the destination included
 MAX_DOCKS = 256  # docks holding undelivered datagrams
 DOCK_QUEUE = 4096  # undelivered datagrams kept per dock; more are dropped and counted
@@ -661,7 +660,7 @@ class Node:
                 endpoint.remove(runner.link)
                 runners.pop(runner.link.local_index, None)
 
-        recvfrom, find_session, find_runner = sock.recvfrom, endpoint.route, runners.get
+        read, find_session, find_runner = datagram_reader(sock), endpoint.route, runners.get
         unpack_index = U32.unpack_from
         while True:
             await anyio.wait_readable(sock)
@@ -669,36 +668,40 @@ class Node:
             arrived: dict[LinkRunner, list[bytes]] = {}
             last: LinkRunner | None = None
             messages: list[bytes] = []
-            for _ in range(UDP_BATCH):
+            count = 0
+            while count < UDP_BATCH:
                 try:
-                    data, address = recvfrom(MAX_MESSAGE_SIZE + 1)
+                    datagrams, address = read()
                 except BlockingIOError:
                     break
                 except OSError:
                     self.drops["udp_error"] += 1
                     continue
+                count += len(datagrams)
                 address = address[:2]
-                runner = None
-                # DATA for a known session from the address that opened it: what
-                # `endpoint.route` would find (runners and sessions come and go together).
-                # Anything else takes the full route, which counts the drops.
-                if len(data) >= _DATA_MIN_SIZE and data[0] == DATA:
-                    runner = find_runner(unpack_index(data, 1)[0])
-                    if runner is not None and runner.peer_address != address:
-                        runner = None
-                if runner is None:
-                    link = find_session(data, address, now)
-                    if link is None:
-                        continue
-                    runner = find_runner(link.local_index)
+                for data in datagrams:
+                    runner = None
+                    # DATA for a known session from the address that opened it: what
+                    # `endpoint.route` would find (runners and sessions come and go together).
+                    # Anything else takes the full route, which counts the drops.
+                    if len(data) >= _DATA_MIN_SIZE and data[0] == DATA:
+                        runner = find_runner(unpack_index(data, 1)[0])
+                        if runner is not None and runner.peer_address != address:
+                            runner = None
                     if runner is None:
-                        runner = LinkRunner(self, link, UdpTransport(sock, address), info, address)
-                        runners[link.local_index] = runner
-                        task_group.start_soon(run_session, runner)
-                if runner is not last:  # a wake-up's datagrams mostly come from one link
-                    last = runner
-                    messages = arrived.setdefault(runner, [])
-                messages.append(data)
+                        link = find_session(data, address, now)
+                        if link is None:
+                            continue
+                        runner = find_runner(link.local_index)
+                        if runner is None:
+                            transport = UdpTransport(sock, address)
+                            runner = LinkRunner(self, link, transport, info, address)
+                            runners[link.local_index] = runner
+                            task_group.start_soon(run_session, runner)
+                    if runner is not last:  # a wake-up's datagrams mostly come from one link
+                        last = runner
+                        messages = arrived.setdefault(runner, [])
+                    messages.append(data)
             # Each link takes its messages at once: the hot path runs per link, not per frame.
             batch = [
                 (runner, runner.receive(messages, now)) for runner, messages in arrived.items()
@@ -777,14 +780,14 @@ class Node:
         return runner.was_established
 
     async def _read_connected_udp(self, sock: socket.socket, runner: LinkRunner) -> None:
-        recv = sock.recv
+        read = datagram_reader(sock)
         while True:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
             messages: list[bytes] = []
-            for _ in range(UDP_BATCH):
+            while len(messages) < UDP_BATCH:
                 try:
-                    messages.append(recv(MAX_MESSAGE_SIZE + 1))
+                    messages += read()[0]
                 except BlockingIOError:
                     break
                 except ConnectionRefusedError:

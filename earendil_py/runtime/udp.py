@@ -1,13 +1,17 @@
 """UDP sockets and the link transport over them, with segmentation offload where Linux has it.
 
-A relay's batch usually holds many onion frames for one link, all of one size. Linux (4.18+)
-sends such a run in one `sendmsg` call with the UDP_SEGMENT option (UDP GSO): the kernel cuts
-the buffers into one datagram per segment, the same datagrams `sendto` would have sent one by
-one, for a fraction of the per-packet system-call cost. The receiver sees ordinary datagrams.
+Sending: a relay's batch usually holds many onion frames for one link, all of one size. Linux
+(4.18+) sends such a run in one `sendmsg` call with the UDP_SEGMENT option (UDP GSO): the
+kernel cuts the buffers into one datagram per segment, the same datagrams `sendto` would have
+sent one by one, for a fraction of the per-packet system-call cost. Any receiver sees ordinary
+datagrams. Where the option is missing (another OS, an older kernel) frames go out one
+`sendto` at a time. Where the kernel refuses it on a path (a device without checksum offload,
+a segment over the path MTU), the transport says so in the log once and sends one at a time
+from then on.
 
-Where the option is missing (another OS, an older kernel) frames go out one `sendto` at a
-time. Where the kernel refuses it on a path (a device without checksum offload, a segment
-over the path MTU), the transport says so in the log once and sends one at a time from then on.
+Receiving: with the UDP_GRO option (Linux 5.0+) the kernel may hand over a run of datagrams
+from one sender, of one size, as one buffer, with the size in a control message;
+`datagram_reader` cuts it back into the datagrams. Elsewhere each call reads one datagram.
 """
 
 from __future__ import annotations
@@ -16,17 +20,25 @@ import errno
 import socket
 import struct
 import sys
+from collections.abc import Callable, Sequence
 from functools import cache
 
 import structlog
 
+from earendil_py.core.link import MAX_MESSAGE_SIZE
+
 log = structlog.get_logger("earendil_py.udp")
 
 UDP_SOCKET_BUFFER = 4 << 20  # bytes asked of the kernel per UDP socket, each way
-# Segmentation offload for runs of equal-size frames. Only bench/relay.py turns this off, to
-# measure what it brings.
-UDP_GSO = True
+# Segmentation offload both ways (GSO sending, GRO receiving) where the kernel has it. Only
+# benchmarks turn this off, to measure what it brings.
+UDP_OFFLOAD = True
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # <linux/udp.h>; Python 3.11 lacks the name
+UDP_GRO = getattr(socket, "UDP_GRO", 104)  # ditto
+GRO_BUFFER = 65_535  # what the kernel coalesces into one read, at most
+MAX_DATAGRAM = MAX_MESSAGE_SIZE + 1  # read size without GRO: one more byte shows an oversize
+_GRO_ANCILLARY = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
+_GRO_SIZE = struct.Struct("=i")
 GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS (64 on every kernel that has GSO)
 GSO_MAX_BYTES = 65_000  # one call's payload, under IPv4's 65,507-byte datagram limit
 # What the kernel answers when it will not segment on this path: disable and send one by one.
@@ -46,6 +58,43 @@ def gso_available() -> bool:
             probe.getsockopt(socket.SOL_UDP, UDP_SEGMENT)
         except OSError:
             return False
+    return True
+
+
+def datagram_reader(sock: socket.socket) -> Callable[[], tuple[Sequence[bytes], Address]]:
+    """A function that reads what one receive call returns from `sock`: the datagrams (one,
+    or a coalesced run cut back into its datagrams) and the address they came from. It raises
+    what `recvfrom` raises (BlockingIOError when there is nothing to read). Asks the kernel
+    to coalesce (UDP_GRO) where it can."""
+    if _enable_gro(sock):
+        recvmsg = sock.recvmsg
+
+        def read_runs() -> tuple[Sequence[bytes], Address]:
+            data, ancillary, _flags, address = recvmsg(GRO_BUFFER, _GRO_ANCILLARY)
+            for level, kind, value in ancillary:
+                if level == socket.SOL_UDP and kind == UDP_GRO:
+                    size = _GRO_SIZE.unpack(value)[0]
+                    return [data[i : i + size] for i in range(0, len(data), size)], address
+            return (data,), address
+
+        return read_runs
+    recvfrom = sock.recvfrom
+
+    def read_one() -> tuple[Sequence[bytes], Address]:
+        data, address = recvfrom(MAX_DATAGRAM)
+        return (data,), address
+
+    return read_one
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    """Whether `sock` now hands over coalesced runs (Linux 5.0+; 4.18 and 4.19 have GSO only)."""
+    if not (UDP_OFFLOAD and gso_available()):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
     return True
 
 
@@ -75,7 +124,7 @@ class UdpTransport:
     def __init__(self, sock: socket.socket, address: Address | None) -> None:
         self._sock = sock
         self._address = address
-        self._gso = UDP_GSO and gso_available()
+        self._gso = UDP_OFFLOAD and gso_available()
 
     @property
     def segments(self) -> bool:
