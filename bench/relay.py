@@ -19,8 +19,10 @@ this process (the source and the sink) on the other:
     with two CPUs it peels each batch on two threads (runtime/peeling.py).
 (c1) (c) with R's second peel thread idle, in rounds alternating with (c)'s: what the second
     thread brings on this machine, printed as "two peel threads / one".
-(d) What counting costs: (b) again, against a second relay process started with
-    `node.COUNT_PACKETS = False`. The rounds are interleaved, so drift hits both alike.
+(d) What counting costs: (b) again, with R's per-link counting switched off
+    (`node.COUNT_PACKETS = False`, what a build without it would run) between rounds. (b)
+    and (d) rounds alternate on the same process, sockets and links, so drift and the
+    process's own state hit both alike.
 (e) Whether a thread pool helps peeling on this machine: a batch peeled serially and split
     in two halves over a 2-thread ThreadPoolExecutor, for batches of UDP_BATCH (one relay
     wake-up) and of 1024. The same ratio is shown for each primitive alone, which shows which
@@ -173,10 +175,11 @@ async def _answer(
     conn: Connection,
     snapshot: Callable[[], Snapshot],
     drops: Callable[[], dict[str, int]],
-    peel_threads: Callable[[bool], None] = lambda two: None,
+    settings: dict[str, Callable[[], None]] | None = None,
 ) -> None:
     """Answer the benchmark's commands until it says stop. This runs as one more task in the
-    loop under test, so a snapshot always falls between two batches."""
+    loop under test, so a snapshot always falls between two batches. `settings` are the
+    commands that change how the process runs."""
     profiler = cProfile.Profile()
     while True:
         await anyio.wait_readable(conn.fileno())
@@ -192,11 +195,11 @@ async def _answer(
             case "profile_report":
                 profiler.disable()
                 conn.send(_profile_rows(profiler))
-            case "one_peel_thread" | "two_peel_threads" as command:
-                peel_threads(command == "two_peel_threads")
-                conn.send(None)
             case "stop":
                 return
+            case command if settings is not None and command in settings:
+                settings[command]()
+                conn.send(None)
 
 
 def _profile_rows(profiler: cProfile.Profile) -> list[tuple[float, int, str, str]]:
@@ -210,11 +213,9 @@ def _profile_rows(profiler: cProfile.Profile) -> list[tuple[float, int, str, str
     return rows
 
 
-def _run_relay(config_path: str, count_packets: bool, cpu: int | None, conn: Connection) -> None:
-    """A relay process: the node from `config_path`, with counting on or off from the start.
-    Its event loop's thread is pinned to `cpu` once the node runs; the threads the node
-    started (its peel thread) keep every CPU."""
-    node_module.COUNT_PACKETS = count_packets
+def _run_relay(config_path: str, cpu: int | None, conn: Connection) -> None:
+    """A relay process: the node from `config_path`. Its event loop's thread is pinned to
+    `cpu` once the node runs; the threads the node started (its peel thread) keep every CPU."""
     config = load_config(Path(config_path))
     configure_logging(config.logging.level, config.logging.format)
     node = Node(config, load_identity_file(config.identity_file))
@@ -235,16 +236,24 @@ def _run_relay(config_path: str, count_packets: bool, cpu: int | None, conn: Con
                 total.update(runner.statistics().drops)
         return dict(total)
 
-    def peel_threads(two: bool) -> None:
-        # The thread stays up, idle: started again from this thread, it would be pinned too.
-        node.peeling.parallel = two
+    def setting(name: str, value: bool) -> Callable[[], None]:
+        # The peel thread stays up, idle: started again from this thread, it would be pinned.
+        target = node.peeling if name == "parallel" else node_module
+        return lambda: setattr(target, name, value)
+
+    settings = {
+        "one_peel_thread": setting("parallel", False),
+        "two_peel_threads": setting("parallel", True),
+        "counting_off": setting("COUNT_PACKETS", False),
+        "counting_on": setting("COUNT_PACKETS", True),
+    }
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(node.run)
             _pin(cpu)  # this thread only
             conn.send(None)
-            await _answer(conn, snapshot, drops, peel_threads)
+            await _answer(conn, snapshot, drops, settings)
             tg.cancel_scope.cancel()
 
     anyio.run(main)
@@ -687,7 +696,7 @@ async def _measure(
     rounds = args.rounds
     children, sockets = cleanup
     driver_cpu, child_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
-    counting_net, silent_net = _network(root / "counting"), _network(root / "silent")
+    net = _network(root)
 
     plain_sink = _udp_socket()
     sockets.append(plain_sink)
@@ -697,16 +706,14 @@ async def _measure(
         for key, gso in (("a", False), ("a2", True))
     }
     children += forwarders.values()
-    lines = {}
-    for name, net, count in (("b", counting_net, True), ("d", silent_net, False)):
-        relay = Child(f"relay ({name})", _run_relay, str(net[1].config_path), count, child_cpu)
-        children.append(relay)
-        relay_identity = load_identity_file(net[1].config.identity_file)
-        lines[name] = Line(relay, relay_identity, _node(net[0]), _node(net[2]))
+    relay = Child("relay", _run_relay, str(net[1].config_path), child_cpu)
+    children.append(relay)
+    line = Line(
+        relay, load_identity_file(net[1].config.identity_file), _node(net[0]), _node(net[2])
+    )
 
     # The children start up in fresh interpreters while the peeling packets are built.
-    counting = lines["b"]
-    r_id, d_id = counting.relay_identity, counting.sink.identity
+    r_id, d_id = line.relay_identity, line.sink.identity
     route = [(r_id.fingerprint, r_id.onion_public), (d_id.fingerprint, d_id.onion_public)]
     onions = _build(route, args.packets * (2 * rounds + args.profile), len(cpus))
     plain_sources = {}
@@ -724,19 +731,12 @@ async def _measure(
     )
     rng = random.Random(SEED).randbytes
     async with anyio.create_task_group() as tg:
-        for line in lines.values():
-            await tg.start(line.source.run)
-            await tg.start(line.sink.run)
-        bursts: dict[str, Callable[[], int]] = {}
-        runners: dict[str, LinkRunner] = {}
-        for key, line in lines.items():
-            runners[key] = await _wait_flowing(line)
-            route = [(line.sink.fingerprint, line.sink.identity.onion_public)]
-            cycled = [
-                build_packet(route, encode_datagram(DOCK, rng(100)), rng) for _ in range(BURST)
-            ]
-            bursts[key] = _onion_burst(runners[key], cycled)
-        to_relay = runners["b"]
+        await tg.start(line.source.run)
+        await tg.start(line.sink.run)
+        to_relay = await _wait_flowing(line)
+        route = [(line.sink.fingerprint, line.sink.identity.onion_public)]
+        cycled = [build_packet(route, encode_datagram(DOCK, rng(100)), rng) for _ in range(BURST)]
+        bursts = {"b": _onion_burst(to_relay, cycled)}
         results.frame_size = len(to_relay.link.encrypt_onion(*cycled[0]))
         plain = [rng(results.frame_size) for _ in range(BURST)]
         for key, source in plain_sources.items():
@@ -748,49 +748,46 @@ async def _measure(
             for key, forwarder in forwarders.items():
                 results.rounds[key].append(_open_loop(forwarder, bursts[key], args.seconds))
                 _drain(plain_sink)
-            # Alternate which of the pair goes first, so that neither always follows (a).
+            # Alternate which of each pair goes first, so that neither always follows the other.
             for key in ("b", "d") if index % 2 == 0 else ("d", "b"):
-                results.rounds[key].append(_open_loop(lines[key].relay, bursts[key], args.seconds))
-                await _catch_up(lines[key])
-            # (c) as the node runs, and with its peel thread stopped, in alternating order.
+                relay.ask("counting_on" if key == "b" else "counting_off")
+                results.rounds[key].append(_open_loop(relay, bursts["b"], args.seconds))
+                await _catch_up(line)
+            relay.ask("counting_on")
+            # (c) as the node runs, and with its peel thread stopped.
             for key in ("c", "c1") if index % 2 == 0 else ("c1", "c"):
-                counting.relay.ask("two_peel_threads" if key == "c" else "one_peel_thread")
+                relay.ask("two_peel_threads" if key == "c" else "one_peel_thread")
                 start = (2 * index + (key == "c1")) * args.packets
                 share = onions[start : start + args.packets]
-                results.rounds[key].append(_closed_loop(counting.relay, to_relay, share))
-                await _catch_up(counting)
-            counting.relay.ask("two_peel_threads")
+                results.rounds[key].append(_closed_loop(relay, to_relay, share))
+                await _catch_up(line)
+            relay.ask("two_peel_threads")
 
         if args.profile:
-            relay_child = counting.relay
             results.profile += _profile_lines(
-                "profile (b)",
-                relay_child,
-                lambda: _open_loop(relay_child, bursts["b"], args.seconds),
+                "profile (b)", relay, lambda: _open_loop(relay, bursts["b"], args.seconds)
             )
-            await _catch_up(counting)
+            await _catch_up(line)
             share = onions[2 * rounds * args.packets :]
             results.profile += _profile_lines(
-                "profile (c)", relay_child, lambda: _closed_loop(relay_child, to_relay, share)
+                "profile (c)", relay, lambda: _closed_loop(relay, to_relay, share)
             )
-            await _catch_up(counting)
+            await _catch_up(line)
         os.sched_setaffinity(0, cpus)
 
-        for key, line in lines.items():
-            sink = line.sink
-            frames = sink.links[line.relay_identity.fingerprint][0].packets_received
-            drops = sink.peeler.drops + sink.drop_counts()
-            replays = drops.pop("replay", 0)
-            results.checks.append(
-                f"sink D ({key}): of the {frames:,} frames from R its buffer held, D peeled "
-                f"{sink.relay.peeled:,} ({line.delivered:,} delivered to the bench's dock) and "
-                f"caught {replays:,} as replays of the {BURST} packets (b) cycles; "
-                f"other drops: {dict(drops) or 'none'}"
-            )
-            results.checks.append(
-                f"relay R ({key}) drops, set-up probes included: "
-                f"{line.relay.ask('drops') or 'none'}"
-            )
+        sink = line.sink
+        frames = sink.links[line.relay_identity.fingerprint][0].packets_received
+        drops = sink.peeler.drops + sink.drop_counts()
+        replays = drops.pop("replay", 0)
+        results.checks.append(
+            f"sink D: of the {frames:,} frames from R its buffer held, D peeled "
+            f"{sink.relay.peeled:,} ({line.delivered:,} delivered to the bench's dock) and "
+            f"caught {replays:,} as replays of the {BURST} packets (b) and (d) cycle; "
+            f"other drops: {dict(drops) or 'none'}"
+        )
+        results.checks.append(
+            f"relay R drops, set-up probes included: {relay.ask('drops') or 'none'}"
+        )
         tg.cancel_scope.cancel()
     return results
 
