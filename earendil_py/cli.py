@@ -123,6 +123,17 @@ def _decide(args: argparse.Namespace) -> None:
     print(f"settlement {answer['id']}: {answer['state']}")
 
 
+def _chat(args: argparse.Namespace) -> None:
+    path = f"/api/chat/{args.neighbor}"
+    if args.send is not None:
+        _api(args, "POST", path, {"text": args.send})
+    for m in _api(args, "GET", path)["messages"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["sent_at"]))
+        arrow = "<-" if m["direction"] == "in" else "->"
+        status = "" if m["status"] == "delivered" else f"  [{m['status']}: {m['reason']}]"
+        print(f"{when} {arrow} {m['text']}{status}")
+
+
 def _unfreeze(args: argparse.Namespace) -> None:
     _api(args, "POST", f"/api/neighbors/{args.neighbor}/unfreeze", {})
     print("unfrozen")
@@ -213,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         decide.add_argument("--config", type=Path, required=True)
         decide.add_argument("id", help="settlement id (hex, from `earendil-py settlements`)")
         decide.set_defaults(run=_decide, decision=decision)
+
+    chat = commands.add_parser("chat", help="show the chat with a neighbour, or send to it")
+    chat.add_argument("--config", type=Path, required=True)
+    chat.add_argument("--neighbor", required=True, help="fingerprint (64 hex digits)")
+    chat.add_argument("--send", metavar="TEXT", help="send this message first")
+    chat.set_defaults(run=_chat)
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", type=Path, required=True)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import re
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -17,12 +20,20 @@ from earendil_py.core.identity import parse_fingerprint
 from earendil_py.core.packet import MAX_HOPS
 from earendil_py.core.pricing import PriceTerms
 from earendil_py.core.settlement import SettlementRecord
-from earendil_py.runtime.http import HttpError, Request, Response, Router, json_response
+from earendil_py.runtime.http import (
+    HttpError,
+    Request,
+    Response,
+    Router,
+    html_response,
+    json_response,
+)
 from earendil_py.runtime.rpc import RpcError, RpcTimeout
 
 if TYPE_CHECKING:
     from earendil_py.runtime.node import LinkRunner, Node
 
+DASHBOARD = Path(__file__).with_name("dashboard.html")
 Dock = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
 
 
@@ -39,6 +50,10 @@ class SettleRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     method: str
     pay_umel: Umel = 0  # of our debt to them
     request_umel: Umel = 0  # of their debt to us
+
+
+class ChatRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    text: str
 
 
 class SendRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -89,6 +104,11 @@ def status(node: Node) -> dict[str, Any]:
 
 def build_router(node: Node) -> Router:
     router = Router()
+    page = dashboard_response()
+
+    @router.route("GET", "/")
+    async def dashboard(request: Request) -> Response:
+        return page
 
     @router.route("GET", "/api/status")
     async def get_status(request: Request) -> Response:
@@ -155,6 +175,22 @@ def build_router(node: Node) -> Router:
         await node.accounting.unfreeze(neighbor(request))
         return json_response({"frozen": ""})
 
+    @router.route("GET", "/api/chat/{fingerprint}")
+    async def chat_history(request: Request) -> Response:
+        return json_response({"messages": await node.chat.history(neighbor(request))})
+
+    @router.route("POST", "/api/chat/{fingerprint}")
+    async def chat_send(request: Request) -> Response:
+        fingerprint = neighbor(request)
+        body = request.json(ChatRequest)
+        try:
+            message = await node.chat.send(fingerprint, body.text)
+        except LocalProtocolError as exc:
+            raise HttpError(409, str(exc)) from None
+        if message["status"] != "delivered":
+            raise HttpError(502, f"not delivered: {message['reason']}")
+        return json_response({"message": message})
+
     @router.route("GET", "/api/settlements")
     async def settlements(request: Request) -> Response:
         return json_response({"settlements": list(node.settlements.summaries())})
@@ -195,6 +231,23 @@ def build_router(node: Node) -> Router:
         return _settlement_response(record)
 
     return router
+
+
+def dashboard_response() -> Response:
+    """The dashboard page, with a Content-Security-Policy that lets its own inline script and
+    style run and nothing else: no other script, no other origin, no framing."""
+    page = DASHBOARD.read_text(encoding="utf-8")
+    sources = {}
+    for tag in ("script", "style"):
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.DOTALL)
+        digests = (base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() for b in blocks)
+        sources[tag] = " ".join(f"'sha256-{digest}'" for digest in digests) or "'none'"
+    policy = (
+        f"default-src 'none'; connect-src 'self'; script-src {sources['script']}; "
+        f"style-src {sources['style']}; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+    return html_response(page, headers=[("Content-Security-Policy", policy)])
 
 
 def _settlement_response(record: SettlementRecord) -> Response:

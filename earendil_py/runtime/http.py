@@ -187,8 +187,10 @@ def text_response(text: str, status: int = 200) -> Response:
     return Response(status, text.encode(), "text/plain; charset=utf-8")
 
 
-def html_response(html: str, status: int = 200) -> Response:
-    return Response(status, html.encode(), "text/html; charset=utf-8")
+def html_response(
+    html: str, status: int = 200, *, headers: Sequence[tuple[str, str]] = ()
+) -> Response:
+    return Response(status, html.encode(), "text/html; charset=utf-8", tuple(headers))
 
 
 _INTERNAL_ERROR = HttpError(500, "internal error").to_response()

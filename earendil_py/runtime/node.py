@@ -58,6 +58,7 @@ from earendil_py.core.messages import (
 from earendil_py.core.packet import build_packet
 from earendil_py.core.relay import Datagram, Peeler, encode_datagram
 from earendil_py.runtime.accounting import Accounting
+from earendil_py.runtime.chat import Chat
 from earendil_py.runtime.config import Config, InRoute, OutRoute, parse_address
 from earendil_py.runtime.control import build_router
 from earendil_py.runtime.gossip import Gossip
@@ -297,6 +298,7 @@ class Node:
         self.rpc = GlobalRpc(self._send_rpc)
         self.accounting = Accounting(self)
         self.settlements = Settlements(self)
+        self.chat = Chat(self)
         self._accounts_changed = anyio.Event()
         self.listening: dict[str, Address] = {}
         self._links_changed = anyio.Event()
