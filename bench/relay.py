@@ -111,7 +111,12 @@ from earendil_py.runtime.config import InRoute, load_config
 from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.logs import configure_logging
 from earendil_py.runtime.node import UDP_BATCH, LinkRunner, Node
-from earendil_py.runtime.udp import UDP_SOCKET_BUFFER, UdpTransport, datagram_reader
+from earendil_py.runtime.udp import (
+    UDP_SOCKET_BUFFER,
+    UdpTransport,
+    datagram_reader,
+    read_batch,
+)
 
 FORWARD_TARGET = 0.5  # b / a
 PEEL_TARGET = 0.7  # c / min(a, floor)
@@ -294,12 +299,7 @@ def _run_forwarder(sink: tuple[str, int], offload: bool, cpu: int | None, conn: 
         read, send_many = datagram_reader(inbound), UdpTransport(outbound, sink).send_many
         while True:
             await anyio.wait_readable(inbound)
-            batch: list[bytes] = []
-            while len(batch) < UDP_BATCH:
-                try:
-                    batch += read()[0]
-                except BlockingIOError:
-                    break
+            batch = read_batch(read, UDP_BATCH)
             sent = send_many(batch)
             drops["send_failed"] += len(batch) - sent
             forwarded += sent

@@ -66,7 +66,13 @@ from earendil_py.runtime.http import HttpServer
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
 from earendil_py.runtime.rpc import GlobalRpc
 from earendil_py.runtime.settlement import Settlements
-from earendil_py.runtime.udp import UdpTransport, datagram_reader, new_udp_socket, udp_socket
+from earendil_py.runtime.udp import (
+    UdpTransport,
+    datagram_reader,
+    new_udp_socket,
+    read_batch,
+    udp_socket,
+)
 
 log = structlog.get_logger("earendil_py.node")
 
@@ -786,14 +792,7 @@ class Node:
         while True:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
-            messages: list[bytes] = []
-            while len(messages) < UDP_BATCH:
-                try:
-                    messages += read()[0]
-                except BlockingIOError:
-                    break
-                except ConnectionRefusedError:
-                    continue  # ICMP port unreachable: the peer is not there (yet)
+            messages = read_batch(read, UDP_BATCH)
             if frames := runner.receive(messages, now):
                 self.relay_batch([(runner, frames)], now)
             await anyio.lowlevel.checkpoint()

@@ -87,6 +87,21 @@ def datagram_reader(sock: socket.socket) -> Callable[[], tuple[Sequence[bytes], 
     return read_one
 
 
+def read_batch(read: Callable[[], tuple[Sequence[bytes], Address]], limit: int) -> list[bytes]:
+    """What `read` (a `datagram_reader`) returns until there is nothing left to read or at
+    least `limit` datagrams came. An ICMP error reported on a connected socket (the peer's
+    port is closed, for now) is skipped."""
+    datagrams: list[bytes] = []
+    while len(datagrams) < limit:
+        try:
+            datagrams += read()[0]
+        except BlockingIOError:
+            break
+        except ConnectionRefusedError:
+            continue
+    return datagrams
+
+
 def _enable_gro(sock: socket.socket) -> bool:
     """Whether `sock` now hands over coalesced runs (Linux 5.0+; 4.18 and 4.19 have GSO only)."""
     if not (UDP_OFFLOAD and gso_available()):
