@@ -190,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
             links = ", ".join(
                 f"{link['neighbor'][:6]} ({link['protocol']})" for link in status["links"]
             )
-            print(f"  {node.generated.name} {status['fingerprint'][:6]}: links to {links}")
+            host, port = node.api
+            print(
+                f"  {node.generated.name} {status['fingerprint'][:6]}: links to {links}; "
+                f"dashboard http://{host}:{port}/"
+            )
+        greeted = greet(nodes)
         print(f"Sending {args.rate} datagrams/s on each of {len(FLOWS)} flows, 3 peelers each.")
         sent = run_traffic(nodes, args.seconds, args.rate)
         time.sleep(1.0)
@@ -201,11 +206,27 @@ def main(argv: list[str] | None = None) -> int:
         print_summary(nodes, args.seconds)
         print(f"\nDatagrams sent {sent}, delivered {received} ({received * 100 // sent}%).")
         settled = summarize_settlements(nodes)
-        return 0 if received == sent and settled else 1
+        return 0 if received == sent and settled and greeted else 1
     except KeyboardInterrupt:
         return 130
     finally:
         stop(nodes)
+
+
+def greet(nodes: list[RunningNode]) -> bool:
+    """Each node says hello to each neighbour on the chat; True if every message arrived."""
+    delivered = total = 0
+    for node in nodes:
+        for link in node.call("GET", "/api/status")["links"]:
+            total += 1
+            try:
+                node.call("POST", f"/api/chat/{link['neighbor']}", {"text": "hello, neighbour"})
+            except ControlApiError as exc:
+                print(f"  chat from {node.generated.name} not delivered: {exc}")
+            else:
+                delivered += 1
+    print(f"Chat: every node greeted its neighbours, {delivered} of {total} messages delivered.")
+    return delivered == total
 
 
 def summarize_settlements(nodes: list[RunningNode]) -> bool:

@@ -29,6 +29,7 @@ def test_demo_delivers_everything_settles_and_stops_its_daemons(tmp_path: Path) 
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "Relay graphs converged" in out
+    assert "Chat: every node greeted its neighbours, 10 of 10 messages delivered." in out
     assert "(100%)" in out
     assert "packets dropped at a debt limit: 0." in out
     assert "Automatic settlements completed: 0 " not in out
