@@ -112,9 +112,9 @@ from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.logs import configure_logging
 from earendil_py.runtime.node import UDP_BATCH, LinkRunner, Node
 from earendil_py.runtime.udp import (
-    UDP_SOCKET_BUFFER,
     UdpTransport,
     datagram_reader,
+    new_udp_socket,
     read_batch,
 )
 
@@ -166,14 +166,6 @@ class Snapshot:
 def _pin(cpu: int | None) -> None:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-
-
-def _udp_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_SOCKET_BUFFER)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_SOCKET_BUFFER)
-    sock.setblocking(False)
-    return sock
 
 
 async def _answer(
@@ -269,7 +261,7 @@ def _run_forwarder(sink: tuple[str, int], offload: bool, cpu: int | None, conn: 
     `offload`: the node's own UDP I/O instead (runtime/udp.py: where the kernel has them,
     coalesced reads and one segmented sendmsg per run)."""
     _pin(cpu)
-    inbound, outbound = _udp_socket(), _udp_socket()
+    inbound, outbound = new_udp_socket(socket.AF_INET), new_udp_socket(socket.AF_INET)
     inbound.bind(("127.0.0.1", 0))
     forwarded = 0
     drops: Counter[str] = Counter()
@@ -698,7 +690,7 @@ async def _measure(
     driver_cpu, child_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
     net = _network(root)
 
-    plain_sink = _udp_socket()
+    plain_sink = new_udp_socket(socket.AF_INET)
     sockets.append(plain_sink)
     plain_sink.bind(("127.0.0.1", 0))
     forwarders = {
@@ -718,7 +710,7 @@ async def _measure(
     onions = _build(route, args.packets * (2 * rounds + args.profile), len(cpus))
     plain_sources = {}
     for key, forwarder in forwarders.items():
-        plain_sources[key] = _udp_socket()
+        plain_sources[key] = new_udp_socket(socket.AF_INET)
         sockets.append(plain_sources[key])
         plain_sources[key].connect(forwarder.receive())
     for child in children[len(forwarders) :]:
