@@ -887,7 +887,9 @@ def claim_ledger(
     with LedgerStore.open(path, verify=False) as store:  # creates or upgrades it if need be
         ledger_id = store.ledger_id.hex()
     if ledger_id != recorded:
-        _write_record(record_file, LedgerIdRecord(ledger_id, str(path), int(time.time())))
+        _write_record(
+            record_file, LedgerIdRecord(ledger_id, str(path.absolute()), int(time.time()))
+        )
         if new or not empty:  # not the first start: say what changed, and where
             log.info(
                 "ledger_recorded",
