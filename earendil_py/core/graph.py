@@ -27,8 +27,11 @@ from earendil_py.core.identity import (
     FINGERPRINT_SIZE,
     KEY_SIZE,
     SIGNATURE_SIZE,
+    Fingerprint,
     Identity,
     IdentityDescriptor,
+    Signature,
+    Timestamp,
     fingerprint_of,
     verify,
 )
@@ -66,12 +69,6 @@ DUMP_MESSAGE_SIZE_BYTES = 1200
 MAX_DUMP_ENTRIES = 4096
 
 _TIMESTAMP = struct.Struct(">Q")
-
-Fingerprint = Annotated[
-    bytes, msgspec.Meta(min_length=FINGERPRINT_SIZE, max_length=FINGERPRINT_SIZE)
-]
-Signature = Annotated[bytes, msgspec.Meta(min_length=SIGNATURE_SIZE, max_length=SIGNATURE_SIZE)]
-Timestamp = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints stop at 2**64 - 1
 
 
 def _signed_part(left: bytes, right: bytes, timestamp: int) -> bytes:

@@ -38,7 +38,12 @@ from typing import Annotated, Any, Literal
 import blake3
 import msgspec
 
-from earendil_py.core.errors import EarendilError, LocalProtocolError, RemoteProtocolError
+from earendil_py.core.errors import (
+    EarendilError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    decode_remote,
+)
 
 Rng = Callable[[int], bytes]
 
@@ -71,6 +76,8 @@ STANDARD_MESSAGES = {
 MAX_PAYLOAD_SIZE = 16_000
 # Ids are kept in the cache; a peer must not make us store long strings.
 MAX_ID_LENGTH = 128
+MAX_METHOD_LENGTH = 64  # our method names are short snake_case words
+MAX_ERROR_MESSAGE_CHARS = 256  # JSON-RPC: "a short description"; longer ones are cut on send
 ID_BYTES = 16  # random bytes in the ids we generate (sent as 32 hex digits)
 
 RESPONSE_CACHE_SECS = 60.0
@@ -126,23 +133,23 @@ class MalformedRequest(RemoteProtocolError):
 # --- wire structs -------------------------------------------------------------------------
 
 RequestId = str | int
-# What we accept from peers: the spec's string or number ids, minus fractions, bounded.
-WireId = (
-    Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
-    | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-)
+# What we accept from peers is bounded (docs/rpc.md, "Decoding peer input"): the spec's string
+# or number ids minus fractions, integers in int64, short strings. params, result and error
+# data are any JSON, bounded by MAX_PAYLOAD_SIZE and by the nesting depth msgspec parses.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+WireId = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)] | Int64
 
 
 class ErrorObject(msgspec.Struct, frozen=True, kw_only=True):
-    code: int
-    message: str
+    code: Int64
+    message: Annotated[str, msgspec.Meta(max_length=MAX_ERROR_MESSAGE_CHARS)]
     data: Any = msgspec.UNSET  # omitted when unset
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
     jsonrpc: Literal["2.0"]
     id: WireId
-    method: str
+    method: Annotated[str, msgspec.Meta(max_length=MAX_METHOD_LENGTH)]
     # The spec allows only structured params; absent is passed to handlers as None.
     params: list[Any] | dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
 
@@ -207,9 +214,13 @@ def encode_result(request_id: RequestId, result: Any) -> bytes:
 
 
 def encode_error(request_id: RequestId | None, code: int, message: str, data: Any = None) -> bytes:
-    """`data=None` is omitted. Raises LocalProtocolError if data is not JSON-encodable or the
-    response exceeds MAX_PAYLOAD_SIZE."""
-    error = ErrorObject(code=code, message=message, data=msgspec.UNSET if data is None else data)
+    """`data=None` is omitted; `message` is cut to MAX_ERROR_MESSAGE_CHARS. Raises
+    LocalProtocolError if data is not JSON-encodable or the response exceeds MAX_PAYLOAD_SIZE."""
+    error = ErrorObject(
+        code=code,
+        message=message[:MAX_ERROR_MESSAGE_CHARS],
+        data=msgspec.UNSET if data is None else data,
+    )
     return _encode(Response(jsonrpc="2.0", id=request_id, error=error), "error response")
 
 
@@ -226,8 +237,8 @@ def is_request(payload: bytes) -> bool:
     if len(payload) > MAX_PAYLOAD_SIZE:
         return True
     try:
-        probe = _method_probe_decoder.decode(payload)
-    except msgspec.DecodeError:
+        probe = decode_remote(_method_probe_decoder, payload, "probe", "rpc_parse_error")
+    except RemoteProtocolError:
         return True
     return probe.method is not msgspec.UNSET
 
@@ -237,14 +248,20 @@ def decode_request(payload: bytes) -> Request:
     if len(payload) > MAX_PAYLOAD_SIZE:
         raise MalformedRequest("request too large", code=INVALID_REQUEST, request_id=None)
     try:
-        return _request_decoder.decode(payload)
-    except msgspec.ValidationError as exc:  # valid JSON, not a valid request
+        return decode_remote(
+            _request_decoder,
+            payload,
+            "bad request",
+            "rpc_parse_error",  # not JSON, or nested deeper than we parse
+            invalid="rpc_invalid_request",  # valid JSON, not a valid request
+        )
+    except RemoteProtocolError as exc:
+        if exc.reason == "rpc_parse_error":
+            raise MalformedRequest(str(exc), code=PARSE_ERROR, request_id=None) from None
         detail = str(exc)
-    except msgspec.DecodeError as exc:
-        raise MalformedRequest(str(exc), code=PARSE_ERROR, request_id=None) from None
-    try:
-        request_id = _id_probe_decoder.decode(payload).id
-    except msgspec.DecodeError:
+    try:  # answered under the request's id, if it has one we can read
+        request_id = decode_remote(_id_probe_decoder, payload, "id", "rpc_invalid_request").id
+    except RemoteProtocolError:
         request_id = None
     raise MalformedRequest(detail, code=INVALID_REQUEST, request_id=request_id)
 
@@ -253,10 +270,7 @@ def decode_response(payload: bytes) -> Response:
     """Raises RemoteProtocolError("rpc_bad_response") for anything but a valid response."""
     if len(payload) > MAX_PAYLOAD_SIZE:
         raise RemoteProtocolError("response too large", "rpc_bad_response")
-    try:
-        response = _response_decoder.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise RemoteProtocolError(f"bad response: {exc}", "rpc_bad_response") from None
+    response = decode_remote(_response_decoder, payload, "bad response", "rpc_bad_response")
     if (response.result is msgspec.UNSET) == (response.error is msgspec.UNSET):
         raise RemoteProtocolError("response needs exactly one of result, error", "rpc_bad_response")
     return response

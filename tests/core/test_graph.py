@@ -439,3 +439,23 @@ def test_graphs_fed_the_same_descriptors_in_different_orders_converge() -> None:
         assert [graph.shortest_path(fp[0], f) for f in fp] == [
             from_dump.shortest_path(fp[0], f) for f in fp
         ]
+
+
+def test_dump_fields_outside_their_bounds_make_a_bad_dump() -> None:
+    """Sizes and timestamps are checked at decode, so nothing further in sees them."""
+    a, b = _identities(2, seed=17)
+    identity, adjacency = a.descriptor(NOW), _adjacency(a, b)
+    replace = msgspec.structs.replace
+    dumps = [
+        GraphDump([replace(identity, timestamp=-1)], []),
+        GraphDump([replace(identity, timestamp=2**63)], []),
+        GraphDump([replace(identity, identity_public=bytes(31))], []),
+        GraphDump([replace(identity, onion_public=bytes(33))], []),
+        GraphDump([replace(identity, signature=bytes(65))], []),
+        GraphDump([], [replace(adjacency, timestamp=-1)]),
+        GraphDump([], [replace(adjacency, left=bytes(31))]),
+    ]
+    for dump in dumps:
+        with pytest.raises(RemoteProtocolError) as caught:
+            decode_dump(msgspec.msgpack.encode(dump))
+        assert caught.value.reason == "bad_dump"

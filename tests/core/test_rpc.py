@@ -14,11 +14,14 @@ from earendil_py.core import link
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
 from earendil_py.core.rpc import (
     INVALID_REQUEST,
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_METHOD_LENGTH,
     MAX_PAYLOAD_SIZE,
     PARSE_ERROR,
     RESPONSE_CACHE_SECS,
     SERVER_BUSY,
     CallTimedOut,
+    ErrorObject,
     ErrorReceived,
     RequestReceived,
     ResultReceived,
@@ -126,7 +129,18 @@ def test_requests_and_responses_are_told_apart() -> None:
 # --- server: malformed input ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("payload", [b"", b"{", b'{"jsonrpc": "2.0",', b"\xff\xfe", b"nul"])
+# Nested deeper than msgspec parses (~1,000 levels): these used to raise RecursionError out
+# of the server and stop the node; the first is a 1 KB request.
+TOO_DEEP = [
+    b'{"":' + b"[" * 1000,
+    b'{"jsonrpc":"2.0","id":5,"method":"m","params":' + b"[" * 2000 + b"]" * 2000 + b"}",
+    b'{"a":' * 2000 + b"1" + b"}" * 2000,
+]
+
+
+@pytest.mark.parametrize(
+    "payload", [b"", b"{", b'{"jsonrpc": "2.0",', b"\xff\xfe", b"nul", *TOO_DEEP]
+)
 def test_malformed_json_is_a_parse_error(payload: bytes) -> None:
     server = RpcServer()
     response = server.receive_request(ALICE, payload, 0.0)
@@ -154,6 +168,7 @@ def test_malformed_json_is_a_parse_error(payload: bytes) -> None:
         (b'{"jsonrpc":"2.0","id":null,"method":"m"}', None),
         (b'{"jsonrpc":"2.0","id":99999999999999999999,"method":"m"}', None),
         (b'{"jsonrpc":"2.0","id":"' + b"i" * 129 + b'","method":"m"}', None),
+        (b'{"jsonrpc":"2.0","id":4,"method":"' + b"m" * (MAX_METHOD_LENGTH + 1) + b'"}', 4),
     ],
 )
 def test_valid_json_but_not_a_request_is_invalid_request(
@@ -167,6 +182,30 @@ def test_valid_json_but_not_a_request_is_invalid_request(
     assert body["id"] == echoed_id
     assert server.statistics().invalid_requests == 1
     assert server.statistics().cached_entries == 0  # nothing ran, nothing remembered
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        *TOO_DEEP,
+        b'{"jsonrpc":"2.0","id":"x","result":' + b"[" * 2000 + b"]" * 2000 + b"}",
+        b'{"jsonrpc":"2.0","id":"x","error":{"code":18446744073709551616,"message":"m"}}',
+        b'{"jsonrpc":"2.0","id":"x","error":{"code":1,"message":"' + b"m" * 257 + b'"}}',
+    ],
+)
+def test_responses_too_deep_or_out_of_bounds_are_malformed(payload: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as caught:
+        decode_response(payload)
+    assert caught.value.reason == "rpc_bad_response"
+    client = RpcClient()
+    client.request(BOB, "m", None, 0.0, seeded_rng(1))
+    assert client.receive_response(BOB, payload) is None
+    assert client.statistics().malformed == 1
+
+
+def test_error_messages_are_cut_to_what_a_peer_accepts() -> None:
+    error = decode_response(encode_error("x", 1000, "m" * 1000)).error
+    assert isinstance(error, ErrorObject) and len(error.message) == MAX_ERROR_MESSAGE_CHARS
 
 
 def test_oversized_request_is_refused_unread() -> None:
