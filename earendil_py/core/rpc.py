@@ -13,9 +13,12 @@ datagrams (Birrell & Nelson; Sun RPC's duplicate request cache):
   twice for one key while the key is remembered, and the whole client schedule
   (`RpcTimers.give_up_after`, 31.5 s by default) fits inside that window.
 
-The cache is bounded in count, in total and per neighbour. When it is full a *new* request is
+The cache is bounded per neighbour, in entries and in bytes, and in total by those quotas
+times the number of neighbours the node admits, so one neighbour (or many identities behind
+one route cookie) filling its quota takes nothing from the others. A request over a bound is
 refused with SERVER_BUSY (the method did not run, so the caller may retry) instead of
 evicting a live entry, which would break the run-once guarantee without anyone noticing.
+Answers that ran no handler (malformed requests, unknown methods) take no entry at all.
 
 The envelope is JSON-RPC 2.0 (https://www.jsonrpc.org/specification) in msgspec JSON, not
 the project's array-like msgpack: it is a public, self-describing format that any JSON-RPC
@@ -31,8 +34,8 @@ randomness as an `rng` callable.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 import blake3
@@ -81,10 +84,21 @@ MAX_ERROR_MESSAGE_CHARS = 256  # JSON-RPC: "a short description"; longer ones ar
 ID_BYTES = 16  # random bytes in the ids we generate (sent as 32 hex digits)
 
 RESPONSE_CACHE_SECS = 60.0
-# Worst case memory: MAX_CACHE_ENTRIES x MAX_PAYLOAD_SIZE = 32 MB (typical responses are tiny).
 # Per neighbour, 256 entries per 60 s allow a sustained ~4 calls/s from each neighbour.
-MAX_CACHE_ENTRIES = 2048
 MAX_CACHE_ENTRIES_PER_NEIGHBOR = 256
+# What one entry costs besides its response: key, id (up to MAX_ID_LENGTH characters),
+# digest, the entry, its dict and deque slots, the response's bytes header. tracemalloc
+# measures ~550 bytes with a 128-character id; rounded up.
+CACHE_ENTRY_OVERHEAD_BYTES = 640
+# Responses may be up to MAX_PAYLOAD_SIZE, so entries alone do not bound memory. A running
+# entry is charged as if its response were that large (so `complete` never overshoots), an
+# answered one for what it holds. 512 KiB fit the 256 entries with responses up to ~1.4 KB,
+# or 31 running calls at once.
+MAX_CACHE_BYTES_PER_NEIGHBOR = 512 * 1024
+# The neighbours the node admits at once, when the node does not say; the global bounds are
+# the quotas times this. Worst-case memory of the cache: max_neighbors x
+# MAX_CACHE_BYTES_PER_NEIGHBOR = 64 x 512 KiB = 32 MiB (typical responses are tiny).
+DEFAULT_MAX_NEIGHBORS = 64
 
 _DETAIL_CHARS = 200  # error details echoed to the peer are cut to this length
 
@@ -297,16 +311,34 @@ class ServerStatistics:
     in_progress_hits: int = 0  # retransmissions while the method ran: no answer
     parse_errors: int = 0
     invalid_requests: int = 0
-    busy_refusals: int = 0
+    unknown_methods: int = 0  # answered METHOD_NOT_FOUND, without an entry
+    # SERVER_BUSY answers by the bound that was reached: "neighbor_entries",
+    # "neighbor_bytes" (the caller's quota), "total_entries", "total_bytes".
+    busy: Counter[str] = field(default_factory=Counter)
     id_conflicts: int = 0  # a known id with a different method or params: dropped
     expired: int = 0
     cached_entries: int = 0  # now remembered, running or answered
+    cached_bytes: int = 0  # what they are charged (see CACHE_ENTRY_OVERHEAD_BYTES)
+    cached_neighbors: int = 0  # neighbours holding entries
+
+
+@dataclass(slots=True)
+class _Usage:
+    """Entries and bytes held by one neighbour, or a bound on them."""
+
+    entries: int = 0
+    size_bytes: int = 0
 
 
 @dataclass(slots=True)
 class _Entry:
     digest: bytes  # of (method, params), to tell a retransmission from a reused id
     response: bytes | None  # None while the method runs
+    charged_bytes: int
+
+
+# What a running entry is charged: its response is not known yet and may be this large.
+_RUNNING_CHARGE = CACHE_ENTRY_OVERHEAD_BYTES + MAX_PAYLOAD_SIZE
 
 
 def _request_digest(request: Request) -> bytes:
@@ -318,6 +350,11 @@ class RpcServer:
     """The run-at-most-once side. One per node; entries are keyed by (neighbour, id) because
     ids are only unique per client.
 
+    Each neighbour has a quota of entries and of bytes; the total is bounded by the quotas
+    times `max_neighbors`, the number of neighbours the node admits at once, so a neighbour
+    under its quota is refused only if more neighbours than that hold entries (an entry
+    outlives its neighbour's link by up to `response_cache_secs`).
+
     `receive_request` never raises for remote input. An entry is remembered from dispatch
     until `response_cache_secs` after `complete`; entries still running never expire.
     """
@@ -326,16 +363,22 @@ class RpcServer:
         self,
         *,
         response_cache_secs: float = RESPONSE_CACHE_SECS,
-        max_entries: int = MAX_CACHE_ENTRIES,
+        max_neighbors: int = DEFAULT_MAX_NEIGHBORS,
         max_entries_per_neighbor: int = MAX_CACHE_ENTRIES_PER_NEIGHBOR,
+        max_bytes_per_neighbor: int = MAX_CACHE_BYTES_PER_NEIGHBOR,
     ) -> None:
-        if response_cache_secs <= 0 or max_entries < 1 or max_entries_per_neighbor < 1:
+        if response_cache_secs <= 0 or max_neighbors < 1 or max_entries_per_neighbor < 1:
             raise LocalProtocolError("cache lifetime and bounds must be positive")
+        if max_bytes_per_neighbor < _RUNNING_CHARGE:
+            raise LocalProtocolError(f"a neighbour's quota must hold {_RUNNING_CHARGE} bytes")
         self._ttl = response_cache_secs
-        self._max_entries = max_entries
-        self._max_per_neighbor = max_entries_per_neighbor
+        self._quota = _Usage(max_entries_per_neighbor, max_bytes_per_neighbor)
+        self._bound = _Usage(
+            max_entries_per_neighbor * max_neighbors, max_bytes_per_neighbor * max_neighbors
+        )
         self._entries: dict[tuple[bytes, RequestId], _Entry] = {}
-        self._per_neighbor: Counter[bytes] = Counter()
+        self._cached_bytes = 0
+        self._per_neighbor: dict[bytes, _Usage] = {}
         # Completed keys in completion order, which is expiry order since `now` never
         # decreases and the lifetime is constant.
         self._expiry: deque[tuple[float, tuple[bytes, RequestId]]] = deque()
@@ -343,12 +386,18 @@ class RpcServer:
 
     def statistics(self) -> ServerStatistics:
         """A snapshot of the counters."""
-        return replace(self._stats, cached_entries=len(self._entries))
+        return replace(
+            self._stats,
+            busy=Counter(self._stats.busy),
+            cached_entries=len(self._entries),
+            cached_bytes=self._cached_bytes,
+            cached_neighbors=len(self._per_neighbor),
+        )
 
     def receive_request(
-        self, neighbor: bytes, payload: bytes, now: float
+        self, neighbor: bytes, payload: bytes, now: float, *, methods: Container[str]
     ) -> RequestReceived | bytes | None:
-        """What to do with a request from `neighbor`:
+        """What to do with a request from `neighbor`, given the `methods` we serve:
 
         - `bytes`: send them back (an error response, or the cached response to a
           retransmission: byte-identical to the first answer);
@@ -379,14 +428,20 @@ class RpcServer:
                 return None
             self._stats.cache_hits += 1
             return entry.response
-        if (
-            len(self._entries) >= self._max_entries
-            or self._per_neighbor[neighbor] >= self._max_per_neighbor
-        ):
-            self._stats.busy_refusals += 1
-            return _standard_error(request.id, SERVER_BUSY)
-        self._entries[key] = _Entry(digest, None)
-        self._per_neighbor[neighbor] += 1
+        if request.method not in methods:
+            # Nothing runs for an unknown method, so its answer depends only on the method
+            # name and our handler table: every copy gets the same bytes without an entry,
+            # and unknown calls, like malformed ones, hold no memory. (The table is filled
+            # before requests are served; a handler registered later could run for a
+            # retransmission whose first copy was told the method was missing, still once.)
+            self._stats.unknown_methods += 1
+            return _standard_error(request.id, METHOD_NOT_FOUND)
+        refusal = self._refusal(neighbor)
+        if refusal is not None:
+            self._stats.busy[refusal] += 1
+            return _standard_error(request.id, SERVER_BUSY, refusal)
+        self._entries[key] = _Entry(digest, None, _RUNNING_CHARGE)
+        self._charge(neighbor, 1, _RUNNING_CHARGE)
         self._stats.dispatched += 1
         params = None if request.params is msgspec.UNSET else request.params
         return RequestReceived(neighbor, request.id, request.method, params)
@@ -394,12 +449,20 @@ class RpcServer:
     def complete(self, neighbor: bytes, request_id: RequestId, response: bytes, now: float) -> None:
         """Cache the response to a dispatched request; the caller sends it.
 
-        Raises LocalProtocolError if the request was not dispatched or is already complete.
+        Raises LocalProtocolError if the request was not dispatched or is already complete,
+        or the response exceeds MAX_PAYLOAD_SIZE.
         """
         entry = self._entries.get((neighbor, request_id))
         if entry is None or entry.response is not None:
             raise LocalProtocolError(f"request {request_id!r} is not running")
-        entry.response = response
+        if len(response) > MAX_PAYLOAD_SIZE:
+            raise LocalProtocolError(f"response of {len(response)} bytes is too large")
+        # msgspec's encoder returns its buffer, slack included (up to half the length
+        # again): held for a minute, an exact copy is what we charge for.
+        entry.response = bytes(memoryview(response))
+        charge = CACHE_ENTRY_OVERHEAD_BYTES + len(response)
+        self._charge(neighbor, 0, charge - entry.charged_bytes)
+        entry.charged_bytes = charge
         self._expiry.append((now + self._ttl, (neighbor, request_id)))
 
     def get_timer(self) -> float | None:
@@ -409,14 +472,32 @@ class RpcServer:
     def handle_timer(self, now: float) -> None:
         self._expire(now)
 
+    def _refusal(self, neighbor: bytes) -> str | None:
+        """The bound a new entry from `neighbor` would pass, if any: its own quota first."""
+        usage = self._per_neighbor.get(neighbor, _Usage())
+        if usage.entries >= self._quota.entries:
+            return "neighbor_entries"
+        if usage.size_bytes + _RUNNING_CHARGE > self._quota.size_bytes:
+            return "neighbor_bytes"
+        if len(self._entries) >= self._bound.entries:
+            return "total_entries"
+        if self._cached_bytes + _RUNNING_CHARGE > self._bound.size_bytes:
+            return "total_bytes"
+        return None
+
+    def _charge(self, neighbor: bytes, entries: int, size_bytes: int) -> None:
+        usage = self._per_neighbor.setdefault(neighbor, _Usage())
+        usage.entries += entries
+        usage.size_bytes += size_bytes
+        self._cached_bytes += size_bytes
+        if not usage.entries:
+            del self._per_neighbor[neighbor]
+
     def _expire(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] <= now:
             _, key = self._expiry.popleft()
-            del self._entries[key]
-            neighbor = key[0]
-            self._per_neighbor[neighbor] -= 1
-            if not self._per_neighbor[neighbor]:
-                del self._per_neighbor[neighbor]
+            entry = self._entries.pop(key)
+            self._charge(key[0], -1, -entry.charged_bytes)
             self._stats.expired += 1
 
 

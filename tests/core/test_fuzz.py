@@ -378,12 +378,12 @@ CHALLENGE_BYTES = msgspec.msgpack.encode(CHALLENGE)
 def use_control(message: ControlMessage) -> None:
     """As runtime/gossip.py and runtime/node.py do, for a message from Alice."""
     graph = RelayGraph()
-    graph.insert_identity(BOB.descriptor(NOW), NOW)
+    graph.insert_identity(BOB.descriptor(NOW), NOW, source=None)
     match message:
         case GraphPush(dump=dump):
-            graph.insert_dump(decode_dump(dump), NOW)
+            graph.insert_dump(decode_dump(dump), NOW, source=ALICE.fingerprint)
         case AdjacencyRequest():
-            graph.insert_identity(message.identity, NOW)
+            graph.insert_identity(message.identity, NOW, source=ALICE.fingerprint)
             left, right, _ = adjacency_unsigned(
                 BOB.fingerprint, ALICE.fingerprint, message.timestamp
             )
@@ -392,15 +392,19 @@ def use_control(message: ControlMessage) -> None:
                 (mine, message.signature) if left == BOB.fingerprint else (message.signature, mine)
             )
             graph.insert_adjacency(
-                AdjacencyDescriptor(left, right, message.timestamp, *signatures), NOW
+                AdjacencyDescriptor(left, right, message.timestamp, *signatures), NOW, source=None
             )
         case AdjacencyGrant(descriptor=descriptor):
-            graph.insert_identity(ALICE.descriptor(NOW), NOW)
-            graph.insert_adjacency(descriptor, NOW)
+            graph.insert_identity(ALICE.descriptor(NOW), NOW, source=ALICE.fingerprint)
+            graph.insert_adjacency(descriptor, NOW, source=None)
         case DockMessage(data=data):
             receive_rpc(data)
         case GraphPull():
             pass
+
+
+# The node's methods: a request for one of them is dispatched, any other is unknown.
+RPC_METHODS = frozenset({"push_price", "push_debt", "debt_limit", "chat"})
 
 
 def receive_rpc(payload: bytes) -> None:
@@ -409,7 +413,7 @@ def receive_rpc(payload: bytes) -> None:
     pending call with it or counts it."""
     if is_request(payload):
         server = RpcServer()
-        outcome = server.receive_request(ALICE.fingerprint, payload, 0.0)
+        outcome = server.receive_request(ALICE.fingerprint, payload, 0.0, methods=RPC_METHODS)
         if isinstance(outcome, bytes):
             assert not is_request(outcome)
             decode_response(outcome)
@@ -495,7 +499,13 @@ RPC_RESPONSES = [
 
 DECODERS = [
     Decoder("control", CONTROL, decode_control, use_control, "msgpack"),
-    Decoder("dump", DUMPS, decode_dump, lambda d: RelayGraph().insert_dump(d, NOW), "msgpack"),
+    Decoder(
+        "dump",
+        DUMPS,
+        decode_dump,
+        lambda d: RelayGraph().insert_dump(d, NOW, source=ALICE.fingerprint),
+        "msgpack",
+    ),
     Decoder(
         "push_price",
         [_request("push_price", OFFER)],
