@@ -315,3 +315,13 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def move_route_to_ipv6(generated: list[Any], listener: int, route: str) -> None:
+    """Rewrite the configs so that `listener`'s in_route `route` listens on ::1 and its dialer
+    connects there: then that neighbour comes from another source address than strangers
+    on 127.0.0.1. Reload the configs (`load_config`) afterwards."""
+    listen = generated[listener].config.in_routes[route].listen
+    for node in generated:
+        text = node.config_path.read_text()
+        node.config_path.write_text(text.replace(listen, listen.replace("127.0.0.1", "[::1]")))

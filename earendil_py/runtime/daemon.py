@@ -10,6 +10,7 @@ import structlog
 
 from earendil_py.core.identity import Identity
 from earendil_py.runtime.config import Config
+from earendil_py.runtime.faults import is_node_failure
 from earendil_py.runtime.node import Node
 
 log = structlog.get_logger("earendil_py.daemon")
@@ -29,20 +30,33 @@ async def run_daemon(config: Config, identity: Identity) -> None:
     listening socket is gone, a bug outside any peer's fault boundary), logs `node_failed` in
     one line and exits the process with status EXIT_NODE_FAILED.
     """
-    node = Node(config, identity)
-    await node.bind()  # fail before anything starts if a port is taken
-    raise_open_files_limit()
-    try:
-        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    # Caught from the start: a signal while the node starts stops it once it has started.
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        node = Node(config, identity)
+        await node.bind()  # fail before anything starts if a port is taken
+        raise_open_files_limit()
+        try:
             async with anyio.create_task_group() as tg:
                 await tg.start(node.run)
                 async for signum in signals:
                     log.info("shutdown", signal=signal.Signals(signum).name)
                     tg.cancel_scope.cancel()
                     break
-    except Exception as exc:
-        log.error("node_failed", error=_describe(exc), exc_info=exc)
-        raise SystemExit(EXIT_NODE_FAILED) from None
+        except Exception as exc:
+            _log_failure(exc, config)
+            raise SystemExit(EXIT_NODE_FAILED) from None
+
+
+def _log_failure(exc: Exception, config: Config) -> None:
+    """One `node_failed` line; a traceback only for a bug."""
+    failures = _leaves(exc)
+    error = "; ".join(f"{type(failure).__name__}: {failure}" for failure in failures)
+    if is_node_failure(exc):
+        log.error("node_failed", error=error, ledger=str(config.db_path))
+    elif all(isinstance(failure, OSError) for failure in failures):
+        log.error("node_failed", error=error)  # a socket gone: no traceback to read
+    else:  # a bug outside any peer's fault boundary
+        log.error("node_failed", error=error, exc_info=exc)
 
 
 def raise_open_files_limit() -> None:
@@ -60,8 +74,8 @@ def raise_open_files_limit() -> None:
     log.info("open_files_limit", soft=hard, hard=hard, raised_from=soft)
 
 
-def _describe(exc: BaseException) -> str:
-    """What failed, in one line: each exception in a (task) group as `Type: message`."""
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions in `exc`, task groups unwrapped."""
     if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(_describe(inner) for inner in exc.exceptions)
-    return f"{type(exc).__name__}: {exc}"
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]

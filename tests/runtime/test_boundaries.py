@@ -29,6 +29,7 @@ from earendil_py.runtime.node import LinkRunner, Node, PendingHandshakes
 from tests.helpers import (
     TCP_STRANGERS,
     closed_by_peer,
+    move_route_to_ipv6,
     running,
     seeded_rng,
     silent_tcp_connections,
@@ -51,11 +52,7 @@ def nodes_with_a_knocked_route(tmp_path: Path, honest: str = "tcp") -> list[Node
     generated = generate_network(
         tmp_path, 3, [Edge(0, 1, honest), Edge(2, 1, "tcp")], extra_toml=FAST
     )
-    listen = generated[1].config.in_routes[f"from_node0_{honest}"].listen
-    for g in generated[:2]:
-        g.config_path.write_text(
-            g.config_path.read_text().replace(listen, listen.replace("127.0.0.1", "[::1]"))
-        )
+    move_route_to_ipv6(generated, 1, f"from_node0_{honest}")
     return [
         Node(load_config(g.config_path), load_identity_file(g.config.identity_file))
         for g in generated[:2]
