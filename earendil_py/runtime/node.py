@@ -605,11 +605,13 @@ class Node:
             if result is None:
                 continue
             stats.peeled += 1
-            if isinstance(result, Datagram):
+            if isinstance(result, tuple):
+                leaving.append(onion_frame(*result))
+            elif isinstance(result, Datagram):
                 self._deliver(result)
                 stats.delivered += 1
-            else:
-                leaving.append(onion_frame(*result))
+            else:  # replies and reply blocks: no anonymous endpoint here to take them
+                self.drops["no_endpoint"] += 1
         return leaving
 
     def _lane(
