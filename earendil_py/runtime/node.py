@@ -65,10 +65,11 @@ from earendil_py.core.messages import (
     decode_control,
     encode_control,
 )
-from earendil_py.core.packet import build_packet
+from earendil_py.core.packet import ReplyArrived, build_packet
 from earendil_py.core.relay import Datagram, Peeler, encode_datagram
 from earendil_py.core.rpc import DEFAULT_MAX_NEIGHBORS
 from earendil_py.runtime.accounting import Accounting
+from earendil_py.runtime.apps import Apps
 from earendil_py.runtime.chat import Chat
 from earendil_py.runtime.config import Config, InRoute, OutRoute, parse_address
 from earendil_py.runtime.control import build_router
@@ -424,6 +425,15 @@ class Node:
         self.accounting = Accounting(self)
         self.settlements = Settlements(self)
         self.chat = Chat(self)
+        self.apps = Apps(
+            config.apps,
+            fingerprint=self.fingerprint,
+            graph=self.graph,
+            originate=self._originate,
+            offload=self.peeling.map_all,
+            faults=self.faults,
+            source=config.source,
+        )
         self._accounts_changed = anyio.Event()
         self.listening: dict[str, Address] = {}
         self._links_changed = anyio.Event()
@@ -470,6 +480,7 @@ class Node:
         total = Counter(self.drops)
         for endpoint in self._endpoints:
             total.update(endpoint.statistics().drops)
+        total.update(self.apps.drops)
         return total
 
     def neighbors(self) -> set[bytes]:
@@ -607,11 +618,17 @@ class Node:
             stats.peeled += 1
             if isinstance(result, tuple):
                 leaving.append(onion_frame(*result))
+                continue
+            if isinstance(result, ReplyArrived):
+                self.apps.on_reply(result, now)
+            elif self.apps.serves(result.dock):
+                self.apps.deliver(result, now)
             elif isinstance(result, Datagram):
                 self._deliver(result)
-                stats.delivered += 1
-            else:  # replies and reply blocks: no anonymous endpoint here to take them
+            else:  # reply blocks for a dock no application serves: no one could use them
                 self.drops["no_endpoint"] += 1
+                continue
+            stats.delivered += 1
         return leaving
 
     def _lane(
@@ -650,6 +667,13 @@ class Node:
         self._delivered.set()
 
     # --- sending and receiving datagrams ------------------------------------------------
+
+    def _originate(self, frames: list[bytes], now: float) -> None:
+        """Send onion frames we built (for an application) through the relay path, so that
+        they are counted and priced per link like all traffic."""
+        self.relay.originated += len(frames)
+        with self._relay_boundary:
+            self.relay_batch([(None, frames)], now)
 
     def send_datagram(
         self, destination: bytes, dock: int, data: bytes, hops: int | None = None
@@ -705,6 +729,7 @@ class Node:
                 tg.start_soon(self.accounting.run)
                 tg.start_soon(self.settlements.run)
                 tg.start_soon(self._serve_control)
+                tg.start_soon(self.apps.run)
                 self._log.info("node_started", fingerprint=self.fingerprint.hex())
                 task_status.started()
         finally:
@@ -768,6 +793,7 @@ class Node:
                     f"{self.config.source}: in_routes.{name}.listen: cannot listen on "
                     f"{route.listen}: {exc.strerror or exc}"
                 ) from None
+        self.apps.bind()
         if self.accounting.ledger is None:
             await self.accounting.start()
             await self.settlements.start()

@@ -1,0 +1,427 @@
+"""Local dock sockets: applications on this host use the overlay through UDP sockets.
+
+Each `[[apps]]` entry of the config binds a UDP socket (loopback unless allowed otherwise)
+for one dock. An application sends datagrams to it, each with a small header, and receives
+datagrams from it with the header of where to answer (docs/apps.md has the layout):
+
+    to the node    HELLO 0 |                           deliver this dock's datagrams to me
+                   SEND  1 | fingerprint (32) | dock u32 | data
+                   REPLY 2 | endpoint (16) | data      answer an anonymous endpoint
+    from the node  0 | data                            a datagram with no way to answer
+                   1 | fingerprint (32) | dock u32 | data    a reply to what we sent there
+                   2 | endpoint (16) | data           from an anonymous endpoint: REPLY to it
+
+Every application address gets an anonymous endpoint of its own (a random id): what it sends
+comes from that id, with reply blocks (core/packet.py) while the receiver needs them, and the
+replies come back to it alone. The bookkeeping of blocks is core/endpoints.py.
+
+The fast path: a wake-up reads a batch of datagrams from an app socket (the reader of
+runtime/udp.py), the onions and reply blocks are built on two threads as peeling is
+(`offload`, the node's `ParallelPeeler.map_all`), and the frames go out through the node's
+relay path (`originate`), so they are counted per link and priced like all traffic. Drops
+are counted by reason: an unknown destination (`no_route`), no reply block left for an
+endpoint (`no_reply_block`), no application listening (`no_app`), an application's socket
+buffer full (`app_queue_full`), a bad header (`app_bad_header`), oversize data
+(`app_too_big`), a reply through a block we do not know or no longer hold (`unknown_reply`).
+
+This service knows the node only through the callables it is given; it imports no `Node`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import structlog
+
+from earendil_py.core.endpoints import Conversation, HeldBlocks, SentBlocks
+from earendil_py.core.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from earendil_py.core.graph import RelayGraph
+from earendil_py.core.link import onion_frame
+from earendil_py.core.packet import (
+    ReplyArrived,
+    ReplyOpener,
+    build_packet,
+    build_reply_block,
+    open_reply,
+    use_reply_block,
+)
+from earendil_py.core.relay import (
+    ENDPOINT_SIZE,
+    MAX_ANONYMOUS_DATA,
+    MAX_ANONYMOUS_DATA_WITH_BLOCK,
+    MAX_REPLY_DATA,
+    Datagram,
+    ReplyBlocks,
+    decode_reply,
+    encode_anonymous,
+    encode_reply,
+)
+from earendil_py.runtime.config import AppConfig, parse_address
+from earendil_py.runtime.faults import Faults
+from earendil_py.runtime.udp import datagram_reader, udp_socket
+
+log = structlog.get_logger("earendil_py.apps")
+
+HELLO, SEND, REPLY = 0, 1, 2  # what an application sends
+NO_REPLY, FROM_DESTINATION, FROM_ANONYMOUS = 0, 1, 2  # what it receives
+DESTINATION = struct.Struct(">B32sI")  # kind, fingerprint, dock
+ANONYMOUS = struct.Struct(f">B{ENDPOINT_SIZE}s")  # kind, endpoint
+APP_BATCH = 64  # datagrams read from an app socket per wake-up
+MAX_CLIENTS = 64  # application addresses per app socket, each with its own endpoint (LRU)
+# Errors that say the socket itself is gone: the node's own failure, which stops it.
+_SOCKET_GONE = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
+
+Address = tuple[str, int]
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Offload(Protocol):
+    """Runs `function` over `items`, possibly on two threads; results in order."""
+
+    def __call__(self, function: Callable[[T], R], items: list[T], /) -> list[R]: ...
+
+
+@dataclass(slots=True)
+class AppSocket:
+    """One `[[apps]]` entry, bound."""
+
+    config: AppConfig
+    sock: socket.socket
+    address: Address
+    receiver: Address | None = None  # the application that said HELLO last
+    clients: OrderedDict[Address, bytes] = field(default_factory=OrderedDict)  # LRU
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """What came back from building one message: its frame, and its block's opener."""
+
+    frame: bytes
+    opener: ReplyOpener | None
+
+
+class Apps:
+    """The node's app sockets. `originate(frames, now)` sends onion frames we built through
+    the node's relay path; `offload` builds them (see the module docstring)."""
+
+    def __init__(
+        self,
+        configs: Sequence[AppConfig],
+        *,
+        fingerprint: bytes,
+        graph: RelayGraph,
+        originate: Callable[[list[bytes], float], None],
+        offload: Offload,
+        faults: Faults,
+        source: Path,
+    ) -> None:
+        self._configs = list(configs)
+        self._fingerprint = fingerprint
+        self._graph = graph
+        self._originate = originate
+        self._offload = offload
+        self._faults = faults
+        self._source = source
+        self.sockets: dict[int, AppSocket] = {}  # by dock
+        self._endpoints: dict[bytes, tuple[AppSocket, Address]] = {}
+        self.sent = SentBlocks()
+        self.held = HeldBlocks()
+        self.drops: Counter[str] = Counter()
+        self._refills: list[tuple[AppSocket, Conversation, int]] = []
+        self._refill_due = anyio.Event()
+        self._boundary = faults.boundary(self.drops, "apps")
+
+    def serves(self, dock: int) -> bool:
+        """Whether datagrams to `dock` go to an app socket (else to the control API)."""
+        return dock in self.sockets
+
+    def bind(self) -> None:
+        """Bind every app socket. Raises ConfigError naming the entry if one cannot be."""
+        for index, config in enumerate(self._configs):
+            if config.dock in self.sockets:
+                continue
+            host, port = parse_address(config.listen)
+            sock = udp_socket(host)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                sock.close()
+                raise ConfigError(
+                    f"{self._source}: apps[{index}].listen: cannot listen on {config.listen}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            bound = sock.getsockname()
+            self.sockets[config.dock] = AppSocket(config, sock, (bound[0], bound[1]))
+
+    async def run(self) -> None:
+        """Serve every bound app socket until cancelled; closes them at the end. Raises
+        OSError if a socket is gone."""
+        try:
+            async with anyio.create_task_group() as tg:
+                for app in self.sockets.values():
+                    tg.start_soon(self._serve, app)
+                    log.info(
+                        "app_socket",
+                        listen=f"{app.address[0]}:{app.address[1]}",
+                        dock=app.config.dock,
+                    )
+                tg.start_soon(self._refill_forever)
+        finally:
+            for app in self.sockets.values():
+                app.sock.close()
+
+    # --- from the overlay ------------------------------------------------------------------
+
+    def deliver(self, message: Datagram | ReplyBlocks, now: float) -> None:
+        """A datagram or reply blocks that arrived for one of our docks (`serves`)."""
+        app = self.sockets[message.dock]
+        if message.endpoint is not None:
+            self.held.add((message.dock, message.endpoint), message.reply_blocks, now)
+        if isinstance(message, ReplyBlocks):
+            return
+        if app.receiver is None:
+            self.drops["no_app"] += 1
+            return
+        if message.endpoint is None:
+            head = bytes([NO_REPLY])
+        else:
+            head = ANONYMOUS.pack(FROM_ANONYMOUS, message.endpoint)
+        self._send_to_app(app, app.receiver, head + message.data)
+
+    def on_reply(self, reply: ReplyArrived, now: float) -> None:
+        """A reply that came back through one of our reply blocks."""
+        found = self.sent.pop(reply.replay_tag, now)
+        if found is None:
+            self.drops["unknown_reply"] += 1
+            return
+        conversation, opener = found
+        try:
+            remaining, data = decode_reply(open_reply(opener, reply.body))
+        except RemoteProtocolError as exc:
+            self.drops[exc.reason] += 1
+            return
+        endpoint, fingerprint, dock = conversation
+        client = self._endpoints.get(endpoint)
+        if client is None:
+            self.drops["app_gone"] += 1
+            return
+        app, address = client
+        self._send_to_app(
+            app, address, DESTINATION.pack(FROM_DESTINATION, fingerprint, dock) + data
+        )
+        refills = self.sent.refills(conversation, remaining, now)
+        if refills:
+            self._refills.append((app, conversation, refills))
+            self._refill_due.set()
+
+    # --- from applications ---------------------------------------------------------------
+
+    async def _serve(self, app: AppSocket) -> None:
+        read = datagram_reader(app.sock)
+        while True:
+            await anyio.wait_readable(app.sock)
+            now = anyio.current_time()
+            batch: list[tuple[Address, bytes]] = []
+            while len(batch) < APP_BATCH:
+                try:
+                    datagrams, address = read()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _SOCKET_GONE:
+                        raise
+                    self.drops["app_error"] += 1
+                    continue
+                batch += [((address[0], address[1]), data) for data in datagrams]
+            # One application's bad batch (a bug it triggers) costs that batch alone.
+            with self._boundary:
+                self._receive(app, batch, now)
+            await anyio.lowlevel.checkpoint()
+
+    def _receive(self, app: AppSocket, batch: list[tuple[Address, bytes]], now: float) -> None:
+        jobs: list[Callable[[], _Sent]] = []
+        conversations: list[Conversation] = []
+        frames: list[bytes] = []
+        pending: Counter[Conversation] = Counter()  # blocks this batch already ships
+        for address, data in batch:
+            kind = data[0] if data else -1
+            if kind == SEND and len(data) >= DESTINATION.size:
+                _, fingerprint, dock = DESTINATION.unpack_from(data)
+                conversation = (self._endpoint(app, address), fingerprint, dock)
+                job = self._send_job(app, conversation, data[DESTINATION.size :], pending, now)
+                if job is not None:
+                    jobs.append(job)
+                    conversations.append(conversation)
+            elif kind == REPLY and len(data) >= ANONYMOUS.size:
+                frame = self._reply(app, data[1 : ANONYMOUS.size], data[ANONYMOUS.size :], now)
+                if frame is not None:
+                    frames.append(frame)
+            elif kind == HELLO:
+                app.receiver = address
+            else:
+                self.drops["app_bad_header"] += 1
+        if jobs:
+            for sent, conversation in zip(self._offload(_call, jobs), conversations, strict=True):
+                frames.append(sent.frame)
+                if sent.opener is not None:
+                    self.sent.add(conversation, sent.opener, now)
+        if frames:
+            self._originate(frames, now)
+
+    def _send_job(
+        self,
+        app: AppSocket,
+        conversation: Conversation,
+        data: bytes,
+        pending: Counter[Conversation],
+        now: float,
+    ) -> Callable[[], _Sent] | None:
+        endpoint, fingerprint, dock = conversation
+        if len(data) > MAX_ANONYMOUS_DATA:
+            self.drops["app_too_big"] += 1
+            return None
+        try:
+            route = self._graph.choose_route(
+                self._fingerprint, fingerprint, app.config.hops, os.urandom
+            )
+        except LocalProtocolError:
+            self.drops["no_route"] += 1
+            return None
+        reply_route = None
+        if (
+            len(data) <= MAX_ANONYMOUS_DATA_WITH_BLOCK
+            and self.sent.wanted(conversation, now) > pending[conversation]
+        ):
+            reply_route = self._reply_route(fingerprint, app.config.hops)
+            if reply_route is not None:
+                pending[conversation] += 1
+        return partial(_build_message, route, reply_route, dock, endpoint, data)
+
+    def _reply_route(self, fingerprint: bytes, hops: int) -> list[tuple[bytes, bytes]] | None:
+        """A return route from `fingerprint` to us with at least one relay before us: with
+        none, the block's first peeler would be this node, named to the replier."""
+        try:
+            route = self._graph.choose_route(fingerprint, self._fingerprint, hops, os.urandom)
+        except LocalProtocolError:
+            return None
+        return route if len(route) >= 2 else None
+
+    def _reply(self, app: AppSocket, endpoint: bytes, data: bytes, now: float) -> bytes | None:
+        if len(data) > MAX_REPLY_DATA:
+            self.drops["app_too_big"] += 1
+            return None
+        taken = self.held.pop((app.config.dock, endpoint), now)
+        if taken is None:
+            self.drops["no_reply_block"] += 1
+            return None
+        block, remaining = taken
+        return onion_frame(*use_reply_block(block, encode_reply(remaining, data)))
+
+    async def _refill_forever(self) -> None:
+        """Send the reply blocks that replies asked for, outside the relay loop that
+        delivered them (building one costs as much as a message)."""
+        while True:
+            await self._refill_due.wait()
+            self._refill_due = anyio.Event()
+            refills, self._refills = self._refills, []
+            jobs: list[Callable[[], _Sent]] = []
+            conversations: list[Conversation] = []
+            for app, conversation, count in refills:
+                endpoint, fingerprint, dock = conversation
+                for _ in range(count):
+                    reply_route = self._reply_route(fingerprint, app.config.hops)
+                    try:
+                        route = self._graph.choose_route(
+                            self._fingerprint, fingerprint, app.config.hops, os.urandom
+                        )
+                    except LocalProtocolError:
+                        self.drops["no_route"] += 1
+                        break
+                    if reply_route is None:
+                        break
+                    jobs.append(partial(_build_message, route, reply_route, dock, endpoint, None))
+                    conversations.append(conversation)
+            now = anyio.current_time()
+            with self._boundary:
+                sent = self._offload(_call, jobs)
+                for built, conversation in zip(sent, conversations, strict=True):
+                    assert built.opener is not None
+                    self.sent.add(conversation, built.opener, now)
+                if sent:
+                    self._originate([built.frame for built in sent], now)
+
+    # --- applications' addresses -----------------------------------------------------------
+
+    def _endpoint(self, app: AppSocket, address: Address) -> bytes:
+        """The anonymous endpoint of the application at `address`: made on first use, the
+        least recently used forgotten beyond MAX_CLIENTS (its replies then find no one)."""
+        endpoint = app.clients.get(address)
+        if endpoint is not None:
+            app.clients.move_to_end(address)
+            return endpoint
+        if len(app.clients) >= MAX_CLIENTS:
+            _, old = app.clients.popitem(last=False)
+            del self._endpoints[old]
+        endpoint = os.urandom(ENDPOINT_SIZE)
+        app.clients[address] = endpoint
+        self._endpoints[endpoint] = (app, address)
+        return endpoint
+
+    def _send_to_app(self, app: AppSocket, address: Address, datagram: bytes) -> None:
+        try:
+            app.sock.sendto(datagram, address)
+        except (BlockingIOError, InterruptedError):
+            self.drops["app_queue_full"] += 1
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                self.drops["app_queue_full"] += 1
+            else:
+                self.drops["app_send_failed"] += 1
+
+    def statistics(self) -> dict[str, Any]:
+        sent, held = self.sent.statistics(), self.held.statistics()
+        return {
+            "sockets": {
+                str(dock): {
+                    "listen": f"{app.address[0]}:{app.address[1]}",
+                    "clients": len(app.clients),
+                    "receiver": app.receiver is not None,
+                }
+                for dock, app in self.sockets.items()
+            },
+            "reply_blocks_given": sent.openers,
+            "reply_blocks_held": held.blocks,
+        }
+
+
+def _call(job: Callable[[], _Sent]) -> _Sent:
+    return job()
+
+
+def _build_message(
+    route: list[tuple[bytes, bytes]],
+    reply_route: list[tuple[bytes, bytes]] | None,
+    dock: int,
+    endpoint: bytes,
+    data: bytes | None,
+) -> _Sent:
+    """One message from an anonymous endpoint (`data` None: reply blocks alone), with a reply
+    block for `reply_route` if given. Runs on either of two threads: pure but for urandom."""
+    opener = None
+    blocks = []
+    if reply_route is not None:
+        block, opener = build_reply_block(reply_route, os.urandom)
+        blocks.append(block)
+    payload = encode_anonymous(dock, endpoint, blocks, data)
+    return _Sent(onion_frame(*build_packet(route, payload, os.urandom)), opener)
