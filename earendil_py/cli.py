@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import select
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -14,9 +16,25 @@ from typing import Any
 import anyio
 
 from earendil_py.core.errors import ConfigError
+from earendil_py.core.identity import parse_fingerprint
 from earendil_py.core.ledger import LedgerCorrupt
 from earendil_py.core.text import printable
-from earendil_py.runtime.config import check_own_routes, load_config
+from earendil_py.runtime.apps import (
+    ANONYMOUS,
+    DESTINATION,
+    FROM_ANONYMOUS,
+    FROM_DESTINATION,
+    HELLO,
+    REPLY,
+    SEND,
+)
+from earendil_py.runtime.config import (
+    AppConfig,
+    Config,
+    check_own_routes,
+    load_config,
+    parse_address,
+)
 from earendil_py.runtime.daemon import run_daemon
 from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.keyfile import (
@@ -179,6 +197,79 @@ def _receive(args: argparse.Namespace) -> None:
         time.sleep(0.2)
 
 
+HELLO_EVERY_SECS = 5.0  # serve-echo says HELLO again this often: a restarted node forgets it
+APP_DATAGRAM_MAX = 65_535
+
+
+def _app_socket(config: Config, dock: int | None) -> socket.socket:
+    """A UDP socket connected to the node's app socket for `dock` (the first one if None).
+    Raises ConfigError if the config has none such."""
+    apps: list[AppConfig] = [a for a in config.apps if dock is None or a.dock == dock]
+    if not apps:
+        which = "an app socket" if dock is None else f"an app socket for dock {dock}"
+        raise ConfigError(f"{config.source}: apps: no {which} ([[apps]], see docs/apps.md)")
+    host, port = parse_address(apps[0].listen)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect((host, port))
+    return sock
+
+
+def _parse_destination(text: str) -> tuple[bytes, int]:
+    fingerprint, _, dock = text.rpartition(":")
+    try:
+        return parse_fingerprint(fingerprint), int(dock)
+    except ValueError:
+        raise ConfigError(f"destination: expected FINGERPRINT:DOCK, got {text!r}") from None
+
+
+def _connect(args: argparse.Namespace) -> None:
+    fingerprint, dock = _parse_destination(args.destination)
+    head = DESTINATION.pack(SEND, fingerprint, dock)
+    expected = DESTINATION.pack(FROM_DESTINATION, fingerprint, dock)
+    with _app_socket(load_config(args.config), args.via) as sock:
+        sent = answered = 0
+        deadline = None  # once stdin is done: how long to wait for the last replies
+        sources: list[Any] = [sock, sys.stdin]
+        while deadline is None or (answered < sent and time.monotonic() < deadline):
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select(sources, [], [], timeout)
+            if sys.stdin in ready:
+                line = sys.stdin.buffer.readline()
+                if not line:
+                    sources.remove(sys.stdin)
+                    deadline = time.monotonic() + args.wait
+                    continue
+                sock.send(head + line.rstrip(b"\r\n"))
+                sent += 1
+            if sock in ready:
+                data = sock.recv(APP_DATAGRAM_MAX)
+                if data.startswith(expected):
+                    answered += 1
+                    _show(data[DESTINATION.size :].decode("utf-8", "replace"))
+
+
+def _serve_echo(args: argparse.Namespace) -> None:
+    with _app_socket(load_config(args.config), args.dock) as sock:
+        said_hello = -HELLO_EVERY_SECS
+        while True:
+            if time.monotonic() - said_hello >= HELLO_EVERY_SECS:
+                sock.send(bytes([HELLO]))
+                said_hello = time.monotonic()
+            ready, _, _ = select.select([sock], [], [], HELLO_EVERY_SECS)
+            if not ready:
+                continue
+            try:
+                data = sock.recv(APP_DATAGRAM_MAX)
+            except ConnectionRefusedError:  # the node is not up (yet): say HELLO again soon
+                said_hello = time.monotonic() - HELLO_EVERY_SECS + 0.5
+                continue
+            if data[:1] != bytes([FROM_ANONYMOUS]) or len(data) < ANONYMOUS.size:
+                continue  # nowhere to answer
+            endpoint, text = data[1 : ANONYMOUS.size], data[ANONYMOUS.size :]
+            sock.send(ANONYMOUS.pack(REPLY, endpoint) + text)
+            _show(f"{endpoint.hex()[:8]}: {text.decode('utf-8', 'replace')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="earendil-py", description="Relay node for an Earendil-style onion overlay."
@@ -220,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--dock", type=int, required=True)
     receive.add_argument("--follow", action="store_true", help="keep printing as they arrive")
     receive.set_defaults(run=_receive)
+
+    connect = commands.add_parser(
+        "connect", help="send stdin's lines to a dock from an anonymous endpoint; print replies"
+    )
+    connect.add_argument("--config", type=Path, required=True)
+    connect.add_argument("destination", metavar="FP:DOCK", help="fingerprint:dock to talk to")
+    connect.add_argument("--via", type=int, default=None, help="use the app socket of this dock")
+    connect.add_argument(
+        "--wait", type=float, default=5.0, help="seconds to wait for replies after stdin ends"
+    )
+    connect.set_defaults(run=_connect)
+
+    echo = commands.add_parser("serve-echo", help="answer every datagram to a dock with itself")
+    echo.add_argument("--config", type=Path, required=True)
+    echo.add_argument("--dock", type=int, required=True, help="a dock with an [[apps]] socket")
+    echo.set_defaults(run=_serve_echo)
 
     reprice = commands.add_parser("reprice", help="offer a neighbour a new price (push_price)")
     reprice.add_argument("--config", type=Path, required=True)

@@ -12,6 +12,12 @@ state per conversation, bounded and expiring, because neither can trust the othe
 * `HeldBlocks`, the receiver's side: blocks per (our dock, their endpoint), used oldest first,
   each at most REPLY_BLOCK_SECS after it arrived, at most `per_endpoint` per endpoint (the
   oldest evicted) and `max_total` in all (the least recently used endpoint's oldest evicted).
+* `WaitingAnswers`, the receiver's side too: answers its application gave for an endpoint it
+  holds no block for, kept a few seconds (bounded likewise) until one comes.
+
+A sender never has more than `per_conversation` blocks outstanding in one conversation, and
+a receiver holds no more than that for one endpoint: with equal bounds neither evicts a
+block the other still counts on, however stale the reports.
 
 Replenishing, as Earendil's anonymous sockets do (its receiver reports `remaining_surbs` in
 every reply; its sender tops up with batches of 10 SURBs while the count is below 50, each
@@ -30,7 +36,7 @@ touched or when they are the oldest, so no timer is needed.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from earendil_py.core.errors import LocalProtocolError
@@ -99,9 +105,11 @@ class SentBlocks:
         self._stocks: dict[Conversation, _Stock] = {}
         self._used = self._expired = self._evicted = 0
 
-    def wanted(self, conversation: Conversation, now: float) -> int:
-        """How many more blocks the receiver should get (0: it holds enough)."""
-        return max(0, self._target - self.estimate(conversation, now))
+    def wanted(self, conversation: Conversation, now: float, pending: int = 0) -> int:
+        """How many more blocks the receiver should get, beyond `pending` ones being built
+        (0: it holds enough, or a conversation may have no more outstanding)."""
+        estimate = self.estimate(conversation, now) + pending
+        return max(0, min(self._target - estimate, self._room(conversation) - pending))
 
     def estimate(self, conversation: Conversation, now: float) -> int:
         """How many of our blocks the receiver holds, as far as we can tell."""
@@ -139,17 +147,26 @@ class SentBlocks:
         self._used += 1
         return entry[0], entry[1]
 
-    def refills(self, conversation: Conversation, remaining: int, now: float) -> int:
+    def refills(
+        self, conversation: Conversation, remaining: int, now: float, pending: int = 0
+    ) -> int:
         """After a reply in `conversation` saying the receiver still holds `remaining`: how
-        many blocks to send it now, in blocks-only packets."""
+        many blocks to send it now in blocks-only packets, beyond `pending` being built."""
         self._expire(now)
         stock = self._stocks.get(conversation)
         if stock is not None:
             stock.reported = remaining
-        estimate = min(len(stock.tags), remaining) if stock is not None else 0
+        estimate = (min(len(stock.tags), remaining) if stock is not None else 0) + pending
         if estimate >= self._refill_below:
             return 0
-        return min(self._target - estimate, self._refill_per_reply)
+        room = self._room(conversation) - pending
+        return max(0, min(self._target - estimate, self._refill_per_reply, room))
+
+    def _room(self, conversation: Conversation) -> int:
+        # Never more outstanding than a conversation may hold: the oldest would be evicted,
+        # and those are the ones the receiver uses first.
+        stock = self._stocks.get(conversation)
+        return self._per_conversation - (len(stock.tags) if stock is not None else 0)
 
     def statistics(self) -> SentBlocksStatistics:
         return SentBlocksStatistics(
@@ -269,5 +286,85 @@ class HeldBlocks:
             self._expired += 1
         if not queue:
             del self._held[holder]
+            return None
+        return queue
+
+
+# An answer to an endpoint we hold no block for waits this long for one: a burst of requests
+# can outrun the blocks that came with them, and the replies sent meanwhile ask for more.
+ANSWER_WAIT_SECS = 10.0
+ANSWERS_PER_ENDPOINT = 16
+MAX_ANSWERS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingAnswersStatistics:
+    answers: int
+    holders: int
+
+
+class WaitingAnswers:
+    """Answers waiting for a reply block, per (our dock, their endpoint), oldest first:
+    at most `per_endpoint` per endpoint and `max_total` in all, each for `lifetime` seconds.
+    An answer refused for a bound, or that waited too long, is counted in `drops` as
+    `no_reply_block`. Raises LocalProtocolError on construction for unusable bounds."""
+
+    def __init__(
+        self,
+        *,
+        per_endpoint: int = ANSWERS_PER_ENDPOINT,
+        max_total: int = MAX_ANSWERS,
+        lifetime: float = ANSWER_WAIT_SECS,
+    ) -> None:
+        if not 0 < per_endpoint <= max_total:
+            raise LocalProtocolError("waiting answer bounds must be positive and nested")
+        self._per_endpoint = per_endpoint
+        self._max_total = max_total
+        self._lifetime = lifetime
+        self._waiting: dict[Holder, deque[tuple[float, bytes]]] = {}
+        self._total = 0
+        self.drops: Counter[str] = Counter()
+
+    def __contains__(self, holder: Holder) -> bool:
+        return holder in self._waiting
+
+    def add(self, holder: Holder, answer: bytes, now: float) -> None:
+        """Keep `answer` until a block for `holder` comes (or drop it, counted)."""
+        if self._total >= self._max_total:
+            for other in list(self._waiting):  # answers nobody released, gone for good
+                self._fresh(other, now)
+        queue = self._fresh(holder, now)
+        if self._total >= self._max_total or (queue and len(queue) >= self._per_endpoint):
+            self.drops["no_reply_block"] += 1
+            return
+        if queue is None:
+            queue = self._waiting[holder] = deque()
+        queue.append((now + self._lifetime, answer))
+        self._total += 1
+
+    def take(self, holder: Holder, now: float) -> bytes | None:
+        """`holder`'s oldest answer still waiting, taken; None if there is none."""
+        queue = self._fresh(holder, now)
+        if queue is None:
+            return None
+        _, answer = queue.popleft()
+        self._total -= 1
+        if not queue:
+            del self._waiting[holder]
+        return answer
+
+    def statistics(self) -> WaitingAnswersStatistics:
+        return WaitingAnswersStatistics(answers=self._total, holders=len(self._waiting))
+
+    def _fresh(self, holder: Holder, now: float) -> deque[tuple[float, bytes]] | None:
+        queue = self._waiting.get(holder)
+        if queue is None:
+            return None
+        while queue and queue[0][0] <= now:
+            queue.popleft()
+            self._total -= 1
+            self.drops["no_reply_block"] += 1
+        if not queue:
+            del self._waiting[holder]
             return None
         return queue

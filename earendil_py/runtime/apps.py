@@ -43,7 +43,13 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import structlog
 
-from earendil_py.core.endpoints import Conversation, HeldBlocks, SentBlocks
+from earendil_py.core.endpoints import (
+    Conversation,
+    HeldBlocks,
+    Holder,
+    SentBlocks,
+    WaitingAnswers,
+)
 from earendil_py.core.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from earendil_py.core.graph import RelayGraph
 from earendil_py.core.link import onion_frame
@@ -138,8 +144,11 @@ class Apps:
         self.sent = SentBlocks()
         self.held = HeldBlocks()
         self.drops: Counter[str] = Counter()
-        self._refills: list[tuple[AppSocket, Conversation, int]] = []
-        self._refill_due = anyio.Event()
+        # Replies' reports of what their senders still hold: (app, conversation, remaining).
+        self._reports: list[tuple[AppSocket, Conversation, int]] = []
+        self.waiting = WaitingAnswers()
+        self._unblocked: set[Holder] = set()  # holders with answers waiting that got blocks
+        self._work_due = anyio.Event()
         self._boundary = faults.boundary(self.drops, "apps")
 
     def serves(self, dock: int) -> bool:
@@ -176,7 +185,7 @@ class Apps:
                         listen=f"{app.address[0]}:{app.address[1]}",
                         dock=app.config.dock,
                     )
-                tg.start_soon(self._refill_forever)
+                tg.start_soon(self._work_forever)
         finally:
             for app in self.sockets.values():
                 app.sock.close()
@@ -186,8 +195,12 @@ class Apps:
     def deliver(self, message: Datagram | ReplyBlocks, now: float) -> None:
         """A datagram or reply blocks that arrived for one of our docks (`serves`)."""
         app = self.sockets[message.dock]
-        if message.endpoint is not None:
-            self.held.add((message.dock, message.endpoint), message.reply_blocks, now)
+        if message.endpoint is not None and message.reply_blocks:
+            holder = (message.dock, message.endpoint)
+            self.held.add(holder, message.reply_blocks, now)
+            if holder in self.waiting:
+                self._unblocked.add(holder)
+                self._work_due.set()
         if isinstance(message, ReplyBlocks):
             return
         if app.receiver is None:
@@ -220,10 +233,8 @@ class Apps:
         self._send_to_app(
             app, address, DESTINATION.pack(FROM_DESTINATION, fingerprint, dock) + data
         )
-        refills = self.sent.refills(conversation, remaining, now)
-        if refills:
-            self._refills.append((app, conversation, refills))
-            self._refill_due.set()
+        self._reports.append((app, conversation, remaining))
+        self._work_due.set()
 
     # --- from applications ---------------------------------------------------------------
 
@@ -299,9 +310,8 @@ class Apps:
             self.drops["no_route"] += 1
             return None
         reply_route = None
-        if (
-            len(data) <= MAX_ANONYMOUS_DATA_WITH_BLOCK
-            and self.sent.wanted(conversation, now) > pending[conversation]
+        if len(data) <= MAX_ANONYMOUS_DATA_WITH_BLOCK and self.sent.wanted(
+            conversation, now, pending[conversation]
         ):
             reply_route = self._reply_route(fingerprint, app.config.hops)
             if reply_route is not None:
@@ -318,27 +328,61 @@ class Apps:
         return route if len(route) >= 2 else None
 
     def _reply(self, app: AppSocket, endpoint: bytes, data: bytes, now: float) -> bytes | None:
+        """The frame that answers `endpoint` with `data`, or None: too big (dropped), or no
+        block for it yet (waiting for one, or dropped if too many wait)."""
         if len(data) > MAX_REPLY_DATA:
             self.drops["app_too_big"] += 1
             return None
-        taken = self.held.pop((app.config.dock, endpoint), now)
+        holder = (app.config.dock, endpoint)
+        if holder in self.waiting:  # answers leave in the order they were given
+            self.waiting.add(holder, data, now)
+            return None
+        return self._answer(holder, data, now)
+
+    def _answer(self, holder: Holder, data: bytes, now: float) -> bytes | None:
+        taken = self.held.pop(holder, now)
         if taken is None:
-            self.drops["no_reply_block"] += 1
+            self.waiting.add(holder, data, now)
             return None
         block, remaining = taken
+        # Answers still waiting: say we hold none, so that the sender sends more.
+        remaining = 0 if holder in self.waiting else remaining
         return onion_frame(*use_reply_block(block, encode_reply(remaining, data)))
 
-    async def _refill_forever(self) -> None:
-        """Send the reply blocks that replies asked for, outside the relay loop that
-        delivered them (building one costs as much as a message)."""
+    def _release_waiting(self, now: float) -> list[bytes]:
+        """Frames for the answers whose endpoints got blocks since."""
+        frames: list[bytes] = []
+        unblocked, self._unblocked = self._unblocked, set()
+        for holder in unblocked:
+            while self.held.count(holder, now):
+                data = self.waiting.take(holder, now)
+                if data is None:
+                    break
+                frame = self._answer(holder, data, now)
+                assert frame is not None  # a block was there
+                frames.append(frame)
+        return frames
+
+    async def _work_forever(self) -> None:
+        """What replies and reply blocks that arrived ask for, done outside the relay loop
+        that delivered them: send the blocks replies asked for (building one costs as much
+        as a message), and the answers that were waiting for blocks."""
         while True:
-            await self._refill_due.wait()
-            self._refill_due = anyio.Event()
-            refills, self._refills = self._refills, []
+            await self._work_due.wait()
+            self._work_due = anyio.Event()
+            now = anyio.current_time()
+            with self._boundary:
+                frames = self._release_waiting(now)
+                if frames:
+                    self._originate(frames, now)
+            reports, self._reports = self._reports, []
             jobs: list[Callable[[], _Sent]] = []
             conversations: list[Conversation] = []
-            for app, conversation, count in refills:
+            pending: Counter[Conversation] = Counter()
+            for app, conversation, remaining in reports:
                 endpoint, fingerprint, dock = conversation
+                count = self.sent.refills(conversation, remaining, now, pending[conversation])
+                pending[conversation] += count
                 for _ in range(count):
                     reply_route = self._reply_route(fingerprint, app.config.hops)
                     try:
@@ -352,7 +396,6 @@ class Apps:
                         break
                     jobs.append(partial(_build_message, route, reply_route, dock, endpoint, None))
                     conversations.append(conversation)
-            now = anyio.current_time()
             with self._boundary:
                 sent = self._offload(_call, jobs)
                 for built, conversation in zip(sent, conversations, strict=True):
@@ -388,6 +431,9 @@ class Apps:
                 self.drops["app_queue_full"] += 1
             else:
                 self.drops["app_send_failed"] += 1
+
+    def drop_counts(self) -> Counter[str]:
+        return self.drops + self.waiting.drops
 
     def statistics(self) -> dict[str, Any]:
         sent, held = self.sent.statistics(), self.held.statistics()

@@ -480,7 +480,7 @@ class Node:
         total = Counter(self.drops)
         for endpoint in self._endpoints:
             total.update(endpoint.statistics().drops)
-        total.update(self.apps.drops)
+        total.update(self.apps.drop_counts())
         return total
 
     def neighbors(self) -> set[bytes]:

@@ -14,6 +14,7 @@ from earendil_py.core.endpoints import (
     STOCK_TARGET,
     HeldBlocks,
     SentBlocks,
+    WaitingAnswers,
 )
 from earendil_py.core.errors import LocalProtocolError
 from earendil_py.core.packet import ReplyBlock, ReplyOpener
@@ -233,3 +234,41 @@ def test_blocks_outliving_their_life_are_not_used_and_the_stock_recovers() -> No
     assert not talk.reply(now)
     talk.request(now)
     assert talk.reply(now)
+
+
+# --- answers waiting for a block -----------------------------------------------------------
+
+
+def test_answers_wait_in_order_and_are_taken_once() -> None:
+    waiting = WaitingAnswers()
+    waiting.add(HOLDER, b"one", now=0.0)
+    waiting.add(HOLDER, b"two", now=1.0)
+    assert HOLDER in waiting
+    assert waiting.take(HOLDER, now=2.0) == b"one"
+    assert waiting.take(HOLDER, now=2.0) == b"two"
+    assert waiting.take(HOLDER, now=2.0) is None
+    assert HOLDER not in waiting
+    assert waiting.drops == {}
+
+
+def test_an_answer_waits_only_so_long() -> None:
+    waiting = WaitingAnswers(lifetime=5.0)
+    waiting.add(HOLDER, b"late", now=0.0)
+    waiting.add(HOLDER, b"in time", now=4.0)
+    assert waiting.take(HOLDER, now=5.0) == b"in time"
+    assert waiting.drops == {"no_reply_block": 1}
+
+
+def test_waiting_answers_are_bounded_per_endpoint_and_in_all() -> None:
+    waiting = WaitingAnswers(per_endpoint=2, max_total=3, lifetime=5.0)
+    for n in range(3):
+        waiting.add(HOLDER, b"%d" % n, now=0.0)
+    assert waiting.drops == {"no_reply_block": 1}
+    waiting.add((7, b"b" * 16), b"other", now=0.0)
+    waiting.add((7, b"c" * 16), b"refused", now=0.0)
+    assert waiting.drops == {"no_reply_block": 2}
+    assert waiting.statistics().answers == 3
+    # Once they are stale, answers nobody released give their room back.
+    waiting.add((7, b"c" * 16), b"later", now=6.0)
+    assert waiting.statistics().answers == 1
+    assert waiting.drops == {"no_reply_block": 5}

@@ -135,19 +135,16 @@ async def test_what_cannot_be_sent_or_delivered_is_counted(tmp_path: Path) -> No
             await client.sendto(unknown + b"to nowhere", *address)
             too_big = DESTINATION.pack(SEND, c.fingerprint, ECHO_DOCK)
             await client.sendto(too_big + bytes(MAX_ANONYMOUS_DATA + 1), *address)
-            await client.sendto(ANONYMOUS.pack(REPLY, bytes(16)) + b"no block", *address)
+            # An answer for an endpoint we hold no block for waits for one to come.
+            await client.sendto(ANONYMOUS.pack(REPLY, bytes(16)) + b"no block yet", *address)
             await client.sendto(b"\x09garbage", *address)
             # Nobody said HELLO on C's echo dock: the datagram arrives and is dropped there.
             await client.sendto(too_big + b"anyone?", *address)
             with anyio.fail_after(5):
                 while c.apps.drops["no_app"] < 1:
                     await anyio.sleep(0.01)
-        assert a.apps.drops == {
-            "no_route": 1,
-            "app_too_big": 1,
-            "no_reply_block": 1,
-            "app_bad_header": 1,
-        }
+        assert a.apps.drop_counts() == {"no_route": 1, "app_too_big": 1, "app_bad_header": 1}
+        assert a.apps.waiting.statistics().answers == 1
         assert c.relay.delivered == 1
         # The dropped counts are in the node's status too.
         assert a.drop_counts()["no_route"] == 1
@@ -191,3 +188,30 @@ async def test_each_application_address_is_its_own_endpoint(tmp_path: Path) -> N
     endpoints = [data[1 : ANONYMOUS.size] for data in seen]
     assert endpoints[0] == endpoints[2] != endpoints[1]
     assert struct.calcsize(">B16s") == ANONYMOUS.size
+
+
+@pytest.mark.anyio
+async def test_a_burst_faster_than_its_reply_blocks_is_answered_in_full(tmp_path: Path) -> None:
+    nodes = make_nodes(
+        tmp_path, 5, LINE, node_toml={0: apps_toml(CLIENT_DOCK, 3), 4: apps_toml(ECHO_DOCK, 3)}
+    )
+    a, e = nodes[0], nodes[4]
+    seen: list[bytes] = []
+    payloads = {b"burst %d" % i for i in range(40)}
+    async with running(nodes) as tg:
+        with anyio.fail_after(10):
+            await converged(nodes, LINE)
+        await tg.start(serve_echo, e, seen)
+        with anyio.fail_after(20):
+            async with await udp_app() as client:
+                head = DESTINATION.pack(SEND, e.fingerprint, ECHO_DOCK)
+                for payload in payloads:  # one batch: more than a conversation's blocks
+                    await client.sendto(head + payload, *app_address(a, CLIENT_DOCK))
+                got = set()
+                while len(got) < len(payloads):
+                    data, _ = await client.receive()
+                    got.add(data[DESTINATION.size :])
+        assert got == payloads
+        # Answers waited for blocks, each reply asked for more, and no bound was hit.
+        assert a.apps.drop_counts() == {} and e.apps.drop_counts() == {}
+        assert a.apps.sent.statistics().evicted == e.apps.held.statistics().evicted == 0
