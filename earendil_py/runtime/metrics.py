@@ -48,288 +48,125 @@ class Metric:
     help: str
 
 
+# A table, one metric per entry: formatted by hand.
+# fmt: off
 METRICS = {
     metric.name: metric
     for metric in [
         # --- the node ---------------------------------------------------------------------
-        Metric(
-            "earendil_info",
-            "gauge",
-            ("fingerprint", "version"),
-            "Always 1; the labels say which node and software",
-        ),
-        Metric("earendil_uptime_seconds", "gauge", (), "Seconds since the node started"),
-        Metric(
-            "earendil_packets_originated_total",
-            "counter",
-            (),
-            "Onion packets this node built (datagrams it sent)",
-        ),
-        Metric(
-            "earendil_packets_forwarded_total",
-            "counter",
-            (),
-            "Onion packets relayed toward another peeler without onion crypto",
-        ),
-        Metric("earendil_packets_peeled_total", "counter", (), "Onion layers this node peeled"),
-        Metric(
-            "earendil_datagrams_delivered_total", "counter", (), "Datagrams that ended at this node"
-        ),
-        Metric(
-            "earendil_drops_total",
-            "counter",
-            ("reason",),
-            "Input dropped outside any link (probes, socket errors, relay faults), by reason",
-        ),
-        Metric("earendil_graph_identities", "gauge", (), "Nodes in this node's relay graph"),
-        Metric("earendil_graph_adjacencies", "gauge", (), "Links in this node's relay graph"),
+        Metric("earendil_info", "gauge", ("fingerprint", "version"),
+               "Always 1; the labels say which node and software"),
+        Metric("earendil_uptime_seconds", "gauge", (),
+               "Seconds since the node started"),
+        Metric("earendil_packets_originated_total", "counter", (),
+               "Onion packets this node built (datagrams it sent)"),
+        Metric("earendil_packets_forwarded_total", "counter", (),
+               "Onion packets relayed toward another peeler without onion crypto"),
+        Metric("earendil_packets_peeled_total", "counter", (),
+               "Onion layers this node peeled"),
+        Metric("earendil_datagrams_delivered_total", "counter", (),
+               "Datagrams that ended at this node"),
+        Metric("earendil_drops_total", "counter", ("reason",),
+               "Input dropped outside any link (probes, socket errors, relay faults), by reason"),
+        Metric("earendil_graph_identities", "gauge", (),
+               "Nodes in this node's relay graph"),
+        Metric("earendil_graph_adjacencies", "gauge", (),
+               "Links in this node's relay graph"),
         # --- neighbour RPC ------------------------------------------------------------------
-        Metric(
-            "earendil_rpc_server_requests_total",
-            "counter",
-            (),
-            "RPC requests received from neighbours",
-        ),
-        Metric(
-            "earendil_rpc_server_dispatched_total",
-            "counter",
-            (),
-            "RPC requests run (new ones, not retransmissions)",
-        ),
-        Metric(
-            "earendil_rpc_server_cache_hits_total",
-            "counter",
-            (),
-            "Retransmitted RPC requests answered from the response cache",
-        ),
-        Metric(
-            "earendil_rpc_server_in_progress_hits_total",
-            "counter",
-            (),
-            "Retransmitted RPC requests that arrived while the first still ran",
-        ),
-        Metric(
-            "earendil_rpc_server_parse_errors_total",
-            "counter",
-            (),
-            "RPC requests that were not valid JSON",
-        ),
-        Metric(
-            "earendil_rpc_server_invalid_requests_total",
-            "counter",
-            (),
-            "RPC requests that were not valid JSON-RPC 2.0",
-        ),
-        Metric(
-            "earendil_rpc_server_unknown_methods_total",
-            "counter",
-            (),
-            "RPC requests for a method this node does not serve",
-        ),
-        Metric(
-            "earendil_rpc_server_busy_total",
-            "counter",
-            ("bound",),
-            "RPC requests refused because a response-cache bound was reached, by bound",
-        ),
-        Metric(
-            "earendil_rpc_server_id_conflicts_total",
-            "counter",
-            (),
-            "RPC requests reusing a cached id with other content: dropped",
-        ),
-        Metric(
-            "earendil_rpc_server_expired_total",
-            "counter",
-            (),
-            "RPC responses dropped from the cache after their time",
-        ),
-        Metric(
-            "earendil_rpc_server_cached_entries",
-            "gauge",
-            (),
-            "RPC requests remembered now, running or answered",
-        ),
-        Metric(
-            "earendil_rpc_server_cached_bytes",
-            "gauge",
-            (),
-            "Bytes charged to the RPC response cache now",
-        ),
-        Metric("earendil_rpc_client_calls_total", "counter", (), "RPC calls this node started"),
-        Metric(
-            "earendil_rpc_client_retransmissions_total",
-            "counter",
-            (),
-            "RPC requests sent again for want of an answer",
-        ),
-        Metric(
-            "earendil_rpc_client_completed_total",
-            "counter",
-            (),
-            "RPC calls answered (with a result or an error)",
-        ),
-        Metric(
-            "earendil_rpc_client_failed_total",
-            "counter",
-            (),
-            "RPC calls that timed out after their last attempt",
-        ),
-        Metric(
-            "earendil_rpc_client_cancelled_total",
-            "counter",
-            (),
-            "RPC calls cancelled before an answer",
-        ),
-        Metric(
-            "earendil_rpc_client_unmatched_responses_total",
-            "counter",
-            (),
-            "RPC responses to no pending call: discarded",
-        ),
-        Metric(
-            "earendil_rpc_client_malformed_responses_total",
-            "counter",
-            (),
-            "RPC responses that could not be decoded: discarded",
-        ),
-        Metric("earendil_rpc_client_pending", "gauge", (), "RPC calls waiting for an answer now"),
-        Metric("earendil_rpc_handlers_running", "gauge", (), "RPC handlers running now"),
-        Metric(
-            "earendil_rpc_dropped_not_running_total",
-            "counter",
-            (),
-            "RPC requests that arrived while the RPC service was not running",
-        ),
+        Metric("earendil_rpc_server_requests_total", "counter", (),
+               "RPC requests received from neighbours"),
+        Metric("earendil_rpc_server_dispatched_total", "counter", (),
+               "RPC requests run (new ones, not retransmissions)"),
+        Metric("earendil_rpc_server_cache_hits_total", "counter", (),
+               "Retransmitted RPC requests answered from the response cache"),
+        Metric("earendil_rpc_server_in_progress_hits_total", "counter", (),
+               "Retransmitted RPC requests that arrived while the first still ran"),
+        Metric("earendil_rpc_server_parse_errors_total", "counter", (),
+               "RPC requests that were not valid JSON"),
+        Metric("earendil_rpc_server_invalid_requests_total", "counter", (),
+               "RPC requests that were not valid JSON-RPC 2.0"),
+        Metric("earendil_rpc_server_unknown_methods_total", "counter", (),
+               "RPC requests for a method this node does not serve"),
+        Metric("earendil_rpc_server_busy_total", "counter", ("bound",),
+               "RPC requests refused because a response-cache bound was reached, by bound"),
+        Metric("earendil_rpc_server_id_conflicts_total", "counter", (),
+               "RPC requests reusing a cached id with other content: dropped"),
+        Metric("earendil_rpc_server_expired_total", "counter", (),
+               "RPC responses dropped from the cache after their time"),
+        Metric("earendil_rpc_server_cached_entries", "gauge", (),
+               "RPC requests remembered now, running or answered"),
+        Metric("earendil_rpc_server_cached_bytes", "gauge", (),
+               "Bytes charged to the RPC response cache now"),
+        Metric("earendil_rpc_client_calls_total", "counter", (),
+               "RPC calls this node started"),
+        Metric("earendil_rpc_client_retransmissions_total", "counter", (),
+               "RPC requests sent again for want of an answer"),
+        Metric("earendil_rpc_client_completed_total", "counter", (),
+               "RPC calls answered (with a result or an error)"),
+        Metric("earendil_rpc_client_failed_total", "counter", (),
+               "RPC calls that timed out after their last attempt"),
+        Metric("earendil_rpc_client_cancelled_total", "counter", (),
+               "RPC calls cancelled before an answer"),
+        Metric("earendil_rpc_client_unmatched_responses_total", "counter", (),
+               "RPC responses to no pending call: discarded"),
+        Metric("earendil_rpc_client_malformed_responses_total", "counter", (),
+               "RPC responses that could not be decoded: discarded"),
+        Metric("earendil_rpc_client_pending", "gauge", (),
+               "RPC calls waiting for an answer now"),
+        Metric("earendil_rpc_handlers_running", "gauge", (),
+               "RPC handlers running now"),
+        Metric("earendil_rpc_dropped_not_running_total", "counter", (),
+               "RPC requests that arrived while the RPC service was not running"),
         # --- the ledger ---------------------------------------------------------------------
-        Metric(
-            "earendil_ledger_group_commits_total",
-            "counter",
-            (),
-            "Ledger transactions that committed several writers' entries at once",
-        ),
-        Metric(
-            "earendil_ledger_grouped_appends_total",
-            "counter",
-            (),
-            "Ledger appends committed in those shared transactions",
-        ),
+        Metric("earendil_ledger_group_commits_total", "counter", (),
+               "Ledger transactions that committed several writers' entries at once"),
+        Metric("earendil_ledger_grouped_appends_total", "counter", (),
+               "Ledger appends committed in those shared transactions"),
         # --- links --------------------------------------------------------------------------
-        Metric(
-            "earendil_link_up",
-            "gauge",
-            LINK,
-            "1 if the link is established; 0 for a configured out_route that is not",
-        ),
-        Metric(
-            "earendil_link_frames_received_total",
-            "counter",
-            LINK,
-            "Link frames received and authenticated",
-        ),
-        Metric("earendil_link_frames_sent_total", "counter", LINK, "Link frames sent"),
-        Metric(
-            "earendil_link_bytes_received_total",
-            "counter",
-            LINK,
-            "Bytes received on the link, authenticated or not",
-        ),
-        Metric(
-            "earendil_link_bytes_sent_total",
-            "counter",
-            LINK,
-            "Bytes of link frames sent, headers included",
-        ),
-        Metric(
-            "earendil_link_packets_received_total",
-            "counter",
-            LINK,
-            "Onion packets received over the link",
-        ),
-        Metric(
-            "earendil_link_packets_sent_total", "counter", LINK, "Onion packets sent over the link"
-        ),
-        Metric(
-            "earendil_link_drops_total",
-            "counter",
-            (*LINK, "reason"),
-            "Input dropped on the link, by reason",
-        ),
-        Metric(
-            "earendil_link_rtt_seconds",
-            "gauge",
-            LINK,
-            "Smoothed round-trip time of the link (absent until measured)",
-        ),
+        Metric("earendil_link_up", "gauge", LINK,
+               "1 if the link is established; 0 for a configured out_route that is not"),
+        Metric("earendil_link_frames_received_total", "counter", LINK,
+               "Link frames received and authenticated"),
+        Metric("earendil_link_frames_sent_total", "counter", LINK,
+               "Link frames sent"),
+        Metric("earendil_link_bytes_received_total", "counter", LINK,
+               "Bytes received on the link, authenticated or not"),
+        Metric("earendil_link_bytes_sent_total", "counter", LINK,
+               "Bytes of link frames sent, headers included"),
+        Metric("earendil_link_packets_received_total", "counter", LINK,
+               "Onion packets received over the link"),
+        Metric("earendil_link_packets_sent_total", "counter", LINK,
+               "Onion packets sent over the link"),
+        Metric("earendil_link_drops_total", "counter", (*LINK, "reason"),
+               "Input dropped on the link, by reason"),
+        Metric("earendil_link_rtt_seconds", "gauge", LINK,
+               "Smoothed round-trip time of the link (absent until measured)"),
         # --- neighbours (accounting and settlement) -----------------------------------------
-        Metric(
-            "earendil_neighbor_priced",
-            "gauge",
-            NEIGHBOR,
-            "1 once both price offers are accepted (traffic may flow)",
-        ),
-        Metric(
-            "earendil_neighbor_frozen",
-            "gauge",
-            NEIGHBOR,
-            "1 while a debt dispute freezes traffic with the neighbour",
-        ),
-        Metric(
-            "earendil_neighbor_our_price_umel",
-            "gauge",
-            NEIGHBOR,
-            "Our price per packet the neighbour sends us, in uMEL",
-        ),
-        Metric(
-            "earendil_neighbor_their_price_umel",
-            "gauge",
-            NEIGHBOR,
-            "The neighbour's price per packet we send it, in uMEL",
-        ),
-        Metric(
-            "earendil_neighbor_our_debt_limit_umel",
-            "gauge",
-            NEIGHBOR,
-            "The most the neighbour may owe us, in uMEL",
-        ),
-        Metric(
-            "earendil_neighbor_their_debt_limit_umel",
-            "gauge",
-            NEIGHBOR,
-            "The most we may owe the neighbour, in uMEL",
-        ),
-        Metric(
-            "earendil_neighbor_debt_in_umel",
-            "gauge",
-            NEIGHBOR,
-            "What the neighbour owes us now, in uMEL",
-        ),
-        Metric(
-            "earendil_neighbor_debt_out_umel",
-            "gauge",
-            NEIGHBOR,
-            "What we owe the neighbour now, in uMEL",
-        ),
-        Metric(
-            "earendil_settlements",
-            "gauge",
-            (*NEIGHBOR, "method", "role", "state"),
-            "Settlements with the neighbour, by payment method, our role and state",
-        ),
-        Metric(
-            "earendil_settled_in_umel_total",
-            "counter",
-            NEIGHBOR,
-            "Debt the neighbour paid us in completed settlements, in uMEL",
-        ),
-        Metric(
-            "earendil_settled_out_umel_total",
-            "counter",
-            NEIGHBOR,
-            "Debt we paid the neighbour in completed settlements, in uMEL",
-        ),
+        Metric("earendil_neighbor_priced", "gauge", NEIGHBOR,
+               "1 once both price offers are accepted (traffic may flow)"),
+        Metric("earendil_neighbor_frozen", "gauge", NEIGHBOR,
+               "1 while a debt dispute freezes traffic with the neighbour"),
+        Metric("earendil_neighbor_our_price_umel", "gauge", NEIGHBOR,
+               "Our price per packet the neighbour sends us, in uMEL"),
+        Metric("earendil_neighbor_their_price_umel", "gauge", NEIGHBOR,
+               "The neighbour's price per packet we send it, in uMEL"),
+        Metric("earendil_neighbor_our_debt_limit_umel", "gauge", NEIGHBOR,
+               "The most the neighbour may owe us, in uMEL"),
+        Metric("earendil_neighbor_their_debt_limit_umel", "gauge", NEIGHBOR,
+               "The most we may owe the neighbour, in uMEL"),
+        Metric("earendil_neighbor_debt_in_umel", "gauge", NEIGHBOR,
+               "What the neighbour owes us now, in uMEL"),
+        Metric("earendil_neighbor_debt_out_umel", "gauge", NEIGHBOR,
+               "What we owe the neighbour now, in uMEL"),
+        Metric("earendil_settlements", "gauge", (*NEIGHBOR, "method", "role", "state"),
+               "Settlements with the neighbour, by payment method, our role and state"),
+        Metric("earendil_settled_in_umel_total", "counter", NEIGHBOR,
+               "Debt the neighbour paid us in completed settlements, in uMEL"),
+        Metric("earendil_settled_out_umel_total", "counter", NEIGHBOR,
+               "Debt we paid the neighbour in completed settlements, in uMEL"),
     ]
 }
+# fmt: on
 
 
 Labels = tuple[str, ...]
@@ -353,6 +190,7 @@ class Samples:
 
 
 def render_metrics(node: Node) -> str:
+    """`node`'s metrics now, as the body of a `/metrics` answer (CONTENT_TYPE)."""
     return render(collect(node))
 
 
@@ -374,6 +212,7 @@ def render(samples: Samples) -> str:
 
 
 def collect(node: Node) -> Samples:
+    """Read every metric from `node`'s own counters and summaries."""
     out = Samples()
     relay = node.relay
     out.add("earendil_info", 1, fingerprint=node.fingerprint.hex(), version=__version__)

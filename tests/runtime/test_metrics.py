@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.metrics_core import Metric as ParsedFamily
 from prometheus_client.parser import text_string_to_metric_families
 
+from earendil_py import __version__
 from earendil_py.core.errors import LocalProtocolError
 from earendil_py.core.settlement import SettlementState
 from earendil_py.netgen import Edge
@@ -96,7 +97,7 @@ async def test_every_documented_metric_is_scraped_with_its_type_and_agrees_with_
         for sample in families[name].samples:
             assert sample.name == name, "a sample outside its family"
 
-    assert value(families, "earendil_info", fingerprint=status["fingerprint"], version="0.1.0")
+    assert value(families, "earendil_info", fingerprint=status["fingerprint"], version=__version__)
     relay = status["relay"]
     assert relay["peeled"] == 5  # the first of the two peelers
     for name, key in [
