@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from earendil_py.cli import main
 from earendil_py.core.errors import ConfigError
@@ -315,3 +316,23 @@ def test_every_route_is_documented(tmp_path: Path) -> None:
     assert len(routes) > 10
     missing = [f"{m} {p}" for m, p in routes if f"`{m} {p}`" not in doc]
     assert missing == []
+
+
+@pytest.mark.anyio
+async def test_the_node_logs_its_control_address_and_a_dashboard_link_at_start(
+    tmp_path: Path,
+) -> None:
+    (node,) = make_nodes(tmp_path, 1, [])
+    host, port = node.config.control_listen
+    with capture_logs() as logs:
+        async with running([node]):
+            (logged,) = [entry for entry in logs if entry["event"] == "control_api"]
+            assert logged["url"] == f"http://{host}:{port}/"
+            link = logged["dashboard"]
+            assert link.startswith(f"http://{host}:{port}/login?code=")
+            target = link.removeprefix(f"http://{host}:{port}")
+            statuses = [
+                (await anyio.to_thread.run_sync(raw_request, (host, port), "GET", target, {}))[0]
+                for _ in range(2)
+            ]
+    assert statuses == [303, 403]
