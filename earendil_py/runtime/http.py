@@ -637,7 +637,7 @@ class HttpServer:
             media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if media_type != "application/json":
                 raise HttpError(415, f"{method} requests need Content-Type: application/json")
-        if by_session:
+        if by_session and not route.public:
             # Where the browser says the request comes from (Fetch Metadata, then Origin):
             # only the dashboard page itself, or the operator opening a URL.
             origin = headers.get("origin")

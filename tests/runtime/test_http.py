@@ -64,6 +64,10 @@ def make_router() -> Router:
     async def settlement(request: Request) -> Response:
         raise HttpError(409, f"settlement {request.params['id']} is already closed")
 
+    @router.route("GET", "/login", public=True)
+    async def login(request: Request) -> Response:
+        return json_response({"public": True})
+
     @router.route("GET", "/api/boom")
     async def boom(request: Request) -> Response:
         raise RuntimeError("secret internals")
@@ -517,6 +521,9 @@ async def test_requests_without_the_right_token_get_401_whatever_the_path() -> N
             assert info.value.status == 401
             assert info.value.message.startswith("wrong control token")
             assert (await api(server, "GET", "/api/status"))["ok"] is True
+            # A public route needs nothing.
+            status, _, body = await plain_request(server, "GET", "/login")
+            assert (status, msgspec.json.decode(body)) == (200, {"public": True})
 
 
 class SeenFrom(anyio.abc.ByteStream):
@@ -630,12 +637,12 @@ async def test_a_session_cookie_reads_but_changes_state_only_from_the_dashboard(
                 assert status == expected, (headers, body)
             for extra, expected in [
                 ({"Origin": "http://127.0.0.1:1"}, 403),
+                ({"Sec-Fetch-Site": "cross-site", "X-Path": "/login"}, 200),
                 ({"Sec-Fetch-Site": "same-site"}, 403),  # an <img> on another port's page
                 ({"Sec-Fetch-Site": "none"}, 200),  # the operator opening the URL
             ]:
-                status, _, _ = await plain_request(
-                    server, "GET", "/api/status", None, {**cookie, **extra}
-                )
+                path = extra.pop("X-Path", "/api/status")
+                status, _, _ = await plain_request(server, "GET", path, None, {**cookie, **extra})
                 assert status == expected, extra
 
 
