@@ -188,9 +188,10 @@ async def test_a_dashboard_link_signs_in_once_and_only_once(tmp_path: Path) -> N
 ATTACKER_PAGE = """<!DOCTYPE html>
 <html><body>
 <iframe name="sink"></iframe>
+<!-- A text/plain form whose body is valid JSON: {{"text": "sent from another site="}} -->
 <form id="form" method="POST" target="sink" enctype="text/plain"
-      action="{api}/api/neighbors/{neighbor}/price">
-  <input name='{{"price_umel": 0, "debt_limit_umel": 1000000000000, "pad": "' value='"}}'>
+      action="{api}/api/chat/{neighbor}">
+  <input name='{{"text": "sent from another site' value='"}}'>
 </form>
 <script>
 const API = "{api}";
@@ -288,7 +289,7 @@ async def test_a_page_on_another_origin_can_neither_change_nor_read_anything(
             results = json.loads(await results_attr.get_attribute("data-results"))
             # Let the form's POST arrive too.
             with anyio.fail_after(5):
-                while not any(method == "POST" and "/price" in url for method, url, _ in seen):
+                while not any(method == "POST" and "/chat/" in url for method, url, _ in seen):
                     await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
 
@@ -302,11 +303,12 @@ async def test_a_page_on_another_origin_can_neither_change_nor_read_anything(
         assert results["img /metrics"] == "failed"
         # Every request whose answer the browser reports was refused, the two POSTs included.
         posts = {url.removeprefix(api) for method, url, _ in seen if method == "POST"}
-        assert posts == {"/api/settlements", f"/api/neighbors/{b.fingerprint.hex()}/price"}
+        assert posts == {"/api/settlements", f"/api/chat/{b.fingerprint.hex()}"}
         assert all(status >= 400 for _, _, status in seen), seen
         # And nothing changed: the price, the balances, no settlement, the datagram waits.
         assert (balances(a, b), a.accounting.accounts[b.fingerprint].state.our_offer) == before
         assert list(a.settlements.summaries()) == list(b.settlements.summaries()) == []
+        assert await a.chat.history(b.fingerprint) == []
         assert [d.data for d in a.receive_datagrams_nowait(9)] == [b"for the real consumer"]
         # The operator's own page still works with the same session.
         await dashboard.reload()
