@@ -92,8 +92,7 @@ def _daemon(args: argparse.Namespace) -> None:
 
 
 def _api(args: argparse.Namespace, method: str, path: str, body: object | None = None) -> Any:
-    host, port = load_config(args.config).control_listen
-    return call_api(host, port, method, path, body)
+    return call_api(load_config(args.config), method, path, body)
 
 
 def _show(line: str) -> None:
@@ -189,7 +188,7 @@ def _send(args: argparse.Namespace) -> None:
 
 def _receive(args: argparse.Namespace) -> None:
     while True:
-        answer = _api(args, "GET", f"/api/receive?dock={args.dock}")
+        answer = _api(args, "POST", "/api/receive", {"dock": args.dock})
         for datagram in answer["datagrams"]:
             _show(base64.b64decode(datagram["data_b64"]).decode("utf-8", "replace"))
         if not args.follow:
@@ -268,6 +267,13 @@ def _serve_echo(args: argparse.Namespace) -> None:
             endpoint, text = data[1 : ANONYMOUS.size], data[ANONYMOUS.size :]
             sock.send(ANONYMOUS.pack(REPLY, endpoint) + text)
             _show(f"{endpoint.hex()[:8]}: {text.decode('utf-8', 'replace')}")
+
+
+def _dashboard(args: argparse.Namespace) -> None:
+    answer = _api(args, "POST", "/api/dashboard-link", {})
+    minutes = round(answer["expires_in_secs"] / 60)
+    print(answer["url"])
+    print(f"(open it within {minutes} minutes; it works once)", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--neighbor", required=True, help="fingerprint (64 hex digits)")
     chat.add_argument("--send", metavar="TEXT", help="send this message first")
     chat.set_defaults(run=_chat)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="print a one-time link that opens a running node's web dashboard"
+    )
+    dashboard.add_argument("--config", type=Path, required=True)
+    dashboard.set_defaults(run=_dashboard)
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", type=Path, required=True)

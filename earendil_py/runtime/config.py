@@ -73,7 +73,7 @@ class AppConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
     # would name this node as its first peeler.
     hops: Annotated[int, msgspec.Meta(ge=2, le=MAX_HOPS)] = 3
     # Any process that can send to the socket speaks for this node: loopback unless asked.
-    allow_non_loopback: bool = False
+    allow_remote: bool = False
 
 
 class SettlementConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -118,6 +118,7 @@ class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     identity_file: str
     db_path: str
     control_listen: str = "127.0.0.1:8964"
+    control_allow_remote: bool = False
     in_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     out_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     apps: list[dict[str, Any]] = msgspec.field(default_factory=list)
@@ -139,6 +140,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     accounting: AccountingConfig
     logging: LoggingConfig
     apps: list[AppConfig] = msgspec.field(default_factory=list)
+    control_allow_remote: bool = False
 
 
 T = TypeVar("T")
@@ -223,6 +225,12 @@ def load_config(file: Path, *, private: bool = False) -> Config:
 
     listeners: list[tuple[str, Protocol, tuple[str, int]]] = []
     control = _address(raw.control_listen, file, "control_listen", listen=True)
+    # The control API moves money; other hosts reach it only when the operator says so.
+    if not ipaddress.ip_address(control[0]).is_loopback and not raw.control_allow_remote:
+        raise ConfigError(
+            f"{file}: control_listen: {control[0]} is not a loopback address; the control API "
+            "can move money: keep it on 127.0.0.1 or [::1], or set control_allow_remote = true"
+        )
     listeners.append(("control_listen", "tcp", control))
 
     in_routes: dict[str, InRoute] = {}
@@ -266,10 +274,11 @@ def load_config(file: Path, *, private: bool = False) -> Config:
         path = f"apps[{index}]"
         app = _convert(table, AppConfig, file, path)
         address = _address(app.listen, file, f"{path}.listen", listen=True)
-        if not (app.allow_non_loopback or ipaddress.ip_address(address[0]).is_loopback):
+        if not (app.allow_remote or ipaddress.ip_address(address[0]).is_loopback):
             raise ConfigError(
-                f"{file}: {path}.listen: {address[0]} is not a loopback address (set "
-                "allow_non_loopback = true to let other hosts use this node's docks)"
+                f"{file}: {path}.listen: {address[0]} is not a loopback address; whoever "
+                "reaches an app socket sends as this node: keep it on 127.0.0.1 or [::1], or "
+                "set allow_remote = true"
             )
         for other_path, other_protocol, other in listeners:
             if other_protocol == "udp" and _overlaps(address, other):
@@ -306,6 +315,7 @@ def load_config(file: Path, *, private: bool = False) -> Config:
         accounting=raw.accounting,
         logging=raw.logging,
         apps=apps,
+        control_allow_remote=raw.control_allow_remote,
     )
 
 

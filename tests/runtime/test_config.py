@@ -341,8 +341,8 @@ APP_CASES = [
     (GOOD + APP.replace("dock = 7", "dock = -1"), "node.toml: apps[0].dock: expected int >= 0"),
     (
         GOOD + APP.replace("127.0.0.1:9000", "10.1.2.3:9000"),
-        "node.toml: apps[0].listen: 10.1.2.3 is not a loopback address (set "
-        "allow_non_loopback = true to let other hosts use this node's docks)",
+        "node.toml: apps[0].listen: 10.1.2.3 is not a loopback address; whoever reaches an "
+        "app socket sends as this node: keep it on 127.0.0.1 or [::1], or set allow_remote = true",
     ),
     (
         GOOD + APP.replace("127.0.0.1:9000", "localhost:9000"),
@@ -374,9 +374,7 @@ def test_app_sockets_take_loopback_of_either_family_or_any_address_when_allowed(
 ) -> None:
     second = APP.replace("127.0.0.1:9000", "[::1]:9001").replace("dock = 7", "dock = 8")
     third = APP.replace("127.0.0.1:9000", "10.1.2.3:9002").replace("dock = 7", "dock = 9")
-    config = load_config(
-        write(tmp_path, GOOD + APP + second + third + "allow_non_loopback = true\n")
-    )
+    config = load_config(write(tmp_path, GOOD + APP + second + third + "allow_remote = true\n"))
     assert [(app.listen, app.dock, app.hops) for app in config.apps] == [
         ("127.0.0.1:9000", 7, 3),
         ("[::1]:9001", 8, 3),
