@@ -4,8 +4,10 @@ reply comes back to the asking application alone."""
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
+import sys
 from pathlib import Path
 
 import anyio
@@ -215,3 +217,39 @@ async def test_a_burst_faster_than_its_reply_blocks_is_answered_in_full(tmp_path
         # Answers waited for blocks, each reply asked for more, and no bound was hit.
         assert a.apps.drop_counts() == {} and e.apps.drop_counts() == {}
         assert a.apps.sent.statistics().evicted == e.apps.held.statistics().evicted == 0
+
+
+def docs_example() -> str:
+    """The Python example of docs/apps.md."""
+    page = (Path(__file__).parents[2] / "docs" / "apps.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    return code
+
+
+@pytest.mark.anyio
+async def test_the_example_in_the_docs_serves_and_asks(tmp_path: Path) -> None:
+    nodes = make_nodes(
+        tmp_path, 3, LINE[:2], node_toml={0: apps_toml(CLIENT_DOCK, 2), 2: apps_toml(ECHO_DOCK, 2)}
+    )
+    a, c = nodes[0], nodes[2]
+
+    def program(node: Node, dock: int, call: str) -> list[str]:
+        host, port = app_address(node, dock)
+        code = docs_example().replace('("127.0.0.1", 9700)', f'("{host}", {port})')
+        return [sys.executable, "-c", f"{code}\n{call}"]
+
+    async with running(nodes):
+        with anyio.fail_after(10):
+            await converged(nodes, LINE[:2])
+        service = await anyio.open_process(program(c, ECHO_DOCK, "serve()"))
+        try:
+            with anyio.fail_after(20):
+                while c.apps.sockets[ECHO_DOCK].receiver is None:
+                    await anyio.sleep(0.01)
+                ask = f"print(ask({c.fingerprint.hex()!r}, {ECHO_DOCK}, b'hello').decode())"
+                asked = await anyio.run_process(program(a, CLIENT_DOCK, ask))
+        finally:
+            service.terminate()
+            await service.wait()
+            await service.aclose()
+    assert asked.stdout == b"HELLO\n"
