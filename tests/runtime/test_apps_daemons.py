@@ -164,3 +164,18 @@ def test_request_response_through_reply_blocks_never_shows_the_asker(tmp_path: P
     raw = bytes.fromhex(a.fingerprint)
     assert not [data for data in echo.delivered if raw in data]
     assert not [line for line in echoed.splitlines() if any(s in line for s in secret)]
+
+
+def test_connect_and_serve_echo_need_an_app_socket_and_say_so(tmp_path: Path) -> None:
+    (node,) = generate_network(tmp_path, 1, [], extra_toml=FAST)
+    destination = f"{'ab' * 32}:{ECHO_DOCK}"
+    for argv in (
+        ["connect", "--config", str(node.config_path), destination],
+        ["serve-echo", "--config", str(node.config_path), "--dock", str(ECHO_DOCK)],
+        ["connect", "--config", str(node.config_path), "not-a-destination"],
+    ):
+        result = subprocess.run(
+            [*EARENDIL, *argv], input="", capture_output=True, text=True, timeout=30, check=False
+        )
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("earendil-py: error:")
