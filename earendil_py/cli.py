@@ -225,22 +225,27 @@ def _connect(args: argparse.Namespace) -> None:
     fingerprint, dock = _parse_destination(args.destination)
     head = DESTINATION.pack(SEND, fingerprint, dock)
     expected = DESTINATION.pack(FROM_DESTINATION, fingerprint, dock)
+    stdin = sys.stdin.fileno()
     with _app_socket(load_config(args.config), args.via) as sock:
         sent = answered = 0
+        pending = b""  # stdin read but not yet a whole line
         deadline = None  # once stdin is done: how long to wait for the last replies
-        sources: list[Any] = [sock, sys.stdin]
+        sources = [sock.fileno(), stdin]
         while deadline is None or (answered < sent and time.monotonic() < deadline):
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select(sources, [], [], timeout)
-            if sys.stdin in ready:
-                line = sys.stdin.buffer.readline()
-                if not line:
-                    sources.remove(sys.stdin)
+            if stdin in ready:
+                # Raw reads: a buffered reader could hold lines that select cannot see.
+                chunk = os.read(stdin, APP_DATAGRAM_MAX)
+                *lines, pending = (pending + chunk).split(b"\n")
+                if not chunk:
+                    lines, pending = [pending] if pending else [], b""
+                    sources.remove(stdin)
                     deadline = time.monotonic() + args.wait
-                    continue
-                sock.send(head + line.rstrip(b"\r\n"))
-                sent += 1
-            if sock in ready:
+                for line in lines:
+                    sock.send(head + line.rstrip(b"\r"))
+                    sent += 1
+            if sock.fileno() in ready:
                 data = sock.recv(APP_DATAGRAM_MAX)
                 if data.startswith(expected):
                     answered += 1

@@ -110,6 +110,7 @@ def status(node: Node) -> dict[str, Any]:
         "graph": {"identities": graph.identities, "adjacencies": graph.adjacencies},
         "links": [link_summary(r) for runners in node.links.values() for r in runners],
         "accounts": list(node.accounting.summaries()),
+        "apps": node.apps.statistics(),
     }
 
 

@@ -25,6 +25,7 @@ from earendil_py.runtime.apps import (
     REPLY,
     SEND,
 )
+from earendil_py.runtime.control import status
 from earendil_py.runtime.node import Node
 from tests.helpers import LINE, converged, make_nodes, running
 
@@ -120,6 +121,11 @@ async def test_request_and_reply_through_three_peelers_each_way(tmp_path: Path) 
         assert 1 <= e.apps.held.statistics().blocks <= 16
         assert a.apps.sent.statistics().used == len(payloads)
         assert a.apps.drops == {} and e.apps.drops == {}
+        # What the operator sees of it in the status.
+        shown = status(e)["apps"]
+        assert shown["sockets"][str(ECHO_DOCK)]["receiver"] is True
+        assert shown["reply_blocks_held"] == e.apps.held.statistics().blocks
+        assert status(a)["apps"]["sockets"][str(CLIENT_DOCK)]["clients"] == 1
 
 
 @pytest.mark.anyio
