@@ -254,10 +254,13 @@ def _connect(args: argparse.Namespace) -> None:
 
 def _serve_echo(args: argparse.Namespace) -> None:
     with _app_socket(load_config(args.config), args.dock) as sock:
+        host, port = sock.getsockname()[:2]
         said_hello = -HELLO_EVERY_SECS
         while True:
             if time.monotonic() - said_hello >= HELLO_EVERY_SECS:
                 sock.send(bytes([HELLO]))
+                if said_hello < 0:
+                    print(f"serving dock {args.dock} from {host}:{port}", flush=True)
                 said_hello = time.monotonic()
             ready, _, _ = select.select([sock], [], [], HELLO_EVERY_SECS)
             if not ready:

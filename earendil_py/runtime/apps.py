@@ -440,15 +440,19 @@ class Apps:
         return {
             "sockets": {
                 str(dock): {
-                    "listen": f"{app.address[0]}:{app.address[1]}",
+                    "listen": _show_address(app.address),
                     "clients": len(app.clients),
-                    "receiver": app.receiver is not None,
+                    "receiver": _show_address(app.receiver),
                 }
                 for dock, app in self.sockets.items()
             },
             "reply_blocks_given": sent.openers,
             "reply_blocks_held": held.blocks,
         }
+
+
+def _show_address(address: Address | None) -> str | None:
+    return None if address is None else f"{address[0]}:{address[1]}"
 
 
 def _call(job: Callable[[], _Sent]) -> _Sent:

@@ -127,6 +127,16 @@ def test_request_response_through_reply_blocks_never_shows_the_asker(tmp_path: P
             text=True,
         )
         try:
+            assert server.stdout is not None
+            ready = server.stdout.readline()  # "serving dock 7 from 127.0.0.1:PORT"
+            assert ready.startswith(f"serving dock {ECHO_DOCK} from "), server.stderr
+            address = ready.split()[-1]
+            wait_until(
+                lambda: (
+                    status(e.config_path)["apps"]["sockets"][str(ECHO_DOCK)]["receiver"] == address
+                ),
+                10,
+            )
             more = ["héllo", "world"]
             assert sorted(connect(a.config_path, f"{e.fingerprint}:{ECHO_DOCK}", more)) == more
         finally:
