@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from earendil_py import __version__
 from earendil_py.netgen import Edge, free_port, generate_network
 from earendil_py.runtime.config import parse_address
 from earendil_py.runtime.http import call_api
@@ -25,6 +26,7 @@ from tests.helpers import (
     closed_by_peer,
     daemon_api,
     move_route_to_ipv6,
+    run_cli,
     silent_tcp_connections,
     summary_of,
     tcp_stranger,
@@ -331,3 +333,55 @@ def test_sighup_with_a_bad_config_keeps_the_running_one(tmp_path: Path) -> None:
     finally:
         for daemon in daemons:
             assert daemon.stop() == 0
+
+
+def test_start_up_lines_name_every_address_and_debug_shows_dials_and_handshakes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    edges = [Edge(1, 0, "udp"), Edge(2, 0, "tcp")]
+    node0, node1, _ = generate_network(tmp_path, 3, edges, extra_toml=TIMING)
+    listener = DaemonProcess(node0.config_path)
+    monkeypatch.setenv("EARENDIL_LOG_LEVEL", "debug")  # over the config's [logging]
+    dialer = DaemonProcess(node1.config_path)
+    try:
+        started = listener.wait_for("node_started", 10)
+        assert (started["version"], started["fingerprint"]) == (__version__, node0.fingerprint)
+        listening = {e["route"]: e for e in listener.events if e["event"] == "listening"}
+        assert {name: (e["protocol"], e["address"]) for name, e in listening.items()} == {
+            name: (route.protocol, route.listen) for name, route in node0.config.in_routes.items()
+        }
+        control = listener.wait_for("control_listening", 0)
+        host, port = node0.config.control_listen
+        assert control["dashboard"] == f"http://{host}:{port}/"
+        assert not [e for e in listener.events if e["level"] == "debug"]
+
+        dialer.wait_for("link_up", 10)
+        for event in ("dial", "handshake_started", "handshake_keys_agreed", "gossip_pushed"):
+            dialer.wait_for(event, 5)
+        sent = dialer.wait_for("rpc_call_sent", 5, method="push_price")
+        assert sent["level"] == "debug" and sent["neighbor"] == node0.fingerprint[:8]
+        dialer.wait_for("rpc_call_answered", 5, method="push_price", outcome="ResultReceived")
+        dialer.wait_for("rpc_request_answered", 5, method="push_price")
+    finally:
+        for daemon in (dialer, listener):
+            assert daemon.stop() == 0
+    # Nothing is logged per packet: the debug lines are about links, calls and gossip.
+    assert len(dialer.events) < 100
+
+
+def test_a_bad_log_level_in_the_environment_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (node,) = generate_network(tmp_path, 1, [], extra_toml=TIMING)
+    monkeypatch.setenv("EARENDIL_LOG_LEVEL", "loud")
+    result = run_cli("daemon", "--config", str(node.config_path))
+    assert result.returncode == 2
+    assert result.stderr == (
+        "earendil-py: error: EARENDIL_LOG_LEVEL: expected one of debug, info, warning, error; "
+        "got 'loud'\n"
+    )
+    # The flag wins: the environment is not read (this config's own error comes first).
+    missing = tmp_path / "missing.toml"
+    result = run_cli("daemon", "--config", str(missing), "--log-level", "info")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"earendil-py: error: {missing}: ")

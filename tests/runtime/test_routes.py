@@ -9,11 +9,13 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from earendil_py.netgen import Edge, GeneratedNode, generate_network
 from earendil_py.runtime.config import load_config
 from earendil_py.runtime.node import Node
 from tests.helpers import node_from
+from tests.runtime.test_control import cli
 
 # Handshakes are retried fast, but a link is only declared dead after the default 20 s: a
 # failure must be named long before that.
@@ -63,18 +65,26 @@ def wrong_fingerprint(generated: list[GeneratedNode], text: str) -> str:
 
 @pytest.mark.anyio
 async def test_a_wrong_udp_secret_is_named_at_the_first_unanswered_handshake(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    dialer, listener, _ = nodes_with(tmp_path, "udp", wrong_secret)
-    async with anyio.create_task_group() as tg:
-        await tg.start(dialer.run)
-        await tg.start(listener.run)
-        with anyio.fail_after(5):  # the handshake itself gives up only after 20 s
-            status = await wait_route(dialer, "node1_udp", failure="no_reply")
-        assert status["state"] == "never_up"
-        assert status["failure_reason"] == "no reply: check the route secret and fingerprint"
-        assert listener.drop_counts()["bad_mac1"] >= 2  # it was the secret: dropped unanswered
-        tg.cancel_scope.cancel()
+    with capture_logs():  # the nodes' log lines are not printed among the CLI's
+        dialer, listener, _ = nodes_with(tmp_path, "udp", wrong_secret)
+        async with anyio.create_task_group() as tg:
+            await tg.start(dialer.run)
+            await tg.start(listener.run)
+            with anyio.fail_after(5):  # the handshake itself gives up only after 20 s
+                status = await wait_route(dialer, "node1_udp", failure="no_reply")
+            assert status["state"] == "never_up"
+            assert status["failure_reason"] == "no reply: check the route secret and fingerprint"
+            assert listener.drop_counts()["bad_mac1"] >= 2  # the secret: dropped unanswered
+            code, out, _ = await cli(capsys, "status", "--config", str(dialer.config.source))
+            tg.cancel_scope.cancel()
+    assert code == 0
+    lines = out.splitlines()
+    (index,) = [i for i, line in enumerate(lines) if line.startswith("  out node1_udp ")]
+    assert " never up since " in lines[index]
+    assert lines[index + 1].startswith("      last failure ")
+    assert lines[index + 1].endswith(": no reply: check the route secret and fingerprint")
 
 
 @pytest.mark.anyio
