@@ -47,19 +47,29 @@ CONFIG_NAME = "node.toml"
 UMEL_MAX = 2**63 - 1  # the largest amount a signed message carries
 DOCK_MAX = 2**32 - 1
 
-EPILOG = f"""\
+CONFIG_HELP = f"""\
 config file:
   Commands read the node's config: the --config FILE given, else ${CONFIG_ENV}, else the
   first that exists of ./node.toml (a node kept in the directory at hand),
   $XDG_CONFIG_HOME/earendil_py/node.toml (default ~/.config/earendil_py/node.toml: your
   own node) and /etc/earendil_py/node.toml (a system service's, as in examples/).
-
+"""
+EPILOG = f"""\
 exit status:
   {EXIT_OK}  done
   {EXIT_FAILED}  the node failed, could not be reached, or could not do it
   {EXIT_USAGE}  usage or config error: a bad flag, config file or fingerprint
   {EXIT_REFUSED}  refused by the neighbour, or it did not answer (the reason is printed)
 """
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Descriptions are wrapped to the terminal; the epilogues, laid out by hand, are not."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 class UsageError(Exception):
@@ -497,8 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="earendil-py",
         description="A relay node for an Earendil-style onion-routing overlay, with per-link "
         "debt accounting between neighbours. `earendil-py COMMAND --help` tells more.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=CONFIG_HELP + "\n" + EPILOG,
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -529,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=description,
             parents=list(parents),
             epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_Formatter,
         )
         sub.set_defaults(run=run)
         return sub
