@@ -125,9 +125,8 @@ def _api(
 ) -> Any:
     """Call the node's control API. An HTTP status in `refused` means the neighbour said
     no (Refused); a 400 is a mistake in a flag, named by `flags` (JSON field -> flag)."""
-    host, port = _config(args).control_listen
     try:
-        return call_api(host, port, method, path, body)
+        return call_api(_config(args), method, path, body)
     except ControlApiError as exc:
         if exc.status in refused:
             raise Refused(exc.message) from None
@@ -351,14 +350,13 @@ def _reprice(args: argparse.Namespace) -> None:
         f"/api/neighbors/{neighbor}/price",
         body,
         flags={"price_umel": "--price", "debt_limit_umel": "--debt-limit"},
-        refused=(504,),
     )
     if args.json:
         _json(answer)
     if not answer["accepted"]:
         reason = answer["reason"]
         raise Refused(
-            f"rejected by {neighbor[:8]}: {_PRICE_REFUSALS.get(reason, reason)} "
+            f"not accepted by {neighbor[:8]}: {_PRICE_REFUSALS.get(reason, reason)} "
             f"({reason}); the previous price stays in force"
         )
     if not args.json:
@@ -464,7 +462,10 @@ def _send(args: argparse.Namespace) -> None:
 
 def _receive(args: argparse.Namespace) -> None:
     while True:
-        answer = _api(args, "GET", f"/api/receive?dock={args.dock}&max={args.max}")
+        body = {"dock": args.dock, "limit": args.max}
+        answer = _api(
+            args, "POST", "/api/receive", body, flags={"dock": "--dock", "limit": "--max"}
+        )
         if args.json:
             if answer["datagrams"] or not args.follow:
                 _json(answer)
@@ -482,6 +483,16 @@ def _receive(args: argparse.Namespace) -> None:
             return
         if not answer["waiting"]:
             time.sleep(0.2)
+
+
+def _dashboard(args: argparse.Namespace) -> None:
+    answer = _api(args, "POST", "/api/dashboard-link", {})
+    if args.json:
+        _json(answer)
+        return
+    minutes = round(answer["expires_in_secs"] / 60)
+    print(answer["url"])
+    print(f"(open it within {minutes} minutes; it works once)", file=sys.stderr)
 
 
 # --- the parser --------------------------------------------------------------------------
@@ -758,6 +769,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the neighbour: {fingerprint_help}",
     )
     chat.add_argument("--send", metavar="TEXT", help="send this message first")
+
+    command(
+        "dashboard",
+        "print a one-time link that opens the web dashboard",
+        "Print a link that opens a running node's web dashboard in a browser: it works once, "
+        "within minutes, and signs the browser in.",
+        _dashboard,
+    )
     return parser
 
 

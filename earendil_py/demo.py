@@ -63,12 +63,8 @@ class RunningNode:
     generated: GeneratedNode
     process: subprocess.Popen[bytes]
 
-    @property
-    def api(self) -> tuple[str, int]:
-        return self.generated.config.control_listen
-
     def call(self, method: str, path: str, body: object | None = None) -> Any:
-        return call_api(*self.api, method, path, body, timeout=5.0)
+        return call_api(self.generated.config, method, path, body, timeout=5.0)
 
 
 def price_tables() -> dict[int, str]:
@@ -217,10 +213,7 @@ def wait_delivered(nodes: list[RunningNode], sent: int, timeout: float) -> int:
     received = 0
     deadline = time.monotonic() + timeout
     while received < sent and time.monotonic() < deadline:
-        arrived = sum(
-            len(node.call("GET", f"/api/receive?dock={DOCK}&max=10000")["datagrams"])
-            for node in nodes
-        )
+        arrived = sum(drain(node) for node in nodes)
         if arrived:
             received += arrived
             deadline = time.monotonic() + timeout
@@ -265,11 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             links = ", ".join(
                 f"{link['neighbor'][:6]} ({link['protocol']})" for link in status["links"]
             )
-            host, port = node.api
-            print(
-                f"  {node.generated.name} {status['fingerprint'][:6]}: links to {links}; "
-                f"dashboard http://{host}:{port}/"
-            )
+            link = node.call("POST", "/api/dashboard-link", {})["url"]
+            print(f"  {node.generated.name} {status['fingerprint'][:6]}: links to {links}")
+            print(f"    dashboard (one-time link): {link}")
         greetings, greeted = greet(nodes)
         print(f"Sending {args.rate} datagrams/s on each of {len(FLOWS)} flows, 3 peelers each.")
         started = time.monotonic()
@@ -300,6 +291,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         stop(nodes)
+
+
+def drain(node: RunningNode) -> int:
+    """Take every datagram waiting at DOCK on `node`; returns how many there were."""
+    count = 0
+    while batch := node.call("POST", "/api/receive", {"dock": DOCK, "limit": 10_000})["datagrams"]:
+        count += len(batch)
+    return count
 
 
 def greet(nodes: list[RunningNode]) -> tuple[int, int]:

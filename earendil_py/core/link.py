@@ -624,7 +624,9 @@ class Endpoint:
     address that opened it (no roaming: a spoofed source cannot steer replies elsewhere).
     A new session is created only for an HS_INIT whose cookie MAC verifies; anything else
     that matches no session is dropped silently and counted, so probers learn nothing.
-    A retransmitted HS_INIT (same bytes) goes to the session it already opened.
+    A retransmitted HS_INIT (same bytes, same address) goes to the session it already opened;
+    the same bytes from another address open a session of their own, so a copy replayed by
+    someone on the path cannot claim the dialer's session (it cannot finish the handshake).
 
     Sessions are bounded: at most `max_sessions` in all, and at most
     `max_handshaking_per_source` not yet established from one source (`source_key`); an
@@ -651,8 +653,9 @@ class Endpoint:
         self._max_sessions = max_sessions
         self._max_handshaking_per_source = max_handshaking_per_source
         self.sessions: dict[int, tuple[Link, Address]] = {}
-        self._inits: dict[bytes, int] = {}  # digest of a pending HS_INIT -> session index
-        self._init_of: dict[int, bytes] = {}  # the reverse
+        # (digest of a pending HS_INIT, the address it came from) -> session index
+        self._inits: dict[tuple[bytes, Address], int] = {}
+        self._init_of: dict[int, tuple[bytes, Address]] = {}  # the reverse
         self._by_source: dict[str, set[int]] = {}  # source_key -> its sessions' indices
         self._stats = EndpointStatistics()
 
@@ -678,10 +681,9 @@ class Endpoint:
         if message_type(data) != HS_INIT or not check_mac1(self._mac_key, data):
             self._stats.drops["bad_mac1" if message_type(data) == HS_INIT else "malformed"] += 1
             return None
-        digest = blake3.blake3(data).digest(length=16)
-        if (existing := self._inits.get(digest)) is not None and existing in self.sessions:
-            link, opened_by = self.sessions[existing]
-            return link if opened_by == address else None
+        init = (blake3.blake3(data).digest(length=16), address)
+        if (existing := self._inits.get(init)) is not None:
+            return self.sessions[existing][0]
         if len(self.sessions) >= self._max_sessions:
             self._stats.drops["too_many_sessions"] += 1
             return None
@@ -700,8 +702,8 @@ class Endpoint:
             timers=self._timers,
         )
         self.sessions[link.local_index] = (link, address)
-        self._inits[digest] = link.local_index
-        self._init_of[link.local_index] = digest
+        self._inits[init] = link.local_index
+        self._init_of[link.local_index] = init
         self._by_source.setdefault(source, set()).add(link.local_index)
         return link
 
@@ -710,9 +712,7 @@ class Endpoint:
         session = self.sessions.pop(link.local_index, None)
         if session is None:
             return
-        digest = self._init_of.pop(link.local_index)
-        if self._inits.get(digest) == link.local_index:
-            del self._inits[digest]
+        del self._inits[self._init_of.pop(link.local_index)]
         source = source_key(session[1][0])
         indices = self._by_source[source]
         indices.discard(link.local_index)

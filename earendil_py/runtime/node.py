@@ -84,7 +84,7 @@ from earendil_py.runtime.config import (
 from earendil_py.runtime.control import build_router
 from earendil_py.runtime.faults import Faults
 from earendil_py.runtime.gossip import Gossip
-from earendil_py.runtime.http import HttpServer
+from earendil_py.runtime.http import ControlAuth, HttpServer, token_path, write_token_file
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
 from earendil_py.runtime.routes import NO_REPLY, RouteInfo, RouteTable
 from earendil_py.runtime.rpc import GlobalRpc
@@ -492,6 +492,7 @@ class Node:
         self._bound: dict[str, socket.socket | MultiListener[SocketStream]] = {}
         self._control_listener: MultiListener[SocketStream] | None = None
         self.control_address: Address | None = None
+        self.control_auth: ControlAuth | None = None  # its token is written at bind()
         self.started_at = time.monotonic()
         self._task_group: TaskGroup | None = None
         # Every configured route, its status, and once running the task serving it.
@@ -782,9 +783,7 @@ class Node:
         for name, (host, port) in self.listening.items():
             protocol = self.config.in_routes[name].protocol
             self._log.info("listening", route=name, protocol=protocol, address=_url(host, port))
-        if self.control_address is not None:
-            address = _url(*self.control_address)
-            self._log.info("control_listening", address=address, dashboard=f"http://{address}/")
+        self._log_dashboard_link()
         self._log.info(
             "node_started",
             version=__version__,
@@ -911,6 +910,14 @@ class Node:
         )
         return True
 
+    def _log_dashboard_link(self) -> None:
+        """Log where the control API is and a one-time dashboard link (it expires soon;
+        `earendil-py dashboard` prints a new one)."""
+        assert self.control_address is not None and self.control_auth is not None
+        origin = f"http://{_url(*self.control_address)}"
+        code = self.control_auth.mint_login_code()
+        self._log.info("control_api", url=f"{origin}/", dashboard=f"{origin}/login?code={code}")
+
     def _new_link(self, *, initiator: bool, secret: str, reliable: bool, **kw: object) -> Link:
         return Link(
             initiator=initiator,
@@ -944,6 +951,8 @@ class Node:
                 ) from None
             local = self._control_listener.listeners[0].extra(SocketAttribute.local_address)
             self.control_address = _as_address(local)
+            self.control_auth = ControlAuth.generate()
+            write_token_file(token_path(self.config), self.control_auth.token)
         for name, route in self.config.in_routes.items():
             if name in self._bound:
                 continue
@@ -956,8 +965,12 @@ class Node:
             await self.settlements.start()
 
     async def _serve_control(self) -> None:
-        assert self._control_listener is not None
-        server = HttpServer(build_router(self))
+        assert self._control_listener is not None and self.control_auth is not None
+        server = HttpServer(
+            build_router(self, self.control_auth),
+            self.control_auth,
+            allow_remote=self.config.control_allow_remote,
+        )
         await self._serve_listener(self._control_listener, server.serve_connection, "control")
 
     async def _listen(self, info: RouteInfo) -> None:

@@ -327,7 +327,7 @@ def test_sighup_with_a_bad_config_keeps_the_running_one(tmp_path: Path) -> None:
         assert a.wait_for("reload_skipped", 10, after=mark)["field"] == "control_listen"
         a.wait_for("reloaded", 10, after=mark)
         # The control API still answers where it was, with the link still up.
-        status = call_api(*node0.config.control_listen, "GET", "/api/status")
+        status = call_api(node0.config, "GET", "/api/status")
         assert [link["route"] for link in status["links"]] == ["node1_udp"]
         assert not [e for e in a.events if e["event"] == "link_down"]
     finally:
@@ -350,9 +350,10 @@ def test_start_up_lines_name_every_address_and_debug_shows_dials_and_handshakes(
         assert {name: (e["protocol"], e["address"]) for name, e in listening.items()} == {
             name: (route.protocol, route.listen) for name, route in node0.config.in_routes.items()
         }
-        control = listener.wait_for("control_listening", 0)
+        control = listener.wait_for("control_api", 0)
         host, port = node0.config.control_listen
-        assert control["dashboard"] == f"http://{host}:{port}/"
+        assert control["url"] == f"http://{host}:{port}/"
+        assert control["dashboard"].startswith(f"http://{host}:{port}/login?code=")
         assert not [e for e in listener.events if e["level"] == "debug"]
 
         dialer.wait_for("link_up", 10)
