@@ -528,14 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument(
         "--json", action="store_true", help="print the result as JSON (full fingerprints)"
     )
-    node = argparse.ArgumentParser(add_help=False, parents=[output])
-    node.add_argument(
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
         "--config",
         type=Path,
         metavar="FILE",
         help=f"the node's config file (default: ${CONFIG_ENV}, else ./node.toml, "
         "~/.config/earendil_py/node.toml or /etc/earendil_py/node.toml)",
     )
+    node = argparse.ArgumentParser(add_help=False, parents=[output, config])
 
     def command(
         name: str,
@@ -597,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         "routes added and removed and price changes apply at once, other changes at the "
         "next start (logged as reload_skipped).",
         _daemon,
-        [node],
+        [config],
     )
     daemon.add_argument(
         "--new-ledger",
