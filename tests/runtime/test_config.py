@@ -8,7 +8,7 @@ import pytest
 
 from earendil_py.cli import main
 from earendil_py.core.errors import ConfigError
-from earendil_py.runtime.config import check_own_routes, load_config
+from earendil_py.runtime.config import check_own_routes, diff_configs, load_config
 from earendil_py.runtime.keyfile import create_identity_file, write_private_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -380,3 +380,9 @@ def test_app_sockets_take_loopback_of_either_family_or_any_address_when_allowed(
         ("[::1]:9001", 8, 3),
         ("10.1.2.3:9002", 9, 3),
     ]
+
+
+def test_a_reload_leaves_app_sockets_to_the_next_start(tmp_path: Path) -> None:
+    old = load_config(write(tmp_path, GOOD + APP))
+    new = load_config(write(tmp_path, GOOD + APP.replace("dock = 7", "dock = 8")))
+    assert diff_configs(old, new).skipped == ["apps"]
