@@ -33,6 +33,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,10 +85,14 @@ DESTINATION = struct.Struct(">B32sI")  # kind, fingerprint, dock
 ANONYMOUS = struct.Struct(f">B{ENDPOINT_SIZE}s")  # kind, endpoint
 APP_BATCH = 64  # datagrams read from an app socket per wake-up
 MAX_CLIENTS = 64  # application addresses per app socket, each with its own endpoint (LRU)
+RANDOM_DRAW = 4096  # bytes read from the OS's CSPRNG at a time, per thread
 # Errors that say the socket itself is gone: the node's own failure, which stops it.
 _SOCKET_GONE = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 
 Address = tuple[str, int]
+Route = list[tuple[bytes, bytes]]
+# Routes chosen for one batch: (from, to, hops) -> route, or None when there is none.
+Routes = dict[tuple[bytes, bytes, int], Route | None]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -265,12 +270,16 @@ class Apps:
         conversations: list[Conversation] = []
         frames: list[bytes] = []
         pending: Counter[Conversation] = Counter()  # blocks this batch already ships
+        routes: Routes = {}
         for address, data in batch:
             kind = data[0] if data else -1
             if kind == SEND and len(data) >= DESTINATION.size:
                 _, fingerprint, dock = DESTINATION.unpack_from(data)
                 conversation = (self._endpoint(app, address), fingerprint, dock)
-                job = self._send_job(app, conversation, data[DESTINATION.size :], pending, now)
+                data = data[DESTINATION.size :]
+                job = self._send_job(
+                    app, conversation, data, pending=pending, routes=routes, now=now
+                )
                 if job is not None:
                     jobs.append(job)
                     conversations.append(conversation)
@@ -295,37 +304,45 @@ class Apps:
         app: AppSocket,
         conversation: Conversation,
         data: bytes,
+        *,
         pending: Counter[Conversation],
+        routes: Routes,
         now: float,
     ) -> Callable[[], _Sent] | None:
         endpoint, fingerprint, dock = conversation
         if len(data) > MAX_ANONYMOUS_DATA:
             self.drops["app_too_big"] += 1
             return None
-        try:
-            route = self._graph.choose_route(
-                self._fingerprint, fingerprint, app.config.hops, os.urandom
-            )
-        except LocalProtocolError:
+        route = self._route(self._fingerprint, fingerprint, app.config.hops, routes)
+        if route is None:
             self.drops["no_route"] += 1
             return None
         reply_route = None
         if len(data) <= MAX_ANONYMOUS_DATA_WITH_BLOCK and self.sent.wanted(
             conversation, now, pending[conversation]
         ):
-            reply_route = self._reply_route(fingerprint, app.config.hops)
+            reply_route = self._reply_route(fingerprint, app.config.hops, routes)
             if reply_route is not None:
                 pending[conversation] += 1
         return partial(_build_message, route, reply_route, dock, endpoint, data)
 
-    def _reply_route(self, fingerprint: bytes, hops: int) -> list[tuple[bytes, bytes]] | None:
+    def _route(self, source: bytes, destination: bytes, hops: int, routes: Routes) -> Route | None:
+        """A route of `hops` peelers, chosen once per batch: the datagrams of one wake-up
+        leave together, so routes of their own would hide nothing from timing, and would
+        show the sender to more relays. None if the graph knows none."""
+        key = (source, destination, hops)
+        if key not in routes:
+            try:
+                routes[key] = self._graph.choose_route(source, destination, hops, _urandom)
+            except LocalProtocolError:
+                routes[key] = None
+        return routes[key]
+
+    def _reply_route(self, fingerprint: bytes, hops: int, routes: Routes) -> Route | None:
         """A return route from `fingerprint` to us with at least one relay before us: with
         none, the block's first peeler would be this node, named to the replier."""
-        try:
-            route = self._graph.choose_route(fingerprint, self._fingerprint, hops, os.urandom)
-        except LocalProtocolError:
-            return None
-        return route if len(route) >= 2 else None
+        route = self._route(fingerprint, self._fingerprint, hops, routes)
+        return route if route is not None and len(route) >= 2 else None
 
     def _reply(self, app: AppSocket, endpoint: bytes, data: bytes, now: float) -> bytes | None:
         """The frame that answers `endpoint` with `data`, or None: too big (dropped), or no
@@ -379,23 +396,18 @@ class Apps:
             jobs: list[Callable[[], _Sent]] = []
             conversations: list[Conversation] = []
             pending: Counter[Conversation] = Counter()
+            routes: Routes = {}
             for app, conversation, remaining in reports:
                 endpoint, fingerprint, dock = conversation
+                route = self._route(self._fingerprint, fingerprint, app.config.hops, routes)
+                reply_route = self._reply_route(fingerprint, app.config.hops, routes)
+                if route is None or reply_route is None:
+                    self.drops["no_route"] += 1
+                    continue
                 count = self.sent.refills(conversation, remaining, now, pending[conversation])
                 pending[conversation] += count
-                for _ in range(count):
-                    reply_route = self._reply_route(fingerprint, app.config.hops)
-                    try:
-                        route = self._graph.choose_route(
-                            self._fingerprint, fingerprint, app.config.hops, os.urandom
-                        )
-                    except LocalProtocolError:
-                        self.drops["no_route"] += 1
-                        break
-                    if reply_route is None:
-                        break
-                    jobs.append(partial(_build_message, route, reply_route, dock, endpoint, None))
-                    conversations.append(conversation)
+                jobs += [partial(_build_message, route, reply_route, dock, endpoint, None)] * count
+                conversations += [conversation] * count
             with self._boundary:
                 sent = self._offload(_call, jobs)
                 for built, conversation in zip(sent, conversations, strict=True):
@@ -416,7 +428,7 @@ class Apps:
         if len(app.clients) >= MAX_CLIENTS:
             _, old = app.clients.popitem(last=False)
             del self._endpoints[old]
-        endpoint = os.urandom(ENDPOINT_SIZE)
+        endpoint = _urandom(ENDPOINT_SIZE)
         app.clients[address] = endpoint
         self._endpoints[endpoint] = (app, address)
         return endpoint
@@ -451,6 +463,33 @@ class Apps:
         }
 
 
+class _RandomBuffer(threading.local):
+    data: bytes = b""
+    used: int = 0
+
+
+_random_buffer = _RandomBuffer()
+
+
+def _urandom(size: int) -> bytes:
+    """`os.urandom(size)`, read from the OS RANDOM_DRAW bytes at a time by each thread.
+
+    A datagram needs randomness five times or more (the route's shuffle, an ephemeral key
+    per hop, padding), and each `os.urandom` call lets go of the GIL: with two threads
+    building onions, each of those is a hand-over of the GIL, which cost more than the
+    onion's own X25519 work in the profile. The bytes are the OS's, each used once, by the
+    thread that read them; until then they wait in this process's memory, where the keys made
+    of them live anyway. (The node does not fork, so no two processes share a buffer.)"""
+    buffer = _random_buffer
+    if buffer.used + size > len(buffer.data):
+        if size > RANDOM_DRAW:
+            return os.urandom(size)
+        buffer.data, buffer.used = os.urandom(RANDOM_DRAW), 0
+    start = buffer.used
+    buffer.used = start + size
+    return buffer.data[start : buffer.used]
+
+
 def _show_address(address: Address | None) -> str | None:
     return None if address is None else f"{address[0]}:{address[1]}"
 
@@ -471,7 +510,7 @@ def _build_message(
     opener = None
     blocks = []
     if reply_route is not None:
-        block, opener = build_reply_block(reply_route, os.urandom)
+        block, opener = build_reply_block(reply_route, _urandom)
         blocks.append(block)
     payload = encode_anonymous(dock, endpoint, blocks, data)
-    return _Sent(onion_frame(*build_packet(route, payload, os.urandom)), opener)
+    return _Sent(onion_frame(*build_packet(route, payload, _urandom)), opener)
