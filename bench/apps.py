@@ -25,6 +25,14 @@ Both are timed after a warm-up, by datagrams the sink received per second; round
     frame's ChaCha20-Poly1305 seal. Target (c) / floor <= 1.3. The same figure for (b) is
     printed beside it: what the API costs S per datagram.
 
+S runs alone on one CPU and everything else (R, D and this process) on the other, as
+bench/relay.py runs its relay, so that S's CPU time is its own work, not its share of a core
+it contends for. With one CPU, S builds on its event loop's thread alone (runtime/peeling.py
+starts no second thread). Left free on this 2-core VM, S did worse on both counts, 224-242
+against 163-186 us a datagram and 4,300 against 4,800-5,500 datagrams/s, in rounds
+alternating with pinned ones: the GIL changes hands around every X25519, and the second
+thread's parallelism does not pay for that while the other CPU is busy with R and D.
+
 The first WARMUP_SECS of each round are not timed: S's first datagrams to D carry reply
 blocks (core/endpoints.py: until D is estimated to hold enough), which cost another onion's
 X25519s each. Debt limits are raised past anything a run reaches, so accounting counts and
@@ -42,6 +50,7 @@ import http.client
 import json
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -89,6 +98,14 @@ def _apps_toml(port: int, dock: int) -> str:
     return f'[[apps]]\nlisten = "127.0.0.1:{port}"\ndock = {dock}\nhops = {HOPS}\n'
 
 
+DAEMON = [sys.executable, "-m", "earendil_py", "daemon", "--config"]
+
+
+def _pinned(cpus: list[int]) -> list[str]:
+    """A command prefix that runs the command on `cpus` only (taskset execs it: same pid)."""
+    return ["taskset", "-c", ",".join(map(str, cpus))]
+
+
 def _cpu_secs(pid: int) -> float:
     """User + system CPU seconds of process `pid`, all threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -102,7 +119,7 @@ def _load() -> str:
 class Network:
     """S - R - D as daemons, with S's and D's app sockets."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, cpus: list[int]) -> None:
         self.s_port, self.d_port = free_port("udp"), free_port("udp")
         generated = generate_network(
             root,
@@ -124,14 +141,15 @@ class Network:
             node.config_path.write_text(text)
         self.configs = [load_config(node.config_path) for node in generated]
         self.d_fingerprint = bytes.fromhex(generated[2].fingerprint)
+        # taskset pins each daemon before it starts, so S never starts a second peel thread.
         self.processes = [
             subprocess.Popen(
-                [sys.executable, "-m", "earendil_py", "daemon", "--config", str(node.config_path)],
+                [*_pinned(cpus[:1] if i == 0 else cpus[1:]), *DAEMON, str(node.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            for node in generated
+            for i, node in enumerate(generated)
         ]
         self.s_pid = self.processes[0].pid
 
@@ -329,8 +347,15 @@ def main() -> int:
         raise SystemExit("bench/apps.py reads process CPU times from /proc (Linux)")
 
     load_before = _load()
+    # S alone on the first CPU, the rest of the network and this process on the others.
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        raise SystemExit(
+            "bench/apps.py needs two CPUs and taskset: S on one, the rest on the other"
+        )
     with tempfile.TemporaryDirectory(prefix="bench-apps-") as root:
-        network = Network(Path(root))
+        network = Network(Path(root), cpus)
+        os.sched_setaffinity(0, cpus[1:])
         try:
             network.wait_converged(60)
             sink = Sink(network.d_port)
@@ -352,7 +377,7 @@ def main() -> int:
         f"(after {WARMUP_SECS:g} s warm-up), datagrams of {PAYLOAD} bytes, {HOPS} peelers "
         f"(R, D), best of each"
     )
-    print(f"load average before: {load_before}")
+    print(f"load average before: {load_before}; S on CPU {cpus[0]}, the rest on {cpus[1:]}")
     print(f"(a) app socket       {app_rate:9,.0f} datagrams/s delivered  (window {WINDOW})")
     print(f"(b) control API      {api_rate:9,.0f} datagrams/s delivered  ({THREADS} connections)")
     verdict = "ok" if app_rate / api_rate >= TARGET_RATE else "under target"
