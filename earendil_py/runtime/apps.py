@@ -142,7 +142,6 @@ class Apps:
         self._graph = graph
         self._originate = originate
         self._offload = offload
-        self._faults = faults
         self._source = source
         self.sockets: dict[int, AppSocket] = {}  # by dock
         self._endpoints: dict[bytes, tuple[AppSocket, Address]] = {}
