@@ -1,0 +1,121 @@
+"""A neighbour fills the relay graph with identities it made itself, each with an adjacency
+to it countersigned by itself: all of them valid, all of them reachable through it, none of
+them costing it more than a key pair. A relay that joins the network afterwards, behind the
+honest neighbour, must still get into the target's graph and be routed to.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from earendil_py.core import graph
+from earendil_py.core.graph import AdjacencyDescriptor, encode_dumps, sign_adjacency
+from earendil_py.core.identity import Identity, IdentityDescriptor
+from earendil_py.core.messages import AdjacencyRequest, GraphPush
+from earendil_py.runtime.http import ControlApiError
+from tests.helpers import daemon_api, wait_until
+from tests.hostile.harness import DOCK, START_SECS, Daemon, Pair
+from tests.hostile.peer import HostilePeer, error_code, unix_now
+
+pytestmark = pytest.mark.timeout(120)
+
+DUMP_BYTES = 12_000  # per GraphPush: well inside one link message
+ROUTED_SECS = 20.0  # the late relay joins, its descriptors travel two hops
+
+
+@pytest.fixture(scope="module")
+def module_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    pair = Pair(tmp_path_factory.mktemp("graph"), late_relay=True).start()
+    try:
+        yield pair
+    finally:
+        pair.stop()
+
+
+def adjacency(a: Identity, b: Identity, timestamp: int) -> AdjacencyDescriptor:
+    left, right = sorted((a, b), key=lambda i: i.fingerprint)
+    return AdjacencyDescriptor(
+        left.fingerprint,
+        right.fingerprint,
+        timestamp,
+        sign_adjacency(left, left.fingerprint, right.fingerprint, timestamp),
+        sign_adjacency(right, left.fingerprint, right.fingerprint, timestamp),
+    )
+
+
+def sybils(
+    owner: Identity, count: int
+) -> tuple[list[IdentityDescriptor], list[AdjacencyDescriptor]]:
+    """`count` fresh identities, each adjacent to `owner`, every signature genuine."""
+    now = unix_now()
+    identities, adjacencies = [], []
+    for _ in range(count):
+        sybil = Identity.generate(os.urandom)
+        identities.append(sybil.descriptor(now))
+        adjacencies.append(adjacency(owner, sybil, now))
+    return identities, adjacencies
+
+
+def request_adjacency(peer: HostilePeer, target: bytes) -> None:
+    """Ask the target to countersign our link, as a node does at link-up."""
+    now = unix_now()
+    left, right = sorted((peer.fingerprint, target))
+    signature = sign_adjacency(peer.identity, left, right, now)
+    peer.send_message(AdjacencyRequest(peer.identity.descriptor(now), now, signature))
+
+
+def send_datagram(pair: Pair, to: str, payload: bytes) -> bool:
+    """Whether the target took a datagram for `to` (False: no route yet)."""
+    body = {
+        "destination": to,
+        "dock": DOCK,
+        "data_b64": base64.b64encode(payload).decode(),
+        "hops": 1,
+    }
+    try:
+        daemon_api(pair.target.config_path, "POST", "/api/send", body)
+    except ControlApiError as exc:
+        if exc.status == 422:
+            return False
+        raise
+    return True
+
+
+def test_graph_flood_leaves_room_for_a_relay_that_joins_later(pair: Pair) -> None:
+    relay = pair.late
+    assert relay is not None
+    with pair.attacking() as mark, pair.peer("tcp") as peer:
+        peer.connect()
+        request_adjacency(peer, pair.target_fp)
+        identities, adjacencies = sybils(peer.identity, graph.MAX_IDENTITIES)
+        for dump in encode_dumps(identities, adjacencies, max_size_bytes=DUMP_BYTES):
+            peer.send_message(GraphPush(dump))
+        # Answered after every push before it on this stream: the flood has been taken in.
+        assert error_code(peer.call("no_such_method", timeout=60)) == -32601
+        flooded = pair.graph()
+        assert flooded["identities"] > 100  # the attack landed, as far as the target let it
+
+        late = Daemon(relay.config_path)
+        try:
+            wait_until(lambda: pair.ready(relay, pair.honest_fp), START_SECS)
+            payload = b"to the late relay"
+            deadline = time.monotonic() + ROUTED_SECS
+            while not send_datagram(pair, relay.fingerprint, payload):
+                assert time.monotonic() < deadline, f"no route to the late relay: {pair.graph()}"
+                time.sleep(0.2)
+            got: list[bytes] = []
+            while not got:
+                assert time.monotonic() < deadline + 10, "the late relay got nothing"
+                answer = daemon_api(relay.config_path, "GET", f"/api/receive?dock={DOCK}")
+                got = [base64.b64decode(d["data_b64"]) for d in answer["datagrams"]]
+                time.sleep(0.05)
+            assert got == [payload]
+        finally:
+            late.stop()
+    pair.check_unharmed()
+    pair.assert_no_errors(mark)

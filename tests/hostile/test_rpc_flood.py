@@ -1,0 +1,93 @@
+"""Eight identities on one route cookie flood the target with calls to no method at all,
+256 each: as many as the target's run-once cache held in all. An honest neighbour's chat and
+push_debt claims must still be served, and both ledgers keep its claims.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from earendil_py.core.rpc import METHOD_NOT_FOUND, SERVER_BUSY, encode_request
+from tests.helpers import daemon_api, wait_until
+from tests.hostile.harness import Pair
+from tests.hostile.peer import HostilePeer, error_code
+
+pytestmark = pytest.mark.timeout(60)
+
+IDENTITIES = 8
+CALLS_EACH = 256
+FAST_CLAIMS = """
+[accounting]
+push_debt_secs = 1.0
+checkpoint_secs = 0.5
+"""
+
+
+@pytest.fixture(scope="module")
+def module_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    pair = Pair(tmp_path_factory.mktemp("flood"), extra_toml=FAST_CLAIMS).start()
+    try:
+        yield pair
+    finally:
+        if pair.t is not None and pair.t.process.poll() is None:
+            pair.check_ledgers()
+        pair.stop()
+
+
+def flood(peers: list[HostilePeer]) -> Counter[int | None]:
+    """CALLS_EACH calls to a method nobody serves from each peer; the answers' codes."""
+    for peer in peers:
+        for _ in range(CALLS_EACH):
+            peer.send_rpc(encode_request(os.urandom(16).hex(), "no_such_method"))
+    codes: Counter[int | None] = Counter()
+    for peer in peers:
+        # Answered after the flood it follows on the same link: the flood has been served.
+        codes[error_code(peer.call("no_such_method"))] += 1
+        codes.update(error_code(r) for r in peer.calls.responses.values())
+    return codes
+
+
+def test_flood_from_many_identities_on_one_cookie(pair: Pair) -> None:
+    peers = [pair.peer("udp") for _ in range(IDENTITIES)]
+    try:
+        with pair.attacking() as mark:
+            for peer in peers:
+                peer.connect()
+            codes = flood(peers)
+            assert set(codes) <= {METHOD_NOT_FOUND, SERVER_BUSY}, codes
+            assert sum(codes.values()) >= IDENTITIES * CALLS_EACH
+
+            # The honest neighbour's chat is served while the flood's answers are cached.
+            sent = daemon_api(
+                pair.honest.config_path,
+                "POST",
+                f"/api/chat/{pair.target.fingerprint}",
+                {"text": "still here?"},
+            )
+            assert sent["message"]["status"] == "delivered"
+
+            # So are its push_debt claims: the target commits each before it answers.
+            claims = pair.ledger_kinds(pair.target, pair.honest_fp).count("claim_received")
+            honest_mark = pair.honest_daemon.mark()
+            wait_until(
+                lambda: (
+                    pair.ledger_kinds(pair.target, pair.honest_fp).count("claim_received")
+                    >= claims + 2
+                ),
+                10,
+            )
+            refused = [
+                e
+                for e in pair.honest_daemon.events[honest_mark:]
+                if e.get("event") in ("debt_push_failed", "debt_push_unanswered")
+            ]
+            assert refused == []
+            pair.check_unharmed()
+            pair.assert_no_errors(mark)
+    finally:
+        for peer in peers:
+            peer.stop()
