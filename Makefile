@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/link.py
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/accounting.py
+	$(BIN)/python bench/hostile.py
 
 clean:
 	rm -rf $(VENV) demo-net

@@ -20,7 +20,7 @@ import contextlib
 import os
 import queue
 import random
-import select
+import selectors
 import socket
 import struct
 import threading
@@ -328,6 +328,13 @@ class HostilePeer:
         sock, link = self._sock, self._live()
         assert sock is not None
         tcp = self.route.protocol == "tcp"
+        with selectors.DefaultSelector() as selector:  # select() stops at fd 1023
+            selector.register(sock, selectors.EVENT_READ)
+            self._read_from(sock, link, selector, tcp)
+
+    def _read_from(
+        self, sock: socket.socket, link: Link, selector: selectors.BaseSelector, tcp: bool
+    ) -> None:
         while True:
             with self._cond:
                 if self._stopping:
@@ -339,8 +346,7 @@ class HostilePeer:
                     self._flush()
                     continue
             wait = _POLL_SECS if deadline is None else min(_POLL_SECS, deadline - now)
-            readable, _, _ = select.select([sock], [], [], max(wait, 0.0))
-            if not readable:
+            if not selector.select(max(wait, 0.0)):
                 continue
             try:
                 data = sock.recv(65_536)
