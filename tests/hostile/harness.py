@@ -237,9 +237,14 @@ class Pair:
         """T's account with `neighbor`."""
         return _account(self.target.config_path, neighbor)
 
+    def status(self) -> dict[str, Any]:
+        """T's /api/status."""
+        status: dict[str, Any] = daemon_api(self.target.config_path, "GET", "/api/status")
+        return status
+
     def graph(self) -> dict[str, int]:
         """T's graph: how many identities and adjacencies."""
-        graph: dict[str, int] = daemon_api(self.target.config_path, "GET", "/api/status")["graph"]
+        graph: dict[str, int] = self.status()["graph"]
         return graph
 
     def exchange(self, count: int = 3) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from earendil_py.core.accounting import DebtLimitNotice
 from earendil_py.core.graph import AdjacencyDescriptor, encode_dumps
-from earendil_py.core.identity import Identity
+from earendil_py.core.identity import Identity, fingerprint_of
 from earendil_py.core.messages import (
     GLOBAL_RPC_DOCK,
     AdjacencyRequest,
@@ -26,6 +26,7 @@ from earendil_py.core.messages import (
 )
 from earendil_py.core.packet import PACKET_SIZE
 from earendil_py.core.rpc import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR
+from earendil_py.runtime.keyfile import load_identity_file
 from tests.hostile.harness import Pair
 from tests.hostile.peer import HostilePeer, error_code, unix_now
 
@@ -93,6 +94,38 @@ def test_deeply_nested_control_message(pair: Pair, protocol: str) -> None:
         for payload in nested_control_payloads():
             peer.send_control(payload)
         assert error_code(peer.call("no_such_method")) == -32601
+    pair.check_unharmed()
+    pair.assert_no_errors(mark)
+
+
+class Impostor:
+    """Claims another node's identity key in the link's identity proof, and signs with its
+    own: all a cookie holder can do without that node's secret key."""
+
+    def __init__(self, claimed_public: bytes) -> None:
+        self._own = Identity.generate(os.urandom)
+        self.identity_public = claimed_public
+        self.fingerprint = fingerprint_of(claimed_public)
+
+    def sign(self, domain: bytes, message: bytes) -> bytes:
+        return self._own.sign(domain, message)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_cookie_holder_cannot_prove_the_honest_neighbours_identity(
+    pair: Pair, protocol: str
+) -> None:
+    honest = load_identity_file(pair.honest.config.identity_file)
+    impostor = Impostor(honest.identity_public)
+    with pair.attacking() as mark, pair.peer(protocol, identity=impostor) as peer:  # type: ignore[arg-type]
+        # Our side of the link comes up (the target's proof is genuine); the target's never
+        # does, so nothing we send is taken.
+        peer.connect(timeout=3.0)
+        with pytest.raises(AssertionError):
+            peer.call("no_such_method", timeout=2.0)
+        # The honest neighbour's link, account and ledger are its own still.
+        links = [ln for ln in pair.status()["links"] if ln["neighbor"] == pair.honest_fp.hex()]
+        assert [ln["route"] for ln in links] == ["from_node1_udp"]
     pair.check_unharmed()
     pair.assert_no_errors(mark)
 

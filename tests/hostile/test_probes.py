@@ -19,6 +19,7 @@ from tests.hostile.harness import Pair
 from tests.hostile.peer import (
     garbage_datagrams,
     length_prefix,
+    poisoned_hs_init,
     send_datagrams,
     tcp_connect_close,
     tcp_idle,
@@ -29,6 +30,7 @@ from tests.hostile.peer import (
 pytestmark = pytest.mark.timeout(60)
 
 PROBES = 20
+POISONED_FLOOD = 1100  # more than the UDP listener's 1,024 sessions
 CLOSED_BY_DAEMON_SECS = 30.0  # far above any handshake deadline the daemon may set
 
 
@@ -116,6 +118,20 @@ def test_poisoned_hs_init_then_the_genuine_one(pair: Pair, protocol: str, kind: 
     with pair.attacking() as mark, pair.peer(protocol) as peer:
         peer.connect(poison=kind, timeout=5.0)
         assert peer.up
+    pair.check_unharmed()
+    pair.assert_no_errors(mark)
+
+
+def test_a_flood_of_poisoned_hs_inits_leaves_room_for_a_genuine_one(pair: Pair) -> None:
+    """More HS_INITs with a valid cookie MAC and a bad Noise body than the UDP listener keeps
+    sessions for: none of them may hold a place a genuine neighbour needs."""
+    route = pair.routes["udp"]
+    with pair.attacking() as mark:
+        poison = [poisoned_hs_init(route.secret) for _ in range(POISONED_FLOOD)]
+        assert send_datagrams(route.address, poison) == POISONED_FLOOD
+        with pair.peer("udp") as peer:
+            # Sooner than the sessions would expire (the target's dead_after_secs is 5).
+            peer.connect(timeout=3.0)
     pair.check_unharmed()
     pair.assert_no_errors(mark)
 
