@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 import msgspec
@@ -40,6 +40,9 @@ RATE_LIMIT = 30  # messages a neighbour may send per window
 RATE_WINDOW_SECS = 60.0
 SEND_TIMEOUT_SECS = 10.0
 ID_SIZE = 16
+# A message id on the wire is its bytes in lower-case hex, as `send` writes it. Only that one
+# spelling is accepted, so one message cannot be stored again under "ABCD..." or "ab cd...".
+MessageId = Annotated[str, msgspec.Meta(pattern=rf"^[0-9a-f]{{{2 * ID_SIZE}}}\Z")]
 
 Direction = Literal["in", "out"]
 Status = Literal["pending", "delivered", "failed", "unknown"]
@@ -65,7 +68,7 @@ class ChatStatus(msgspec.Struct, frozen=True):
 class ChatParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The `chat` RPC's params."""
 
-    id: str
+    id: MessageId
     text: str
 
 
@@ -112,8 +115,6 @@ class Chat:
         try:
             request = msgspec.convert(params, ChatParams)
             message_id = bytes.fromhex(request.id)
-            if len(message_id) != ID_SIZE:
-                raise ValueError(f"a message id is {ID_SIZE} bytes")
             text = check_text(request.text)
         except (msgspec.ValidationError, ValueError, LocalProtocolError) as exc:
             self.refused["invalid"] += 1
