@@ -23,14 +23,15 @@ Three phases, one run, the same daemon, link and traffic:
           look at the quiet figures' noise on a shared machine.
 
 Printed: each phase's delivery ratio (delivered / sent) and latency (p50, p99), the attack
-phase's over the quiet one's, and T's resident memory: VmRSS from /proc/PID/status before the
-quiet phase and its highest sample during the attack. Targets, with verdicts: T alive after
-the attack; honest delivery under attack >= 0.99 x quiet; p99 under attack <= 3 x quiet; RSS
-growth <= 32 MB. The machine's CPUs are shared by T, H and the attacker as they come: on two
-cores the attacker's own work competes with T's, as it would on a small real host.
+phase's over the quiet one's, what the attacker did and what T dropped, and T's resident
+memory: VmRSS from /proc/PID/status before the quiet phase and its highest sample (every
+0.1 s) from the start of the attack on. Targets, with verdicts: T alive after the attack;
+honest delivery under attack >= 0.99 x quiet; p99 under attack <= 3 x quiet; RSS growth
+<= 32 MB. The machine's CPUs are shared by T, H and the attacker as they come: on two cores
+the attacker's own work competes with T's, as it would on a small real host.
 
 Run: .venv/bin/python bench/hostile.py [--seconds S] [--rate R] [--idle N] [--garbage N]
-     [--flooders N] [--calls N]
+     [--flooders N] [--calls N] [--renew S]
 """
 
 from __future__ import annotations
@@ -413,15 +414,15 @@ def report(args: argparse.Namespace, results: Results) -> None:
     )
     growth = results.rss_peak - results.rss_before
     print(
-        f"T's RSS {results.rss_before:.1f} MB before, {results.rss_peak:.1f} MB at most during "
-        f"the attack: {growth:+.1f} MB (target <= {RSS_TARGET_MB:g} MB: "
+        f"T's RSS {results.rss_before:.1f} MB before, {results.rss_peak:.1f} MB at most from "
+        f"the attack on: {growth:+.1f} MB (target <= {RSS_TARGET_MB:g} MB: "
         f"{verdict(growth <= RSS_TARGET_MB)})"
     )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="per phase")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per phase")
     parser.add_argument("--rate", type=float, default=200.0, help="honest datagrams a second")
     parser.add_argument("--idle", type=int, default=1100, help="idle TCP connections")
     parser.add_argument("--garbage", type=int, default=100_000, help="garbage datagrams")
