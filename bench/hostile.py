@@ -118,10 +118,10 @@ def attacker(spec: dict[str, Any]) -> None:
     held: list[socket.socket] = []
     for _ in range(spec["idle"]):
         try:
-            held += tcp_idle(tuple(spec["tcp"]), 1)  # type: ignore[arg-type]
+            held += tcp_idle(tuple(spec["tcp"]), 1)
         except OSError:
             report["idle_refused"] += 1
-    route = Route("udp", tuple(spec["flood_route"]), spec["secret"])  # type: ignore[arg-type]
+    route = Route("udp", tuple(spec["flood_route"]), spec["secret"])
     flooders = []
     for _ in range(spec["flooders"]):
         peer = HostilePeer(route, bytes.fromhex(spec["target"]))

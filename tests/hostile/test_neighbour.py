@@ -117,7 +117,7 @@ def test_cookie_holder_cannot_prove_the_honest_neighbours_identity(
 ) -> None:
     honest = load_identity_file(pair.honest.config.identity_file)
     impostor = Impostor(honest.identity_public)
-    with pair.attacking() as mark, pair.peer(protocol, identity=impostor) as peer:  # type: ignore[arg-type]
+    with pair.attacking() as mark, pair.peer(protocol, identity=impostor) as peer:
         # Our side of the link comes up (the target's proof is genuine); the target's never
         # does, so nothing we send is taken.
         peer.connect(timeout=3.0)
