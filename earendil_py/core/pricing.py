@@ -21,14 +21,11 @@ from typing import Annotated
 import msgspec
 
 from earendil_py.core.errors import RemoteProtocolError
-from earendil_py.core.identity import Identity, verify
+from earendil_py.core.identity import Fingerprint, Identity, Signature, Uint, verify
 
 OFFER_DOMAIN = b"earendil_py push_price offer v1"
 ANSWER_DOMAIN = b"earendil_py push_price answer v1"
 
-Uint = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # msgspec checks bounds in int64
-Fingerprint = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
-Signature = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
 MethodName = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 Methods = Annotated[list[MethodName], msgspec.Meta(max_length=16)]
 Reason = Annotated[str, msgspec.Meta(max_length=64)]

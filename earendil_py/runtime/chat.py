@@ -22,7 +22,7 @@ import anyio
 import msgspec
 import structlog
 
-from earendil_py.core.errors import LocalProtocolError
+from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError, convert_remote
 from earendil_py.core.identity import short_hex
 from earendil_py.core.rpc import INVALID_PARAMS
 from earendil_py.runtime.accounting import REFUSED, unix_now
@@ -69,7 +69,7 @@ class ChatParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The `chat` RPC's params."""
 
     id: MessageId
-    text: str
+    text: Annotated[str, msgspec.Meta(max_length=MAX_TEXT_CHARS)]
 
 
 class Chat:
@@ -113,10 +113,10 @@ class Chat:
 
     async def _on_chat(self, neighbor: bytes, params: Any) -> Any:
         try:
-            request = msgspec.convert(params, ChatParams)
+            request = convert_remote(params, ChatParams, "chat params", "invalid")
             message_id = bytes.fromhex(request.id)
             text = check_text(request.text)
-        except (msgspec.ValidationError, ValueError, LocalProtocolError) as exc:
+        except (RemoteProtocolError, ValueError, LocalProtocolError) as exc:
             self.refused["invalid"] += 1
             raise RpcError(INVALID_PARAMS, f"invalid params: {exc}") from None
         if not self._admit(neighbor):

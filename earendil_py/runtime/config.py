@@ -21,8 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from earendil_py.core.errors import ConfigError
-from earendil_py.core.identity import parse_fingerprint
-from earendil_py.core.pricing import Uint
+from earendil_py.core.identity import Uint, parse_fingerprint
 from earendil_py.core.settlement import MAX_EXPIRY_SECS
 from earendil_py.runtime.keyfile import read_file
 
