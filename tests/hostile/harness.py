@@ -38,10 +38,11 @@ DOCK = 7
 START_SECS = 20.0  # a daemon up, linked and priced, on a loaded machine
 ARRIVE_SECS = 10.0
 
-TIMING = """
+DEAD_AFTER_SECS = 5.0  # also the longest a handshake may take (TCP may cut it shorter)
+TIMING = f"""
 [links]
 keepalive_secs = 0.5
-dead_after_secs = 5.0
+dead_after_secs = {DEAD_AFTER_SECS}
 handshake_retry_secs = 0.1
 redial_min_secs = 0.1
 redial_max_secs = 0.5

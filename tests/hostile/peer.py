@@ -143,7 +143,8 @@ class HostilePeer:
         """Handshake and prove our identity; AssertionError if the link is not up in time.
 
         `poison` first sends, on the same socket, an HS_INIT whose cookie MAC is valid but
-        whose Noise body is not (`poisoned_hs_init`), as an attacker holding the cookie would.
+        whose Noise body is not (`poisoned_hs_init`), as an attacker holding the cookie would;
+        over TCP in the same write as the genuine HS_INIT, so both arrive together.
         """
         tcp = self.route.protocol == "tcp"
         if tcp:
@@ -171,7 +172,12 @@ class HostilePeer:
         with self._cond:
             self._link = link
             if poison is not None:
-                self._send_now(poisoned_hs_init(self.route.secret, poison))
+                first = [poisoned_hs_init(self.route.secret, poison), *link.datagrams_to_send()]
+                if tcp:
+                    self._writes.put(b"".join(map(frame_for_stream, first)))
+                else:
+                    for message in first:
+                        self._send_now(message)
             self._flush()
         for thread in self._threads:
             thread.start()
