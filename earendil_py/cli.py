@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     fingerprint.add_argument("--identity", type=Path, required=True)
     fingerprint.set_defaults(run=_fingerprint)
 
-    daemon = commands.add_parser("daemon", help="run a relay node until SIGINT/SIGTERM")
+    daemon = commands.add_parser("daemon", help="run a relay node until SIGINT, SIGTERM or SIGHUP")
     daemon.add_argument("--config", type=Path, required=True)
     daemon.add_argument(
         "--new-ledger",

@@ -34,6 +34,7 @@ def configure_logging(
     )
     structlog.configure(
         processors=[
+            *([] if use_console else [structlog.processors.format_exc_info]),  # tracebacks
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -4,22 +4,31 @@ Each link is a sans-IO `core.link.Link` driven by a `LinkRunner`: datagrams in, 
 datagrams out, events logged. UDP uses non-blocking sockets drained in batches on each
 wake-up (the hot path reads many datagrams per await); TCP uses anyio streams with a u16
 length prefix per message and a bounded outgoing queue per connection.
+
+Fault boundaries (`runtime/faults.py`): whatever a peer's input makes fail ends at most its
+connection or link. A link's entry points (`LinkRunner.receive`, its timers, `send_control`)
+close that link on any exception; one control message, one relay batch, one accepted
+connection, one dial and one task started for a neighbour are boundaries of their own. What
+has not proven itself is bounded: TCP connections before their handshake completes (globally,
+per source, and in time), UDP sessions (`core.link.Endpoint`), and neighbours.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import random
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
 import structlog
-from anyio.abc import SocketAttribute, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 from anyio.streams.stapled import MultiListener
 
@@ -48,6 +57,7 @@ from earendil_py.core.link import (
     frame_for_stream,
     message_type,
     onion_frame,
+    source_key,
 )
 from earendil_py.core.messages import (
     GLOBAL_RPC_DOCK,
@@ -57,10 +67,12 @@ from earendil_py.core.messages import (
 )
 from earendil_py.core.packet import build_packet
 from earendil_py.core.relay import Datagram, Peeler, encode_datagram
+from earendil_py.core.rpc import DEFAULT_MAX_NEIGHBORS
 from earendil_py.runtime.accounting import Accounting
 from earendil_py.runtime.chat import Chat
 from earendil_py.runtime.config import Config, InRoute, OutRoute, parse_address
 from earendil_py.runtime.control import build_router
+from earendil_py.runtime.faults import Faults
 from earendil_py.runtime.gossip import Gossip
 from earendil_py.runtime.http import HttpServer
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
@@ -89,6 +101,24 @@ DOCK_QUEUE = 4096  # undelivered datagrams kept per dock; more are dropped and c
 TCP_QUEUE = 256  # messages queued per TCP connection before new ones are dropped
 TIMER_SLACK = 0.1  # a link's timer task re-checks at least this often (s)
 SHUTDOWN_GRACE = 1.0  # seconds to flush CLOSE frames on shutdown
+# TCP connections that have not completed a handshake, in all and from one source
+# (`source_key`); one more is closed at once and counted (`tcp_pending_full`).
+MAX_PENDING_TCP = 256
+MAX_PENDING_TCP_PER_SOURCE = 16
+# A TCP connection is closed unless its link is established this long after accept (or after
+# the configured `dead_after_secs`, if that is shorter).
+TCP_HANDSHAKE_SECS = 10.0
+# Distinct neighbours with a link up; a link-up beyond is refused. The RPC cache derives its
+# total bound from this (core/rpc.py), so it is the one number to change.
+MAX_NEIGHBORS = DEFAULT_MAX_NEIGHBORS
+# accept() failing for want of a resource (descriptors, buffers, memory): wait this long,
+# doubling up to ACCEPT_BACKOFF_MAX, rather than spin; a success resets it.
+ACCEPT_BACKOFF_MIN = 0.01
+ACCEPT_BACKOFF_MAX = 1.0
+# Errors that say the socket itself is gone or unusable: the node's own failure, which stops
+# it. Every other accept()/recvfrom() error concerns one connection or datagram, or a
+# resource that frees up again.
+_SOCKET_GONE = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 
 Address = tuple[str, int]
 _NEXT_PEELER_END = 1 + FINGERPRINT_SIZE  # an onion frame: kind byte, next peeler, packet
@@ -137,8 +167,57 @@ class TcpTransport:
         self._queue.close()
 
 
+class PendingHandshakes:
+    """TCP connections whose link is not established yet, bounded in all and per source.
+
+    `admit` gives a slot, or None when a bound is reached; a slot is released once, when its
+    link is established or its connection ends, whichever comes first.
+    """
+
+    def __init__(self, limit: int, per_source: int) -> None:
+        self._limit = limit
+        self._per_source = per_source
+        self._count = 0
+        self._by_source: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def admit(self, host: str) -> PendingSlot | None:
+        source = source_key(host)
+        if self._count >= self._limit or self._by_source[source] >= self._per_source:
+            return None
+        self._count += 1
+        self._by_source[source] += 1
+        return PendingSlot(self, source)
+
+    def _release(self, source: str) -> None:
+        self._count -= 1
+        self._by_source[source] -= 1
+        if not self._by_source[source]:
+            del self._by_source[source]
+
+
+class PendingSlot:
+    """One admitted connection's place in `PendingHandshakes`; `release` is idempotent."""
+
+    def __init__(self, owner: PendingHandshakes, source: str) -> None:
+        self._owner: PendingHandshakes | None = owner
+        self._source = source
+
+    def release(self) -> None:
+        if self._owner is not None:
+            self._owner._release(self._source)
+            self._owner = None
+
+
 class LinkRunner:
-    """Drives one `Link`: feeds it input, fires its timers, sends its output, logs events."""
+    """Drives one `Link`: feeds it input, fires its timers, sends its output, logs events.
+
+    Its entry points (`receive`, `run_timers`, `send_control`) are the link's fault boundary:
+    any exception in them, or in what they call up into (link-up, control messages), closes
+    this link with the reason counted (`internal_error` for a bug) and nothing else.
+    """
 
     def __init__(
         self,
@@ -159,7 +238,13 @@ class LinkRunner:
         self.packets_received = 0
         self.account: Account | None = None  # set at link-up
         self.closed = anyio.Event()
+        # Set by a listener for a link it accepted: closed unless established by then, and
+        # its place among the connections still handshaking, freed at link-up.
+        self.handshake_deadline = math.inf
+        self.pending: PendingSlot | None = None
+        self._ending = False
         self._log = log.bind(route=route.name, protocol=route.protocol)
+        self.boundary = node.faults.boundary(link.statistics().drops, "link", self.fail)
 
     @property
     def peer_fingerprint(self) -> bytes | None:
@@ -169,11 +254,14 @@ class LinkRunner:
         return self.link.statistics()
 
     def receive(self, messages: list[bytes], now: float) -> list[bytes]:
-        """Feed messages to the link; returns the onion frames among them."""
-        frames = self.link.receive_datagrams(messages, now)
-        if self.link.wants_service:
-            self.service(now)
-        return frames
+        """Feed messages to the link; returns the onion frames among them (none if the
+        link failed on them: then it is closed)."""
+        with self.boundary:
+            frames = self.link.receive_datagrams(messages, now)
+            if self.link.wants_service:
+                self.service(now)
+            return frames
+        return []
 
     def send(self, message: bytes) -> bool:
         if self.transport.send(message):
@@ -185,9 +273,11 @@ class LinkRunner:
         """Send one CONTROL frame on this (established) link now; False if it is not up."""
         if self.link.state is not LinkState.ESTABLISHED:
             return False
-        self.link.send_control(payload)
-        self.service(anyio.current_time())
-        return True
+        with self.boundary:
+            self.link.send_control(payload)
+            self.service(anyio.current_time())
+            return True
+        return False
 
     def send_onions(self, frames: list[bytes]) -> None:
         """Send a batch of encrypted onion frames and count them once. Frames beyond what
@@ -227,9 +317,13 @@ class LinkRunner:
         while (event := self.link.next_event()) is not None:
             match event:
                 case LinkEstablished(peer_fingerprint=fingerprint):
-                    self.was_established = True
                     self._log = self._log.bind(link=short_hex(fingerprint))
-                    self.node.add_link(self)
+                    if self.pending is not None:
+                        self.pending.release()
+                    if not self.node.add_link(self):
+                        self.link.close("too_many_neighbors", now)
+                        continue
+                    self.was_established = True
                     self._log.info("link_up", peer=f"{self.peer_address[0]}:{self.peer_address[1]}")
                 case LinkClosed(reason=reason, by_peer=by_peer):
                     self._finish(reason, by_peer)
@@ -237,25 +331,34 @@ class LinkRunner:
                     self.node.on_control(self, payload)
 
     def fail(self, reason: str) -> None:
-        """The transport under the link is gone (EOF, reset)."""
-        if self.link.state is not LinkState.CLOSED:
-            self.link.close(reason, anyio.current_time())
+        """Close the link: its transport is gone (EOF, reset), the node stops, or a fault in
+        its path. Tells the peer if the link still can. Never raises: a fault while closing
+        (the one that ended it, recurring) is counted and the link is forgotten all the same."""
+        if self._ending or self.closed.is_set():
+            return
+        self._ending = True
+        with self.node.faults.boundary(self.link.statistics().drops, "link"):
+            if self.link.state is not LinkState.CLOSED:
+                self.link.close(reason, anyio.current_time())
             self.service(anyio.current_time())
+        self._finish(reason, False)
 
     def _finish(self, reason: str, by_peer: bool) -> None:
         if self.closed.is_set():
             return
-        if self.link.peer_fingerprint is not None and reason == "wrong_fingerprint":
+        self.closed.set()
+        if self.pending is not None:
+            self.pending.release()
+        if self.node.remove_link(self):
+            self._log.info("link_down", reason=reason, by_peer=by_peer)
+        elif self.link.peer_fingerprint is not None and reason in _REFUSALS:
             self._log.warning(
                 "link_refused",
                 reason=reason,
                 proven=self.link.peer_fingerprint.hex(),
             )
-        elif self.link.state is LinkState.CLOSED and self.node.remove_link(self):
-            self._log.info("link_down", reason=reason, by_peer=by_peer)
         else:
             self._log.info("handshake_failed", reason=reason)
-        self.closed.set()
 
     async def run_timers(self) -> None:
         """Fire the link's timers until it closes. Cancelled, it closes the link (telling
@@ -266,14 +369,24 @@ class LinkRunner:
                 deadline = self.link.get_timer()
                 if deadline is None:
                     return
+                if not self.was_established:
+                    if now >= self.handshake_deadline:
+                        self.fail("handshake_timeout")
+                        return
+                    deadline = min(deadline, self.handshake_deadline)
                 if now >= deadline:
-                    self.link.handle_timer(now)
-                    self.service(now)
+                    with self.boundary:
+                        self.link.handle_timer(now)
+                        self.service(now)
                     continue
                 with anyio.move_on_after(min(deadline - now, TIMER_SLACK)):
                     await self.closed.wait()
         finally:
             self.fail("shutdown")
+
+
+# Closing reasons that refuse a peer which proved an identity (logged as `link_refused`).
+_REFUSALS = frozenset({"wrong_fingerprint", "too_many_neighbors"})
 
 
 class Node:
@@ -300,15 +413,20 @@ class Node:
         self.hops = DEFAULT_HOPS
         self._docks: dict[int, deque[Datagram]] = {}
         self._delivered = anyio.Event()
+        self._log = log.bind(node=short_hex(self.fingerprint))
+        self.faults = Faults(self._log)
+        self._relay_boundary = self.faults.boundary(self.drops, "relay")
+        self._pending_tcp = PendingHandshakes(MAX_PENDING_TCP, MAX_PENDING_TCP_PER_SOURCE)
+        self._tcp_handshake_secs = min(TCP_HANDSHAKE_SECS, timing.dead_after_secs)
+        self.max_neighbors = MAX_NEIGHBORS
         self.gossip = Gossip(self)
-        self.rpc = GlobalRpc(self._send_rpc)
+        self.rpc = GlobalRpc(self._send_rpc, max_neighbors=self.max_neighbors)
         self.accounting = Accounting(self)
         self.settlements = Settlements(self)
         self.chat = Chat(self)
         self._accounts_changed = anyio.Event()
         self.listening: dict[str, Address] = {}
         self._links_changed = anyio.Event()
-        self._log = log.bind(node=short_hex(self.fingerprint))
         self._endpoints: list[Endpoint] = []
         self._bound: dict[str, socket.socket | MultiListener[SocketStream]] = {}
         self._control_listener: MultiListener[SocketStream] | None = None
@@ -318,13 +436,23 @@ class Node:
 
     # --- link table ---------------------------------------------------------------------
 
-    def add_link(self, runner: LinkRunner) -> None:
-        assert runner.peer_fingerprint is not None
-        self.links.setdefault(runner.peer_fingerprint, []).append(runner)
+    def add_link(self, runner: LinkRunner) -> bool:
+        """Put a link that just came up in the table. Returns False, counted
+        (`too_many_neighbors`), if it would add a neighbour beyond `max_neighbors`."""
+        fingerprint = runner.peer_fingerprint
+        assert fingerprint is not None
+        runners = self.links.get(fingerprint)
+        if runners is None:
+            if len(self.links) >= self.max_neighbors:
+                self.drops["too_many_neighbors"] += 1
+                return False
+            runners = self.links[fingerprint] = []
+        runners.append(runner)
         self._notify()
         self.gossip.on_link_up(runner)
         self.accounting.on_link_up(runner)
         self.settlements.on_link_up(runner)
+        return True
 
     def remove_link(self, runner: LinkRunner) -> bool:
         fingerprint = runner.peer_fingerprint
@@ -369,25 +497,35 @@ class Node:
             await self._accounts_changed.wait()
 
     def spawn(self, function: Callable[..., Coroutine[Any, Any, object]], *args: object) -> None:
-        """Run `function(*args)` in the node's task group (for work started by upcalls)."""
+        """Run `function(*args)` in the node's task group (for work started by upcalls), as
+        a fault boundary: an exception ends that task alone, counted in `drops`."""
         assert self._task_group is not None, "Node.run() is running"
-        self._task_group.start_soon(function, *args)
+        self._task_group.start_soon(self._contained, self.drops, "task", function, *args)
+
+    async def _contained(
+        self,
+        drops: Counter[str],
+        where: str,
+        function: Callable[..., Awaitable[object]],
+        *args: object,
+    ) -> None:
+        with self.faults.boundary(drops, where):
+            await function(*args)
 
     # --- upcalls from links -------------------------------------------------------------
 
     def on_control(self, runner: LinkRunner, payload: bytes) -> None:
-        try:
+        """One control message is a fault boundary: whatever it makes fail (its decoding,
+        gossip, RPC dispatch) drops that message alone, counted on its link."""
+        with self.faults.boundary(runner.statistics().drops, "control"):
             message = decode_control(payload)
-        except RemoteProtocolError as exc:
-            runner.statistics().drops[exc.reason] += 1
-            return
-        if isinstance(message, DockMessage):
-            if message.dock == GLOBAL_RPC_DOCK and runner.peer_fingerprint is not None:
-                self.rpc.receive(runner.peer_fingerprint, message.data)
-            else:
-                runner.statistics().drops["unknown_dock"] += 1
-            return
-        self.gossip.on_message(runner, message)
+            if isinstance(message, DockMessage):
+                if message.dock == GLOBAL_RPC_DOCK and runner.peer_fingerprint is not None:
+                    self.rpc.receive(runner.peer_fingerprint, message.data)
+                else:
+                    runner.statistics().drops["unknown_dock"] += 1
+                return
+            self.gossip.on_message(runner, message)
 
     def _send_rpc(self, neighbor: bytes, payload: bytes) -> bool:
         runners = self.links.get(neighbor)
@@ -635,18 +773,61 @@ class Node:
     async def _serve_control(self) -> None:
         assert self._control_listener is not None
         server = HttpServer(build_router(self))
-        async with self._control_listener:
-            await self._control_listener.serve(server.serve_connection)
+        await self._serve_listener(self._control_listener, server.serve_connection, "control")
 
     async def _listen(self, name: str, route: InRoute) -> None:
         info = RouteInfo(name, route.protocol, "in")
         bound = self._bound[name]
         if isinstance(bound, socket.socket):
-            with bound:
-                await self._serve_udp(bound, route, info)
+            await self._serve_udp(bound, route, info)
         else:
-            async with bound:
-                await bound.serve(lambda stream: self._serve_tcp(stream, route, info))
+            await self._serve_listener(
+                bound, lambda stream: self._serve_tcp(stream, route, info), "tcp"
+            )
+
+    async def _serve_listener(
+        self,
+        listener: MultiListener[SocketStream],
+        handle: Callable[[SocketStream], Awaitable[None]],
+        where: str,
+    ) -> None:
+        """Accept connections on each of `listener`'s sockets until cancelled, and close them
+        after the connections they accepted ended. Each connection is handled in a task of its
+        own, as a fault boundary (`where` names it in the log). Raises OSError if a listening
+        socket is gone."""
+        async with listener, anyio.create_task_group() as connections:
+            for socket_listener in listener.listeners:
+                assert isinstance(socket_listener, SocketListener)
+                connections.start_soon(self._accept, socket_listener, handle, where, connections)
+
+    async def _accept(
+        self,
+        listener: SocketListener,
+        handle: Callable[[SocketStream], Awaitable[None]],
+        where: str,
+        connections: TaskGroup,
+    ) -> None:
+        # anyio's `Listener.serve` ends on the first accept() error, and with it the node;
+        # here an error only delays the next accept (as trio's serve_listeners does). Out of
+        # descriptors (EMFILE/ENFILE) or memory (ENOBUFS/ENOMEM), accepting again at once would
+        # spin: pending connections wait in the kernel's backlog until something frees up.
+        backoff = ACCEPT_BACKOFF_MIN
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _SOCKET_GONE:
+                    raise
+                self.drops["accept_failed"] += 1
+                name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                self.faults.log_limited(
+                    "warning", "accept_failed", (where, name), listener=where, error=name
+                )
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                continue
+            backoff = ACCEPT_BACKOFF_MIN
+            connections.start_soon(self._contained, self.drops, where, _closing, stream, handle)
 
     async def _serve_udp(self, sock: socket.socket, route: InRoute, info: RouteInfo) -> None:
         endpoint = Endpoint(
@@ -658,8 +839,8 @@ class Node:
         )
         self._endpoints.append(endpoint)
         runners: dict[int, LinkRunner] = {}
-        assert self._task_group is not None
-        task_group = self._task_group
+        # Opening a session runs core code on a stranger's datagram: a boundary of its own.
+        opening = self.faults.boundary(self.drops, "udp_session")
 
         async def run_session(runner: LinkRunner) -> None:
             try:
@@ -668,78 +849,113 @@ class Node:
                 endpoint.remove(runner.link)
                 runners.pop(runner.link.local_index, None)
 
+        def open_session(data: bytes, address: Address, now: float) -> LinkRunner | None:
+            link = find_session(data, address, now)
+            if link is None:
+                return None
+            runner = find_runner(link.local_index)
+            if runner is None:
+                runner = LinkRunner(self, link, UdpTransport(sock, address), info, address)
+                runners[link.local_index] = runner
+                sessions.start_soon(run_session, runner)
+            return runner
+
         read, find_session, find_runner = datagram_reader(sock), endpoint.route, runners.get
         unpack_index = U32.unpack_from
-        while True:
-            await anyio.wait_readable(sock)
-            now = anyio.current_time()
-            arrived: dict[LinkRunner, list[bytes]] = {}
-            last: LinkRunner | None = None
-            messages: list[bytes] = []
-            count = 0
-            while count < UDP_BATCH:
-                try:
-                    datagrams, address = read()
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self.drops["udp_error"] += 1
-                    continue
-                count += len(datagrams)
-                address = address[:2]
-                for data in datagrams:
-                    runner = None
-                    # DATA for a known session from the address that opened it: what
-                    # `endpoint.route` would find (runners and sessions come and go together).
-                    # Anything else takes the full route, which counts the drops.
-                    if len(data) >= _DATA_MIN_SIZE and data[0] == DATA:
-                        runner = find_runner(unpack_index(data, 1)[0])
-                        if runner is not None and runner.peer_address != address:
-                            runner = None
-                    if runner is None:
-                        link = find_session(data, address, now)
-                        if link is None:
+        # The sessions' tasks end before the socket closes: stopping, each sends its CLOSE.
+        with sock:
+            async with anyio.create_task_group() as sessions:
+                while True:
+                    await anyio.wait_readable(sock)
+                    now = anyio.current_time()
+                    arrived: dict[LinkRunner, list[bytes]] = {}
+                    last: LinkRunner | None = None
+                    messages: list[bytes] = []
+                    count = 0
+                    while count < UDP_BATCH:
+                        try:
+                            datagrams, address = read()
+                        except BlockingIOError:
+                            break
+                        except OSError as exc:
+                            if exc.errno in _SOCKET_GONE:
+                                raise
+                            self.drops["udp_error"] += 1
+                            count += 1
                             continue
-                        runner = find_runner(link.local_index)
-                        if runner is None:
-                            transport = UdpTransport(sock, address)
-                            runner = LinkRunner(self, link, transport, info, address)
-                            runners[link.local_index] = runner
-                            task_group.start_soon(run_session, runner)
-                    if runner is not last:  # a wake-up's datagrams mostly come from one link
-                        last = runner
-                        messages = arrived.setdefault(runner, [])
-                    messages.append(data)
-            # Each link takes its messages at once: the hot path runs per link, not per frame.
-            batch = [
-                (runner, runner.receive(messages, now)) for runner, messages in arrived.items()
-            ]
-            if batch:
-                self.relay_batch(batch, now)
-            await anyio.lowlevel.checkpoint()
+                        count += len(datagrams)
+                        address = address[:2]
+                        for data in datagrams:
+                            runner = None
+                            # DATA for a known session from the address that opened it: what
+                            # `endpoint.route` would find (runners and sessions come and go
+                            # together). Anything else takes the full route, which counts the
+                            # drops.
+                            if len(data) >= _DATA_MIN_SIZE and data[0] == DATA:
+                                runner = find_runner(unpack_index(data, 1)[0])
+                                if runner is not None and runner.peer_address != address:
+                                    runner = None
+                            if runner is None:
+                                with opening:
+                                    runner = open_session(data, address, now)
+                                if runner is None:
+                                    continue
+                            if runner is not last:  # a wake-up's datagrams mostly share a link
+                                last = runner
+                                messages = arrived.setdefault(runner, [])
+                            messages.append(data)
+                    # Each link takes its messages at once: the hot path runs per link, not
+                    # per frame. A link that fails on them is closed; the others' go on.
+                    batch = [
+                        (runner, runner.receive(messages, now))
+                        for runner, messages in arrived.items()
+                    ]
+                    if batch:
+                        with self._relay_boundary:
+                            self.relay_batch(batch, now)
+                    await anyio.lowlevel.checkpoint()
 
     async def _serve_tcp(self, stream: SocketStream, route: InRoute, info: RouteInfo) -> None:
-        async with stream:
+        """One accepted connection: admitted among those still handshaking (or closed at
+        once, `tcp_pending_full`), closed unless a valid HS_INIT comes (`tcp_probe`, without a
+        byte sent) and the link is established within the handshake deadline."""
+        remote = stream.extra(SocketAttribute.remote_address, None)
+        if remote is None:  # reset before we got to it: the kernel no longer knows the peer
+            self.drops["tcp_probe"] += 1
+            return
+        address = _as_address(remote)
+        slot = self._pending_tcp.admit(address[0])
+        if slot is None:
+            self.drops["tcp_pending_full"] += 1
+            return
+        try:
+            deadline = anyio.current_time() + self._tcp_handshake_secs
             decoder = StreamDecoder()
             first: bytes | None = None
             mac_key = derive_cookie_keys(route.secret)[1]
-            with anyio.move_on_after(self.timers.dead_after):
-                while first is None:
-                    decoder.receive_bytes(await stream.receive())
-                    first = decoder.next_message()
+            with anyio.CancelScope(deadline=deadline):
+                try:
+                    while first is None:
+                        decoder.receive_bytes(await stream.receive())
+                        first = decoder.next_message()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    pass  # closed or reset before a handshake: a probe
             # Without the cookie MAC the connection is closed without a single byte back.
             if first is None or message_type(first) != HS_INIT or not check_mac1(mac_key, first):
                 self.drops["tcp_probe"] += 1
                 return
             link = self._new_link(initiator=False, secret=route.secret, reliable=True)
-            address = _as_address(stream.extra(SocketAttribute.remote_address))
             runner = LinkRunner(self, link, _NO_TRANSPORT, info, address)
+            runner.handshake_deadline, runner.pending = deadline, slot
             await self._run_stream_link(stream, decoder, runner, first)
+        finally:
+            slot.release()
 
     # --- out_routes ---------------------------------------------------------------------
 
     async def _dial_forever(self, name: str, route: OutRoute) -> None:
-        """Keep one link up on this route: dial, run, and re-dial with jittered backoff."""
+        """Keep one link up on this route: dial, run, and re-dial with jittered backoff. Each
+        dial is a fault boundary: whatever makes it fail, the next one follows."""
         info = RouteInfo(name, route.protocol, "out")
         host, port = parse_address(route.connect)
         expected = parse_fingerprint(route.fingerprint)
@@ -748,10 +964,11 @@ class Node:
         dial_log = self._log.bind(route=name, protocol=route.protocol)
         while True:
             established = False
-            try:
-                established = await self._dial_once(route, info, host, port, expected)
-            except OSError as exc:
-                dial_log.info("dial_failed", error=exc.strerror or str(exc))
+            with self.faults.boundary(self.drops, "dial"):
+                try:
+                    established = await self._dial_once(route, info, host, port, expected)
+                except OSError as exc:
+                    dial_log.info("dial_failed", error=exc.strerror or str(exc))
             delay = (
                 timing.redial_min_secs if established else min(delay * 2, timing.redial_max_secs)
             )
@@ -792,9 +1009,14 @@ class Node:
         while True:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
-            messages = read_batch(read, UDP_BATCH)
+            try:
+                messages = read_batch(read, UDP_BATCH)
+            except OSError:  # an ICMP error other than a closed port: the path is gone
+                runner.fail("connection_closed")
+                return
             if frames := runner.receive(messages, now):
-                self.relay_batch([(runner, frames)], now)
+                with self._relay_boundary:
+                    self.relay_batch([(runner, frames)], now)
             await anyio.lowlevel.checkpoint()
 
     # --- shared stream (TCP) plumbing ---------------------------------------------------
@@ -810,8 +1032,18 @@ class Node:
         send_queue, receive_queue = anyio.create_memory_object_stream[bytes](TCP_QUEUE)
         runner.transport = TcpTransport(send_queue)
         flushed = anyio.Event()
+        # The writer outlives a shutdown's cancellation until it has sent what was queued
+        # (the CLOSE frame last), for at most SHUTDOWN_GRACE.
+        writing = anyio.CancelScope(shield=True)
 
         async def write() -> None:
+            try:
+                with writing:
+                    await write_queued()
+            finally:
+                flushed.set()  # also when cancelled, so shutdown never waits for a dead writer
+
+        async def write_queued() -> None:
             try:
                 async with receive_queue:
                     async for frame in receive_queue:
@@ -826,8 +1058,6 @@ class Node:
                         await stream.send(b"".join(frames))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 runner.fail("connection_closed")
-            finally:
-                flushed.set()  # also when cancelled, so shutdown never waits for a dead writer
 
         async def read() -> None:
             try:
@@ -840,7 +1070,8 @@ class Node:
                     while (message := decoder.next_message()) is not None:
                         messages.append(message)
                     if frames := runner.receive(messages, now):
-                        self.relay_batch([(runner, frames)], now)
+                        with self._relay_boundary:
+                            self.relay_batch([(runner, frames)], now)
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 runner.fail("connection_closed")
             except RemoteProtocolError as exc:
@@ -851,14 +1082,21 @@ class Node:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(write)
                 tg.start_soon(read)
-                runner.service(anyio.current_time())
                 try:
+                    runner.service(anyio.current_time())
                     await runner.run_timers()
                 finally:
                     send_queue.close()
                     with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
                         await flushed.wait()  # a CLOSE frame may still be queued
+                    writing.cancel()
                 tg.cancel_scope.cancel()
+
+
+async def _closing(stream: SocketStream, handle: Callable[[SocketStream], Awaitable[None]]) -> None:
+    """`handle(stream)`, then close the stream, whatever happened."""
+    async with stream:
+        await handle(stream)
 
 
 class _NoTransport:

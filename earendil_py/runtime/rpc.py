@@ -47,6 +47,7 @@ from earendil_py.core.rpc import (
     encode_result,
     is_request,
 )
+from earendil_py.runtime.faults import Faults
 
 __all__ = ["GlobalRpc", "GlobalRpcStatistics", "Handler", "RpcError", "RpcTimeout", "RpcTimers"]
 
@@ -110,6 +111,7 @@ class GlobalRpc:
         self._wakeup = anyio.Event()
         self._handlers_running = 0
         self._dropped_not_running = 0
+        self._faults = Faults(log)
 
     @property
     def timers(self) -> RpcTimers:
@@ -288,8 +290,8 @@ class GlobalRpc:
             except LocalProtocolError as encode_exc:
                 log.error("rpc_handler_error", reason=str(encode_exc), **fields)
                 return _internal_error(request)
-        except Exception:  # a handler bug: answer -32603 rather than leave the caller waiting
-            log.exception("rpc_handler_error", **fields)
+        except Exception as exc:  # a handler bug: answer -32603, not leave the caller waiting
+            self._faults.log_bug(exc, "rpc_handler", "rpc_handler_error", **fields)
             return _internal_error(request)
         try:
             return encode_result(request.request_id, result)
