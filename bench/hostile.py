@@ -37,6 +37,7 @@ Run: .venv/bin/python bench/hostile.py [--seconds S] [--rate R] [--idle N] [--ga
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -264,10 +265,12 @@ class Results:
 
 
 def network(root: Path) -> tuple[Any, Any, dict[str, Route]]:
-    ports = {"udp": free_port("udp"), "tcp": free_port("tcp")}
+    """T and H, T with a UDP and a TCP in_route for the attacker; debt limits out of reach."""
+    with contextlib.ExitStack() as held:  # our ports stay ours while netgen picks its own
+        ports = {p: free_port(p, held) for p in ("udp", "tcp")}
+        target, honest = generate_network(root, 2, [Edge(1, 0, "udp")], extra_toml=BENCH_TOML)
     secrets_ = {p: os.urandom(16).hex() for p in ports}
     routes = "".join(route_toml(f"hostile_{p}", p, port, secrets_[p]) for p, port in ports.items())
-    target, honest = generate_network(root, 2, [Edge(1, 0, "udp")], extra_toml=BENCH_TOML)
     for node, extra in ((target, routes), (honest, "")):
         text = node.config_path.read_text() + "\n" + extra
         for kind, names in (

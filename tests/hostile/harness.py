@@ -133,20 +133,21 @@ class Pair:
 
     def _new_network(self) -> None:
         directory = self.root / f"net{next(self._generation)}"
-        ports = {"udp": free_port("udp"), "tcp": free_port("tcp")}
-        self.secrets = {p: secrets.token_hex(16) for p in ports}
-        routes = "".join(
-            route_toml(f"hostile_{p}", p, port, self.secrets[p]) for p, port in ports.items()
-        )
         # With `late_relay`, a third node that dials H, for a test to start when it likes.
         edges = [Edge(1, 0, "udp"), *([Edge(2, 1, "udp")] if self.late_relay else [])]
-        target, honest, *late = generate_network(
-            directory,
-            len(edges) + 1,
-            edges,
-            extra_toml=TIMING + self.extra_toml,
-            node_toml={0: routes + self.logs, 1: JSON_LOGS, 2: JSON_LOGS},
-        )
+        with contextlib.ExitStack() as held:  # our ports stay ours while netgen picks its own
+            ports = {p: free_port(p, held) for p in ("udp", "tcp")}
+            self.secrets = {p: secrets.token_hex(16) for p in ports}
+            routes = "".join(
+                route_toml(f"hostile_{p}", p, port, self.secrets[p]) for p, port in ports.items()
+            )
+            target, honest, *late = generate_network(
+                directory,
+                len(edges) + 1,
+                edges,
+                extra_toml=TIMING + self.extra_toml,
+                node_toml={0: routes + self.logs, 1: JSON_LOGS, 2: JSON_LOGS},
+            )
         self.target, self.honest = target, honest
         self.late = late[0] if late else None
         self.target_fp = bytes.fromhex(target.fingerprint)

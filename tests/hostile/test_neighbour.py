@@ -118,11 +118,15 @@ def test_cookie_holder_cannot_prove_the_honest_neighbours_identity(
     honest = load_identity_file(pair.honest.config.identity_file)
     impostor = Impostor(honest.identity_public)
     with pair.attacking() as mark, pair.peer(protocol, identity=impostor) as peer:
-        # Our side of the link comes up (the target's proof is genuine); the target's never
-        # does, so nothing we send is taken.
-        peer.connect(timeout=3.0)
-        with pytest.raises(AssertionError):
-            peer.call("no_such_method", timeout=2.0)
+        # Our side of the link may come up (the target's proof is genuine, if it went out
+        # before the target judged ours); the target's never does, so nothing is taken.
+        try:
+            peer.connect(timeout=3.0)
+        except AssertionError:
+            pass  # the target ended the connection first
+        else:
+            with pytest.raises(AssertionError):
+                peer.call("no_such_method", timeout=2.0)
         # The honest neighbour's link, account and ledger are its own still.
         links = [ln for ln in pair.status()["links"] if ln["neighbor"] == pair.honest_fp.hex()]
         assert [ln["route"] for ln in links] == ["from_node1_udp"]
