@@ -15,8 +15,9 @@ Three phases, one run, the same daemon, link and traffic:
           connections open on T's TCP in_route without a byte sent, sends --garbage
           (100,000) datagrams of random bytes to the UDP port H's link uses, spread over the
           phase, and runs --flooders (8) hostile neighbours on one route cookie (real
-          handshake and identity proof, tests/hostile/peer.py), each calling a method nobody
-          serves --calls (256) times at once when the phase starts, and again every --renew
+          handshake and identity proof, tests/hostile/peer.py), each sending --calls (256)
+          calls at once when the phase starts (half to a method nobody serves, half to one T
+          serves and so remembers: `flood_calls`), and again every --renew
           seconds (60: as long as T remembers an answered call, so as often as each call
           holds a place in T's run-once cache);
   after   the traffic alone again once the attacker is gone: T recovered, and a second
@@ -63,7 +64,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from earendil_py.core.link import onion_frame
 from earendil_py.core.packet import build_packet
 from earendil_py.core.relay import encode_datagram
-from earendil_py.core.rpc import encode_request
 from earendil_py.netgen import Edge, free_port, generate_network
 from earendil_py.runtime.config import load_config, parse_address
 from earendil_py.runtime.http import ControlApiError, call_api
@@ -75,6 +75,7 @@ from tests.hostile.peer import (
     HostilePeer,
     Route,
     error_code,
+    flood_calls,
     garbage_datagrams,
     tcp_idle,
 )
@@ -155,8 +156,8 @@ def attacker(spec: dict[str, Any]) -> None:
             if now >= next_calls:
                 next_calls += spec["renew"]
                 for peer in flooders:
-                    for _ in range(spec["calls"]):
-                        peer.send_rpc(encode_request(os.urandom(16).hex(), "no_such_method"))
+                    for payload in flood_calls(spec["calls"]):
+                        peer.send_rpc(payload)
                     report["calls_sent"] += spec["calls"]
     for peer in flooders:
         for response in peer.calls.responses.values():

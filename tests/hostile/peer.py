@@ -424,6 +424,18 @@ class HostilePeer:
         return msgspec.to_builtins(answer)
 
 
+def flood_calls(count: int) -> list[bytes]:
+    """`count` JSON-RPC requests, each under a fresh id: half to a method nobody serves, half
+    to one the node serves (`settlement_status` of a settlement it never heard of). Only the
+    second kind runs a handler, and so takes a place in the node's run-once cache."""
+    return [
+        encode_request(os.urandom(16).hex(), "no_such_method")
+        if i % 2
+        else encode_request(os.urandom(16).hex(), "settlement_status", {"id": os.urandom(16).hex()})
+        for i in range(count)
+    ]
+
+
 def error_code(response: Response) -> int | None:
     """The JSON-RPC error code of an answer, None for a result."""
     return response.error.code if isinstance(response.error, ErrorObject) else None
