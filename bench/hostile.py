@@ -28,8 +28,10 @@ phase's over the quiet one's, what the attacker did and what T dropped, and T's 
 memory: VmRSS from /proc/PID/status before the quiet phase and its highest sample (every
 0.1 s) from the start of the attack on. Targets, with verdicts: T alive after the attack;
 honest delivery under attack >= 0.99 x quiet; p99 under attack <= 3 x quiet; RSS growth
-<= 32 MB. The machine's CPUs are shared by T, H and the attacker as they come: on two cores
-the attacker's own work competes with T's, as it would on a small real host.
+<= 32 MB. T runs alone on one CPU, as bench/relay.py runs the process under test; H and the
+attacker share the others, the attacker at nice 19: its traffic would come from elsewhere,
+so its own CPU should not be taken from T or H (it still sends all it is told to, and says
+so). With one CPU all three share it.
 
 Run: .venv/bin/python bench/hostile.py [--seconds S] [--rate R] [--idle N] [--garbage N]
      [--flooders N] [--calls N] [--renew S]
@@ -116,6 +118,7 @@ def attacker(spec: dict[str, Any]) -> None:
     T that died) is counted, not raised: the bench reports it."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    os.nice(19)  # a real attacker's CPU is not ours: this one takes only what H leaves
     report: Counter[str] = Counter()
     held: list[socket.socket] = []
     for _ in range(spec["idle"]):
@@ -285,9 +288,15 @@ def network(root: Path) -> tuple[Any, Any, dict[str, Route]]:
     return target, honest, attack_routes
 
 
-async def measure(args: argparse.Namespace, root: Path) -> Results:
+async def measure(args: argparse.Namespace, root: Path, cpus: list[int]) -> Results:
     target, honest_gen, routes = network(root)
+    # T alone on the last CPU (inherited from this process at its start, so it sizes its
+    # peel threads to it); H and the attacker on the others.
+    if len(cpus) >= 2:
+        os.sched_setaffinity(0, {cpus[-1]})
     daemon = Daemon(target.config_path, nofile=SOFT_NOFILE)
+    if len(cpus) >= 2:
+        os.sched_setaffinity(0, set(cpus[:-1]))
     pid = daemon.process.pid
     config = load_config(honest_gen.config_path)
     node = Node(config, load_identity_file(config.identity_file))
@@ -385,10 +394,15 @@ def phase_line(phase: Phase) -> str:
     )
 
 
-def report(args: argparse.Namespace, results: Results) -> None:
+def report(args: argparse.Namespace, results: Results, cpus: list[int]) -> None:
     quiet, attack = results.quiet, results.attack
+    where = (
+        f"T alone on cpu {cpus[-1]}, H and the attacker (nice 19) on the rest"
+        if len(cpus) >= 2
+        else "one cpu for all"
+    )
     print(
-        f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, seed {SEED}; T under "
+        f"python {sys.version.split()[0]}, {len(cpus)} cpus ({where}), seed {SEED}; T under "
         f"`ulimit -n {SOFT_NOFILE}`; honest traffic {args.rate:g}/s for {args.seconds:g} s a phase"
     )
     print(
@@ -444,9 +458,13 @@ def main() -> int:
         parser.error("--seconds, --rate and --renew must be positive")
     random.seed(SEED)
     configure_logging("warning", "json")
+    cpus = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp:
-        results = anyio.run(measure, args, Path(tmp))
-    report(args, results)
+        try:
+            results = anyio.run(measure, args, Path(tmp), cpus)
+        finally:
+            os.sched_setaffinity(0, cpus)
+    report(args, results, cpus)
     return 0
 
 
