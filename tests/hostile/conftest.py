@@ -10,9 +10,13 @@ from tests.hostile.harness import Pair
 
 
 @pytest.fixture(scope="module")
-def module_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    """The module's target and honest neighbour; their ledgers are checked at the end."""
-    pair = Pair(tmp_path_factory.mktemp("hostile")).start()
+def module_pair(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pair]:
+    """The module's target and honest neighbour, made with the module's `PAIR` options if it
+    has them; their ledgers are checked at the end."""
+    options = getattr(request.module, "PAIR", {})
+    pair = Pair(tmp_path_factory.mktemp("hostile"), **options).start()
     try:
         yield pair
     finally:

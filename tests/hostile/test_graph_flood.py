@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import os
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,16 +24,8 @@ from tests.hostile.peer import HostilePeer, error_code, unix_now
 pytestmark = pytest.mark.timeout(120)
 
 DUMP_BYTES = 12_000  # per GraphPush: well inside one link message
+PAIR = {"late_relay": True}
 ROUTED_SECS = 20.0  # the late relay joins, its descriptors travel two hops
-
-
-@pytest.fixture(scope="module")
-def module_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    pair = Pair(tmp_path_factory.mktemp("graph"), late_relay=True).start()
-    try:
-        yield pair
-    finally:
-        pair.stop()
 
 
 def adjacency(a: Identity, b: Identity, timestamp: int) -> AdjacencyDescriptor:

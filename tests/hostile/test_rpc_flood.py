@@ -7,7 +7,6 @@ chat and push_debt claims must still be served, and both ledgers keep its claims
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 
@@ -26,17 +25,7 @@ FAST_CLAIMS = """
 push_debt_secs = 1.0
 checkpoint_secs = 0.5
 """
-
-
-@pytest.fixture(scope="module")
-def module_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    pair = Pair(tmp_path_factory.mktemp("flood"), extra_toml=FAST_CLAIMS).start()
-    try:
-        yield pair
-    finally:
-        if pair.t is not None and pair.t.process.poll() is None:
-            pair.check_ledgers()
-        pair.stop()
+PAIR = {"extra_toml": FAST_CLAIMS}
 
 
 def flood(peers: list[HostilePeer]) -> Counter[int | None]:

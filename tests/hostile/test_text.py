@@ -13,7 +13,6 @@ import base64
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,21 +29,13 @@ CONSOLE_LOGS = """
 [logging]
 format = "console"
 """
+PAIR = {"logs": CONSOLE_LOGS}
 MARKER = "hostile-marker"
 # Clear the screen, set the window title (OSC ... BEL), NUL, reverse the text's direction.
 NASTY = ["\x1b[2J", "\x1b]0;pwned\x07", "\x00", "\u202e", "\x07", "\x9b"]
 NASTY_TEXT = f"{NASTY[0]}{NASTY[1]}{NASTY[2]}{NASTY[3]}{MARKER}{NASTY[5]}"
 MANUAL_REQUEST = ["--method", "manual", "--request", "5"]
 assert len(NASTY_TEXT) <= 64  # a CLOSE reason and a rejection reason are at most 64 chars
-
-
-@pytest.fixture(scope="module")
-def module_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    pair = Pair(tmp_path_factory.mktemp("text"), logs=CONSOLE_LOGS).start()
-    try:
-        yield pair
-    finally:
-        pair.stop()
 
 
 def cli(pair: Pair, *args: str) -> str:
