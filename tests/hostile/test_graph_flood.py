@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(120)
 
 DUMP_BYTES = 12_000  # per GraphPush: well inside one link message
 PAIR = {"late_relay": True}
-ROUTED_SECS = 20.0  # the late relay joins, its descriptors travel two hops
+ROUTED_SECS = 30.0  # the late relay joins, its descriptors travel two hops
 
 
 def adjacency(a: Identity, b: Identity, timestamp: int) -> AdjacencyDescriptor:
