@@ -74,8 +74,7 @@ def _daemon(args: argparse.Namespace) -> None:
 
 
 def _api(args: argparse.Namespace, method: str, path: str, body: object | None = None) -> Any:
-    host, port = load_config(args.config).control_listen
-    return call_api(host, port, method, path, body)
+    return call_api(load_config(args.config), method, path, body)
 
 
 def _show(line: str) -> None:
@@ -171,12 +170,19 @@ def _send(args: argparse.Namespace) -> None:
 
 def _receive(args: argparse.Namespace) -> None:
     while True:
-        answer = _api(args, "GET", f"/api/receive?dock={args.dock}")
+        answer = _api(args, "POST", "/api/receive", {"dock": args.dock})
         for datagram in answer["datagrams"]:
             _show(base64.b64decode(datagram["data_b64"]).decode("utf-8", "replace"))
         if not args.follow:
             return
         time.sleep(0.2)
+
+
+def _dashboard(args: argparse.Namespace) -> None:
+    answer = _api(args, "POST", "/api/dashboard-link", {})
+    minutes = round(answer["expires_in_secs"] / 60)
+    print(answer["url"])
+    print(f"(open it within {minutes} minutes; it works once)", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--neighbor", required=True, help="fingerprint (64 hex digits)")
     chat.add_argument("--send", metavar="TEXT", help="send this message first")
     chat.set_defaults(run=_chat)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="print a one-time link that opens a running node's web dashboard"
+    )
+    dashboard.add_argument("--config", type=Path, required=True)
+    dashboard.set_defaults(run=_dashboard)
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", type=Path, required=True)

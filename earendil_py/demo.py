@@ -56,12 +56,8 @@ class RunningNode:
     generated: GeneratedNode
     process: subprocess.Popen[bytes]
 
-    @property
-    def api(self) -> tuple[str, int]:
-        return self.generated.config.control_listen
-
     def call(self, method: str, path: str, body: object | None = None) -> Any:
-        return call_api(*self.api, method, path, body, timeout=5.0)
+        return call_api(self.generated.config, method, path, body, timeout=5.0)
 
 
 def price_tables() -> dict[int, str]:
@@ -190,19 +186,14 @@ def main(argv: list[str] | None = None) -> int:
             links = ", ".join(
                 f"{link['neighbor'][:6]} ({link['protocol']})" for link in status["links"]
             )
-            host, port = node.api
-            print(
-                f"  {node.generated.name} {status['fingerprint'][:6]}: links to {links}; "
-                f"dashboard http://{host}:{port}/"
-            )
+            link = node.call("POST", "/api/dashboard-link", {})["url"]
+            print(f"  {node.generated.name} {status['fingerprint'][:6]}: links to {links}")
+            print(f"    dashboard (one-time link): {link}")
         greeted = greet(nodes)
         print(f"Sending {args.rate} datagrams/s on each of {len(FLOWS)} flows, 3 peelers each.")
         sent = run_traffic(nodes, args.seconds, args.rate)
         time.sleep(1.0)
-        received = sum(
-            len(node.call("GET", f"/api/receive?dock={DOCK}&max=100000")["datagrams"])
-            for node in nodes
-        )
+        received = sum(drain(node) for node in nodes)
         print_summary(nodes, args.seconds)
         print(f"\nDatagrams sent {sent}, delivered {received} ({received * 100 // sent}%).")
         settled = summarize_settlements(nodes)
@@ -211,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         stop(nodes)
+
+
+def drain(node: RunningNode) -> int:
+    """Take every datagram waiting at DOCK on `node`; returns how many there were."""
+    count = 0
+    while batch := node.call("POST", "/api/receive", {"dock": DOCK, "limit": 10_000})["datagrams"]:
+        count += len(batch)
+    return count
 
 
 def greet(nodes: list[RunningNode]) -> bool:

@@ -105,6 +105,7 @@ class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     identity_file: str
     db_path: str
     control_listen: str = "127.0.0.1:8964"
+    control_allow_remote: bool = False
     in_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     out_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     settlement: SettlementConfig = SettlementConfig()
@@ -124,6 +125,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     links: LinksConfig
     accounting: AccountingConfig
     logging: LoggingConfig
+    control_allow_remote: bool = False
 
 
 T = TypeVar("T")
@@ -208,6 +210,12 @@ def load_config(file: Path, *, private: bool = False) -> Config:
 
     listeners: list[tuple[str, Protocol, tuple[str, int]]] = []
     control = _address(raw.control_listen, file, "control_listen", listen=True)
+    # The control API moves money; other hosts reach it only when the operator says so.
+    if not ipaddress.ip_address(control[0]).is_loopback and not raw.control_allow_remote:
+        raise ConfigError(
+            f"{file}: control_listen: {control[0]} is not a loopback address; the control API "
+            "can move money: keep it on 127.0.0.1 or [::1], or set control_allow_remote = true"
+        )
     listeners.append(("control_listen", "tcp", control))
 
     in_routes: dict[str, InRoute] = {}
@@ -267,6 +275,7 @@ def load_config(file: Path, *, private: bool = False) -> Config:
         links=raw.links,
         accounting=raw.accounting,
         logging=raw.logging,
+        control_allow_remote=raw.control_allow_remote,
     )
 
 

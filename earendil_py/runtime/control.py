@@ -1,6 +1,9 @@
 """The control API: what the CLI and the dashboard use to see and steer a running node.
 
-JSON over HTTP on `control_listen` (loopback). Binary data travels base64-encoded.
+JSON over HTTP on `control_listen` (loopback), every request authenticated (`http.py` says
+how); binary data travels base64-encoded. docs/control-api.md is the reference for every
+route, field and error. No GET changes the node's state: a page that makes a browser fetch a
+URL (an ``<img>``, a link) can then change nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from earendil_py.core.packet import MAX_HOPS
 from earendil_py.core.pricing import PriceTerms
 from earendil_py.core.settlement import SettlementRecord
 from earendil_py.runtime.http import (
+    LOGIN_CODE_SECS,
+    ControlAuth,
     HttpError,
     Request,
     Response,
@@ -28,6 +33,7 @@ from earendil_py.runtime.http import (
     html_response,
     json_response,
 )
+from earendil_py.runtime.metrics import CONTENT_TYPE, render_metrics
 from earendil_py.runtime.rpc import RpcError, RpcTimeout
 
 if TYPE_CHECKING:
@@ -54,6 +60,11 @@ class SettleRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class ChatRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     text: str
+
+
+class ReceiveRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    dock: Dock
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
 
 
 class SendRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -102,13 +113,37 @@ def status(node: Node) -> dict[str, Any]:
     }
 
 
-def build_router(node: Node) -> Router:
+def build_router(node: Node, auth: ControlAuth) -> Router:
     router = Router()
     page = dashboard_response()
 
     @router.route("GET", "/")
     async def dashboard(request: Request) -> Response:
         return page
+
+    # The one route served without authentication: the code is the credential. Spending it
+    # is the only state a GET changes, and only the holder of a fresh code can.
+    @router.route("GET", "/login", public=True)
+    async def login(request: Request) -> Response:
+        session = auth.redeem_login_code(request.query.get("code", ""))
+        if session is None:
+            raise HttpError(
+                403, "this dashboard link was used or has expired: run `earendil-py dashboard`"
+            )
+        cookie = auth.session_cookie(session)
+        return Response(303, headers=(("Location", "/"), ("Set-Cookie", cookie)))
+
+    @router.route("POST", "/api/dashboard-link")
+    async def dashboard_link(request: Request) -> Response:
+        code = auth.mint_login_code()
+        # The Host the client reached us by (checked to be a loopback name or an IP literal)
+        # is one a browser on this host reaches us by too.
+        url = f"http://{request.headers['host']}/login?code={code}"
+        return json_response({"url": url, "expires_in_secs": LOGIN_CODE_SECS})
+
+    @router.route("GET", "/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(200, render_metrics(node).encode(), CONTENT_TYPE)
 
     @router.route("GET", "/api/status")
     async def get_status(request: Request) -> Response:
@@ -128,14 +163,10 @@ def build_router(node: Node) -> Router:
             raise HttpError(422, str(exc)) from None
         return json_response({"sent": 1})
 
-    @router.route("GET", "/api/receive")
+    @router.route("POST", "/api/receive")  # a POST: it takes the datagrams off the queue
     async def receive(request: Request) -> Response:
-        try:
-            dock = int(request.query["dock"])
-            limit = int(request.query.get("max", "1000"))
-        except (KeyError, ValueError):
-            raise HttpError(400, "query needs dock=N (and optionally max=N)") from None
-        datagrams = node.receive_datagrams_nowait(dock, max(1, min(limit, 10_000)))
+        body = request.json(ReceiveRequest)
+        datagrams = node.receive_datagrams_nowait(body.dock, body.limit)
         return json_response(
             {
                 "datagrams": [

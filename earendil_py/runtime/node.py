@@ -74,7 +74,7 @@ from earendil_py.runtime.config import Config, InRoute, OutRoute, parse_address
 from earendil_py.runtime.control import build_router
 from earendil_py.runtime.faults import Faults
 from earendil_py.runtime.gossip import Gossip
-from earendil_py.runtime.http import HttpServer
+from earendil_py.runtime.http import ControlAuth, HttpServer, token_path, write_token_file
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
 from earendil_py.runtime.rpc import GlobalRpc
 from earendil_py.runtime.settlement import Settlements
@@ -431,6 +431,7 @@ class Node:
         self._bound: dict[str, socket.socket | MultiListener[SocketStream]] = {}
         self._control_listener: MultiListener[SocketStream] | None = None
         self.control_address: Address | None = None
+        self.control_auth: ControlAuth | None = None  # its token is written at bind()
         self.started_at = time.monotonic()
         self._task_group: TaskGroup | None = None
 
@@ -704,10 +705,20 @@ class Node:
                 tg.start_soon(self.settlements.run)
                 tg.start_soon(self._serve_control)
                 self._log.info("node_started", fingerprint=self.fingerprint.hex())
+                self._log_dashboard_link()
                 task_status.started()
         finally:
             self.peeling.close()
             await self.accounting.aclose()
+
+    def _log_dashboard_link(self) -> None:
+        """Log where the control API is and a one-time dashboard link (it expires soon;
+        `earendil-py dashboard` prints a new one)."""
+        assert self.control_address is not None and self.control_auth is not None
+        host, port = self.control_address
+        origin = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        code = self.control_auth.mint_login_code()
+        self._log.info("control_api", url=f"{origin}/", dashboard=f"{origin}/login?code={code}")
 
     def _new_link(self, *, initiator: bool, secret: str, reliable: bool, **kw: object) -> Link:
         return Link(
@@ -742,6 +753,8 @@ class Node:
                 ) from None
             local = self._control_listener.listeners[0].extra(SocketAttribute.local_address)
             self.control_address = _as_address(local)
+            self.control_auth = ControlAuth.generate()
+            write_token_file(token_path(self.config), self.control_auth.token)
         for name, route in self.config.in_routes.items():
             if name in self._bound:
                 continue
@@ -771,8 +784,12 @@ class Node:
             await self.settlements.start()
 
     async def _serve_control(self) -> None:
-        assert self._control_listener is not None
-        server = HttpServer(build_router(self))
+        assert self._control_listener is not None and self.control_auth is not None
+        server = HttpServer(
+            build_router(self, self.control_auth),
+            self.control_auth,
+            allow_remote=self.config.control_allow_remote,
+        )
         await self._serve_listener(self._control_listener, server.serve_connection, "control")
 
     async def _listen(self, name: str, route: InRoute) -> None:
