@@ -362,9 +362,8 @@ async def measure(args: argparse.Namespace, root: Path, cpus: list[int]) -> Resu
         drops: dict[str, int] = {}
         alive = False
         if exit_code is None:
-            host, port = target.config.control_listen
             try:
-                drops = call_api(host, port, "GET", "/api/status")["drops"]
+                drops = call_api(target.config, "GET", "/api/status")["drops"]
                 alive = True
             except ControlApiError:
                 alive = False

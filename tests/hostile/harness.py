@@ -267,8 +267,7 @@ class Pair:
                 assert time.monotonic() < deadline, (
                     f"{destination.name} got {len(got)} of {len(payloads)} honest datagrams"
                 )
-                answer = daemon_api(destination.config_path, "GET", f"/api/receive?dock={DOCK}")
-                got += [base64.b64decode(d["data_b64"]) for d in answer["datagrams"]]
+                got += received(destination)
                 time.sleep(0.02)
             assert sorted(got) == sorted(payloads)
 
@@ -320,6 +319,12 @@ class Pair:
             except LedgerCorrupt as exc:
                 raise AssertionError(f"{node.name}'s ledger: {exc}") from None
             assert "dispute" not in kinds, kinds
+
+
+def received(node: GeneratedNode) -> list[bytes]:
+    """What arrived on DOCK at `node` since the last call."""
+    answer = daemon_api(node.config_path, "POST", "/api/receive", {"dock": DOCK})
+    return [base64.b64decode(d["data_b64"]) for d in answer["datagrams"]]
 
 
 def _account(config_path: Path, neighbor: bytes) -> dict[str, Any]:

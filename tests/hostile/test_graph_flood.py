@@ -18,7 +18,7 @@ from earendil_py.core.identity import Identity, IdentityDescriptor
 from earendil_py.core.messages import AdjacencyRequest, GraphPush
 from earendil_py.runtime.http import ControlApiError
 from tests.helpers import daemon_api, wait_until
-from tests.hostile.harness import DOCK, START_SECS, Daemon, Pair
+from tests.hostile.harness import DOCK, START_SECS, Daemon, Pair, received
 from tests.hostile.peer import HostilePeer, error_code, unix_now
 
 pytestmark = pytest.mark.timeout(120)
@@ -102,8 +102,7 @@ def test_graph_flood_leaves_room_for_a_relay_that_joins_later(pair: Pair) -> Non
             got: list[bytes] = []
             while not got:
                 assert time.monotonic() < deadline + 10, "the late relay got nothing"
-                answer = daemon_api(relay.config_path, "GET", f"/api/receive?dock={DOCK}")
-                got = [base64.b64decode(d["data_b64"]) for d in answer["datagrams"]]
+                got = received(relay)
                 time.sleep(0.05)
             assert got == [payload]
         finally:
