@@ -45,15 +45,23 @@ def solo(tmp_path: Path) -> GeneratedNode:
     return node
 
 
-def refused(config: Path, *args: str) -> tuple[int, str]:
-    """Run the daemon, which must refuse to start: (exit code, stderr)."""
-    process = subprocess.Popen(
+def start_daemon(config: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-m", "earendil_py", "daemon", "--config", str(config), *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def refused(config: Path, *args: str) -> tuple[int, str]:
+    """Run the daemon, which must refuse to start: (exit code, stderr)."""
+    return refusal(start_daemon(config, *args))
+
+
+def refusal(process: subprocess.Popen[str]) -> tuple[int, str]:
+    """How a daemon that must refuse to start ended: (exit code, stderr)."""
     try:
         _, stderr = process.communicate(timeout=EXIT_SECS)
     except subprocess.TimeoutExpired:
@@ -280,13 +288,28 @@ BAD_CONFIGS: dict[str, tuple[Callable[[GeneratedNode], None], str]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_configs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[Path, tuple[int, str]]]:
+    """Each case's config, and how its daemon ended: all started at once, which saves an
+    interpreter's start-up per case."""
+    started = {}
+    for case, (change, _) in BAD_CONFIGS.items():
+        (node,) = generate_network(tmp_path_factory.mktemp("bad"), 1, [], extra_toml=JSON_LOGS)
+        change(node)
+        started[case] = (node.config_path, start_daemon(node.config_path))
+    return {case: (config, refusal(process)) for case, (config, process) in started.items()}
+
+
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
-def test_bad_config_is_refused_by_check_config_and_daemon(solo: GeneratedNode, case: str) -> None:
-    change, named = BAD_CONFIGS[case]
-    change(solo)
-    code, stderr = check_config(solo.config_path)
+def test_bad_config_is_refused_by_check_config_and_daemon(
+    bad_configs: dict[str, tuple[Path, tuple[int, str]]], case: str
+) -> None:
+    named = BAD_CONFIGS[case][1]
+    config, (code, stderr) = bad_configs[case]
     assert code == 2, stderr
     assert_one_line(stderr, named)
-    code, stderr = refused(solo.config_path)
+    code, stderr = check_config(config)
     assert code == 2, stderr
     assert_one_line(stderr, named)
