@@ -21,6 +21,7 @@ import pytest
 
 from earendil_py import cli
 from earendil_py.netgen import GeneratedNode, generate_network
+from earendil_py.runtime.http import ControlApiError, request_api, token_path
 from tests.hostile.harness import JSON_LOGS, Daemon, Pair, route_toml
 
 pytestmark = pytest.mark.timeout(60)
@@ -101,6 +102,26 @@ def test_ledger_and_its_side_files_are_private(used: Pair) -> None:
     modes = {path.name: oct(mode(path)) for path in files if path.exists()}
     assert db.name in modes, list(db.parent.iterdir())
     assert set(modes.values()) == {oct(0o600)}, modes
+    used.check_unharmed()
+
+
+def test_control_api_needs_the_token_only_the_nodes_user_can_read(used: Pair) -> None:
+    """A local user without the token file gets 401 from every path, and the file is the
+    node's user's alone."""
+    used.ensure_running()
+    config = used.target.config
+    assert mode(token_path(config)) == 0o600
+    host, port = config.control_listen
+    for method, path, body in [
+        ("GET", "/api/status", None),
+        ("POST", "/api/send", {"destination": used.honest.fingerprint, "dock": 1, "data_b64": ""}),
+        ("POST", "/api/settlements", {"neighbor": used.honest.fingerprint, "method": "manual"}),
+        ("GET", "/no/such/path", None),
+    ]:
+        for token in ("", "0" * 64):
+            with pytest.raises(ControlApiError) as refused_call:
+                request_api(host, port, method, path, body, token=token)
+            assert refused_call.value.status == 401, (method, path)
     used.check_unharmed()
 
 
