@@ -72,6 +72,7 @@ from earendil_py.core.rpc import (
     encode_result,
     is_request,
 )
+from earendil_py.runtime.accounting import unix_now
 
 Address = tuple[str, int]
 Handler = Callable[[Any], Any]
@@ -83,10 +84,6 @@ RETRANSMIT_SECS = 0.5  # a call's request is sent again this often until answere
 PEER_TERMS = PriceTerms(1, 1_000_000, ("pow", "manual"))
 ACCEPT_ANY = AcceptanceRule(2**62, 0, ("pow", "manual"))
 _POLL_SECS = 0.05  # the reader thread looks at its stop flag at least this often
-
-
-def unix_now() -> int:
-    return int(time.time())
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,9 +26,10 @@ from earendil_py.core.messages import (
 )
 from earendil_py.core.packet import PACKET_SIZE
 from earendil_py.core.rpc import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR
+from earendil_py.runtime.accounting import unix_now
 from earendil_py.runtime.keyfile import load_identity_file
 from tests.hostile.harness import Pair
-from tests.hostile.peer import HostilePeer, error_code, unix_now
+from tests.hostile.peer import HostilePeer, error_code
 
 pytestmark = pytest.mark.timeout(60)
 

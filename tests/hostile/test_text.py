@@ -19,9 +19,10 @@ import pytest
 
 from earendil_py.core.rpc import INVALID_PARAMS
 from earendil_py.core.settlement import decode_proposal, encode, make_rejection
+from earendil_py.runtime.accounting import unix_now
 from tests.helpers import daemon_api, wait_until
 from tests.hostile.harness import Pair
-from tests.hostile.peer import HostilePeer, error_code, unix_now
+from tests.hostile.peer import HostilePeer, error_code
 
 pytestmark = pytest.mark.timeout(60)
 
