@@ -34,7 +34,7 @@ from earendil_py.runtime.http import (
     json_response,
 )
 from earendil_py.runtime.metrics import CONTENT_TYPE, render_metrics
-from earendil_py.runtime.rpc import RpcError, RpcTimeout
+from earendil_py.runtime.rpc import RpcError
 
 if TYPE_CHECKING:
     from earendil_py.runtime.node import LinkRunner, Node
@@ -109,8 +109,26 @@ def status(node: Node) -> dict[str, Any]:
         "drops": dict(node.drop_counts()),
         "graph": {"identities": graph.identities, "adjacencies": graph.adjacencies},
         "links": [link_summary(r) for runners in node.links.values() for r in runners],
+        "routes": node.routes.summaries(),
         "accounts": list(node.accounting.summaries()),
     }
+
+
+_PREFIX = re.compile(r"[0-9a-f]{4,64}")
+MAX_MATCHES = 16
+
+
+def matching_fingerprints(node: Node, prefix: str) -> list[dict[str, Any]]:
+    """The fingerprints the node knows (its neighbours, those its out_routes dial, the relay
+    graph's nodes) that start with `prefix`, in order, at most MAX_MATCHES."""
+    neighbors = set(node.links) | set(node.accounting.accounts)
+    neighbors.update(r.neighbor for r in node.routes if r.neighbor is not None)
+    known = neighbors | {d.fingerprint for d in node.graph.identities()}
+    matches = sorted(fp.hex() for fp in known if fp.hex().startswith(prefix))
+    return [
+        {"fingerprint": fp, "neighbor": bytes.fromhex(fp) in neighbors}
+        for fp in matches[:MAX_MATCHES]
+    ]
 
 
 def build_router(node: Node, auth: ControlAuth) -> Router:
@@ -172,9 +190,17 @@ def build_router(node: Node, auth: ControlAuth) -> Router:
                 "datagrams": [
                     {"dock": d.dock, "data_b64": base64.b64encode(d.data).decode()}
                     for d in datagrams
-                ]
+                ],
+                "waiting": node.datagrams_waiting(body.dock),
             }
         )
+
+    @router.route("GET", "/api/fingerprints")
+    async def fingerprints(request: Request) -> Response:
+        prefix = request.query.get("prefix", "").lower()
+        if not _PREFIX.fullmatch(prefix):
+            raise HttpError(400, "query needs prefix=HEX (4 to 64 hex digits)")
+        return json_response({"matches": matching_fingerprints(node, prefix)})
 
     def neighbor(request: Request) -> bytes:
         try:
@@ -191,15 +217,10 @@ def build_router(node: Node, auth: ControlAuth) -> Router:
         body = request.json(PriceRequest)
         terms = PriceTerms(body.price_umel, body.debt_limit_umel, node.accounting.methods)
         try:
-            await node.accounting.reprice(fingerprint, terms)
-        except RpcError as exc:
+            reason = await node.accounting.reprice(fingerprint, terms)
+        except RpcError as exc:  # no link to it
             raise HttpError(409, exc.message) from None
-        except RpcTimeout as exc:
-            raise HttpError(504, str(exc)) from None
-        account = node.accounting.accounts[fingerprint]
-        offer = account.state.our_offer
-        accepted = offer is not None and offer.terms() == terms
-        return json_response({"accepted": accepted})
+        return json_response({"accepted": not reason, "reason": reason})
 
     @router.route("POST", "/api/neighbors/{fingerprint}/unfreeze")
     async def unfreeze(request: Request) -> Response:

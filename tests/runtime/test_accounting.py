@@ -126,7 +126,7 @@ async def test_a_reprice_charges_old_packets_at_the_old_price(tmp_path: Path) ->
             f"/api/neighbors/{a.fingerprint.hex()}/price",
             {"price_umel": 7, "debt_limit_umel": 1_000_000},
         )
-        assert answer == {"accepted": True}
+        assert answer == {"accepted": True, "reason": ""}
         with anyio.fail_after(10):
             await send_and_wait(a, b, 50)
             await send_and_wait(b, a, 10)

@@ -93,7 +93,7 @@ async def test_bad_requests_get_clear_errors(
         code, _, err = await cli(
             capsys, "send", "--config", config_path(nodes[0]), "--to", "abc", "--dock", "1", "x"
         )
-        assert code == 1
+        assert code == 2
         assert err.startswith("earendil-py: error: ") and "fingerprint" in err
 
         unknown = "ab" * 32
