@@ -39,16 +39,18 @@ MANUAL_REQUEST = ["--method", "manual", "--request", "5"]
 assert len(NASTY_TEXT) <= 64  # a CLOSE reason and a rejection reason are at most 64 chars
 
 
-def cli(pair: Pair, *args: str) -> str:
-    """An `earendil-py` command against the target; its stdout, undecodable bytes kept."""
+def cli(pair: Pair, *args: str, code: int = 0) -> str:
+    """An `earendil-py` command against the target, which must exit with `code`; all it
+    printed, stdout and stderr, undecodable bytes kept."""
     result = subprocess.run(
         [sys.executable, "-m", "earendil_py", *args, "--config", str(pair.target.config_path)],
         capture_output=True,
         timeout=30,
         check=False,
     )
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    return result.stdout.decode("utf-8", "surrogateescape")
+    printed = (result.stdout + result.stderr).decode("utf-8", "surrogateescape")
+    assert result.returncode == code, repr(printed)
+    return printed
 
 
 def assert_shown_escaped(text: str) -> None:
@@ -123,9 +125,8 @@ def test_rejection_reason_is_shown_and_logged_escaped(pair: Pair) -> None:
         with peer:
             peer.push_price()  # so that the target may propose a manual settlement to it
             neighbor = peer.fingerprint.hex()
-            answer = cli(
-                pair, "settle", "--neighbor", neighbor, "--method", "manual", "--request", "5"
-            )
+            # Exit status 3: the neighbour refused.
+            answer = cli(pair, "settle", "--neighbor", neighbor, *MANUAL_REQUEST, code=3)
             assert "rejected" in answer
             assert_shown_escaped(answer)
             assert_shown_escaped(cli(pair, "settlements"))
