@@ -29,9 +29,9 @@ from typing import Any
 
 from earendil_py.core.ledger import LedgerCorrupt
 from earendil_py.netgen import Edge, GeneratedNode, free_port, generate_network
-from earendil_py.runtime.http import ControlApiError
+from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.store import LedgerStore
-from tests.helpers import DaemonProcess, daemon_api, wait_until
+from tests.helpers import DaemonProcess, wait_until
 from tests.hostile.peer import HostilePeer, Route
 
 DOCK = 7
@@ -167,14 +167,14 @@ class Pair:
 
     @staticmethod
     def ready(node: GeneratedNode, neighbor: bytes) -> bool:
-        status = daemon_api(node.config_path, "GET", "/api/status")
+        status = api(node, "GET", "/api/status")
         accounts = [a for a in status["accounts"] if a["neighbor"] == neighbor.hex()]
         return bool(accounts and accounts[0]["priced"] and status["graph"]["adjacencies"])
 
     def ensure_running(self) -> None:
         """A fresh network if an earlier test left a daemon dead or dying."""
         running = all(d is not None and d.process.poll() is None for d in (self.t, self.h))
-        if running and api_or_none(self.target.config_path, "GET", "/api/status") is not None:
+        if running and api_or_none(self.target, "GET", "/api/status") is not None:
             return
         self.stop()
         self._new_network()
@@ -219,7 +219,7 @@ class Pair:
     def assert_up(self) -> None:
         """T runs and answers its control API."""
         t = self.target_daemon
-        status = api_or_none(self.target.config_path, "GET", "/api/status")
+        status = api_or_none(self.target, "GET", "/api/status")
         if status is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 t.process.wait(2)  # dying: let it finish, to say how it ended
@@ -231,17 +231,17 @@ class Pair:
     def books(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(T's account with H, H's account with T), from their control APIs."""
         return (
-            _account(self.target.config_path, self.honest_fp),
-            _account(self.honest.config_path, self.target_fp),
+            _account(self.target, self.honest_fp),
+            _account(self.honest, self.target_fp),
         )
 
     def books_of(self, neighbor: bytes) -> dict[str, Any]:
         """T's account with `neighbor`."""
-        return _account(self.target.config_path, neighbor)
+        return _account(self.target, neighbor)
 
     def status(self) -> dict[str, Any]:
         """T's /api/status."""
-        status: dict[str, Any] = daemon_api(self.target.config_path, "GET", "/api/status")
+        status: dict[str, Any] = api(self.target, "GET", "/api/status")
         return status
 
     def graph(self) -> dict[str, int]:
@@ -260,7 +260,7 @@ class Pair:
                     "data_b64": base64.b64encode(payload).decode(),
                     "hops": 1,
                 }
-                daemon_api(source.config_path, "POST", "/api/send", body)
+                api(source, "POST", "/api/send", body)
             got: list[bytes] = []
             deadline = time.monotonic() + ARRIVE_SECS
             while len(got) < len(payloads):
@@ -323,19 +323,25 @@ class Pair:
 
 def received(node: GeneratedNode) -> list[bytes]:
     """What arrived on DOCK at `node` since the last call."""
-    answer = daemon_api(node.config_path, "POST", "/api/receive", {"dock": DOCK})
+    answer = api(node, "POST", "/api/receive", {"dock": DOCK})
     return [base64.b64decode(d["data_b64"]) for d in answer["datagrams"]]
 
 
-def _account(config_path: Path, neighbor: bytes) -> dict[str, Any]:
-    status = daemon_api(config_path, "GET", "/api/status")
+def _account(node: GeneratedNode, neighbor: bytes) -> dict[str, Any]:
+    status = api(node, "GET", "/api/status")
     (found,) = [a for a in status["accounts"] if a["neighbor"] == neighbor.hex()]
     return dict(found)
 
 
-def api_or_none(config_path: Path, method: str, path: str, body: object = None) -> Any:
+def api(node: GeneratedNode, method: str, path: str, body: object = None) -> Any:
+    """`node`'s control API, as its config was when generated: a test may have changed the
+    file since."""
+    return call_api(node.config, method, path, body)
+
+
+def api_or_none(node: GeneratedNode, method: str, path: str, body: object = None) -> Any:
     """The control API's answer, or None when it cannot be reached."""
     try:
-        return daemon_api(config_path, method, path, body)
+        return api(node, method, path, body)
     except ControlApiError:
         return None

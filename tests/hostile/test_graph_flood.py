@@ -18,8 +18,8 @@ from earendil_py.core.identity import Identity, IdentityDescriptor
 from earendil_py.core.messages import AdjacencyRequest, GraphPush
 from earendil_py.runtime.accounting import unix_now
 from earendil_py.runtime.http import ControlApiError
-from tests.helpers import daemon_api, wait_until
-from tests.hostile.harness import DOCK, START_SECS, Daemon, Pair, received
+from tests.helpers import wait_until
+from tests.hostile.harness import DOCK, START_SECS, Daemon, Pair, api, received
 from tests.hostile.peer import HostilePeer, error_code
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,7 +70,7 @@ def send_datagram(pair: Pair, to: str, payload: bytes) -> bool:
         "hops": 1,
     }
     try:
-        daemon_api(pair.target.config_path, "POST", "/api/send", body)
+        api(pair.target, "POST", "/api/send", body)
     except ControlApiError as exc:
         if exc.status == 422:
             return False

@@ -12,8 +12,8 @@ import pytest
 
 from earendil_py.core.rpc import METHOD_NOT_FOUND, SERVER_BUSY
 from earendil_py.runtime.settlement import REFUSED as UNKNOWN_SETTLEMENT
-from tests.helpers import daemon_api, wait_until
-from tests.hostile.harness import Pair
+from tests.helpers import wait_until
+from tests.hostile.harness import Pair, api
 from tests.hostile.peer import HostilePeer, error_code, flood_calls
 
 pytestmark = pytest.mark.timeout(60)
@@ -53,8 +53,8 @@ def test_flood_from_many_identities_on_one_cookie(pair: Pair) -> None:
             assert sum(codes.values()) >= IDENTITIES * CALLS_EACH
 
             # The honest neighbour's chat is served while the flood's answers are cached.
-            sent = daemon_api(
-                pair.honest.config_path,
+            sent = api(
+                pair.honest,
                 "POST",
                 f"/api/chat/{pair.target.fingerprint}",
                 {"text": "still here?"},

@@ -20,8 +20,8 @@ import pytest
 from earendil_py.core.rpc import INVALID_PARAMS
 from earendil_py.core.settlement import decode_proposal, encode, make_rejection
 from earendil_py.runtime.accounting import unix_now
-from tests.helpers import daemon_api, wait_until
-from tests.hostile.harness import Pair
+from tests.helpers import wait_until
+from tests.hostile.harness import Pair, api
 from tests.hostile.peer import HostilePeer, error_code
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,9 +98,7 @@ def test_chat_message_sent_again_under_another_spelling_is_kept_once(pair: Pair)
             answer = chat(peer, spelling, f"once {MARKER}")
             # Kept (once) or refused as a malformed id; never kept again.
             assert answer.result == {"ok": True} or error_code(answer) == INVALID_PARAMS
-        history = daemon_api(pair.target.config_path, "GET", f"/api/chat/{peer.fingerprint.hex()}")[
-            "messages"
-        ]
+        history = api(pair.target, "GET", f"/api/chat/{peer.fingerprint.hex()}")["messages"]
         assert [m["text"] for m in history] == [f"once {MARKER}"]
         assert pair.ledger_kinds(pair.target, peer.fingerprint).count("chat") == 1
     pair.check_unharmed()
