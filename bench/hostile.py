@@ -24,13 +24,14 @@ and traffic throughout:
   after   the traffic alone again once the last attacker is gone: T recovered.
 
 Printed: each phase's delivery ratio (delivered / sent) and latency (p50, p99); what each
-attacker did and what T dropped; the attack phases' figures over the quiet ones', each
-side at its best over the rounds as bench/relay.py takes its figures (noise on a shared
-machine only adds latency and loss) — except the p99 ratio, whose verdict is the median of
-the rounds' paired ratios (each round's is printed, and best/best beside it); and T's resident memory: VmRSS from /proc/PID/status before the first quiet phase and
-its highest sample (every 0.1 s) from the first attack on, so memory kept from one attack
-to the next counts. Targets, with verdicts: T alive after the attacks; honest delivery
-under attack >= 0.99 x quiet; p99 under attack <= 3 x quiet; RSS growth <= 32 MB.
+attacker did and what T dropped; the attack phases' figures over the quiet ones', each side
+at its best over the rounds as bench/relay.py takes its figures (noise on a shared machine
+only adds latency and loss) — except the p99 ratio, whose verdict is the median of the
+rounds' paired ratios (each round's is printed, and best/best beside it); and T's resident
+memory: VmRSS from /proc/PID/status before the first quiet phase and its highest sample
+(every 0.1 s) from the first attack on, so memory kept from one attack to the next counts.
+Targets, with verdicts: T alive after the attacks; honest delivery under attack >= 0.99 x
+quiet; p99 under attack <= 3 x quiet; RSS growth <= 32 MB.
 
 T runs alone on one CPU, as bench/relay.py runs the process under test; H and the attacker
 share the others, the attacker at nice 19: its traffic would come from elsewhere, so its
