@@ -24,6 +24,13 @@ endpoint (`no_reply_block`), no application listening (`no_app`), an application
 buffer full (`app_queue_full`), a bad header (`app_bad_header`), oversize data
 (`app_too_big`), a reply through a block we do not know or no longer hold (`unknown_reply`).
 
+Only the node's own user may use an app socket: on Linux, the owner of the socket a new
+application address sends from is looked up in /proc/net/udp (and udp6), and datagrams from
+another user's socket are dropped (`app_other_user`), HELLO included, so that another account
+on the host can neither send as this node, spending its money, nor read a dock's datagrams.
+The verdict is kept OWNER_CHECK_SECS per address. Elsewhere, and with `allow_remote` (whose
+senders are not on this host), being able to reach the address is all it takes.
+
 This service knows the node only through the callables it is given; it imports no `Node`.
 """
 
@@ -33,6 +40,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -86,6 +94,10 @@ ANONYMOUS = struct.Struct(f">B{ENDPOINT_SIZE}s")  # kind, endpoint
 APP_BATCH = 64  # datagrams read from an app socket per wake-up
 MAX_CLIENTS = 64  # application addresses per app socket, each with its own endpoint (LRU)
 RANDOM_DRAW = 4096  # bytes read from the OS's CSPRNG at a time, per thread
+# How long the owner found for an application address holds: a port closed and bound again
+# by someone else gets looked up again within this time.
+OWNER_CHECK_SECS = 10.0
+_PROC_TABLES = {socket.AF_INET: Path("/proc/net/udp"), socket.AF_INET6: Path("/proc/net/udp6")}
 # Errors that say the socket itself is gone: the node's own failure, which stops it.
 _SOCKET_GONE = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 
@@ -112,6 +124,8 @@ class AppSocket:
     address: Address
     receiver: Address | None = None  # the application that said HELLO last
     clients: OrderedDict[Address, bytes] = field(default_factory=OrderedDict)  # LRU
+    # Application address -> (sends from a socket of ours, when that was looked up); LRU.
+    owners: OrderedDict[Address, tuple[bool, float]] = field(default_factory=OrderedDict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +285,9 @@ class Apps:
         pending: Counter[Conversation] = Counter()  # blocks this batch already ships
         routes: Routes = {}
         for address, data in batch:
+            if not self._ours(app, address, now):
+                self.drops["app_other_user"] += 1
+                continue
             kind = data[0] if data else -1
             if kind == SEND and len(data) >= DESTINATION.size:
                 _, fingerprint, dock = DESTINATION.unpack_from(data)
@@ -417,6 +434,23 @@ class Apps:
 
     # --- applications' addresses -----------------------------------------------------------
 
+    def _ours(self, app: AppSocket, address: Address, now: float) -> bool:
+        """Whether `address` sends from a socket of the node's own user (see the module
+        docstring); looked up at most once per OWNER_CHECK_SECS per address."""
+        if app.config.allow_remote:
+            return True
+        known = app.owners.get(address)
+        if known is not None and now - known[1] < OWNER_CHECK_SECS:
+            return known[0]
+        owner = socket_owner(address)
+        unknowable = owner is None and not _PROC_TABLES[socket.AF_INET].exists()
+        ours = unknowable or owner == os.getuid()
+        if len(app.owners) >= MAX_CLIENTS and address not in app.owners:
+            app.owners.popitem(last=False)
+        app.owners[address] = (ours, now)
+        app.owners.move_to_end(address)
+        return ours
+
     def _endpoint(self, app: AppSocket, address: Address) -> bytes:
         """The anonymous endpoint of the application at `address`: made on first use, the
         least recently used forgotten beyond MAX_CLIENTS (its replies then find no one)."""
@@ -487,6 +521,41 @@ def _urandom(size: int) -> bytes:
     start = buffer.used
     buffer.used = start + size
     return buffer.data[start : buffer.used]
+
+
+def socket_owner(address: Address) -> int | None:
+    """The user id owning the UDP socket bound to `address` on this host, from Linux's
+    /proc/net/udp and udp6 (a socket bound to the wildcard address counts, and an IPv6 one
+    taking IPv4); None if there is none, or the system does not say."""
+    host, port = address
+    if ":" in host:
+        tables = [(socket.AF_INET6, {_proc_hex(socket.AF_INET6, host), "0" * 32})]
+    else:
+        v4 = {_proc_hex(socket.AF_INET, host), "0" * 8}
+        v6 = {_proc_hex(socket.AF_INET6, "::ffff:" + host), "0" * 32}
+        tables = [(socket.AF_INET, v4), (socket.AF_INET6, v6)]
+    for family, addresses in tables:
+        try:
+            lines = _PROC_TABLES[family].read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 8:
+                continue
+            local, _, local_port = fields[1].partition(":")
+            if local in addresses and int(local_port or "0", 16) == port:
+                return int(fields[7])
+    return None
+
+
+def _proc_hex(family: int, host: str) -> str:
+    """`host` as /proc/net prints it: 32-bit words in host byte order, in hex."""
+    packed = socket.inet_pton(family, host)
+    words = [packed[i : i + 4] for i in range(0, len(packed), 4)]
+    if sys.byteorder == "little":
+        words = [word[::-1] for word in words]
+    return b"".join(words).hex().upper()
 
 
 def _show_address(address: Address | None) -> str | None:

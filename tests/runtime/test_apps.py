@@ -4,6 +4,7 @@ reply comes back to the asking application alone."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import struct
@@ -15,6 +16,7 @@ import anyio.abc
 import pytest
 
 from earendil_py.core.relay import MAX_ANONYMOUS_DATA
+from earendil_py.runtime import apps as apps_module
 from earendil_py.runtime.apps import (
     ANONYMOUS,
     DESTINATION,
@@ -259,3 +261,40 @@ async def test_the_example_in_the_docs_serves_and_asks(tmp_path: Path) -> None:
             await service.wait()
             await service.aclose()
     assert asked.stdout == b"HELLO\n"
+
+
+@pytest.mark.skipif(not Path("/proc/net/udp").exists(), reason="owners come from Linux's /proc")
+@pytest.mark.parametrize(
+    ("bind", "sender"), [("127.0.0.1", None), ("::1", None), ("::", "127.0.0.1")]
+)
+def test_the_owner_of_a_local_udp_socket_is_found(bind: str, sender: str | None) -> None:
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind((bind, 0))
+        port = sock.getsockname()[1]
+        assert apps_module.socket_owner((sender or bind, port)) == os.getuid()
+    assert apps_module.socket_owner((sender or bind, port)) is None  # closed: nobody's
+
+
+@pytest.mark.anyio
+async def test_another_users_application_can_neither_send_nor_take_a_dock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodes = make_nodes(
+        tmp_path, 3, LINE[:2], node_toml={0: apps_toml(CLIENT_DOCK, 2), 2: apps_toml(ECHO_DOCK, 2)}
+    )
+    a, c = nodes[0], nodes[2]
+    monkeypatch.setattr(apps_module, "socket_owner", lambda address: os.getuid() + 1)
+    async with running(nodes):
+        with anyio.fail_after(10):
+            await converged(nodes, LINE[:2])
+        async with await udp_app() as intruder:
+            await intruder.sendto(bytes([HELLO]), *app_address(a, CLIENT_DOCK))
+            head = DESTINATION.pack(SEND, c.fingerprint, ECHO_DOCK)
+            await intruder.sendto(head + b"on your bill", *app_address(a, CLIENT_DOCK))
+            with anyio.fail_after(5):
+                while a.apps.drop_counts()["app_other_user"] < 2:
+                    await anyio.sleep(0.01)
+        assert a.apps.sockets[CLIENT_DOCK].receiver is None
+        assert a.relay.originated == 0
+        assert status(a)["drops"]["app_other_user"] == 2
