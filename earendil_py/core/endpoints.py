@@ -105,11 +105,11 @@ class SentBlocks:
         self._stocks: dict[Conversation, _Stock] = {}
         self._used = self._expired = self._evicted = 0
 
-    def wanted(self, conversation: Conversation, now: float, pending: int = 0) -> int:
-        """How many more blocks the receiver should get, beyond `pending` ones being built
-        (0: it holds enough, or a conversation may have no more outstanding)."""
-        estimate = self.estimate(conversation, now) + pending
-        return max(0, min(self._target - estimate, self._room(conversation) - pending))
+    def wanted(self, conversation: Conversation, now: float) -> int:
+        """How many more blocks the receiver should get (0: it holds enough, or a
+        conversation may have no more outstanding)."""
+        estimate = self.estimate(conversation, now)
+        return max(0, min(self._target - estimate, self._room(conversation)))
 
     def estimate(self, conversation: Conversation, now: float) -> int:
         """How many of our blocks the receiver holds, as far as we can tell."""

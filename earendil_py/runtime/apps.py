@@ -282,7 +282,9 @@ class Apps:
         jobs: list[Callable[[], _Sent]] = []
         conversations: list[Conversation] = []
         frames: list[bytes] = []
-        pending: Counter[Conversation] = Counter()  # blocks this batch already ships
+        # Blocks each conversation still wants, counted down as this batch ships them: the
+        # estimate only changes when one is added.
+        wanted: dict[Conversation, int] = {}
         routes: Routes = {}
         for address, data in batch:
             if not self._ours(app, address, now):
@@ -293,9 +295,7 @@ class Apps:
                 _, fingerprint, dock = DESTINATION.unpack_from(data)
                 conversation = (self._endpoint(app, address), fingerprint, dock)
                 data = data[DESTINATION.size :]
-                job = self._send_job(
-                    app, conversation, data, pending=pending, routes=routes, now=now
-                )
+                job = self._send_job(app, conversation, data, wanted=wanted, routes=routes, now=now)
                 if job is not None:
                     jobs.append(job)
                     conversations.append(conversation)
@@ -321,7 +321,7 @@ class Apps:
         conversation: Conversation,
         data: bytes,
         *,
-        pending: Counter[Conversation],
+        wanted: dict[Conversation, int],
         routes: Routes,
         now: float,
     ) -> Callable[[], _Sent] | None:
@@ -334,12 +334,14 @@ class Apps:
             self.drops["no_route"] += 1
             return None
         reply_route = None
-        if len(data) <= MAX_ANONYMOUS_DATA_WITH_BLOCK and self.sent.wanted(
-            conversation, now, pending[conversation]
-        ):
-            reply_route = self._reply_route(fingerprint, app.config.hops, routes)
-            if reply_route is not None:
-                pending[conversation] += 1
+        if len(data) <= MAX_ANONYMOUS_DATA_WITH_BLOCK:
+            blocks = wanted.get(conversation)
+            if blocks is None:
+                blocks = wanted[conversation] = self.sent.wanted(conversation, now)
+            if blocks:
+                reply_route = self._reply_route(fingerprint, app.config.hops, routes)
+                if reply_route is not None:
+                    wanted[conversation] = blocks - 1
         return partial(_build_message, route, reply_route, dock, endpoint, data)
 
     def _route(self, source: bytes, destination: bytes, hops: int, routes: Routes) -> Route | None:
