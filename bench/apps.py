@@ -396,7 +396,7 @@ def main() -> int:
     for i, ((rate_a, cpu_a), (rate_b, cpu_b)) in enumerate(zip(app, api, strict=True)):
         print(
             f"  round {i + 1}: (a) {rate_a:,.0f}/s {cpu_a:.0f} us, (b) {rate_b:,.0f}/s "
-            f"{cpu_b:.0f} us, floor {floors[i]:.0f} us"
+            f"{cpu_b:.0f} us, floor {floors[i]:.0f} us, (c) / floor {cpu_a / floors[i]:.2f}"
         )
     print(f"load average after:  {_load()}")
     return 0
