@@ -86,7 +86,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from earendil_py.core.accounting import Account, AccountState, ClaimApplied, DebtClaim
+from earendil_py.core.accounting_v1 import Account, AccountState, ClaimApplied, DebtClaim
 from earendil_py.core.identity import Identity
 from earendil_py.core.link import Link, LinkState, onion_frame
 from earendil_py.core.packet import build_packet

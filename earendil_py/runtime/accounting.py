@@ -22,7 +22,7 @@ import anyio
 import msgspec
 import structlog
 
-from earendil_py.core.accounting import (
+from earendil_py.core.accounting_v1 import (
     Account,
     AccountState,
     DebtClaim,

@@ -19,7 +19,7 @@ from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
 from earendil_py.core.identity import parse_fingerprint
 from earendil_py.core.packet import MAX_HOPS
 from earendil_py.core.pricing import PriceTerms
-from earendil_py.core.settlement import SettlementRecord
+from earendil_py.core.settlement_v1 import SettlementRecord
 from earendil_py.runtime.http import (
     HttpError,
     Request,

@@ -23,7 +23,7 @@ from anyio.abc import SocketAttribute, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 from anyio.streams.stapled import MultiListener
 
-from earendil_py.core.accounting import UNLIMITED, Account
+from earendil_py.core.accounting_v1 import UNLIMITED, Account
 from earendil_py.core.errors import ConfigError, RemoteProtocolError
 from earendil_py.core.graph import RelayGraph
 from earendil_py.core.identity import Identity, parse_fingerprint, short_hex

@@ -36,7 +36,7 @@ from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
 from earendil_py.core.identity import short_hex
 from earendil_py.core.ledger import GENESIS
 from earendil_py.core.rpc import APPLICATION_ERROR_MIN, INVALID_PARAMS
-from earendil_py.core.settlement import (
+from earendil_py.core.settlement_v1 import (
     METHOD_MANUAL,
     METHOD_POW,
     Attestation,

@@ -13,7 +13,7 @@ import anyio
 import msgspec
 import pytest
 
-from earendil_py.core.accounting import EpochCount
+from earendil_py.core.accounting_v1 import EpochCount
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.accounting import KEEP_CHECKPOINTS, PRUNE_EVERY, REFUSED, prune_turn
 from earendil_py.runtime.config import load_config

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from earendil_py.cli import main
-from earendil_py.core.settlement import Attestation, SettlementRecord, SettlementState, encode
+from earendil_py.core.settlement_v1 import Attestation, SettlementRecord, SettlementState, encode
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.node import Node
