@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -14,15 +15,18 @@ import anyio
 
 from earendil_py.core.errors import ConfigError
 from earendil_py.core.ledger import LedgerCorrupt
-from earendil_py.runtime.config import load_config
+from earendil_py.core.text import printable
+from earendil_py.runtime.config import check_own_routes, load_config
 from earendil_py.runtime.daemon import run_daemon
 from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.keyfile import (
+    check_identity_path,
     create_identity_file,
     load_identity_file,
     load_or_create_identity_file,
 )
 from earendil_py.runtime.logs import configure_logging
+from earendil_py.runtime.store import claim_ledger
 
 EXIT_USAGE = 2
 
@@ -37,14 +41,19 @@ def _fingerprint(args: argparse.Namespace) -> None:
 
 
 def _check_config(args: argparse.Namespace) -> None:
-    config = load_config(args.config)
+    # What the daemon checks before it starts, in the same order, creating nothing. Whether
+    # its ports are free is only known when it binds them.
+    config = load_config(args.config, private=True)
+    identity = check_identity_path(config.identity_file)
+    if identity is not None:
+        check_own_routes(config, identity.fingerprint)
+    ledger = claim_ledger(config.db_path, config.identity_file, dry_run=True)
     print(f"{config.source}: ok")
-    if config.identity_file.exists():
-        identity = load_identity_file(config.identity_file)
+    if identity is not None:
         print(f"  identity     {config.identity_file} (fingerprint {identity.fingerprint.hex()})")
     else:
         print(f"  identity     {config.identity_file} (will be created on first start)")
-    print(f"  ledger       {config.db_path}")
+    print(f"  ledger       {config.db_path} ({ledger})")
     print(f"  control      {config.control_listen[0]}:{config.control_listen[1]}")
     for name, route in config.in_routes.items():
         print(f"  listen       {name}: {route.protocol} {route.listen}")
@@ -53,9 +62,14 @@ def _check_config(args: argparse.Namespace) -> None:
 
 
 def _daemon(args: argparse.Namespace) -> None:
-    config = load_config(args.config)
-    identity = load_or_create_identity_file(config.identity_file)
+    # Every file the node creates from here on (ledger, its -wal and -shm, the ledger id
+    # file, an identity) is for this user only, whatever the umask it was started with.
+    os.umask(0o077)
+    config = load_config(args.config, private=True)
     configure_logging(config.logging.level, config.logging.format)
+    identity = load_or_create_identity_file(config.identity_file)
+    check_own_routes(config, identity.fingerprint)
+    claim_ledger(config.db_path, config.identity_file, new=args.new_ledger)
     anyio.run(run_daemon, config, identity)
 
 
@@ -64,26 +78,32 @@ def _api(args: argparse.Namespace, method: str, path: str, body: object | None =
     return call_api(host, port, method, path, body)
 
 
+def _show(line: str) -> None:
+    """Print one line built from the node's API. Its text may come from a peer (chat, reasons,
+    datagrams), so control and bidi characters are escaped."""
+    print(printable(line), flush=True)
+
+
 def _status(args: argparse.Namespace) -> None:
     status = _api(args, "GET", "/api/status")
     relay = status["relay"]
-    print(f"node {status['fingerprint']}  up {status['uptime_secs']:.0f}s")
-    print(
+    _show(f"node {status['fingerprint']}  up {status['uptime_secs']:.0f}s")
+    _show(
         f"  originated {relay['originated']}  forwarded {relay['forwarded']}  "
         f"peeled {relay['peeled']}  delivered {relay['delivered']}"
     )
-    print(f"  graph: {status['graph']['identities']} nodes, {status['graph']['adjacencies']} links")
+    _show(f"  graph: {status['graph']['identities']} nodes, {status['graph']['adjacencies']} links")
     for link in status["links"]:
-        print(
+        _show(
             f"  {link['neighbor'][:8]}  {link['protocol']} {link['direction']:<3} "
             f"{link['route']:<20} sent {link['packets_sent']:>8}  "
             f"received {link['packets_received']:>8}  rtt {link['rtt_ms']} ms"
         )
     if status["drops"]:
-        print("  drops: " + ", ".join(f"{k}={v}" for k, v in sorted(status["drops"].items())))
+        _show("  drops: " + ", ".join(f"{k}={v}" for k, v in sorted(status["drops"].items())))
     for account in status["accounts"]:
         frozen = f"  FROZEN ({account['frozen']})" if account["frozen"] else ""
-        print(
+        _show(
             f"  {account['neighbor'][:8]}  price in/out {account['our_price_umel']}/"
             f"{account['their_price_umel']} uMEL  they owe {account['debt_in_umel']}  "
             f"we owe {account['debt_out_umel']} uMEL{frozen}"
@@ -93,7 +113,7 @@ def _status(args: argparse.Namespace) -> None:
 def _reprice(args: argparse.Namespace) -> None:
     body = {"price_umel": args.price, "debt_limit_umel": args.debt_limit}
     answer = _api(args, "POST", f"/api/neighbors/{args.neighbor}/price", body)
-    print("accepted" if answer["accepted"] else "rejected: the previous price stays in force")
+    _show("accepted" if answer["accepted"] else "rejected: the previous price stays in force")
 
 
 def _settle(args: argparse.Namespace) -> None:
@@ -105,13 +125,13 @@ def _settle(args: argparse.Namespace) -> None:
     }
     answer = _api(args, "POST", "/api/settlements", body)
     reason = f" ({answer['reason']})" if answer["reason"] else ""
-    print(f"settlement {answer['id']}: {answer['state']}{reason}")
+    _show(f"settlement {answer['id']}: {answer['state']}{reason}")
 
 
 def _settlements(args: argparse.Namespace) -> None:
     for s in _api(args, "GET", "/api/settlements")["settlements"]:
         reason = f" ({s['reason']})" if s["reason"] else ""
-        print(
+        _show(
             f"{s['id']}  {s['neighbor'][:8]}  {s['role']:<9}  {s['method']:<6}  "
             f"we pay {s['paid_out_umel']:>9}  they pay {s['paid_in_umel']:>9}  "
             f"{s['state']}{reason}"
@@ -120,7 +140,7 @@ def _settlements(args: argparse.Namespace) -> None:
 
 def _decide(args: argparse.Namespace) -> None:
     answer = _api(args, "POST", f"/api/settlements/{args.id}/{args.decision}", {})
-    print(f"settlement {answer['id']}: {answer['state']}")
+    _show(f"settlement {answer['id']}: {answer['state']}")
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -131,12 +151,12 @@ def _chat(args: argparse.Namespace) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["sent_at"]))
         arrow = "<-" if m["direction"] == "in" else "->"
         status = "" if m["status"] == "delivered" else f"  [{m['status']}: {m['reason']}]"
-        print(f"{when} {arrow} {m['text']}{status}")
+        _show(f"{when} {arrow} {m['text']}{status}")
 
 
 def _unfreeze(args: argparse.Namespace) -> None:
     _api(args, "POST", f"/api/neighbors/{args.neighbor}/unfreeze", {})
-    print("unfrozen")
+    _show("unfrozen")
 
 
 def _send(args: argparse.Namespace) -> None:
@@ -153,7 +173,7 @@ def _receive(args: argparse.Namespace) -> None:
     while True:
         answer = _api(args, "GET", f"/api/receive?dock={args.dock}")
         for datagram in answer["datagrams"]:
-            print(base64.b64decode(datagram["data_b64"]).decode("utf-8", "replace"), flush=True)
+            _show(base64.b64decode(datagram["data_b64"]).decode("utf-8", "replace"))
         if not args.follow:
             return
         time.sleep(0.2)
@@ -175,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     daemon = commands.add_parser("daemon", help="run a relay node until SIGINT/SIGTERM")
     daemon.add_argument("--config", type=Path, required=True)
+    daemon.add_argument(
+        "--new-ledger",
+        action="store_true",
+        help="start a new ledger for this identity (when its ledger is lost: every balance "
+        "with every neighbour is forgotten); needed once, refused when not needed",
+    )
     daemon.set_defaults(run=_daemon)
 
     status = commands.add_parser("status", help="show a running node's links and counters")
@@ -242,14 +268,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except ConfigError as exc:
-        print(f"earendil-py: error: {exc}", file=sys.stderr)
+        _error(exc)
         return EXIT_USAGE
     except (ControlApiError, LedgerCorrupt) as exc:
-        print(f"earendil-py: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _error(exc: Exception) -> None:
+    # One line, escaped: the message can quote a neighbour (a chat refusal) or a damaged file.
+    print(f"earendil-py: error: {printable(str(exc))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

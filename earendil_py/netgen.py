@@ -1,7 +1,7 @@
 """Generate identities and configs for a local network of nodes on loopback.
 
 Used by the demo and by end-to-end tests: every node gets its own directory with a 0600
-identity file and a `node.toml` whose routes point at its neighbours on 127.0.0.1.
+identity file and a 0600 `node.toml` whose routes point at its neighbours on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from earendil_py.runtime.config import Config, load_config
-from earendil_py.runtime.keyfile import create_identity_file
+from earendil_py.runtime.keyfile import create_identity_file, write_private_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +95,8 @@ def generate_network(
             "",
         ]
         own = (node_toml or {}).get(index, "")
-        config_path.write_text("\n".join([*header, *sections[index], extra_toml, own]))
-        config_path.chmod(0o600)  # it holds the route cookies
+        # 0600 from the start: it holds the route cookies, and the daemon refuses it otherwise.
+        write_private_file(config_path, "\n".join([*header, *sections[index], extra_toml, own]))
         nodes.append(
             GeneratedNode(
                 name=f"node{index}",

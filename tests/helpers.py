@@ -255,3 +255,15 @@ def wait_until(check: Callable[[], bool], timeout: float) -> None:
             pass
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def run_cli(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`earendil-py ARGV` in a process of its own, run to its end (bounded by `timeout`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "earendil_py", *argv],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

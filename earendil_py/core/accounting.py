@@ -44,17 +44,14 @@ from typing import Annotated
 import msgspec
 
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
-from earendil_py.core.identity import Identity
+from earendil_py.core.identity import Fingerprint, Identity, Int, Signature, Uint
 from earendil_py.core.pricing import (
     AcceptanceRule,
-    Fingerprint,
     PriceAccepted,
     PriceAnswer,
     PriceOffer,
     PriceRejected,
     PriceTerms,
-    Signature,
-    Uint,
     make_answer,
     make_offer,
     verify_answer,
@@ -106,7 +103,7 @@ class DebtLimitNotice(msgspec.Struct, frozen=True, array_like=True, forbid_unkno
 
     creditor: Fingerprint
     debtor: Fingerprint
-    debt_umel: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+    debt_umel: Int  # the creditor's view of debt_in_umel: negative after an overpayment
     limit_umel: Uint
     timestamp: Uint
     signature: Signature

@@ -33,17 +33,14 @@ from typing import Annotated
 import msgspec
 
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
-from earendil_py.core.identity import Identity, verify
+from earendil_py.core.identity import Fingerprint, Identity, Int, Signature, Uint, verify
 from earendil_py.core.pricing import (
     AcceptanceRule,
-    Fingerprint,
     PriceAccepted,
     PriceAnswer,
     PriceOffer,
     PriceRejected,
     PriceTerms,
-    Signature,
-    Uint,
     make_answer,
     make_offer,
     verify_answer,
@@ -108,7 +105,7 @@ class DebtLimitNotice(msgspec.Struct, frozen=True, array_like=True, forbid_unkno
 
     creditor: Fingerprint
     debtor: Fingerprint
-    debt_umel: int
+    debt_umel: Int  # the creditor's view of debt_in_umel: negative after an overpayment
     limit_umel: Uint
     timestamp: Uint
     signature: Signature

@@ -7,11 +7,12 @@ peer (drop it, count it, maybe close the link; never let it escape the relay loo
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import msgspec
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 class EarendilError(Exception):
@@ -34,11 +35,48 @@ class ConfigError(EarendilError):
     """A configuration or identity file is unusable; the message is one line for the operator."""
 
 
-def decode_remote(decoder: msgspec.msgpack.Decoder[T], data: bytes, what: str, reason: str) -> T:
-    """`decoder.decode(data)`, or RemoteProtocolError(f"{what}: ...", reason) for bytes from a
-    peer that are not a well-formed message. msgspec raises UnicodeDecodeError, not
-    DecodeError, for invalid UTF-8 in a str field; ValidationError is a DecodeError."""
+# Everything msgspec raises for input it will not turn into a value: DecodeError for
+# malformed bytes (and its subclass ValidationError for a well-formed value of the wrong
+# shape or outside a `Meta` bound), UnicodeDecodeError for invalid UTF-8 in a msgpack str,
+# and RecursionError for nesting deeper than the interpreter's recursion limit allows. msgspec
+# checks the limit itself (Py_EnterRecursiveCall) and unwinds cleanly, so the error is safe to
+# catch; bounding the depth beforehand would need a second parser of both formats, and every
+# message we accept nests a few levels at most.
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+class _Decoder(Protocol[T_co]):
+    def decode(self, buf: bytes, /) -> T_co: ...
+
+
+def decode_remote(
+    decoder: _Decoder[T], data: bytes, what: str, reason: str, *, invalid: str | None = None
+) -> T:
+    """`decoder.decode(data)` (a msgspec msgpack or JSON decoder), for bytes from a peer.
+
+    Raises only RemoteProtocolError(f"{what}: ...", reason), whatever the bytes; `invalid`,
+    if given, is the reason instead when they are well formed but not a valid message.
+    """
     try:
         return decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise RemoteProtocolError(f"{what}: {exc}", reason) from None
+    except _UNDECODABLE as exc:
+        raise _remote_error(exc, what, reason, invalid) from None
+
+
+def convert_remote(value: object, kind: type[T], what: str, reason: str) -> T:
+    """`msgspec.convert(value, kind)` for a value from a peer (JSON-RPC params already
+    decoded to builtins): the same rule as `decode_remote`."""
+    try:
+        return msgspec.convert(value, kind)
+    except _UNDECODABLE as exc:
+        raise _remote_error(exc, what, reason, None) from None
+
+
+def _remote_error(
+    exc: Exception, what: str, reason: str, invalid: str | None
+) -> RemoteProtocolError:
+    if isinstance(exc, RecursionError):
+        return RemoteProtocolError(f"{what}: nested too deeply", reason)
+    if invalid is not None and isinstance(exc, msgspec.ValidationError):
+        return RemoteProtocolError(f"{what}: {exc}", invalid)
+    return RemoteProtocolError(f"{what}: {exc}", reason)

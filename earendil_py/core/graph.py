@@ -18,7 +18,7 @@ import struct
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Generic, TypeVar
 
 import msgspec
 
@@ -27,8 +27,11 @@ from earendil_py.core.identity import (
     FINGERPRINT_SIZE,
     KEY_SIZE,
     SIGNATURE_SIZE,
+    Fingerprint,
     Identity,
     IdentityDescriptor,
+    Signature,
+    Timestamp,
     fingerprint_of,
     verify,
 )
@@ -49,11 +52,15 @@ RESIGN_INTERVAL_SECS = 600
 # unsynchronised clocks without letting a node extend its descriptors' life meaningfully.
 MAX_CLOCK_SKEW_SECS = 300
 
-# Memory bounds. Held, an identity costs ~0.5 KB and an adjacency ~0.75 KB (descriptor, key,
-# neighbour-set entries), so a full graph is ~80 MB: a ceiling, not a working size. Beyond
-# the caps new entries are refused ("graph_full"); refreshes of held entries always go through.
+# Memory bounds (defaults of RelayGraph's). Held, an identity costs ~0.5 KB and an adjacency
+# ~0.75 KB (descriptor, key, neighbour-set entries), so a full graph is ~80 MB: a ceiling, not
+# a working size. A full table makes room by evicting from the sources over their fair share
+# (see RelayGraph); refreshes of held entries always go through.
 MAX_IDENTITIES = 10_000
 MAX_ADJACENCIES = 100_000
+# A full table frees 1/64 of its bound at once: choosing what to evict scans the table, so
+# the scan is paid once per bound/64 insertions rather than on each.
+EVICTION_BATCH_DIVISOR = 64
 # Next-hop tables kept at once. The relay loop asks from its own fingerprint only; the others
 # are for diagnostics, so a small bound costs nothing on the hot path.
 MAX_CACHED_SOURCES = 16
@@ -66,12 +73,6 @@ DUMP_MESSAGE_SIZE_BYTES = 1200
 MAX_DUMP_ENTRIES = 4096
 
 _TIMESTAMP = struct.Struct(">Q")
-
-Fingerprint = Annotated[
-    bytes, msgspec.Meta(min_length=FINGERPRINT_SIZE, max_length=FINGERPRINT_SIZE)
-]
-Signature = Annotated[bytes, msgspec.Meta(min_length=SIGNATURE_SIZE, max_length=SIGNATURE_SIZE)]
-Timestamp = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints stop at 2**64 - 1
 
 
 def _signed_part(left: bytes, right: bytes, timestamp: int) -> bytes:
@@ -217,11 +218,27 @@ def decode_dump(data: bytes) -> GraphDump:
     return decode_remote(_dump_decoder, data, "undecodable graph dump", "bad_dump")
 
 
+Source = bytes | None
+"""The neighbour an entry was learned through (its fingerprint); None for our own entries."""
+
+_Key = TypeVar("_Key", bytes, tuple[bytes, bytes])
+
+
 @dataclass(frozen=True, slots=True)
 class GraphStatistics:
     identities: int
     adjacencies: int
     cached_sources: int
+    evicted_identities: int
+    evicted_adjacencies: int  # those of evicted identities included
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """The entries held on behalf of one source."""
+
+    identities: int
+    adjacencies: int
 
 
 @dataclass(slots=True)
@@ -242,6 +259,39 @@ class _Tree:
     first_hop: dict[bytes, bytes]
 
 
+class _Shares(Generic[_Key]):
+    """Who brought each entry of one table: the first source that did, whoever refreshes it
+    later, so a neighbour cannot take over entries by re-sending them."""
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self.source_of: dict[_Key, Source] = {}  # in arrival order: oldest first
+        self.counts: Counter[Source] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.source_of)
+
+    def add(self, key: _Key, source: Source) -> None:
+        self.source_of[key] = source
+        self.counts[source] += 1
+
+    def remove(self, key: _Key) -> None:
+        source = self.source_of.pop(key)
+        self.counts[source] -= 1
+        if not self.counts[source]:
+            del self.counts[source]
+
+    def over_share(self, source: Source, newcomer: Source) -> bool:
+        """Whether `source` holds more than its fair share: the bound divided equally among
+        the sources holding entries and `newcomer`'s."""
+        sources = len(self.counts) + (newcomer not in self.counts)
+        return self.counts[source] * sources > self.bound
+
+    def evictable(self, newcomer: Source) -> bool:
+        """Whether some neighbour holds more than its share (our own entries never go)."""
+        return any(s is not None and self.over_share(s, newcomer) for s in self.counts)
+
+
 def _check_timestamp(timestamp: int, now: int) -> bool:
     """False if already expired; raises if dated too far in the future."""
     if timestamp > now + MAX_CLOCK_SKEW_SECS:
@@ -250,12 +300,29 @@ def _check_timestamp(timestamp: int, now: int) -> bool:
 
 
 class RelayGraph:
-    """Identity and adjacency descriptors, with cached shortest-path next hops."""
+    """Identity and adjacency descriptors, with cached shortest-path next hops.
 
-    def __init__(self) -> None:
+    Every entry is attributed to the source it was first learned from (`Source`: the
+    neighbour, or None for our own), and counts against that source's share of its table.
+    A full table admits a newcomer by evicting a batch of what serves us least: entries
+    unreachable from us first, then those of the largest shares. Only a source holding more
+    than its fair share (the bound divided among the sources holding entries and the
+    newcomer's) loses entries, and never our own descriptors, our direct neighbours'
+    identities or our own adjacencies. See docs/relay-graph.md.
+    """
+
+    def __init__(
+        self, *, max_identities: int = MAX_IDENTITIES, max_adjacencies: int = MAX_ADJACENCIES
+    ) -> None:
+        if max_identities < 1 or max_adjacencies < 1:
+            raise LocalProtocolError("graph bounds must be positive")
         self._identities: dict[bytes, IdentityDescriptor] = {}
         self._adjacencies: dict[tuple[bytes, bytes], AdjacencyDescriptor] = {}
         self._neighbors: dict[bytes, set[bytes]] = {}
+        self._identity_shares: _Shares[bytes] = _Shares(max_identities)
+        self._adjacency_shares: _Shares[tuple[bytes, bytes]] = _Shares(max_adjacencies)
+        self._evicted_identities = 0
+        self._evicted_adjacencies = 0
         # BFS trees per source, dropped whenever the set of edges changes. Refreshing a
         # descriptor does not change the topology, so the re-signing churn of a large network
         # does not throw the cache away.
@@ -263,12 +330,13 @@ class RelayGraph:
 
     # --- insertion -------------------------------------------------------------------------
 
-    def insert_identity(self, descriptor: IdentityDescriptor, now: int) -> bool:
-        """Add or refresh a node. Returns True if the graph changed.
+    def insert_identity(self, descriptor: IdentityDescriptor, now: int, *, source: Source) -> bool:
+        """Add or refresh a node learned from `source`. Returns True if the graph changed.
 
         A descriptor no newer than the one held, or already expired, is ignored (False).
         Raises RemoteProtocolError with reason "bad_descriptor", "bad_signature",
-        "bad_timestamp" (more than MAX_CLOCK_SKEW_SECS ahead of `now`) or "graph_full".
+        "bad_timestamp" (more than MAX_CLOCK_SKEW_SECS ahead of `now`) or "graph_full" (the
+        table is full and nothing in it may be evicted).
         """
         if len(descriptor.identity_public) != KEY_SIZE:
             raise RemoteProtocolError("malformed identity descriptor", "bad_descriptor")
@@ -279,14 +347,22 @@ class RelayGraph:
         # Cheap checks before the signature: in a periodic dump nearly everything is known.
         if held is not None and _identity_order(descriptor) <= _identity_order(held):
             return False
-        if held is None and len(self._identities) >= MAX_IDENTITIES:
+        shares = self._identity_shares
+        full = held is None and len(shares) >= shares.bound
+        if full and not shares.evictable(source):
             raise RemoteProtocolError("identity table full", "graph_full")
-        descriptor.verify()
+        descriptor.verify()  # before evicting anything for it
+        if full:
+            self._evict_identities(source)
+        if held is None:
+            shares.add(fingerprint, source)
         self._identities[fingerprint] = descriptor
         return True
 
-    def insert_adjacency(self, descriptor: AdjacencyDescriptor, now: int) -> bool:
-        """Add or refresh a link. Returns True if the graph changed.
+    def insert_adjacency(
+        self, descriptor: AdjacencyDescriptor, now: int, *, source: Source
+    ) -> bool:
+        """Add or refresh a link learned from `source`. Returns True if the graph changed.
 
         Both endpoints' identity descriptors must already be held: the signatures cannot be
         checked without their keys, and exchanges send identities first. Raises
@@ -304,28 +380,33 @@ class RelayGraph:
         right = self._identities.get(descriptor.right)
         if left is None or right is None:
             raise RemoteProtocolError("adjacency endpoint not known", "unknown_endpoint")
-        if held is None and len(self._adjacencies) >= MAX_ADJACENCIES:
+        shares = self._adjacency_shares
+        full = held is None and len(shares) >= shares.bound
+        if full and not shares.evictable(source):
             raise RemoteProtocolError("adjacency table full", "graph_full")
         descriptor.verify(left.identity_public, right.identity_public)
+        if full:
+            self._evict_adjacencies(source)
         self._adjacencies[key] = descriptor
         if held is None:
+            shares.add(key, source)
             self._neighbors.setdefault(descriptor.left, set()).add(descriptor.right)
             self._neighbors.setdefault(descriptor.right, set()).add(descriptor.left)
             self._trees.clear()
         return True
 
-    def insert_dump(self, dump: GraphDump, now: int) -> DumpReport:
-        """Insert a neighbour's dump, identities first; never raises RemoteProtocolError."""
+    def insert_dump(self, dump: GraphDump, now: int, *, source: Source) -> DumpReport:
+        """Insert a dump from `source`, identities first; never raises RemoteProtocolError."""
         report = DumpReport()
         for identity in dump.identities:
             try:
-                if self.insert_identity(identity, now):
+                if self.insert_identity(identity, now, source=source):
                     report.identities.append(identity)
             except RemoteProtocolError as exc:
                 report.rejected[exc.reason] += 1
         for adjacency in dump.adjacencies:
             try:
-                if self.insert_adjacency(adjacency, now):
+                if self.insert_adjacency(adjacency, now, source=source):
                     report.adjacencies.append(adjacency)
             except RemoteProtocolError as exc:
                 report.rejected[exc.reason] += 1
@@ -337,23 +418,107 @@ class RelayGraph:
         Returns how many descriptors were removed. Call it about once a minute.
         """
         cutoff = now - DESCRIPTOR_TTL_SECS
-        gone = [fp for fp, d in self._identities.items() if d.timestamp <= cutoff]
-        for fingerprint in gone:
-            del self._identities[fingerprint]
-        stale = [
-            key
-            for key, d in self._adjacencies.items()
-            if d.timestamp <= cutoff
-            or key[0] not in self._identities
-            or key[1] not in self._identities
-        ]
-        for left, right in stale:
-            del self._adjacencies[left, right]
-            self._unlink(left, right)
-            self._unlink(right, left)
-        if stale:
-            self._trees.clear()
-        return len(gone) + len(stale)
+        removed = 0
+        for fingerprint in [fp for fp, d in self._identities.items() if d.timestamp <= cutoff]:
+            removed += 1 + self._remove_identity(fingerprint)
+        stale = [key for key, d in self._adjacencies.items() if d.timestamp <= cutoff]
+        for key in stale:
+            self._remove_adjacency(key)
+        return removed + len(stale)
+
+    # --- eviction --------------------------------------------------------------------------
+
+    def _evict_identities(self, newcomer: Source) -> None:
+        local = self._local_identities()
+        direct = {fp for own in local for fp in self._neighbors.get(own, ())}
+        reachable = self._reachable_from(local)
+        shares = self._identity_shares
+
+        def keep(fingerprint: bytes) -> bool:
+            # A neighbour's own descriptor counts as direct before our link is co-signed.
+            return fingerprint in direct or fingerprint == shares.source_of[fingerprint]
+
+        def remove(fingerprint: bytes) -> None:
+            self._evicted_adjacencies += self._remove_identity(fingerprint)
+            self._evicted_identities += 1
+
+        self._evict(shares, newcomer, keep, reachable.__contains__, remove)
+
+    def _evict_adjacencies(self, newcomer: Source) -> None:
+        local = self._local_identities()
+        reachable = self._reachable_from(local)
+
+        def keep(key: tuple[bytes, bytes]) -> bool:
+            return key[0] in local or key[1] in local
+
+        def remove(key: tuple[bytes, bytes]) -> None:
+            self._remove_adjacency(key)
+            self._evicted_adjacencies += 1
+
+        # A link is reachable exactly when either endpoint is: it joins them.
+        self._evict(self._adjacency_shares, newcomer, keep, lambda key: key[0] in reachable, remove)
+
+    def _evict(
+        self,
+        shares: _Shares[_Key],
+        newcomer: Source,
+        keep: Callable[[_Key], bool],
+        reachable: Callable[[_Key], bool],
+        remove: Callable[[_Key], None],
+    ) -> None:
+        """Free up to a batch of a full table's entries, none that we `keep` and none of a
+        source holding its fair share or less (that source counted again after each one):
+        entries unreachable from us first, then by share, largest first, each source's
+        oldest first. Raises RemoteProtocolError("graph_full") if none may go.
+
+        Choosing scans the table once, so a batch of bound/EVICTION_BATCH_DIVISOR spreads
+        the scan over that many insertions.
+        """
+        # Per source over its share: (unreachable, reachable) candidates, oldest first.
+        candidates: dict[bytes, tuple[list[_Key], list[_Key]]] = {}
+        for key, source in shares.source_of.items():
+            if source is not None and shares.over_share(source, newcomer) and not keep(key):
+                candidates.setdefault(source, ([], []))[reachable(key)].append(key)
+        largest_first = sorted(candidates, key=shares.counts.__getitem__, reverse=True)
+        batch = max(1, shares.bound // EVICTION_BATCH_DIVISOR)
+        evicted = 0
+        for is_reachable in (False, True):
+            for source in largest_first:
+                for key in candidates[source][is_reachable]:
+                    if evicted == batch or not shares.over_share(source, newcomer):
+                        break
+                    remove(key)
+                    evicted += 1
+        if not evicted:
+            raise RemoteProtocolError("graph table full", "graph_full")
+
+    def _local_identities(self) -> list[bytes]:
+        return [fp for fp, source in self._identity_shares.source_of.items() if source is None]
+
+    def _reachable_from(self, fingerprints: list[bytes]) -> set[bytes]:
+        reachable = set(fingerprints)
+        for fingerprint in fingerprints:
+            reachable.update(self._tree(fingerprint).parent)
+        return reachable
+
+    def _remove_identity(self, fingerprint: bytes) -> int:
+        """Drop a node and its links (an edge needs both endpoints); returns how many links."""
+        links = sorted(self._neighbors.get(fingerprint, ()))
+        for other in links:
+            self._remove_adjacency(
+                (fingerprint, other) if fingerprint < other else (other, fingerprint)
+            )
+        del self._identities[fingerprint]
+        self._identity_shares.remove(fingerprint)
+        return len(links)
+
+    def _remove_adjacency(self, key: tuple[bytes, bytes]) -> None:
+        left, right = key
+        del self._adjacencies[key]
+        self._adjacency_shares.remove(key)
+        self._unlink(left, right)
+        self._unlink(right, left)
+        self._trees.clear()
 
     def _unlink(self, a: bytes, b: bytes) -> None:
         neighbors = self._neighbors[a]
@@ -385,7 +550,16 @@ class RelayGraph:
             identities=len(self._identities),
             adjacencies=len(self._adjacencies),
             cached_sources=len(self._trees),
+            evicted_identities=self._evicted_identities,
+            evicted_adjacencies=self._evicted_adjacencies,
         )
+
+    def shares(self) -> dict[Source, Share]:
+        """The entries held per source (None: our own)."""
+        identities, adjacencies = self._identity_shares.counts, self._adjacency_shares.counts
+        return {
+            s: Share(identities[s], adjacencies[s]) for s in identities.keys() | adjacencies.keys()
+        }
 
     def next_hop(self, src_fp: bytes, dst_fp: bytes) -> bytes | None:
         """The neighbour of `src_fp` on the shortest path to `dst_fp`; None if unreachable or

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import blake3
 import msgspec
@@ -31,6 +32,19 @@ Rng = Callable[[int], bytes]
 
 # The serialized identity file: a version tag then both 32-byte secrets.
 IDENTITY_FILE_VERSION = 1
+
+# Field types of wire structs: every value a peer sends is bounded at its type, so whatever
+# decodes can be used without a local error further in (a u64 `struct.pack`, msgpack
+# re-encoding a signed part, an int64 in storage). msgspec checks `Meta` at decode only.
+MAX_UINT = 2**63 - 1
+Uint = Annotated[int, msgspec.Meta(ge=0, le=MAX_UINT)]  # counts, sequence numbers, µMEL
+Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=MAX_UINT)]  # signed µMEL (a balance)
+Timestamp = Uint  # unix seconds
+Fingerprint = Annotated[
+    bytes, msgspec.Meta(min_length=FINGERPRINT_SIZE, max_length=FINGERPRINT_SIZE)
+]
+PublicKey = Annotated[bytes, msgspec.Meta(min_length=KEY_SIZE, max_length=KEY_SIZE)]
+Signature = Annotated[bytes, msgspec.Meta(min_length=SIGNATURE_SIZE, max_length=SIGNATURE_SIZE)]
 
 
 def fingerprint_of(identity_public: bytes) -> bytes:
@@ -73,10 +87,10 @@ def verify(identity_public: bytes, domain: bytes, message: bytes, signature: byt
 class IdentityDescriptor(msgspec.Struct, frozen=True, array_like=True):
     """Binds an onion key to an identity at a time; what other nodes learn about us."""
 
-    identity_public: bytes
-    onion_public: bytes
-    timestamp: int  # unix seconds when signed
-    signature: bytes
+    identity_public: PublicKey
+    onion_public: PublicKey
+    timestamp: Timestamp  # when signed
+    signature: Signature
 
     DOMAIN = b"earendil_py identity descriptor v1"
 

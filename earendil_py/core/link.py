@@ -442,11 +442,14 @@ class Link:
             return
         if kind != self._expected_handshake_kind():
             raise RemoteProtocolError("unexpected handshake message", "handshake_unexpected")
+        # Nothing changes before `read_message` succeeds (it leaves the Noise state unchanged
+        # when it fails), so a forged or corrupted message cannot spoil a handshake that the
+        # genuine one would still complete.
         if kind == HS_INIT:
             if len(body) < 5:
                 raise RemoteProtocolError("short handshake", "handshake_malformed")
-            self.remote_index = int(U32.unpack_from(body, 1)[0])
             self._noise.read_message(body[5:])
+            self.remote_index = int(U32.unpack_from(body, 1)[0])
             self._send_flight([self._handshake_message(HS_RESP, self.remote_index)], now)
         elif kind == HS_RESP:
             if len(body) < 9 or U32.unpack_from(body, 5)[0] != self.local_index:

@@ -1,7 +1,8 @@
 """Control messages exchanged between neighbours inside CONTROL link frames.
 
 Frozen, array-like, integer-tagged msgspec structs; tags are never reused and new fields are
-only ever appended with defaults. Decoding raises only RemoteProtocolError.
+only ever appended with defaults. Every field is bounded at its type (no message is larger
+than a link message anyway), and decoding raises only RemoteProtocolError.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import msgspec
 
 from earendil_py.core.errors import decode_remote
 from earendil_py.core.graph import AdjacencyDescriptor
-from earendil_py.core.identity import IdentityDescriptor
+from earendil_py.core.identity import IdentityDescriptor, Signature, Timestamp
+from earendil_py.core.link import MAX_MESSAGE_SIZE
+
+Payload = Annotated[bytes, msgspec.Meta(max_length=MAX_MESSAGE_SIZE)]
 
 
 class GraphPush(msgspec.Struct, frozen=True, array_like=True, tag=1):
     """Descriptors for the neighbour's relay graph: one `graph.encode_dumps` message."""
 
-    dump: bytes
+    dump: Payload
 
 
 class GraphPull(msgspec.Struct, frozen=True, array_like=True, tag=2):
@@ -30,8 +34,8 @@ class AdjacencyRequest(msgspec.Struct, frozen=True, array_like=True, tag=3):
     with the sender's identity descriptor so the receiver can verify it and route to it."""
 
     identity: IdentityDescriptor
-    timestamp: int
-    signature: bytes
+    timestamp: Timestamp
+    signature: Signature
 
 
 class AdjacencyGrant(msgspec.Struct, frozen=True, array_like=True, tag=4):
@@ -45,7 +49,7 @@ class DockMessage(msgspec.Struct, frozen=True, array_like=True, tag=5):
     dock GLOBAL_RPC_DOCK)."""
 
     dock: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
-    data: bytes
+    data: Payload
 
 
 GLOBAL_RPC_DOCK = 100001

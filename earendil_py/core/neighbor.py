@@ -94,7 +94,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -109,7 +109,7 @@ from earendil_py.core.accounting import (
     Dispute,
 )
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError, decode_remote
-from earendil_py.core.identity import Identity, fingerprint_of
+from earendil_py.core.identity import Identity, Int, fingerprint_of
 from earendil_py.core.ledger import GENESIS, Entry
 from earendil_py.core.pricing import (
     AcceptanceRule,
@@ -200,7 +200,7 @@ class SettlementAnswer(msgspec.Struct, frozen=True, array_like=True, forbid_unkn
 
 
 class DebtAck(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
-    debt_umel: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+    debt_umel: Int
 
 
 _encoder = msgspec.msgpack.Encoder()

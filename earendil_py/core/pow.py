@@ -31,7 +31,7 @@ import blake3
 import msgspec
 
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError, decode_remote
-from earendil_py.core.pricing import Fingerprint, Uint
+from earendil_py.core.identity import Fingerprint, Uint
 
 UMEL_PER_HASH = 1
 MAX_DIFFICULTY_BITS = 40

@@ -21,16 +21,13 @@ from typing import Annotated
 import msgspec
 
 from earendil_py.core.errors import RemoteProtocolError
-from earendil_py.core.identity import Identity
+from earendil_py.core.identity import Fingerprint, Identity, Signature, Uint
 from earendil_py.core.signed import sign, verify_signed
 
 # v2: the signed part is the struct with its signature emptied (core/signed.py).
 OFFER_DOMAIN = b"earendil_py push_price offer v2"
 ANSWER_DOMAIN = b"earendil_py push_price answer v2"
 
-Uint = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # msgspec checks bounds in int64
-Fingerprint = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
-Signature = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
 MethodName = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 Methods = Annotated[list[MethodName], msgspec.Meta(max_length=16)]
 Reason = Annotated[str, msgspec.Meta(max_length=64)]

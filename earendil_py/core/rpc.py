@@ -13,9 +13,12 @@ datagrams (Birrell & Nelson; Sun RPC's duplicate request cache):
   twice for one key while the key is remembered, and the whole client schedule
   (`RpcTimers.give_up_after`, 31.5 s by default) fits inside that window.
 
-The cache is bounded in count, in total and per neighbour. When it is full a *new* request is
+The cache is bounded per neighbour, in entries and in bytes, and in total by those quotas
+times the number of neighbours the node admits, so one neighbour (or many identities behind
+one route cookie) filling its quota takes nothing from the others. A request over a bound is
 refused with SERVER_BUSY (the method did not run, so the caller may retry) instead of
 evicting a live entry, which would break the run-once guarantee without anyone noticing.
+Answers that ran no handler (malformed requests, unknown methods) take no entry at all.
 
 The envelope is JSON-RPC 2.0 (https://www.jsonrpc.org/specification) in msgspec JSON, not
 the project's array-like msgpack: it is a public, self-describing format that any JSON-RPC
@@ -31,14 +34,19 @@ randomness as an `rng` callable.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 import blake3
 import msgspec
 
-from earendil_py.core.errors import EarendilError, LocalProtocolError, RemoteProtocolError
+from earendil_py.core.errors import (
+    EarendilError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    decode_remote,
+)
 
 Rng = Callable[[int], bytes]
 
@@ -71,13 +79,26 @@ STANDARD_MESSAGES = {
 MAX_PAYLOAD_SIZE = 16_000
 # Ids are kept in the cache; a peer must not make us store long strings.
 MAX_ID_LENGTH = 128
+MAX_METHOD_LENGTH = 64  # our method names are short snake_case words
+MAX_ERROR_MESSAGE_CHARS = 256  # JSON-RPC: "a short description"; longer ones are cut on send
 ID_BYTES = 16  # random bytes in the ids we generate (sent as 32 hex digits)
 
 RESPONSE_CACHE_SECS = 60.0
-# Worst case memory: MAX_CACHE_ENTRIES x MAX_PAYLOAD_SIZE = 32 MB (typical responses are tiny).
 # Per neighbour, 256 entries per 60 s allow a sustained ~4 calls/s from each neighbour.
-MAX_CACHE_ENTRIES = 2048
 MAX_CACHE_ENTRIES_PER_NEIGHBOR = 256
+# What one entry costs besides its response: key, id (up to MAX_ID_LENGTH characters),
+# digest, the entry, its dict and deque slots, the response's bytes header. tracemalloc
+# measures ~550 bytes with a 128-character id; rounded up.
+CACHE_ENTRY_OVERHEAD_BYTES = 640
+# Responses may be up to MAX_PAYLOAD_SIZE, so entries alone do not bound memory. A running
+# entry is charged as if its response were that large (so `complete` never overshoots), an
+# answered one for what it holds. 512 KiB fit the 256 entries with responses up to ~1.4 KB,
+# or 31 running calls at once.
+MAX_CACHE_BYTES_PER_NEIGHBOR = 512 * 1024
+# The neighbours the node admits at once, when the node does not say; the global bounds are
+# the quotas times this. Worst-case memory of the cache: max_neighbors x
+# MAX_CACHE_BYTES_PER_NEIGHBOR = 64 x 512 KiB = 32 MiB (typical responses are tiny).
+DEFAULT_MAX_NEIGHBORS = 64
 
 _DETAIL_CHARS = 200  # error details echoed to the peer are cut to this length
 
@@ -126,23 +147,23 @@ class MalformedRequest(RemoteProtocolError):
 # --- wire structs -------------------------------------------------------------------------
 
 RequestId = str | int
-# What we accept from peers: the spec's string or number ids, minus fractions, bounded.
-WireId = (
-    Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
-    | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-)
+# What we accept from peers is bounded (docs/rpc.md, "Decoding peer input"): the spec's string
+# or number ids minus fractions, integers in int64, short strings. params, result and error
+# data are any JSON, bounded by MAX_PAYLOAD_SIZE and by the nesting depth msgspec parses.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+WireId = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)] | Int64
 
 
 class ErrorObject(msgspec.Struct, frozen=True, kw_only=True):
-    code: int
-    message: str
+    code: Int64
+    message: Annotated[str, msgspec.Meta(max_length=MAX_ERROR_MESSAGE_CHARS)]
     data: Any = msgspec.UNSET  # omitted when unset
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
     jsonrpc: Literal["2.0"]
     id: WireId
-    method: str
+    method: Annotated[str, msgspec.Meta(max_length=MAX_METHOD_LENGTH)]
     # The spec allows only structured params; absent is passed to handlers as None.
     params: list[Any] | dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
 
@@ -207,9 +228,13 @@ def encode_result(request_id: RequestId, result: Any) -> bytes:
 
 
 def encode_error(request_id: RequestId | None, code: int, message: str, data: Any = None) -> bytes:
-    """`data=None` is omitted. Raises LocalProtocolError if data is not JSON-encodable or the
-    response exceeds MAX_PAYLOAD_SIZE."""
-    error = ErrorObject(code=code, message=message, data=msgspec.UNSET if data is None else data)
+    """`data=None` is omitted; `message` is cut to MAX_ERROR_MESSAGE_CHARS. Raises
+    LocalProtocolError if data is not JSON-encodable or the response exceeds MAX_PAYLOAD_SIZE."""
+    error = ErrorObject(
+        code=code,
+        message=message[:MAX_ERROR_MESSAGE_CHARS],
+        data=msgspec.UNSET if data is None else data,
+    )
     return _encode(Response(jsonrpc="2.0", id=request_id, error=error), "error response")
 
 
@@ -226,8 +251,8 @@ def is_request(payload: bytes) -> bool:
     if len(payload) > MAX_PAYLOAD_SIZE:
         return True
     try:
-        probe = _method_probe_decoder.decode(payload)
-    except msgspec.DecodeError:
+        probe = decode_remote(_method_probe_decoder, payload, "probe", "rpc_parse_error")
+    except RemoteProtocolError:
         return True
     return probe.method is not msgspec.UNSET
 
@@ -237,14 +262,20 @@ def decode_request(payload: bytes) -> Request:
     if len(payload) > MAX_PAYLOAD_SIZE:
         raise MalformedRequest("request too large", code=INVALID_REQUEST, request_id=None)
     try:
-        return _request_decoder.decode(payload)
-    except msgspec.ValidationError as exc:  # valid JSON, not a valid request
+        return decode_remote(
+            _request_decoder,
+            payload,
+            "bad request",
+            "rpc_parse_error",  # not JSON, or nested deeper than we parse
+            invalid="rpc_invalid_request",  # valid JSON, not a valid request
+        )
+    except RemoteProtocolError as exc:
+        if exc.reason == "rpc_parse_error":
+            raise MalformedRequest(str(exc), code=PARSE_ERROR, request_id=None) from None
         detail = str(exc)
-    except msgspec.DecodeError as exc:
-        raise MalformedRequest(str(exc), code=PARSE_ERROR, request_id=None) from None
-    try:
-        request_id = _id_probe_decoder.decode(payload).id
-    except msgspec.DecodeError:
+    try:  # answered under the request's id, if it has one we can read
+        request_id = decode_remote(_id_probe_decoder, payload, "id", "rpc_invalid_request").id
+    except RemoteProtocolError:
         request_id = None
     raise MalformedRequest(detail, code=INVALID_REQUEST, request_id=request_id)
 
@@ -253,10 +284,7 @@ def decode_response(payload: bytes) -> Response:
     """Raises RemoteProtocolError("rpc_bad_response") for anything but a valid response."""
     if len(payload) > MAX_PAYLOAD_SIZE:
         raise RemoteProtocolError("response too large", "rpc_bad_response")
-    try:
-        response = _response_decoder.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise RemoteProtocolError(f"bad response: {exc}", "rpc_bad_response") from None
+    response = decode_remote(_response_decoder, payload, "bad response", "rpc_bad_response")
     if (response.result is msgspec.UNSET) == (response.error is msgspec.UNSET):
         raise RemoteProtocolError("response needs exactly one of result, error", "rpc_bad_response")
     return response
@@ -283,16 +311,34 @@ class ServerStatistics:
     in_progress_hits: int = 0  # retransmissions while the method ran: no answer
     parse_errors: int = 0
     invalid_requests: int = 0
-    busy_refusals: int = 0
+    unknown_methods: int = 0  # answered METHOD_NOT_FOUND, without an entry
+    # SERVER_BUSY answers by the bound that was reached: "neighbor_entries",
+    # "neighbor_bytes" (the caller's quota), "total_entries", "total_bytes".
+    busy: Counter[str] = field(default_factory=Counter)
     id_conflicts: int = 0  # a known id with a different method or params: dropped
     expired: int = 0
     cached_entries: int = 0  # now remembered, running or answered
+    cached_bytes: int = 0  # what they are charged (see CACHE_ENTRY_OVERHEAD_BYTES)
+    cached_neighbors: int = 0  # neighbours holding entries
+
+
+@dataclass(slots=True)
+class _Usage:
+    """Entries and bytes held by one neighbour, or a bound on them."""
+
+    entries: int = 0
+    size_bytes: int = 0
 
 
 @dataclass(slots=True)
 class _Entry:
     digest: bytes  # of (method, params), to tell a retransmission from a reused id
     response: bytes | None  # None while the method runs
+    charged_bytes: int
+
+
+# What a running entry is charged: its response is not known yet and may be this large.
+_RUNNING_CHARGE = CACHE_ENTRY_OVERHEAD_BYTES + MAX_PAYLOAD_SIZE
 
 
 def _request_digest(request: Request) -> bytes:
@@ -304,6 +350,11 @@ class RpcServer:
     """The run-at-most-once side. One per node; entries are keyed by (neighbour, id) because
     ids are only unique per client.
 
+    Each neighbour has a quota of entries and of bytes; the total is bounded by the quotas
+    times `max_neighbors`, the number of neighbours the node admits at once, so a neighbour
+    under its quota is refused only if more neighbours than that hold entries (an entry
+    outlives its neighbour's link by up to `response_cache_secs`).
+
     `receive_request` never raises for remote input. An entry is remembered from dispatch
     until `response_cache_secs` after `complete`; entries still running never expire.
     """
@@ -312,16 +363,22 @@ class RpcServer:
         self,
         *,
         response_cache_secs: float = RESPONSE_CACHE_SECS,
-        max_entries: int = MAX_CACHE_ENTRIES,
+        max_neighbors: int = DEFAULT_MAX_NEIGHBORS,
         max_entries_per_neighbor: int = MAX_CACHE_ENTRIES_PER_NEIGHBOR,
+        max_bytes_per_neighbor: int = MAX_CACHE_BYTES_PER_NEIGHBOR,
     ) -> None:
-        if response_cache_secs <= 0 or max_entries < 1 or max_entries_per_neighbor < 1:
+        if response_cache_secs <= 0 or max_neighbors < 1 or max_entries_per_neighbor < 1:
             raise LocalProtocolError("cache lifetime and bounds must be positive")
+        if max_bytes_per_neighbor < _RUNNING_CHARGE:
+            raise LocalProtocolError(f"a neighbour's quota must hold {_RUNNING_CHARGE} bytes")
         self._ttl = response_cache_secs
-        self._max_entries = max_entries
-        self._max_per_neighbor = max_entries_per_neighbor
+        self._quota = _Usage(max_entries_per_neighbor, max_bytes_per_neighbor)
+        self._bound = _Usage(
+            max_entries_per_neighbor * max_neighbors, max_bytes_per_neighbor * max_neighbors
+        )
         self._entries: dict[tuple[bytes, RequestId], _Entry] = {}
-        self._per_neighbor: Counter[bytes] = Counter()
+        self._cached_bytes = 0
+        self._per_neighbor: dict[bytes, _Usage] = {}
         # Completed keys in completion order, which is expiry order since `now` never
         # decreases and the lifetime is constant.
         self._expiry: deque[tuple[float, tuple[bytes, RequestId]]] = deque()
@@ -329,12 +386,18 @@ class RpcServer:
 
     def statistics(self) -> ServerStatistics:
         """A snapshot of the counters."""
-        return replace(self._stats, cached_entries=len(self._entries))
+        return replace(
+            self._stats,
+            busy=Counter(self._stats.busy),
+            cached_entries=len(self._entries),
+            cached_bytes=self._cached_bytes,
+            cached_neighbors=len(self._per_neighbor),
+        )
 
     def receive_request(
-        self, neighbor: bytes, payload: bytes, now: float
+        self, neighbor: bytes, payload: bytes, now: float, *, methods: Container[str]
     ) -> RequestReceived | bytes | None:
-        """What to do with a request from `neighbor`:
+        """What to do with a request from `neighbor`, given the `methods` we serve:
 
         - `bytes`: send them back (an error response, or the cached response to a
           retransmission: byte-identical to the first answer);
@@ -365,14 +428,20 @@ class RpcServer:
                 return None
             self._stats.cache_hits += 1
             return entry.response
-        if (
-            len(self._entries) >= self._max_entries
-            or self._per_neighbor[neighbor] >= self._max_per_neighbor
-        ):
-            self._stats.busy_refusals += 1
-            return _standard_error(request.id, SERVER_BUSY)
-        self._entries[key] = _Entry(digest, None)
-        self._per_neighbor[neighbor] += 1
+        if request.method not in methods:
+            # Nothing runs for an unknown method, so its answer depends only on the method
+            # name and our handler table: every copy gets the same bytes without an entry,
+            # and unknown calls, like malformed ones, hold no memory. (The table is filled
+            # before requests are served; a handler registered later could run for a
+            # retransmission whose first copy was told the method was missing, still once.)
+            self._stats.unknown_methods += 1
+            return _standard_error(request.id, METHOD_NOT_FOUND)
+        refusal = self._refusal(neighbor)
+        if refusal is not None:
+            self._stats.busy[refusal] += 1
+            return _standard_error(request.id, SERVER_BUSY, refusal)
+        self._entries[key] = _Entry(digest, None, _RUNNING_CHARGE)
+        self._charge(neighbor, 1, _RUNNING_CHARGE)
         self._stats.dispatched += 1
         params = None if request.params is msgspec.UNSET else request.params
         return RequestReceived(neighbor, request.id, request.method, params)
@@ -380,12 +449,20 @@ class RpcServer:
     def complete(self, neighbor: bytes, request_id: RequestId, response: bytes, now: float) -> None:
         """Cache the response to a dispatched request; the caller sends it.
 
-        Raises LocalProtocolError if the request was not dispatched or is already complete.
+        Raises LocalProtocolError if the request was not dispatched or is already complete,
+        or the response exceeds MAX_PAYLOAD_SIZE.
         """
         entry = self._entries.get((neighbor, request_id))
         if entry is None or entry.response is not None:
             raise LocalProtocolError(f"request {request_id!r} is not running")
-        entry.response = response
+        if len(response) > MAX_PAYLOAD_SIZE:
+            raise LocalProtocolError(f"response of {len(response)} bytes is too large")
+        # msgspec's encoder returns its buffer, slack included (up to half the length
+        # again): held for a minute, an exact copy is what we charge for.
+        entry.response = bytes(memoryview(response))
+        charge = CACHE_ENTRY_OVERHEAD_BYTES + len(response)
+        self._charge(neighbor, 0, charge - entry.charged_bytes)
+        entry.charged_bytes = charge
         self._expiry.append((now + self._ttl, (neighbor, request_id)))
 
     def get_timer(self) -> float | None:
@@ -395,14 +472,32 @@ class RpcServer:
     def handle_timer(self, now: float) -> None:
         self._expire(now)
 
+    def _refusal(self, neighbor: bytes) -> str | None:
+        """The bound a new entry from `neighbor` would pass, if any: its own quota first."""
+        usage = self._per_neighbor.get(neighbor, _Usage())
+        if usage.entries >= self._quota.entries:
+            return "neighbor_entries"
+        if usage.size_bytes + _RUNNING_CHARGE > self._quota.size_bytes:
+            return "neighbor_bytes"
+        if len(self._entries) >= self._bound.entries:
+            return "total_entries"
+        if self._cached_bytes + _RUNNING_CHARGE > self._bound.size_bytes:
+            return "total_bytes"
+        return None
+
+    def _charge(self, neighbor: bytes, entries: int, size_bytes: int) -> None:
+        usage = self._per_neighbor.setdefault(neighbor, _Usage())
+        usage.entries += entries
+        usage.size_bytes += size_bytes
+        self._cached_bytes += size_bytes
+        if not usage.entries:
+            del self._per_neighbor[neighbor]
+
     def _expire(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] <= now:
             _, key = self._expiry.popleft()
-            del self._entries[key]
-            neighbor = key[0]
-            self._per_neighbor[neighbor] -= 1
-            if not self._per_neighbor[neighbor]:
-                del self._per_neighbor[neighbor]
+            entry = self._entries.pop(key)
+            self._charge(key[0], -1, -entry.charged_bytes)
             self._stats.expired += 1
 
 

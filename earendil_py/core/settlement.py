@@ -38,9 +38,16 @@ import msgspec
 
 from earendil_py.core.accounting import MAX_CLOCK_SKEW_SECS
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError, decode_remote
-from earendil_py.core.identity import Identity, fingerprint_of, verify
+from earendil_py.core.identity import (
+    MAX_UINT,
+    Fingerprint,
+    Identity,
+    Signature,
+    Uint,
+    fingerprint_of,
+    verify,
+)
 from earendil_py.core.ledger import GENESIS
-from earendil_py.core.pricing import Fingerprint, Signature, Uint
 from earendil_py.core.signed import sign, signed_part, verify_signed
 
 # v2: the signed part is the struct with its signature emptied (core/signed.py).
@@ -83,7 +90,6 @@ RejectReason = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Direction = Literal["left_pays", "right_pays", "none"]
 Role = Literal["proposer", "responder"]
 
-_MAX_UINT = 2**63 - 1
 _T = TypeVar("_T")
 _encoder = msgspec.msgpack.Encoder()
 
@@ -152,7 +158,7 @@ class Proposal(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fiel
         if len(self.proof) > MAX_PROOF_SIZE or len(self.proposer_signature) != 64:
             return "proof too large or signature malformed"
         amounts = (self.reduce_left_umel, self.reduce_right_umel, self.net_umel)
-        if not all(0 <= n <= _MAX_UINT for n in (*amounts, self.timestamp, self.expires_at)):
+        if not all(0 <= n <= MAX_UINT for n in (*amounts, self.timestamp, self.expires_at)):
             return "an integer is out of range"
         if not self.left < self.right:
             return "left must sort before right"

@@ -29,7 +29,7 @@ from earendil_py.core.accounting_v1 import (
     DebtLimitNotice,
     Dispute,
 )
-from earendil_py.core.errors import RemoteProtocolError
+from earendil_py.core.errors import RemoteProtocolError, convert_remote
 from earendil_py.core.identity import short_hex
 from earendil_py.core.pricing import (
     AcceptanceRule,
@@ -466,9 +466,9 @@ class _ClaimGroup:
 
 def _convert(params: Any, kind: type[Any]) -> Any:
     try:
-        return msgspec.convert(params, kind)
-    except msgspec.ValidationError as exc:
-        raise RpcError(INVALID_PARAMS, f"invalid params: {exc}") from None
+        return convert_remote(params, kind, "invalid params", "invalid_params")
+    except RemoteProtocolError as exc:
+        raise RpcError(INVALID_PARAMS, str(exc)) from None
 
 
 def _refused(exc: RemoteProtocolError) -> RpcError:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 import msgspec
 import structlog
 
-from earendil_py.core.errors import LocalProtocolError
+from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError, convert_remote
 from earendil_py.core.identity import short_hex
 from earendil_py.core.rpc import INVALID_PARAMS
 from earendil_py.runtime.accounting import REFUSED, unix_now
@@ -40,6 +40,9 @@ RATE_LIMIT = 30  # messages a neighbour may send per window
 RATE_WINDOW_SECS = 60.0
 SEND_TIMEOUT_SECS = 10.0
 ID_SIZE = 16
+# A message id on the wire is its bytes in lower-case hex, as `send` writes it. Only that one
+# spelling is accepted, so one message cannot be stored again under "ABCD..." or "ab cd...".
+MessageId = Annotated[str, msgspec.Meta(pattern=rf"^[0-9a-f]{{{2 * ID_SIZE}}}\Z")]
 
 Direction = Literal["in", "out"]
 Status = Literal["pending", "delivered", "failed", "unknown"]
@@ -65,8 +68,8 @@ class ChatStatus(msgspec.Struct, frozen=True):
 class ChatParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The `chat` RPC's params."""
 
-    id: str
-    text: str
+    id: MessageId
+    text: Annotated[str, msgspec.Meta(max_length=MAX_TEXT_CHARS)]
 
 
 class Chat:
@@ -110,12 +113,10 @@ class Chat:
 
     async def _on_chat(self, neighbor: bytes, params: Any) -> Any:
         try:
-            request = msgspec.convert(params, ChatParams)
+            request = convert_remote(params, ChatParams, "chat params", "invalid")
             message_id = bytes.fromhex(request.id)
-            if len(message_id) != ID_SIZE:
-                raise ValueError(f"a message id is {ID_SIZE} bytes")
             text = check_text(request.text)
-        except (msgspec.ValidationError, ValueError, LocalProtocolError) as exc:
+        except (RemoteProtocolError, ValueError, LocalProtocolError) as exc:
             self.refused["invalid"] += 1
             raise RpcError(INVALID_PARAMS, f"invalid params: {exc}") from None
         if not self._admit(neighbor):

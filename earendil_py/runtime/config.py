@@ -4,6 +4,10 @@ Every problem becomes one `ConfigError` line naming the file, the field path and
 wrong, e.g. ``node.toml: in_routes.alpha.price.inbound_price_umel: expected int >= 0``.
 Relative paths in the file are resolved against the file's own directory, so a config works
 the same whatever directory the daemon is started from.
+
+Bounds: money and counts fit the wire's unsigned integers (`core.pricing.Uint`), so every
+price and limit we offer can be sent and accepted; timers are finite, at most a day, and
+above a floor that keeps a typo such as `keepalive_secs = 1e-9` from becoming a busy loop.
 """
 
 from __future__ import annotations
@@ -17,10 +21,17 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from earendil_py.core.errors import ConfigError
-from earendil_py.core.identity import parse_fingerprint
+from earendil_py.core.identity import Uint, parse_fingerprint
+from earendil_py.core.settlement import MAX_EXPIRY_SECS
+from earendil_py.runtime.keyfile import read_file
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-Positive = Annotated[int, msgspec.Meta(gt=0)]
+CONFIG_MAX_BYTES = 1 << 20
+DAY_SECS = 86_400.0
+# Timers, finite and at most a day (NaN fails both comparisons, so it is refused too). A
+# periodic timer runs at most ten times a second; a retry or back-off may start faster.
+Seconds = Annotated[float, msgspec.Meta(ge=0.1, le=DAY_SECS)]
+RetrySeconds = Annotated[float, msgspec.Meta(ge=0.01, le=DAY_SECS)]
+
 Protocol = Literal["udp", "tcp"]
 # A cookie is the only secret guarding a route against probing; short ones are guessable.
 Secret = Annotated[str, msgspec.Meta(min_length=16)]
@@ -31,10 +42,10 @@ PaymentMethod = Literal["manual", "pow"]
 class PriceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Per-route price terms. All amounts are integer µMEL."""
 
-    inbound_price_umel: NonNegative = 1
-    inbound_debt_limit_umel: NonNegative = 1_000_000
-    outbound_max_price_umel: NonNegative = 10
-    outbound_min_debt_limit_umel: NonNegative = 10_000
+    inbound_price_umel: Uint = 1
+    inbound_debt_limit_umel: Uint = 1_000_000
+    outbound_max_price_umel: Uint = 10
+    outbound_min_debt_limit_umel: Uint = 10_000
 
 
 class InRoute(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -56,30 +67,28 @@ class SettlementConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, 
     methods: list[PaymentMethod] = msgspec.field(default_factory=lambda: ["pow", "manual"])
     # Start an automatic settlement when our debt reaches this share of the neighbour's limit.
     auto_settle_percent: Annotated[int, msgspec.Meta(ge=1, le=100)] = 50
-    min_settlement_umel: NonNegative = 1_000
-    manual_expiry_secs: Positive = 3600
-
-
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+    min_settlement_umel: Uint = 1_000
+    # The signed proposal carries its expiry, which neighbours refuse beyond MAX_EXPIRY_SECS.
+    manual_expiry_secs: Annotated[int, msgspec.Meta(ge=1, le=MAX_EXPIRY_SECS)] = 3600
 
 
 class LinksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Link timing in seconds (time, unlike money, may be fractional)."""
 
     keepalive_secs: Seconds = 5.0
-    dead_after_secs: Seconds = 20.0
-    handshake_retry_secs: Seconds = 0.5
-    redial_min_secs: Seconds = 0.5
-    redial_max_secs: Seconds = 30.0
+    dead_after_secs: Seconds = 20.0  # and above keepalive_secs
+    handshake_retry_secs: RetrySeconds = 0.5
+    redial_min_secs: RetrySeconds = 0.5
+    redial_max_secs: RetrySeconds = 30.0  # and at least redial_min_secs
 
 
 class AccountingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Debt accounting timing and tolerances (docs/accounting.md)."""
 
     push_debt_secs: Seconds = 60.0
-    checkpoint_secs: Seconds = 5.0
-    claim_tolerance_packets: NonNegative = 256
-    keep_claims: Positive = 100
+    checkpoint_secs: Seconds = 5.0  # and at most push_debt_secs
+    claim_tolerance_packets: Uint = 256
+    keep_claims: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 100
     # Received claims are committed in groups: the first waits this long for others. Below
     # the 0.5 s after which a neighbour's RPC client sends the claim again.
     claim_commit_delay_secs: Annotated[float, msgspec.Meta(ge=0, lt=0.5)] = 0.25
@@ -155,7 +164,8 @@ def parse_address(text: str) -> tuple[str, int]:
         raise ValueError(f"IPv6 addresses need brackets, as [::1]:port; got {text!r}")
     elif not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
         raise ValueError(f"bad host {host!r}")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    # ASCII digits only: str.isdigit and int() also take other scripts' digits ("٨٠").
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
         raise ValueError(f"bad port {port_text!r}")
     return host, int(port_text)
 
@@ -179,12 +189,16 @@ def _overlaps(a: tuple[str, int], b: tuple[str, int]) -> bool:
     return a[0] == b[0] or a[0] in wildcard or b[0] in wildcard
 
 
-def load_config(file: Path) -> Config:
-    """Read and validate a config file. Raises ConfigError with one line for the operator."""
+def load_config(file: Path, *, private: bool = False) -> Config:
+    """Read and validate a config file. Raises ConfigError with one line for the operator.
+
+    With `private` (the daemon and check-config), the file is also refused if group or others
+    may access it: it holds the route secrets. The identity-dependent check is
+    `check_own_routes`, once the identity is known.
+    """
+    data = read_file(file, "config", max_bytes=CONFIG_MAX_BYTES, private=private)
     try:
-        raw_toml = tomllib.loads(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read config: {exc.strerror}") from None
+        raw_toml = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{file}: config is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
@@ -212,15 +226,23 @@ def load_config(file: Path) -> Config:
         in_routes[name] = route
 
     out_routes: dict[str, OutRoute] = {}
+    dialled: dict[bytes, str] = {}
     for name, table in raw.out_routes.items():
         path = f"out_routes.{name}"
         _check_route_name(name, file, path)
         out_route = _convert(table, OutRoute, file, path)
         _address(out_route.connect, file, f"{path}.connect", listen=False)
         try:
-            parse_fingerprint(out_route.fingerprint)
+            fingerprint = parse_fingerprint(out_route.fingerprint)
         except ValueError as exc:
             raise ConfigError(f"{file}: {path}.fingerprint: bad fingerprint: {exc}") from None
+        # One link per neighbour: a second route to it would race the first for the same
+        # neighbour state (account, price, settlements).
+        if fingerprint in dialled:
+            raise ConfigError(
+                f"{file}: {path}.fingerprint: the same neighbour as {dialled[fingerprint]}"
+            )
+        dialled[fingerprint] = path
         out_routes[name] = out_route
 
     if raw.links.dead_after_secs <= raw.links.keepalive_secs:
@@ -246,6 +268,17 @@ def load_config(file: Path) -> Config:
         accounting=raw.accounting,
         logging=raw.logging,
     )
+
+
+def check_own_routes(config: Config, fingerprint: bytes) -> None:
+    """Raise ConfigError if an out_route dials `fingerprint`, this node's own identity (a
+    link to ourselves would be refused at every handshake, forever)."""
+    for name, route in config.out_routes.items():
+        if parse_fingerprint(route.fingerprint) == fingerprint:
+            raise ConfigError(
+                f"{config.source}: out_routes.{name}.fingerprint: is this node's own "
+                f"fingerprint (identity_file {config.identity_file})"
+            )
 
 
 def _check_route_name(name: str, file: Path, path: str) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 
-from earendil_py.core.errors import RemoteProtocolError
+from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
 from earendil_py.core.graph import (
     RESIGN_INTERVAL_SECS,
     AdjacencyDescriptor,
@@ -54,7 +54,7 @@ class Gossip:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.own_descriptor = node.identity.descriptor(unix_now())
-        node.graph.insert_identity(self.own_descriptor, unix_now())
+        node.graph.insert_identity(self.own_descriptor, unix_now(), source=None)
 
     async def run(self) -> None:
         """Re-sign, pull and expire on their intervals, until cancelled."""
@@ -80,7 +80,7 @@ class Gossip:
             if time.monotonic() >= next_resign:
                 next_resign = time.monotonic() + RESIGN_INTERVAL_SECS
                 self.own_descriptor = self.node.identity.descriptor(now)
-                self.node.graph.insert_identity(self.own_descriptor, now)
+                self.node.graph.insert_identity(self.own_descriptor, now, source=None)
                 for runner in self._runners():
                     self._request_adjacency(runner)
             self.node.graph.expire(now)
@@ -92,10 +92,16 @@ class Gossip:
         self._request_adjacency(runner)
 
     def on_message(self, runner: LinkRunner, message: ControlMessage) -> None:
+        # What a neighbour tells us counts against its share of the graph; None would make
+        # it ours, so a link without a proven peer (our bug: control frames need one) stops.
+        peer = runner.peer_fingerprint
+        if peer is None:
+            raise LocalProtocolError("gossip from a link whose peer is not proven")
         try:
             match message:
                 case GraphPush(dump=dump):
-                    report = self.node.graph.insert_dump(decode_dump(dump), unix_now())
+                    graph = self.node.graph
+                    report = graph.insert_dump(decode_dump(dump), unix_now(), source=peer)
                     runner.statistics().drops.update(report.rejected)
                     self._flood(runner, report.identities, report.adjacencies)
                 case GraphPull():
@@ -103,12 +109,10 @@ class Gossip:
                 case AdjacencyRequest():
                     self._grant_adjacency(runner, message)
                 case AdjacencyGrant(descriptor=descriptor):
-                    if {descriptor.left, descriptor.right} != {
-                        self.node.fingerprint,
-                        runner.peer_fingerprint,
-                    }:
+                    if {descriptor.left, descriptor.right} != {self.node.fingerprint, peer}:
                         raise RemoteProtocolError("grant for another link", "bad_adjacency")
-                    if self.node.graph.insert_adjacency(descriptor, unix_now()):
+                    # Our own link: it is ours, whoever co-signed it.
+                    if self.node.graph.insert_adjacency(descriptor, unix_now(), source=None):
                         self._flood(runner, [], [descriptor])
         except RemoteProtocolError as exc:
             runner.statistics().drops[exc.reason] += 1
@@ -119,7 +123,7 @@ class Gossip:
             raise RemoteProtocolError("adjacency request from another identity", "bad_adjacency")
         now = unix_now()
         graph = self.node.graph
-        if graph.insert_identity(request.identity, now):
+        if graph.insert_identity(request.identity, now, source=peer):
             self._flood(runner, [request.identity], [])
         left, right, _ = adjacency_unsigned(self.node.fingerprint, peer, request.timestamp)
         mine = sign_adjacency(self.node.identity, left, right, request.timestamp)
@@ -131,7 +135,8 @@ class Gossip:
             left_signature=mine if ours_left else request.signature,
             right_signature=request.signature if ours_left else mine,
         )
-        if graph.insert_adjacency(descriptor, now):  # verifies the peer's signature
+        # Verifies the peer's signature; a link of ours, so ours in the graph.
+        if graph.insert_adjacency(descriptor, now, source=None):
             self._flood(runner, [], [descriptor])
         runner.send_control(encode_control(AdjacencyGrant(descriptor)))
 

@@ -2,15 +2,24 @@
 
 Console rendering on a terminal, JSON lines otherwise (for log shippers). Event names are
 snake_case facts (`link_up`); fingerprints are logged in their 8-hex short form.
+
+Log values can hold text a peer chose (a CLOSE reason, an error message quoting its input).
+The JSON renderer escapes every control and non-ASCII character (json.dumps with its default
+`ensure_ascii`); the console renderer prints strings as they are, so for it every string, and
+every line of a traceback, first goes through `core.text.printable`.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+import traceback
+from typing import Any, Literal, TextIO
 
 import structlog
+from structlog.typing import EventDict, ExcInfo, WrappedLogger
+
+from earendil_py.core.text import printable
 
 
 def configure_logging(
@@ -18,17 +27,49 @@ def configure_logging(
     format: Literal["auto", "json", "console"] = "auto",
 ) -> None:
     use_console = format == "console" or (format == "auto" and sys.stderr.isatty())
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    renderers: list[structlog.typing.Processor] = (
+        [escape_strings, structlog.dev.ConsoleRenderer(exception_formatter=escaped_traceback)]
+        if use_console
+        else [structlog.processors.JSONRenderer()]
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+# How the lines of a traceback that are not an exception's own text begin (after any
+# exception-group indentation); the separators between chained exceptions begin with "\n".
+_TRACEBACK_STRUCTURE = ("Traceback (most recent call last):", "File ", "Exception Group", "+-")
+
+
+def escape_strings(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """A processor: every str key and value through `printable`. Other values are rendered
+    with repr(), which already escapes what `printable` does."""
+    return {_printable(key): _printable(value) for key, value in event_dict.items()}
+
+
+def escaped_traceback(sio: TextIO, exc_info: ExcInfo) -> None:
+    """A plain traceback in which an exception's message (or note), which may quote a peer and
+    hold newlines of its own, is one escaped line. Frames and the separators between chained
+    exceptions come from our own files and keep their line breaks."""
+    shown = []
+    for chunk in traceback.format_exception(*exc_info):
+        text = chunk.removesuffix("\n")
+        if chunk.startswith("\n") or chunk.lstrip(" |").startswith(_TRACEBACK_STRUCTURE):
+            text = "\n".join(map(printable, text.split("\n")))
+        else:
+            text = printable(text)
+        shown.append(text + "\n" if chunk.endswith("\n") else text)
+    sio.write("\n" + "".join(shown).removesuffix("\n"))
+
+
+def _printable(value: Any) -> Any:
+    return printable(value) if isinstance(value, str) else value

@@ -23,11 +23,11 @@ from earendil_py.core.identity import short_hex
 from earendil_py.core.rpc import (
     APPLICATION_ERROR_MAX,
     APPLICATION_ERROR_MIN,
+    DEFAULT_MAX_NEIGHBORS,
     INTERNAL_ERROR,
     INVALID_PARAMS,
-    MAX_CACHE_ENTRIES,
+    MAX_CACHE_BYTES_PER_NEIGHBOR,
     MAX_CACHE_ENTRIES_PER_NEIGHBOR,
-    METHOD_NOT_FOUND,
     RESPONSE_CACHE_SECS,
     STANDARD_MESSAGES,
     CallOutcome,
@@ -79,6 +79,9 @@ class GlobalRpc:
     not block or raise; it may lose the payload (UDP) and returns False when there is no
     link to send on, which we treat as a loss: the call keeps retransmitting in case the
     link comes up, and ends with RpcTimeout otherwise.
+
+    `max_neighbors` is how many neighbours the node admits at once: the response cache gives
+    each neighbour its own quota and is bounded in total by the quotas times this number.
     """
 
     def __init__(
@@ -88,16 +91,18 @@ class GlobalRpc:
         rng: Rng = os.urandom,
         timers: RpcTimers | None = None,
         response_cache_secs: float = RESPONSE_CACHE_SECS,
-        max_cache_entries: int = MAX_CACHE_ENTRIES,
+        max_neighbors: int = DEFAULT_MAX_NEIGHBORS,
         max_cache_entries_per_neighbor: int = MAX_CACHE_ENTRIES_PER_NEIGHBOR,
+        max_cache_bytes_per_neighbor: int = MAX_CACHE_BYTES_PER_NEIGHBOR,
     ) -> None:
         self._send = send
         self._rng = rng
         self._client = RpcClient(timers)
         self._server = RpcServer(
             response_cache_secs=response_cache_secs,
-            max_entries=max_cache_entries,
+            max_neighbors=max_neighbors,
             max_entries_per_neighbor=max_cache_entries_per_neighbor,
+            max_bytes_per_neighbor=max_cache_bytes_per_neighbor,
         )
         self._handlers: dict[str, Handler] = {}
         self._waiters: dict[str, _Waiter] = {}
@@ -125,7 +130,9 @@ class GlobalRpc:
         handler returns a JSON-encodable result, or raises RpcError with INVALID_PARAMS or a
         code in APPLICATION_ERROR_MIN..MAX to answer with that error. Anything else it raises
         is logged (`rpc_handler_error`) and answered with INTERNAL_ERROR. It runs at most
-        once per request, however often the request is retransmitted.
+        once per request, however often the request is retransmitted. Register every method
+        before the node serves requests: a call to an unknown method is answered
+        METHOD_NOT_FOUND without being remembered.
 
         Raises LocalProtocolError if the method is already registered or its name is
         reserved by JSON-RPC ("rpc." prefix).
@@ -247,19 +254,13 @@ class GlobalRpc:
             # free, and the client retransmits.
             self._dropped_not_running += 1
             return
-        match self._server.receive_request(neighbor, payload, anyio.current_time()):
+        now = anyio.current_time()
+        match self._server.receive_request(neighbor, payload, now, methods=self._handlers):
             case bytes() as response:
                 self._send(neighbor, response)
             case RequestReceived() as request:
-                handler = self._handlers.get(request.method)
-                if handler is None:
-                    response = encode_error(
-                        request.request_id, METHOD_NOT_FOUND, STANDARD_MESSAGES[METHOD_NOT_FOUND]
-                    )
-                    self._finish(request, response)
-                else:
-                    self._handlers_running += 1
-                    tg.start_soon(self._run_handler, request, handler)
+                self._handlers_running += 1
+                tg.start_soon(self._run_handler, request, self._handlers[request.method])
             case None:
                 pass
 

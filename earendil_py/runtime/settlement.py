@@ -37,8 +37,10 @@ from earendil_py.core.identity import short_hex
 from earendil_py.core.ledger import GENESIS
 from earendil_py.core.rpc import APPLICATION_ERROR_MIN, INVALID_PARAMS
 from earendil_py.core.settlement_v1 import (
+    HASH_SIZE,
     METHOD_MANUAL,
     METHOD_POW,
+    SETTLEMENT_ID_SIZE,
     Attestation,
     Rejection,
     SettlementBook,
@@ -84,11 +86,14 @@ def _param(params: Any, name: str) -> bytes:
         raise RpcError(INVALID_PARAMS, f"params need {name!r} (base64)") from None
 
 
-def _hex_param(params: Any, name: str) -> bytes:
+def _hex_param(params: Any, name: str, size: int) -> bytes:
     try:
-        return bytes.fromhex(params[name])
+        value = bytes.fromhex(params[name])
     except (KeyError, TypeError, ValueError):
-        raise RpcError(INVALID_PARAMS, f"params need {name!r} (hex)") from None
+        value = None
+    if value is None or len(value) != size:
+        raise RpcError(INVALID_PARAMS, f"params need {name!r} ({size} bytes in hex)")
+    return value
 
 
 def _refused(exc: RemoteProtocolError) -> RpcError:
@@ -457,7 +462,7 @@ class Settlements:
 
     async def _on_status(self, neighbor: bytes, params: Any) -> Any:
         book = self._book(neighbor)
-        record = book.record(_hex_param(params, "id"))
+        record = book.record(_hex_param(params, "id", SETTLEMENT_ID_SIZE))
         if record is None or record.role != "responder":
             raise RpcError(REFUSED, "unknown settlement", "unknown_settlement")
         return _answer(record)
@@ -581,7 +586,7 @@ class Settlements:
 
     async def _on_audit(self, neighbor: bytes, params: Any) -> Any:
         book = self._book(neighbor)
-        page = book.audit_page(_hex_param(params, "since"))
+        page = book.audit_page(_hex_param(params, "since", HASH_SIZE))
         if page is None:
             raise RpcError(UNKNOWN_SINCE, "unknown head", "unknown_since")
         return {"page": _b64(encode(page))}

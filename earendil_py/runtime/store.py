@@ -10,6 +10,13 @@ commits on power loss, and these commits are money that has already been acknowl
 neighbour. The price is one fsync per transaction (around a millisecond on an SSD, more on
 spinning disks or SD cards), which is why periodic checkpoints of many links go through
 `append_many`, one transaction and one fsync for all of them. Nothing here writes per packet.
+
+Privacy: the file holds chat, debts and settlements, so it is created 0600 (SQLite gives its
+`-wal` and `-shm` files the database's mode), and an older, more open one is tightened.
+
+A ledger that is deleted, truncated to nothing or swapped for another verifies as well as the
+real one: every chain in it is intact. `claim_ledger` catches that before the daemon opens it,
+by the random id each ledger carries and the identity's record of it (docs/ledger.md).
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import contextlib
 import os
 import queue
 import sqlite3
+import stat
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -27,17 +36,22 @@ from itertools import groupby
 from operator import attrgetter, getitem
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, NamedTuple, Self, TypeVar
+from typing import Annotated, Any, Generic, NamedTuple, Self, TypeVar
 
 import anyio
+import msgspec
+import structlog
 
 from earendil_py.core.errors import ConfigError, LocalProtocolError
 from earendil_py.core.identity import short_hex
 from earendil_py.core.ledger import GENESIS, Entry, LedgerCorrupt, build_entry, verify_chain
+from earendil_py.runtime.keyfile import PRIVATE_MODE, check_writable_directory, read_file
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; bump with a migration, never reinterpret old files
+log = structlog.get_logger("earendil_py.store")
+
+SCHEMA_VERSION = 3  # PRAGMA user_version; bump with a migration, never reinterpret old files
 APPLICATION_ID = int.from_bytes(b"EPLg", "big")  # PRAGMA application_id: "this is our ledger"
 MIN_SQLITE = (3, 37, 0)  # STRICT tables
 
@@ -64,10 +78,16 @@ CREATE TABLE heads (
     FOREIGN KEY (neighbor, seq) REFERENCES entries (neighbor, seq)
 ) STRICT;
 """
+# A random id per ledger file, which the identity's ledger id file records (`claim_ledger`).
+_META = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT;
+INSERT INTO meta (key, value) VALUES ('ledger_id', randomblob(16));
+"""
 # From the schema version of the key to the next one; entries are never rewritten.
 _MIGRATIONS = {
     # The (neighbor, kind, seq) index over every row: entries_with_body serves every query.
     1: "DROP INDEX entries_by_kind",
+    2: _META,
 }
 _Row = tuple[bytes, int, str, bytes | None, bytes, bytes, bytes, int]
 Item = tuple[bytes, str, bytes]  # (neighbor, kind, body) to append
@@ -93,21 +113,24 @@ class LedgerStore:
     def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
         self._path = path
         self._conn: sqlite3.Connection | None = connection
+        self._ledger_id = b""
 
     @classmethod
-    def open(cls, path: Path) -> LedgerStore:
-        """Open the ledger at `path`, creating it if missing, and verify every chain in it.
+    def open(cls, path: Path, *, verify: bool = True) -> LedgerStore:
+        """Open the ledger at `path`, creating it (mode 0600) if missing, and verify every
+        chain in it unless `verify` is false.
 
         Raises ConfigError (message starts with the path) if the file cannot be opened, is not
         a ledger, or has a newer schema than this version understands; raises LedgerCorrupt
-        (message starts with the path) if any chain or head does not verify.
+        (message starts with the path) if any chain or head does not verify, or the file
+        cannot be read.
         """
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise ConfigError(
                 f"{path}: the ledger needs SQLite >= {'.'.join(map(str, MIN_SQLITE))}, "
                 f"this Python has {sqlite3.sqlite_version}"
             )
-        created = not path.exists()
+        created = _open_private(path)
         try:
             # isolation_level=None: the sqlite3 module opens no implicit transactions; every
             # transaction below is an explicit BEGIN ... COMMIT.
@@ -122,7 +145,8 @@ class LedgerStore:
                 raise ConfigError(f"{path}: cannot open ledger: {exc}") from None
             if created:
                 _fsync_dir(path.parent)  # the new file's directory entry must survive too
-            store.verify()
+            if verify:
+                store.verify()
         except BaseException:
             connection.close()
             raise
@@ -131,6 +155,11 @@ class LedgerStore:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def ledger_id(self) -> bytes:
+        """The random id this ledger file was given when it was created (or upgraded)."""
+        return self._ledger_id
 
     @property
     def closed(self) -> bool:
@@ -158,26 +187,11 @@ class LedgerStore:
 
         `open` already does this. Raises LedgerCorrupt, with the file path first in its message.
         """
-        conn = self._connection()
-        with self._transaction(conn, write=False):  # one snapshot of both tables
-            heads: dict[bytes, tuple[int, bytes]] = {
-                neighbor: (seq, digest)
-                for neighbor, seq, digest in conn.execute("SELECT neighbor, seq, hash FROM heads")
-            }
-            rows = conn.execute(
-                "SELECT neighbor, seq, kind, body, body_hash, prev_hash, hash, recorded_at "
-                "FROM entries ORDER BY neighbor, seq"
-            )
-            entries = (_entry_from_row(row) for row in rows)
-            for neighbor, group in groupby(entries, key=attrgetter("neighbor")):
-                last = [0]
-                try:
-                    head = verify_chain(_tap_seq(group, last))
-                except LedgerCorrupt as exc:
-                    raise self._corrupt(str(exc), neighbor, exc.seq, exc.reason) from None
-                self._check_head(neighbor, heads.pop(neighbor, None), last[0], head)
-            for neighbor, (seq, _) in sorted(heads.items()):
-                self._check_head(neighbor, (seq, b""), 0, GENESIS)
+        try:
+            self._verify()
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            # A damaged page, or bytes flipped in a TEXT column: nothing to locate in a chain.
+            raise _unreadable(self._path, exc) from None
 
     def append(self, neighbor: bytes, kind: str, body: bytes, recorded_at: int) -> Entry:
         """Append one entry to `neighbor`'s chain; it is committed and fsynced on return.
@@ -332,23 +346,7 @@ class LedgerStore:
 
     def _prepare(self) -> None:
         conn = self._connection()
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            application_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise ConfigError(f"{self._path}: not a ledger file ({exc})") from None
-        if version > SCHEMA_VERSION:
-            raise ConfigError(
-                f"{self._path}: ledger schema version {version} is newer than this "
-                f"earendil_py understands ({SCHEMA_VERSION}); upgrade earendil_py"
-            )
-        if (
-            application_id not in (0, APPLICATION_ID)
-            or (version and not application_id)
-            or (not version and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0])
-        ):
-            # Refused before anything below changes the file (journal mode, schema).
-            raise ConfigError(f"{self._path}: not an earendil_py ledger file")
+        version = _schema_version(conn, self._path)
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
             raise ConfigError(f"{self._path}: cannot use WAL journal mode here (got {mode!r})")
@@ -357,24 +355,49 @@ class LedgerStore:
         conn.execute("PRAGMA fullfsync=ON")
         conn.execute("PRAGMA checkpoint_fullfsync=ON")
         conn.execute("PRAGMA foreign_keys=ON")
+        if version != SCHEMA_VERSION:
+            with self._transaction(conn, write=True):
+                self._create_or_migrate(conn)
+        self._ledger_id = _read_ledger_id(conn, self._path)
+
+    def _create_or_migrate(self, conn: sqlite3.Connection) -> None:
+        # Re-read under the write lock: another process may have created it meanwhile.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
-        with self._transaction(conn, write=True):
-            # Re-read under the write lock: another process may have created it meanwhile.
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == SCHEMA_VERSION:
-                return
-            if version == 0:
-                if conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
-                    raise ConfigError(f"{self._path}: not an earendil_py ledger file")
-                statements = _SCHEMA
-                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            else:
-                statements = ";".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
-            for statement in statements.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version == 0:
+            if conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
+                raise ConfigError(f"{self._path}: not an earendil_py ledger file")
+            statements = _SCHEMA + _META
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        else:
+            statements = ";".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+        for statement in statements.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _verify(self) -> None:
+        conn = self._connection()
+        with self._transaction(conn, write=False):  # one snapshot of both tables
+            heads: dict[bytes, tuple[int, bytes]] = {
+                neighbor: (seq, digest)
+                for neighbor, seq, digest in conn.execute("SELECT neighbor, seq, hash FROM heads")
+            }
+            rows = conn.execute(
+                "SELECT neighbor, seq, kind, body, body_hash, prev_hash, hash, recorded_at "
+                "FROM entries ORDER BY neighbor, seq"
+            )
+            entries = (_entry_from_row(row) for row in rows)
+            for neighbor, group in groupby(entries, key=attrgetter("neighbor")):
+                last = [0]
+                try:
+                    head = verify_chain(_tap_seq(group, last))
+                except LedgerCorrupt as exc:
+                    raise self._corrupt(str(exc), neighbor, exc.seq, exc.reason) from None
+                self._check_head(neighbor, heads.pop(neighbor, None), last[0], head)
+            for neighbor, (seq, _) in sorted(heads.items()):
+                self._check_head(neighbor, (seq, b""), 0, GENESIS)
 
     @staticmethod
     def _read_head(conn: sqlite3.Connection, neighbor: bytes) -> tuple[int, bytes]:
@@ -722,3 +745,221 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _schema_version(conn: sqlite3.Connection, path: Path) -> int:
+    """The file's schema version, 0 for an empty file. Raises ConfigError, having changed
+    nothing, if it is not SQLite, not ours, or newer than this version understands."""
+    try:
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        if exc.sqlite_errorname == "SQLITE_CORRUPT":  # a ledger, truncated or damaged
+            raise _unreadable(path, exc) from None
+        raise ConfigError(f"{path}: not a ledger file ({exc})") from None
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"{path}: ledger schema version {version} is newer than this "
+            f"earendil_py understands ({SCHEMA_VERSION}); upgrade earendil_py"
+        )
+    if (
+        application_id not in (0, APPLICATION_ID)
+        or (version and not application_id)
+        or (not version and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0])
+    ):
+        raise ConfigError(f"{path}: not an earendil_py ledger file")
+    return version
+
+
+def _read_ledger_id(conn: sqlite3.Connection, path: Path) -> bytes:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
+    if row is None or not isinstance(row[0], bytes) or len(row[0]) != LEDGER_ID_SIZE:
+        raise LedgerCorrupt(f"{path}: the ledger's id is missing or malformed", reason="no_id")
+    return row[0]
+
+
+def _open_private(path: Path) -> bool:
+    """Create `path` empty with mode 0600 if it does not exist, or tighten its mode (and its
+    `-wal`/`-shm` files') to 0600 if group or others may access it. Returns whether it was
+    created. Raises ConfigError if it cannot be opened for writing or is not a regular file."""
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
+            created = True
+        except FileExistsError:
+            fd = os.open(path, os.O_RDWR)
+            created = False
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open ledger: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{path}: cannot use as ledger: not a regular file")
+        tightened = {}
+        if mode & 0o077:
+            os.fchmod(fd, PRIVATE_MODE)
+            tightened[str(path)] = f"{stat.S_IMODE(mode):04o}"
+        for side in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                side_mode = side.stat().st_mode
+                if side_mode & 0o077:
+                    side.chmod(PRIVATE_MODE)
+                    tightened[str(side)] = f"{stat.S_IMODE(side_mode):04o}"
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot set the ledger's mode to 0600: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if tightened:
+        # Ledgers made before they were created 0600; the node can fix this itself, so it
+        # does instead of refusing to start.
+        log.warning("ledger_mode_tightened", files=tightened, mode="0600")
+    return created
+
+
+# -- which ledger is this identity's ---------------------------------------------------------
+
+LEDGER_ID_SIZE = 16
+LEDGER_ID_SUFFIX = ".ledger-id"
+
+
+class LedgerIdRecord(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The content of `<identity file>.ledger-id` (JSON): the ledger this identity keeps its
+    balances in."""
+
+    ledger_id: Annotated[str, msgspec.Meta(pattern=rf"^[0-9a-f]{{{2 * LEDGER_ID_SIZE}}}\Z")]
+    ledger: str  # its path when it was recorded, to tell the operator where it was
+    recorded_at: int  # unix seconds
+
+
+def ledger_id_file(identity_file: Path) -> Path:
+    """Where the id of `identity_file`'s ledger is recorded: beside the identity, because a
+    ledger belongs to an identity (its chains are that identity's debts and signatures)."""
+    return identity_file.with_name(identity_file.name + LEDGER_ID_SUFFIX)
+
+
+def claim_ledger(
+    path: Path, identity_file: Path, *, new: bool = False, dry_run: bool = False
+) -> str:
+    """Check, before a node opens `path`, that it is the ledger this identity has used.
+
+    The first ledger an identity runs with is created here, and its id recorded in
+    `ledger_id_file(identity_file)`. From then on a ledger at `path` that is missing or empty
+    (deleted, truncated to 0 bytes) or carries another id (replaced by a new ledger or by
+    another node's) is refused: every balance with every neighbour would be forgotten
+    without a word. `new` (the operator's `--new-ledger`) makes the ledger at `path`, created
+    if missing or empty, this identity's from now on; it is refused when that is already so,
+    so it cannot be left in a service file and turn the check off. `dry_run` (check-config)
+    checks the same and creates or writes nothing.
+
+    Returns a few words about the ledger for the operator. Raises ConfigError, one line naming
+    the file, for every refusal and unusable path; LedgerCorrupt if the file cannot be read.
+    """
+    _check_ledger_path(path)
+    record_file = ledger_id_file(identity_file)
+    try:
+        record = _read_record(record_file)
+    except ConfigError:
+        if not new:
+            raise
+        record = None  # --new-ledger replaces an unreadable record too
+    recorded = None if record is None else record.ledger_id
+    empty = not path.exists() or path.stat().st_size == 0
+    found = None if empty else _peek_ledger_id(path)  # None for a ledger from before ids
+    if new and found is not None and found.hex() == recorded:
+        raise ConfigError(
+            f"{path}: --new-ledger: this already is this identity's ledger; start without it"
+        )
+    if not new and record is not None and (found is None or found.hex() != recorded):
+        what = (
+            f"ledger is {'empty' if path.exists() else 'missing'}"
+            if empty
+            else ("not the ledger this identity used")
+        )
+        raise ConfigError(
+            f"{path}: {what}: its balances are in ledger {record.ledger_id[:8]} "
+            f"({record.ledger}, recorded {_utc(record.recorded_at)}); restore that file, or "
+            f"start the daemon once with --new-ledger to use this one and forget them"
+        )
+    if dry_run:
+        if found is None:
+            return "will be created on first start" if empty else "will be upgraded at start"
+        return f"ledger {found.hex()[:8]}"
+    with LedgerStore.open(path, verify=False) as store:  # creates or upgrades it if need be
+        ledger_id = store.ledger_id.hex()
+    if ledger_id != recorded:
+        _write_record(
+            record_file, LedgerIdRecord(ledger_id, str(path.absolute()), int(time.time()))
+        )
+        if new or not empty:  # not the first start: say what changed, and where
+            log.info(
+                "ledger_recorded",
+                ledger=str(path),
+                ledger_id=ledger_id[:8],
+                replaces=recorded and recorded[:8],
+                file=str(record_file),
+            )
+    return f"ledger {ledger_id[:8]}"
+
+
+def _check_ledger_path(path: Path) -> None:
+    check_writable_directory(path, "ledger")  # SQLite creates its -wal and -shm beside it
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise ConfigError(f"{path}: cannot use as ledger: not a regular file")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise ConfigError(f"{path}: cannot use as ledger: not readable and writable")
+
+
+def _peek_ledger_id(path: Path) -> bytes | None:
+    """The id of the existing ledger at `path`, None if it has none yet (an older schema),
+    read without changing or creating anything."""
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path}: cannot open ledger: {exc}") from None
+    with contextlib.closing(conn):
+        version = _schema_version(conn, path)
+        try:
+            return _read_ledger_id(conn, path) if version == SCHEMA_VERSION else None
+        except sqlite3.DatabaseError as exc:
+            raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> LedgerCorrupt:
+    return LedgerCorrupt(f"{path}: unreadable ledger: {exc}", reason="unreadable")
+
+
+def _read_record(file: Path) -> LedgerIdRecord | None:
+    if not file.exists():
+        return None
+    data = read_file(file, "ledger id file", max_bytes=4096, private=False)
+    try:
+        return msgspec.json.decode(data, type=LedgerIdRecord)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(
+            f"{file}: not a valid ledger id file ({exc}); if the ledger is the right one, "
+            f"start the daemon once with --new-ledger to record it again"
+        ) from None
+
+
+def _write_record(file: Path, record: LedgerIdRecord) -> None:
+    """Replace `file` atomically (temporary file, fsync, rename, fsync of the directory)."""
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
+        try:
+            os.write(fd, msgspec.json.encode(record) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, file)
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot write ledger id file: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(file.parent)
+
+
+def _utc(unix_secs: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(unix_secs))

@@ -16,10 +16,11 @@ from earendil_py.core.accounting import (
     ClaimApplied,
     Counters,
     DebtClaim,
+    DebtLimitNotice,
     Dispute,
     EpochCount,
 )
-from earendil_py.core.errors import RemoteProtocolError
+from earendil_py.core.errors import RemoteProtocolError, convert_remote
 from earendil_py.core.identity import Identity
 from earendil_py.core.pricing import AcceptanceRule, PriceAccepted, PriceRejected, PriceTerms
 from earendil_py.core.signed import sign
@@ -339,3 +340,19 @@ def test_state_round_trips_through_msgpack() -> None:
     state = a.state
     again = msgspec.msgpack.decode(msgspec.msgpack.encode(state), type=AccountState)
     assert again == state
+
+
+@pytest.mark.parametrize("debt", [2**63, 2**64, -(2**63) - 1])
+def test_a_limit_notice_with_a_debt_outside_int64_is_refused_as_params(debt: int) -> None:
+    """Such a debt used to convert, then raise OverflowError when the notice's signed part was
+    encoded to check its signature."""
+    a, b = pair()
+    params = msgspec.to_builtins(a.make_limit_notice(NOW))
+    params[2] = debt
+    with pytest.raises(RemoteProtocolError):
+        convert_remote(params, DebtLimitNotice, "invalid params", "invalid_params")
+    for edge in (-(2**63), 2**63 - 1):  # the bounds themselves reach the signature check
+        params[2] = edge
+        notice = convert_remote(params, DebtLimitNotice, "invalid params", "invalid_params")
+        with pytest.raises(RemoteProtocolError, match="does not verify"):
+            b.verify_limit_notice(notice)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import blake3
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,7 @@ from earendil_py.core.link import (
     PING,
     PROOF,
     REPLAY_WINDOW,
+    U32,
     ControlReceived,
     Endpoint,
     Link,
@@ -28,6 +30,7 @@ from earendil_py.core.link import (
     LinkState,
     LinkTimers,
     StreamDecoder,
+    derive_cookie_keys,
     frame_for_stream,
     message_type,
     onion_frame,
@@ -293,6 +296,65 @@ def test_lost_initiator_proof_is_asked_for_again() -> None:
         ControlReceived(b"again")
     ]
     assert not pair.a.datagrams_to_send() and not pair.b.datagrams_to_send()  # no ping-pong
+
+
+def with_mac1(message: bytes) -> bytes:
+    """`message` with a valid cookie MAC: what anyone holding the route cookie can send."""
+    return message + blake3.blake3(message, key=derive_cookie_keys(SECRET)[1]).digest(16)
+
+
+# Noise bodies that fail to read: empty, short, a low-order ephemeral key, garbage ciphertext.
+BAD_NOISE = [
+    pytest.param(b"", id="empty"),
+    pytest.param(b"\x01" * 31, id="short"),
+    pytest.param(bytes(32), id="low_order_key"),
+    pytest.param(bytes(32) + b"\x02" * 80, id="low_order_key_long"),
+    pytest.param(b"\x09" * 96, id="garbage"),
+]
+
+
+@pytest.mark.parametrize("noise", BAD_NOISE[:3])
+def test_a_forged_hs_init_leaves_the_responder_unchanged(noise: bytes) -> None:
+    pair = Pair()
+    init = pair.a.datagrams_to_send()[0]
+    pair.b = pair.endpoint.route(init, ADDR, pair.now)  # the session the genuine one opens
+    assert pair.b is not None
+    pair.b.receive_datagram(with_mac1(bytes([HS_INIT]) + U32.pack(99) + noise), pair.now)
+    assert sum(pair.b.statistics().drops.values()) == 1
+    assert pair.b.remote_index is None and not pair.b.datagrams_to_send()
+    pair.deliver_to_b(init)
+    pair.pump()
+    assert pair.a.state is pair.b.state is LinkState.ESTABLISHED
+
+
+@pytest.mark.parametrize("noise", BAD_NOISE)
+def test_a_forged_hs_resp_leaves_the_initiator_unchanged(noise: bytes) -> None:
+    pair = Pair()
+    pair.deliver_to_b(pair.a.datagrams_to_send()[0])
+    assert pair.b is not None
+    response = pair.b.datagrams_to_send()[0]
+    pair.deliver_to_a(with_mac1(response[:9] + noise))  # the genuine indexes, a bad body
+    assert sum(pair.a.statistics().drops.values()) == 1
+    assert pair.a.remote_index is None and not pair.a.datagrams_to_send()
+    pair.deliver_to_a(response)
+    pair.pump()
+    assert pair.a.state is pair.b.state is LinkState.ESTABLISHED
+
+
+@pytest.mark.parametrize("noise", BAD_NOISE)
+def test_a_forged_hs_final_leaves_the_responder_unchanged(noise: bytes) -> None:
+    pair = Pair()
+    pair.deliver_to_b(pair.a.datagrams_to_send()[0])
+    assert pair.b is not None
+    pair.deliver_to_a(pair.b.datagrams_to_send()[0])
+    final, proof = pair.a.datagrams_to_send()
+    pair.deliver_to_b(with_mac1(final[:5] + noise))
+    assert sum(pair.b.statistics().drops.values()) == 1
+    assert pair.b.state is LinkState.HANDSHAKING and not pair.b.datagrams_to_send()
+    pair.deliver_to_b(final)
+    pair.deliver_to_b(proof)
+    pair.pump()
+    assert pair.a.state is pair.b.state is LinkState.ESTABLISHED
 
 
 def test_handshake_gives_up_after_its_attempts() -> None:

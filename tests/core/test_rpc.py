@@ -13,12 +13,18 @@ from hypothesis import strategies as st
 from earendil_py.core import link
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
 from earendil_py.core.rpc import (
+    CACHE_ENTRY_OVERHEAD_BYTES,
     INVALID_REQUEST,
+    MAX_CACHE_ENTRIES_PER_NEIGHBOR,
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_METHOD_LENGTH,
     MAX_PAYLOAD_SIZE,
+    METHOD_NOT_FOUND,
     PARSE_ERROR,
     RESPONSE_CACHE_SECS,
     SERVER_BUSY,
     CallTimedOut,
+    ErrorObject,
     ErrorReceived,
     RequestReceived,
     ResultReceived,
@@ -51,8 +57,18 @@ def request_bytes(request_id: Any, method: str = "echo", params: Any = None) -> 
     return msgspec.json.encode(message)
 
 
+# What the servers below serve; any other method is unknown.
+METHODS = frozenset({"echo", "add", "other"})
+
+
+def receive(
+    server: RpcServer, neighbor: bytes, payload: bytes, now: float
+) -> RequestReceived | bytes | None:
+    return server.receive_request(neighbor, payload, now, methods=METHODS)
+
+
 def dispatch(server: RpcServer, neighbor: bytes, payload: bytes, now: float) -> RequestReceived:
-    action = server.receive_request(neighbor, payload, now)
+    action = receive(server, neighbor, payload, now)
     assert isinstance(action, RequestReceived), action
     return action
 
@@ -104,8 +120,6 @@ def test_local_misuse_raises_local_protocol_error() -> None:
         encode_error("a", 1000, "m", data=object())
     with pytest.raises(LocalProtocolError):
         RpcTimers(initial_rto=1.0, max_attempts=7)  # 127 s outlives the 60 s cache
-    with pytest.raises(LocalProtocolError):
-        RpcServer(max_entries=0)
 
 
 def test_payload_limit_fits_a_link_control_frame() -> None:
@@ -126,10 +140,21 @@ def test_requests_and_responses_are_told_apart() -> None:
 # --- server: malformed input ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("payload", [b"", b"{", b'{"jsonrpc": "2.0",', b"\xff\xfe", b"nul"])
+# Nested deeper than msgspec parses (~1,000 levels): these used to raise RecursionError out
+# of the server and stop the node; the first is a 1 KB request.
+TOO_DEEP = [
+    b'{"":' + b"[" * 1000,
+    b'{"jsonrpc":"2.0","id":5,"method":"m","params":' + b"[" * 2000 + b"]" * 2000 + b"}",
+    b'{"a":' * 2000 + b"1" + b"}" * 2000,
+]
+
+
+@pytest.mark.parametrize(
+    "payload", [b"", b"{", b'{"jsonrpc": "2.0",', b"\xff\xfe", b"nul", *TOO_DEEP]
+)
 def test_malformed_json_is_a_parse_error(payload: bytes) -> None:
     server = RpcServer()
-    response = server.receive_request(ALICE, payload, 0.0)
+    response = receive(server, ALICE, payload, 0.0)
     assert isinstance(response, bytes)
     body = as_json(response)
     assert body["id"] is None
@@ -154,13 +179,14 @@ def test_malformed_json_is_a_parse_error(payload: bytes) -> None:
         (b'{"jsonrpc":"2.0","id":null,"method":"m"}', None),
         (b'{"jsonrpc":"2.0","id":99999999999999999999,"method":"m"}', None),
         (b'{"jsonrpc":"2.0","id":"' + b"i" * 129 + b'","method":"m"}', None),
+        (b'{"jsonrpc":"2.0","id":4,"method":"' + b"m" * (MAX_METHOD_LENGTH + 1) + b'"}', 4),
     ],
 )
 def test_valid_json_but_not_a_request_is_invalid_request(
     payload: bytes, echoed_id: str | int | None
 ) -> None:
     server = RpcServer()
-    response = server.receive_request(ALICE, payload, 0.0)
+    response = receive(server, ALICE, payload, 0.0)
     assert isinstance(response, bytes)
     body = as_json(response)
     assert body["error"]["code"] == INVALID_REQUEST
@@ -169,10 +195,34 @@ def test_valid_json_but_not_a_request_is_invalid_request(
     assert server.statistics().cached_entries == 0  # nothing ran, nothing remembered
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        *TOO_DEEP,
+        b'{"jsonrpc":"2.0","id":"x","result":' + b"[" * 2000 + b"]" * 2000 + b"}",
+        b'{"jsonrpc":"2.0","id":"x","error":{"code":18446744073709551616,"message":"m"}}',
+        b'{"jsonrpc":"2.0","id":"x","error":{"code":1,"message":"' + b"m" * 257 + b'"}}',
+    ],
+)
+def test_responses_too_deep_or_out_of_bounds_are_malformed(payload: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as caught:
+        decode_response(payload)
+    assert caught.value.reason == "rpc_bad_response"
+    client = RpcClient()
+    client.request(BOB, "m", None, 0.0, seeded_rng(1))
+    assert client.receive_response(BOB, payload) is None
+    assert client.statistics().malformed == 1
+
+
+def test_error_messages_are_cut_to_what_a_peer_accepts() -> None:
+    error = decode_response(encode_error("x", 1000, "m" * 1000)).error
+    assert isinstance(error, ErrorObject) and len(error.message) == MAX_ERROR_MESSAGE_CHARS
+
+
 def test_oversized_request_is_refused_unread() -> None:
     server = RpcServer()
     payload = request_bytes("a", params=["x" * MAX_PAYLOAD_SIZE])
-    response = server.receive_request(ALICE, payload, 0.0)
+    response = receive(server, ALICE, payload, 0.0)
     assert isinstance(response, bytes)
     assert as_json(response)["error"]["code"] == INVALID_REQUEST
 
@@ -222,7 +272,7 @@ def test_any_bytes_into_the_decoders_raise_only_remote_protocol_error(payload: b
 @given(PAYLOADS)
 def test_any_bytes_into_the_server_get_a_well_formed_answer(payload: bytes) -> None:
     server = RpcServer()
-    action = server.receive_request(ALICE, payload, 0.0)
+    action = receive(server, ALICE, payload, 0.0)
     if isinstance(action, bytes):
         response = decode_response(action)  # our answers are always valid responses
         assert response.error is not msgspec.UNSET
@@ -261,15 +311,15 @@ def test_retransmission_gets_identical_cached_bytes_and_does_not_rerun() -> None
         [1, 2],
     )
     now += TICK
-    assert server.receive_request(ALICE, payload, now) is None  # still running: no answer
+    assert receive(server, ALICE, payload, now) is None  # still running: no answer
     response = encode_result("r1", {"sum": 3})
     server.complete(ALICE, "r1", response, now)
     for _ in range(3):
         now += TICK
-        assert server.receive_request(ALICE, payload, now) == response
+        assert receive(server, ALICE, payload, now) == response
     # Key order and whitespace do not make a retransmission a new request.
     respelled = b'{"params": [1, 2], "method": "echo", "id": "r1", "jsonrpc": "2.0"}'
-    assert server.receive_request(ALICE, respelled, now) == response
+    assert receive(server, ALICE, respelled, now) == response
     stats = server.statistics()
     assert stats.dispatched == 1
     assert stats.in_progress_hits == 1
@@ -287,9 +337,9 @@ def test_key_is_neighbor_and_id() -> None:
 def test_reused_id_with_other_content_is_dropped() -> None:
     server = RpcServer()
     dispatch(server, ALICE, request_bytes("r", "echo", [1]), 0.0)
-    assert server.receive_request(ALICE, request_bytes("r", "echo", [2]), 0.0) is None
+    assert receive(server, ALICE, request_bytes("r", "echo", [2]), 0.0) is None
     server.complete(ALICE, "r", encode_result("r", 1), 0.0)
-    assert server.receive_request(ALICE, request_bytes("r", "other", [1]), 0.0) is None
+    assert receive(server, ALICE, request_bytes("r", "other", [1]), 0.0) is None
     assert server.statistics().id_conflicts == 2
 
 
@@ -303,7 +353,7 @@ def test_entries_live_60_seconds_and_not_longer() -> None:
     assert server.get_timer() == 70.0
     for second in range(11, 70):
         server.handle_timer(float(second))
-    assert server.receive_request(ALICE, payload, 70.0 - TICK) == response
+    assert receive(server, ALICE, payload, 70.0 - TICK) == response
     server.handle_timer(70.0)
     assert server.statistics().expired == 1
     assert server.get_timer() is None
@@ -316,7 +366,7 @@ def test_running_entries_never_expire() -> None:
     dispatch(server, ALICE, payload, 0.0)
     assert server.get_timer() is None
     server.handle_timer(1000.0)
-    assert server.receive_request(ALICE, payload, 1000.0) is None
+    assert receive(server, ALICE, payload, 1000.0) is None
 
 
 def test_complete_misuse() -> None:
@@ -324,51 +374,198 @@ def test_complete_misuse() -> None:
     with pytest.raises(LocalProtocolError):
         server.complete(ALICE, "never", b"x", 0.0)
     dispatch(server, ALICE, request_bytes("r"), 0.0)
+    with pytest.raises(LocalProtocolError, match="too large"):
+        server.complete(ALICE, "r", b"x" * (MAX_PAYLOAD_SIZE + 1), 0.0)
     server.complete(ALICE, "r", encode_result("r", 1), 0.0)
     with pytest.raises(LocalProtocolError):
         server.complete(ALICE, "r", encode_result("r", 2), 0.0)
 
 
-def busy(action: RequestReceived | bytes | None) -> bool:
-    return isinstance(action, bytes) and as_json(action)["error"]["code"] == SERVER_BUSY
+def test_unknown_methods_are_answered_without_an_entry() -> None:
+    server = RpcServer(max_neighbors=1, max_entries_per_neighbor=1)
+    payload = request_bytes(7, "no_such_method", [1])
+    answer = receive(server, ALICE, payload, 0.0)
+    assert isinstance(answer, bytes)
+    assert as_json(answer) == {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "error": {"code": METHOD_NOT_FOUND, "message": "Method not found"},
+    }
+    assert receive(server, ALICE, payload, 1.0) == answer  # a retransmission: same bytes
+    stats = server.statistics()
+    assert (stats.unknown_methods, stats.dispatched, stats.cached_entries) == (2, 0, 0)
+    dispatch(server, ALICE, request_bytes(8), 1.0)  # the one slot is still free
+
+
+def busy(action: RequestReceived | bytes | None) -> str | None:
+    """The bound a SERVER_BUSY answer names, or None for any other action."""
+    if not isinstance(action, bytes):
+        return None
+    error = as_json(action).get("error")
+    return error["data"] if error and error["code"] == SERVER_BUSY else None
 
 
 def test_full_cache_refuses_new_requests_and_keeps_its_entries() -> None:
-    server = RpcServer(max_entries=3, max_entries_per_neighbor=3, response_cache_secs=60.0)
+    server = RpcServer(max_neighbors=1, max_entries_per_neighbor=3, response_cache_secs=60.0)
     responses = {}
     for i in range(3):
         dispatch(server, ALICE, request_bytes(i), 0.0)
         responses[i] = encode_result(i, i)
         server.complete(ALICE, i, responses[i], 0.0)
-    refused = server.receive_request(BOB, request_bytes(99), 1.0)
-    assert busy(refused)
+    assert busy(receive(server, ALICE, request_bytes(3), 0.5)) == "neighbor_entries"
+    # More neighbours than the node admits hold entries: the total bound is reached.
+    refused = receive(server, BOB, request_bytes(99), 1.0)
+    assert busy(refused) == "total_entries"
     assert isinstance(refused, bytes) and as_json(refused)["id"] == 99
     # The refusal is not remembered, and every live entry still answers from the cache.
-    assert busy(server.receive_request(BOB, request_bytes(99), 2.0))
+    assert busy(receive(server, BOB, request_bytes(99), 2.0)) == "total_entries"
     for i in range(3):
-        assert server.receive_request(ALICE, request_bytes(i), 59.0) == responses[i]
+        assert receive(server, ALICE, request_bytes(i), 59.0) == responses[i]
     stats = server.statistics()
-    assert (stats.busy_refusals, stats.dispatched, stats.cached_entries) == (2, 3, 3)
+    assert stats.busy == {"neighbor_entries": 1, "total_entries": 2}
+    assert (stats.dispatched, stats.cached_entries, stats.cached_neighbors) == (3, 3, 1)
     # Space comes back only as entries reach 60 s.
     dispatch(server, BOB, request_bytes(99), 60.0)
 
 
 def test_running_entries_count_against_the_bound() -> None:
-    server = RpcServer(max_entries=2)
+    server = RpcServer(max_neighbors=2, max_entries_per_neighbor=1)
     dispatch(server, ALICE, request_bytes(1), 0.0)
     dispatch(server, BOB, request_bytes(1), 0.0)
-    assert busy(server.receive_request(CAROL, request_bytes(1), 1000.0))
+    assert busy(receive(server, CAROL, request_bytes(1), 1000.0)) == "total_entries"
 
 
-def test_one_neighbor_cannot_fill_the_cache_for_the_others() -> None:
-    server = RpcServer(max_entries=10, max_entries_per_neighbor=2)
-    dispatch(server, ALICE, request_bytes(1), 0.0)
-    dispatch(server, ALICE, request_bytes(2), 0.0)
-    assert busy(server.receive_request(ALICE, request_bytes(3), 0.0))
-    dispatch(server, BOB, request_bytes(3), 0.0)
-    server.complete(ALICE, 1, encode_result(1, None), 0.0)
+def test_eight_identities_filling_their_quotas_leave_room_for_an_honest_neighbor() -> None:
+    """The attack: eight neighbours (one route cookie, eight identities) call as fast as
+    they can, with unknown methods and with real ones. The ninth, honest, still gets in."""
+    server = RpcServer(max_neighbors=9)
+    flooders = [bytes([i]) * 32 for i in range(8)]
+    for flooder in flooders:
+        for i in range(MAX_CACHE_ENTRIES_PER_NEIGHBOR):
+            receive(server, flooder, request_bytes(f"u{i}", "no_such_method"), 0.0)
+    assert server.statistics().cached_entries == 0
+    for flooder in flooders:
+        for i in range(MAX_CACHE_ENTRIES_PER_NEIGHBOR + 10):
+            action = receive(server, flooder, request_bytes(f"e{i}"), 1.0)
+            if isinstance(action, RequestReceived):
+                server.complete(
+                    flooder, action.request_id, encode_result(action.request_id, i), 1.0
+                )
+            else:
+                assert busy(action) == "neighbor_entries"
+    stats = server.statistics()
+    assert stats.busy == {"neighbor_entries": 8 * 10}
+    assert stats.cached_entries == 8 * MAX_CACHE_ENTRIES_PER_NEIGHBOR
+    for i in range(MAX_CACHE_ENTRIES_PER_NEIGHBOR):
+        dispatch(server, ALICE, request_bytes(i, "add", [i, 1]), 2.0)
+        server.complete(ALICE, i, encode_result(i, i + 1), 2.0)
+
+
+# What a running entry is charged: its response may be as large as a payload can be.
+RUNNING_BYTES = CACHE_ENTRY_OVERHEAD_BYTES + MAX_PAYLOAD_SIZE
+
+
+def test_bytes_are_bounded_per_neighbor_and_answered_entries_cost_what_they_hold() -> None:
+    server = RpcServer(max_neighbors=2, max_bytes_per_neighbor=3 * RUNNING_BYTES)
+    for i in range(3):
+        dispatch(server, ALICE, request_bytes(i), 0.0)
+    assert server.statistics().cached_bytes == 3 * RUNNING_BYTES
+    assert busy(receive(server, ALICE, request_bytes(3), 0.0)) == "neighbor_bytes"
+    dispatch(server, BOB, request_bytes(3), 0.0)  # Alice's quota is hers alone
+    large = encode_result(0, "x" * (MAX_PAYLOAD_SIZE // 2))
+    server.complete(ALICE, 0, large, 0.0)
+    assert busy(receive(server, ALICE, request_bytes(3), 0.0)) == "neighbor_bytes"
+    small = encode_result(1, 1)
+    server.complete(ALICE, 1, small, 0.0)  # frees almost a whole running charge
+    dispatch(server, ALICE, request_bytes(3), 0.0)
+    expected = (
+        3 * RUNNING_BYTES  # Alice's 2 and 3, Bob's 3
+        + 2 * CACHE_ENTRY_OVERHEAD_BYTES
+        + len(large)
+        + len(small)
+    )
+    assert server.statistics().cached_bytes == expected
+    server.complete(ALICE, 2, small, 0.0)
+    server.complete(ALICE, 3, small, 0.0)
+    server.complete(BOB, 3, small, 0.0)
     server.handle_timer(RESPONSE_CACHE_SECS)
-    dispatch(server, ALICE, request_bytes(3), RESPONSE_CACHE_SECS)
+    stats = server.statistics()
+    assert (stats.cached_bytes, stats.cached_entries, stats.cached_neighbors) == (0, 0, 0)
+
+
+def test_more_neighbors_than_admitted_reach_the_total_byte_bound() -> None:
+    server = RpcServer(max_neighbors=2, max_bytes_per_neighbor=2 * RUNNING_BYTES)
+    for neighbor in (ALICE, BOB):
+        for i in range(2):
+            dispatch(server, neighbor, request_bytes(i), 0.0)
+    assert busy(receive(server, CAROL, request_bytes(0), 0.0)) == "total_bytes"
+
+
+def test_unusable_bounds_are_refused() -> None:
+    for bad in (
+        {"max_neighbors": 0},
+        {"max_entries_per_neighbor": 0},
+        {"response_cache_secs": 0.0},
+        {"max_bytes_per_neighbor": RUNNING_BYTES - 1},  # not even one call could run
+    ):
+        with pytest.raises(LocalProtocolError):
+            RpcServer(**bad)  # type: ignore[arg-type]
+
+
+QUOTA_ENTRIES = 4
+QUOTA_BYTES = 3 * RUNNING_BYTES + 2 * (CACHE_ENTRY_OVERHEAD_BYTES + 2000)
+# Calls outnumber answers and time moves seldom, so that quotas fill up often.
+ACTIONS = st.sampled_from(["call"] * 3 + ["answer small", "answer large", "wait"])
+STEPS = st.lists(st.tuples(st.integers(0, 3), ACTIONS), min_size=10, max_size=150)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(STEPS)
+def test_a_neighbor_under_its_quota_is_never_refused(steps: list[tuple[int, str]]) -> None:
+    """However four neighbours interleave calls, answers and time, a call is refused exactly
+    when its own neighbour's entries or bytes are used up, never for the others' sake."""
+    ttl = 10.0
+    server = RpcServer(
+        response_cache_secs=ttl,
+        max_neighbors=4,
+        max_entries_per_neighbor=QUOTA_ENTRIES,
+        max_bytes_per_neighbor=QUOTA_BYTES,
+    )
+    neighbors = [bytes([i + 1]) * 32 for i in range(4)]
+    # The charges the documentation promises: (bytes, expiry or None while running).
+    held: list[dict[int, tuple[int, float | None]]] = [{} for _ in neighbors]
+    now = 0.0
+    next_id = 0
+    for who, what in steps:
+        neighbor, mine = neighbors[who], held[who]
+        if what == "wait":
+            now += 3.0
+        elif what == "call":
+            next_id += 1
+            action = receive(server, neighbor, request_bytes(next_id), now)
+            used = sum(size for size, _ in mine.values())
+            full = len(mine) >= QUOTA_ENTRIES or used + RUNNING_BYTES > QUOTA_BYTES
+            if full:
+                assert busy(action) in ("neighbor_entries", "neighbor_bytes")
+            else:
+                assert isinstance(action, RequestReceived)
+                mine[next_id] = (RUNNING_BYTES, None)
+        else:
+            running = [request_id for request_id, (_, expiry) in mine.items() if expiry is None]
+            if running:
+                result = "x" * (2000 if what == "answer large" else 1)
+                response = encode_result(running[0], result)
+                server.complete(neighbor, running[0], response, now)
+                mine[running[0]] = (CACHE_ENTRY_OVERHEAD_BYTES + len(response), now + ttl)
+        server.handle_timer(now)
+        for entries in held:
+            for request_id, (_, expiry) in list(entries.items()):
+                if expiry is not None and expiry <= now:
+                    del entries[request_id]
+        stats = server.statistics()
+        assert stats.cached_bytes == sum(size for e in held for size, _ in e.values())
+        assert stats.cached_bytes <= 4 * QUOTA_BYTES
+        assert not {"total_entries", "total_bytes"} & set(stats.busy)
 
 
 # --- client ---------------------------------------------------------------------------------
@@ -459,7 +656,7 @@ def test_client_and_server_over_a_wire_that_loses_the_first_copies() -> None:
     while outcome is None:
         now = round(now + TICK, 6)
         for _, payload in client.handle_timer(now):
-            action = server.receive_request(ALICE, payload, now)
+            action = receive(server, ALICE, payload, now)
             if isinstance(action, RequestReceived):
                 runs += 1
                 assert isinstance(action.params, list)

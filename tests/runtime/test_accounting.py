@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from earendil_py.core.accounting_v1 import EpochCount
+from earendil_py.core.rpc import INVALID_PARAMS
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.accounting import KEEP_CHECKPOINTS, PRUNE_EVERY, REFUSED, prune_turn
 from earendil_py.runtime.config import load_config
@@ -406,3 +407,22 @@ def test_sigkill_then_restart_resumes_balances_and_a_tampered_ledger_is_refused(
     assert result.stderr.startswith(f"earendil-py: error: {db}: ")
     assert f"seq {seq}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.anyio
+async def test_a_debt_limit_notice_out_of_range_is_refused_as_invalid_params(
+    tmp_path: Path,
+) -> None:
+    """A debt of 2**64 in a notice used to pass the params check, then raise OverflowError
+    when the notice was encoded to check its signature: -32603 and a logged traceback."""
+    nodes = priced_pair(tmp_path, price_0=1, price_1=1)
+    a, b = nodes
+    async with running(nodes):
+        with anyio.fail_after(5):
+            await converged(nodes, PAIR)
+            notice = msgspec.to_builtins(account(b, a).make_limit_notice(int(time.time())))
+            for debt in (2**64, -(2**63) - 1):
+                notice[2] = debt
+                with pytest.raises(RpcError) as caught:
+                    await b.rpc.call(a.fingerprint, "debt_limit", notice)
+                assert caught.value.code == INVALID_PARAMS

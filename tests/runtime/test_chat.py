@@ -149,3 +149,31 @@ async def test_chat_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         )
         assert code != 0
         assert "no account with this neighbour" in err
+
+
+@pytest.mark.anyio
+async def test_a_message_id_has_one_spelling_so_a_resent_message_is_kept_once(
+    tmp_path: Path,
+) -> None:
+    nodes = make_nodes(tmp_path, 2, PAIR)
+    a, b = nodes
+    message_id = "ab" * chat.ID_SIZE
+    async with running(nodes):
+        await linked(nodes)
+        await a.rpc.call(b.fingerprint, "chat", {"id": message_id, "text": "once"})
+        for spelling in [
+            message_id.upper(),
+            "Ab" * chat.ID_SIZE,
+            " " + message_id,
+            message_id + "\n",
+            " ".join(["ab"] * chat.ID_SIZE),
+        ]:
+            with pytest.raises(RpcError) as bad:
+                await a.rpc.call(b.fingerprint, "chat", {"id": spelling, "text": "once"})
+            assert bad.value.code == INVALID_PARAMS
+        await a.rpc.call(b.fingerprint, "chat", {"id": message_id, "text": "once"})
+        assert texts(await b.chat.history(a.fingerprint)) == [("in", "once", "delivered")]
+        assert b.chat.refused["invalid"] == 5
+    again = node_from(b.config)  # what the ledger kept
+    async with running([again]):
+        assert texts(await again.chat.history(a.fingerprint)) == [("in", "once", "delivered")]

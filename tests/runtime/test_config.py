@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from earendil_py.cli import main
-from earendil_py.runtime.config import load_config
+from earendil_py.core.errors import ConfigError
+from earendil_py.runtime.config import check_own_routes, load_config
+from earendil_py.runtime.keyfile import create_identity_file, write_private_file
 
 REPO = Path(__file__).resolve().parents[2]
 FP = "ab" * 32
@@ -31,7 +33,7 @@ secret = "0123456789abcdef"
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "node.toml"
-    path.write_text(text)
+    write_private_file(path, text)
     return path
 
 
@@ -120,6 +122,90 @@ BAD_CASES = [
         "identity_file = \n",
         "node.toml: invalid TOML: Invalid value (at line 1, column 17)",
     ),
+    # Timers: finite, at most a day, above a floor.
+    (
+        GOOD + "\n[links]\ndead_after_secs = inf\n",
+        "node.toml: links.dead_after_secs: expected float <= 86400.0",
+    ),
+    (
+        GOOD + "\n[links]\nkeepalive_secs = nan\n",
+        "node.toml: links.keepalive_secs: expected float >= 0.1",
+    ),
+    (
+        GOOD + "\n[links]\nkeepalive_secs = 1e-9\n",
+        "node.toml: links.keepalive_secs: expected float >= 0.1",
+    ),
+    (
+        GOOD + "\n[links]\nhandshake_retry_secs = 0.001\n",
+        "node.toml: links.handshake_retry_secs: expected float >= 0.01",
+    ),
+    (
+        GOOD + "\n[links]\nredial_min_secs = -inf\n",
+        "node.toml: links.redial_min_secs: expected float >= 0.01",
+    ),
+    (
+        GOOD + "\n[links]\nredial_max_secs = 1e6\n",
+        "node.toml: links.redial_max_secs: expected float <= 86400.0",
+    ),
+    (
+        GOOD + "\n[accounting]\npush_debt_secs = 0.0\n",
+        "node.toml: accounting.push_debt_secs: expected float >= 0.1",
+    ),
+    (
+        GOOD + "\n[accounting]\ncheckpoint_secs = inf\n",
+        "node.toml: accounting.checkpoint_secs: expected float <= 86400.0",
+    ),
+    (
+        GOOD + "\n[accounting]\nclaim_commit_delay_secs = nan\n",
+        "node.toml: accounting.claim_commit_delay_secs: expected float >= 0.0",
+    ),
+    (
+        GOOD + "\n[settlement]\nmanual_expiry_secs = 604801\n",
+        "node.toml: settlement.manual_expiry_secs: expected int <= 604800",
+    ),
+    (
+        GOOD + "\n[accounting]\nkeep_claims = 0\n",
+        "node.toml: accounting.keep_claims: expected int >= 1",
+    ),
+    # Money within what a signed offer carries.
+    (
+        GOOD + f"\n[in_routes.a.price]\ninbound_price_umel = {2**63}\n",
+        "node.toml: in_routes.a.price.inbound_price_umel: expected int <= 9223372036854775807",
+    ),
+    (
+        GOOD + f"\n[out_routes.b.price]\ninbound_debt_limit_umel = {2**64 - 1}\n",
+        "node.toml: out_routes.b.price.inbound_debt_limit_umel: "
+        "expected int <= 9223372036854775807",
+    ),
+    (
+        GOOD + f"\n[settlement]\nmin_settlement_umel = {2**63}\n",
+        "node.toml: settlement.min_settlement_umel: expected int <= 9223372036854775807",
+    ),
+    # One out_route per neighbour, however its fingerprint is spelt.
+    (
+        GOOD + f'\n[out_routes.c]\nprotocol = "udp"\nconnect = "127.0.0.1:7000"\n'
+        f'fingerprint = "{FP.upper()}"\nsecret = "0123456789abcdef"\n',
+        "node.toml: out_routes.c.fingerprint: the same neighbour as out_routes.b",
+    ),
+    # Ports in ASCII digits: Arabic-Indic, fullwidth and superscript digits are refused.
+    (
+        GOOD.replace('listen = "127.0.0.1:5000"', 'listen = "127.0.0.1:\u0665\u0660\u0660\u0660"'),
+        "node.toml: in_routes.a.listen: bad address: bad port '\u0665\u0660\u0660\u0660'",
+    ),
+    (
+        GOOD.replace(
+            'connect = "localhost:6000"', 'connect = "localhost:\uff16\uff10\uff10\uff10"'
+        ),
+        "node.toml: out_routes.b.connect: bad address: bad port '\uff16\uff10\uff10\uff10'",
+    ),
+    (
+        GOOD.replace('control_listen = "127.0.0.1:8964"', 'control_listen = "127.0.0.1:8\u00b2"'),
+        "node.toml: control_listen: bad address: bad port '8\u00b2'",
+    ),
+    (
+        GOOD.replace('listen = "127.0.0.1:5000"', 'listen = "127.0.0.1:+5000"'),
+        "node.toml: in_routes.a.listen: bad address: bad port '+5000'",
+    ),
 ]
 
 
@@ -153,3 +239,94 @@ def test_console_script_reports_without_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == f"earendil-py: error: {path}: bogus: unknown field"
+
+
+def test_the_largest_wire_amount_is_accepted(tmp_path: Path) -> None:
+    top = 2**63 - 1  # core.pricing.Uint
+    price = f"\n[in_routes.a.price]\ninbound_price_umel = {top}\n"
+    assert load_config(write(tmp_path, GOOD + price)).in_routes["a"].price.inbound_price_umel == top
+
+
+def test_a_route_to_our_own_fingerprint_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    own = create_identity_file(tmp_path / "node.key").fingerprint
+    path = write(tmp_path, GOOD.replace(FP, own.hex()))
+    config = load_config(path)
+    with pytest.raises(ConfigError) as caught:
+        check_own_routes(config, own)
+    check_own_routes(config, bytes.fromhex(FP))  # another node's is fine
+    line = (
+        f"{path}: out_routes.b.fingerprint: is this node's own fingerprint "
+        f"(identity_file {tmp_path / 'node.key'})"
+    )
+    assert str(caught.value) == line
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"earendil-py: error: {line}\n"
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o620])
+def test_check_config_refuses_a_config_others_may_access(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
+) -> None:
+    path = write(tmp_path, GOOD)
+    path.chmod(mode)
+    load_config(path)  # the commands that only read the control address do not mind
+    with pytest.raises(ConfigError):
+        load_config(path, private=True)
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"earendil-py: error: {path}: config is accessible by group or others "
+        f"(mode {mode:04o}); run: chmod 600 {path}\n"
+    )
+
+
+def test_a_config_that_is_a_directory_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check-config", "--config", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"earendil-py: error: {tmp_path}: cannot use as config: a directory\n"
+    )
+
+
+PATH_CASES = [
+    (
+        'identity_file = "keys/node.key"',
+        "{dir}/keys/node.key: cannot use as identity file: directory {dir}/keys does not exist",
+    ),
+    ('identity_file = "."', "{dir}: cannot use as identity file: a directory"),
+    (
+        'db_path = "data/node.db"',
+        "{dir}/data/node.db: cannot use as ledger: directory {dir}/data does not exist",
+    ),
+    ('db_path = "."', "{dir}: cannot use as ledger: not a regular file"),
+    (
+        'db_path = "node.toml/node.db"',
+        "{dir}/node.toml/node.db: cannot use as ledger: directory {dir}/node.toml is not a "
+        "directory",
+    ),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), PATH_CASES)
+def test_check_config_checks_the_paths_the_daemon_will_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, message: str
+) -> None:
+    key = line.partition(" = ")[0]
+    text = "\n".join(line if row.startswith(key + " ") else row for row in GOOD.split("\n"))
+    path = write(tmp_path, text)
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"earendil-py: error: {message.format(dir=tmp_path)}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["node.toml"]  # nothing was created
+
+
+def test_check_config_on_a_good_config_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, GOOD)
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"  identity     {tmp_path}/node.key (will be created on first start)\n" in out
+    assert f"  ledger       {tmp_path}/node.db (will be created on first start)\n" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["node.toml"]

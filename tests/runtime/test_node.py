@@ -87,7 +87,7 @@ def handshake_init(secret: str) -> bytes:
 
 @pytest.mark.anyio
 async def test_prober_without_cookie_gets_no_reply(tmp_path: Path) -> None:
-    nodes = make_nodes(tmp_path, 2, [Edge(0, 1, "udp"), Edge(0, 1, "tcp")])
+    nodes = make_nodes(tmp_path, 3, [Edge(0, 1, "udp"), Edge(2, 1, "tcp")])
     listener = nodes[1]
     right_secret = listener.config.in_routes["from_node0_udp"].secret
     async with running([listener]):

@@ -17,6 +17,7 @@ from earendil_py.core.errors import LocalProtocolError
 from earendil_py.core.rpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
+    MAX_CACHE_ENTRIES_PER_NEIGHBOR,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
 )
@@ -165,10 +166,46 @@ async def test_handler_runs_exactly_once_under_loss_duplication_and_retransmissi
 @pytest.mark.anyio
 async def test_method_not_found() -> None:
     with anyio.fail_after(5):
-        async with network(duplicating=True) as (_, alice, _bob):
+        async with network(duplicating=True) as (_, alice, bob):
             with pytest.raises(RpcError) as caught:
                 await alice.call(BOB, "no_such_method", [1])
     assert caught.value.code == METHOD_NOT_FOUND
+    server = bob.statistics().server
+    assert server.unknown_methods >= 1
+    assert (server.dispatched, server.cached_entries) == (0, 0)  # nothing ran, nothing kept
+
+
+@pytest.mark.anyio
+async def test_eight_flooding_identities_leave_room_for_an_honest_neighbor() -> None:
+    """Eight neighbours (one route cookie, eight identities) flood Bob with unknown methods,
+    then with a real one beyond their quotas: Alice's call still runs."""
+    flooders = [bytes([i]) * 32 for i in range(8)]
+    quota = MAX_CACHE_ENTRIES_PER_NEIGHBOR
+
+    async def note(neighbor: bytes, params: Any) -> Any:
+        return None
+
+    with anyio.fail_after(10):
+        async with network() as (_, alice, bob):
+            bob.register("note", note)
+            bob.register("add", Adder())
+            for flooder in flooders:
+                for i in range(quota):
+                    bob.receive(flooder, msgspec.json.encode(request(f"u{i}", "nothing")))
+                for i in range(quota + 10):
+                    bob.receive(flooder, msgspec.json.encode(request(f"n{i}", "note")))
+            result = await alice.call(BOB, "add", {"tag": "t", "terms": [2, 3]})
+    assert result == {"sum": 5, "tag": "t"}
+    server = bob.statistics().server
+    assert server.unknown_methods == 8 * quota
+    # Each flooder was refused for its own quota (its calls arrived faster than they ran,
+    # so running calls used up its bytes first), never for the cache as a whole.
+    assert set(server.busy) == {"neighbor_bytes"}
+    assert server.busy.total() + server.dispatched - 1 == 8 * (quota + 10)
+
+
+def request(request_id: str, method: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "method": method}
 
 
 @pytest.mark.anyio

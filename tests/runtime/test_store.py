@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import random
 import re
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from earendil_py.core.errors import ConfigError, LocalProtocolError
 from earendil_py.core.identity import short_hex
 from earendil_py.core.ledger import GENESIS, LedgerCorrupt, verify_chain
-from earendil_py.runtime.store import AsyncLedger, LedgerStore
+from earendil_py.runtime.store import AsyncLedger, LedgerStore, claim_ledger, ledger_id_file
 
 ALICE = bytes([0xA1]) * 32
 BOB = bytes([0xB2]) * 32
@@ -163,23 +168,26 @@ def test_wal_mode_is_persistent_in_the_file(tmp_path: Path) -> None:
 def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     populate(path)
-    raw(path, "PRAGMA user_version=3")
-    with pytest.raises(ConfigError, match=r"schema version 3 is newer .*\(2\); upgrade"):
+    raw(path, "PRAGMA user_version=4")
+    with pytest.raises(ConfigError, match=r"schema version 4 is newer .*\(3\); upgrade"):
         LedgerStore.open(path)
 
 
 def test_a_version_1_ledger_is_migrated_and_keeps_every_entry(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     populate(path)
-    # Version 1 had one more index; otherwise the same tables.
+    # Version 1 had one more index and no meta table; otherwise the same tables.
     raw(path, "CREATE INDEX entries_by_kind ON entries (neighbor, kind, seq)")
+    raw(path, "DROP TABLE meta")
     raw(path, "PRAGMA user_version=1")
     before = raw(path, "SELECT * FROM entries ORDER BY neighbor, seq")
     with LedgerStore.open(path) as store:
         assert store.head(ALICE)[0] == 5
         assert store.append(ALICE, "price", b"after", T0).seq == 6
-    assert raw(path, "PRAGMA user_version") == [(2,)]
+        ledger_id = store.ledger_id
+    assert raw(path, "PRAGMA user_version") == [(3,)]
     assert raw(path, "SELECT name FROM sqlite_schema WHERE name = 'entries_by_kind'") == []
+    assert len(ledger_id) == 16 and raw(path, "SELECT value FROM meta") == [(ledger_id,)]
     after = "SELECT * FROM entries WHERE NOT (neighbor = ? AND seq = 6) ORDER BY neighbor, seq"
     assert raw(path, after, (ALICE,)) == before
 
@@ -533,6 +541,213 @@ async def test_a_cancelled_caller_waits_until_its_started_transaction_is_done(
             assert (await ledger.append(ALICE, "price", b"", T0)).seq == len(BIG) + 1
 
 
-def test_unwritable_location_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot open ledger"):
+def test_a_missing_directory_or_a_directory_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot open ledger: No such file or directory"):
         LedgerStore.open(tmp_path / "missing-directory" / "ledger.db")
+    with pytest.raises(ConfigError, match="cannot open ledger: Is a directory"):
+        LedgerStore.open(tmp_path)
+
+
+# --- files: mode, damage ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_ledger_and_its_wal_and_shm_are_created_0600_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with umask(0o022), LedgerStore.open(path) as store:
+        store.append(ALICE, "price", b"p", T0)
+        files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert files == {"ledger.db": 0o600, "ledger.db-wal": 0o600, "ledger.db-shm": 0o600}
+
+
+def test_an_older_more_open_ledger_is_tightened_with_a_log_line(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    populate(path)
+    wal = Path(f"{path}-wal")
+    wal.write_bytes(b"")  # left by a crash; SQLite ignores an empty WAL
+    path.chmod(0o644)
+    wal.chmod(0o664)
+    with capture_logs() as logs, LedgerStore.open(path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(wal.stat().st_mode) == 0o600
+    assert [(e["event"], e["files"]) for e in logs] == [
+        ("ledger_mode_tightened", {str(path): "0644", str(wal): "0664"})
+    ]
+    with capture_logs() as logs:
+        LedgerStore.open(path).close()
+    assert logs == []
+
+
+def test_each_ledger_has_its_own_id_which_stays(tmp_path: Path) -> None:
+    with LedgerStore.open(tmp_path / "a.db") as a, LedgerStore.open(tmp_path / "b.db") as b:
+        first = a.ledger_id
+        assert len(first) == 16 and first != b.ledger_id
+    with LedgerStore.open(tmp_path / "a.db") as a:
+        assert a.ledger_id == first
+
+
+def test_bytes_that_are_not_utf_8_in_a_text_column_are_one_unreadable_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.db"
+    populate(path)
+    raw(path, "UPDATE entries SET kind = CAST(X'ff70726963' AS TEXT) WHERE seq = 2")
+    with pytest.raises(LedgerCorrupt, match=f"^{re.escape(str(path))}: unreadable ledger: ") as e:
+        LedgerStore.open(path)
+    assert e.value.reason == "unreadable" and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flips"])
+def test_a_damaged_file_is_one_line_naming_it(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "ledger.db"
+    with LedgerStore.open(path) as store:
+        for i in range(300):
+            store.append(bytes([i % 7]) * 32, "price", bytes(range(200)), T0)
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        del data[len(data) // 2 :]
+    else:
+        rng = random.Random(1)
+        for _ in range(200):
+            data[rng.randrange(4096, len(data))] ^= 1 << rng.randrange(8)
+    path.write_bytes(data)
+    with pytest.raises(LedgerCorrupt) as caught:
+        LedgerStore.open(path)
+    assert str(caught.value).startswith(f"{path}: unreadable ledger: ")
+    assert caught.value.reason == "unreadable"
+
+
+# --- claim_ledger: is this the identity's ledger? -------------------------------------------
+
+
+@pytest.fixture
+def node_dir(tmp_path: Path) -> Path:
+    (tmp_path / "node.key").write_bytes(b"")  # claim_ledger only needs the path beside it
+    return tmp_path
+
+
+def record_of(node_dir: Path) -> dict[str, object]:
+    record = ledger_id_file(node_dir / "node.key")
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600
+    loaded: dict[str, object] = json.loads(record.read_text())
+    return loaded
+
+
+def test_the_first_start_creates_the_ledger_and_records_its_id(node_dir: Path) -> None:
+    db, key = node_dir / "node.db", node_dir / "node.key"
+    assert claim_ledger(db, key, dry_run=True) == "will be created on first start"
+    assert sorted(p.name for p in node_dir.iterdir()) == ["node.key"]  # the dry run made none
+    with capture_logs() as logs:
+        described = claim_ledger(db, key)
+    assert logs == []  # nothing to tell on a first start
+    with LedgerStore.open(db) as store:
+        ledger_id = store.ledger_id.hex()
+    assert described == f"ledger {ledger_id[:8]}"
+    record = record_of(node_dir)
+    assert (record["ledger_id"], record["ledger"]) == (ledger_id, str(db))
+    before = ledger_id_file(key).read_bytes()
+    files = sorted(p.name for p in node_dir.iterdir())
+    assert claim_ledger(db, key, dry_run=True) == described
+    assert sorted(p.name for p in node_dir.iterdir()) == files
+    assert claim_ledger(db, key) == described
+    assert ledger_id_file(key).read_bytes() == before
+
+
+def deleted(db: Path) -> None:
+    db.unlink()
+    for side in ("-wal", "-shm"):
+        Path(f"{db}{side}").unlink(missing_ok=True)
+
+
+def truncated(db: Path) -> None:
+    db.write_bytes(b"")
+
+
+def replaced(db: Path) -> None:
+    deleted(db)
+    LedgerStore.open(db).close()  # a fresh ledger: verifies, no balances
+
+
+def other_nodes(db: Path) -> None:
+    other = db.with_name("other.db")
+    populate(other)
+    deleted(db)
+    other.rename(db)
+
+
+@pytest.mark.parametrize(
+    ("lose", "what"),
+    [
+        (deleted, "ledger is missing"),
+        (truncated, "ledger is empty"),
+        (replaced, "not the ledger this identity used"),
+        (other_nodes, "not the ledger this identity used"),
+    ],
+)
+def test_a_lost_ledger_is_refused_until_the_operator_asks_for_a_new_one(
+    node_dir: Path, lose: Callable[[Path], None], what: str
+) -> None:
+    db, key = node_dir / "node.db", node_dir / "node.key"
+    claim_ledger(db, key)
+    populate(db)  # the balances that must not be forgotten silently
+    recorded = record_of(node_dir)["ledger_id"]
+    assert isinstance(recorded, str)
+    lose(db)
+    files = sorted(p.name for p in node_dir.iterdir())
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError) as caught:
+            claim_ledger(db, key, dry_run=dry_run)
+        assert str(caught.value).startswith(f"{db}: {what}: its balances are in ledger ")
+        assert recorded[:8] in str(caught.value) and "--new-ledger" in str(caught.value)
+        assert sorted(p.name for p in node_dir.iterdir()) == files  # nothing created
+    with capture_logs() as logs:
+        described = claim_ledger(db, key, new=True)
+    with LedgerStore.open(db) as store:
+        assert record_of(node_dir)["ledger_id"] == store.ledger_id.hex() != recorded
+    assert [(e["event"], e["replaces"]) for e in logs] == [("ledger_recorded", recorded[:8])]
+    assert claim_ledger(db, key) == described
+    with pytest.raises(ConfigError, match="--new-ledger: this already is this identity's"):
+        claim_ledger(db, key, new=True)
+
+
+def test_a_ledger_from_before_ids_is_upgraded_and_recorded(node_dir: Path) -> None:
+    db, key = node_dir / "node.db", node_dir / "node.key"
+    populate(db)
+    raw(db, "DROP TABLE meta")
+    raw(db, "PRAGMA user_version=2")
+    assert claim_ledger(db, key, dry_run=True) == "will be upgraded at start"
+    assert not ledger_id_file(key).exists()
+    claim_ledger(db, key)
+    with LedgerStore.open(db) as store:
+        assert record_of(node_dir)["ledger_id"] == store.ledger_id.hex()
+        assert store.head(ALICE)[0] == 5
+
+
+def test_an_unreadable_record_is_refused_unless_a_new_ledger_is_asked_for(node_dir: Path) -> None:
+    db, key = node_dir / "node.db", node_dir / "node.key"
+    claim_ledger(db, key)
+    ledger_id_file(key).write_text('{"ledger_id": "xyz"')
+    with pytest.raises(ConfigError, match=r"node.key.ledger-id: not a valid ledger id file"):
+        claim_ledger(db, key)
+    claim_ledger(db, key, new=True)
+    claim_ledger(db, key)
+
+
+def test_unusable_ledger_paths_are_one_line_each(node_dir: Path) -> None:
+    key = node_dir / "node.key"
+    missing = node_dir / "nope" / "node.db"
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError, match=f"directory {node_dir / 'nope'} does not exist"):
+            claim_ledger(missing, key, dry_run=dry_run)
+        with pytest.raises(ConfigError, match="cannot use as ledger: not a regular file"):
+            claim_ledger(node_dir, key, dry_run=dry_run)
+        with pytest.raises(ConfigError, match="is not a directory"):
+            claim_ledger(key / "node.db", key, dry_run=dry_run)
