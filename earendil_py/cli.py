@@ -122,6 +122,7 @@ def _settle(args: argparse.Namespace) -> None:
         "method": args.method,
         "pay_umel": args.amount,
         "request_umel": args.request,
+        "prepay": args.prepay,
     }
     answer = _api(args, "POST", "/api/settlements", body)
     reason = f" ({answer['reason']})" if answer["reason"] else ""
@@ -140,7 +141,8 @@ def _settlements(args: argparse.Namespace) -> None:
 
 def _decide(args: argparse.Namespace) -> None:
     answer = _api(args, "POST", f"/api/settlements/{args.id}/{args.decision}", {})
-    _show(f"settlement {answer['id']}: {answer['state']}")
+    reason = f" ({answer['reason']})" if answer["reason"] else ""
+    _show(f"settlement {answer['id']}: {answer['state']}{reason}")
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -239,14 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     settle.add_argument("--amount", type=int, default=0, help="uMEL of our debt we pay")
     settle.add_argument("--request", type=int, default=0, help="uMEL of their debt they pay")
     settle.add_argument("--method", choices=["manual", "pow"], required=True)
+    settle.add_argument(
+        "--prepay", action="store_true", help="pay even if it is more than we owe them"
+    )
     settle.set_defaults(run=_settle)
 
     listing = commands.add_parser("settlements", help="list settlements, both ways")
     listing.add_argument("--config", type=Path, required=True)
     listing.set_defaults(run=_settlements)
 
-    for decision in ("accept", "reject"):
-        decide = commands.add_parser(decision, help=f"{decision} a neighbour's manual settlement")
+    for decision, what in (
+        ("accept", "accept a neighbour's manual settlement"),
+        ("reject", "reject a neighbour's manual settlement"),
+        ("cancel", "ask the neighbour to cancel our pending proposal"),
+    ):
+        decide = commands.add_parser(decision, help=what)
         decide.add_argument("--config", type=Path, required=True)
         decide.add_argument("id", help="settlement id (hex, from `earendil-py settlements`)")
         decide.set_defaults(run=_decide, decision=decision)

@@ -92,7 +92,7 @@ import binascii
 import copy
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -157,8 +157,10 @@ PRUNE_EVERY = 10
 KEEP_COUNTS = 10
 
 # Ledger entry kinds.
+MIGRATED = "migrated"  # a ledger from before Neighbors, carried over: restore starts here
 ACCOUNT_KINDS = frozenset(
     {
+        MIGRATED,
         "price_offer_sent",
         "price_answer_received",
         "price_answered",
@@ -280,7 +282,7 @@ class Policy:
     methods: tuple[str, ...]  # our settlement methods, in preference order
     push_debt_secs: float = 60.0
     claim_tolerance_packets: int = 256
-    lease_packets: int = 1_024  # the smallest outbound lease (it doubles when used up fast)
+    lease_packets: int = 4_096  # the smallest outbound lease (it doubles when used up fast)
     keep_claims: int = 100  # claim bodies kept per direction (older ones are pruned)
     auto_settle_percent: int = 50
     min_settlement_umel: int = 1_000
@@ -402,6 +404,9 @@ class _Volatile:
     settle_backoff: float = RETRY_MIN_SECS / 2
     last_notice_at: float = float("-inf")
     recovery_in: int = 0  # inbound counts a crash may have lost: re-learned once, from a claim
+    # Our outbound count includes a lease a crash may not have used: no automatic settlement
+    # pays that estimate before a claim from the neighbour has corrected it.
+    unconfirmed: bool = False
     ceiling: int = 0  # the outbound lease written: the relay loop sends nothing past it
     lease: int = 0  # its size now
     leased_at: float = float("-inf")  # when it was last raised
@@ -480,12 +485,23 @@ class _Work:
 
     def account_entry(self, kind: str, evidence: bytes = b"") -> None:
         counters = self.neighbor.counters
-        entry = AccountEntry(
-            self.account.state, counters.packets_in, counters.packets_out, evidence
-        )
+        totals = (counters.packets_in, counters.packets_out)
+        entry = AccountEntry(self.account.state, totals[0], totals[1], evidence)
         self.entries.append((kind, _encoder.encode(entry)))
+        self.counted(totals)
+
+    def counted(self, totals: tuple[int, int]) -> None:
+        """An entry of this step carries these totals: what a crash loses is counted since."""
+        volatile = self.volatile
+        volatile.peak = max(volatile.peak, sum(totals) - sum(volatile.checkpointed))
+        volatile.checkpointed = totals
 
     def effect(self, reply: Any = None) -> Effect:
+        counters = self.neighbor.counters
+        if self.entries and (counters.packets_in, counters.packets_out) != (
+            self.volatile.checkpointed
+        ):  # the totals ride along, in the same transaction: a crash then loses less
+            self.neighbor._write_counts(self)
         self.volatile.recovery_in = self.account.recovery_in
         return Effect(
             tuple(self.entries),
@@ -539,19 +555,21 @@ class Neighbor:
         neighbor_public: bytes,
         policy: Policy,
         rng: Rng,
-        entries: Iterable[Entry],
+        entries: Sequence[Entry],
     ) -> Neighbor:
         """The neighbour as its committed ledger entries left it (oldest first; a pruned
-        body is skipped). Entries of other kinds are skipped. A body that does not decode is
-        our own file's corruption: it raises msgspec.DecodeError."""
+        body is skipped), from the last `migrated` entry on if there is one. Entries of other
+        kinds are skipped. A body that does not decode is our own file's corruption: it
+        raises msgspec.DecodeError."""
         neighbor = cls(identity, neighbor_public, policy, rng)
         me = identity.fingerprint
         account = Account(identity, neighbor_public, neighbor._account, neighbor.counters)
         book = SettlementBook(identity, neighbor_public, neighbor._book)
         totals, ceiling, peak, clean = (0, 0), 0, 0, False
-        ledger_head = GENESIS
-        for entry in entries:
-            kind, body, ledger_head = entry.kind, entry.body, entry.hash
+        ledger_head = entries[-1].hash if entries else GENESIS
+        start = max((i for i, e in enumerate(entries) if e.kind == MIGRATED), default=0)
+        for entry in entries[start:]:
+            kind, body = entry.kind, entry.body
             if body is None:
                 continue
             clean = False
@@ -598,6 +616,7 @@ class Neighbor:
         packets_in, packets_out = totals
         volatile = neighbor._volatile
         if not clean:
+            volatile.unconfirmed = packets_out < ceiling
             packets_out = max(packets_out, ceiling)
             volatile.recovery_in = max(2 * peak, policy.claim_tolerance_packets)
         neighbor.counters.packets_in, neighbor.counters.packets_out = packets_in, packets_out
@@ -633,6 +652,16 @@ class Neighbor:
         else:
             outbound = max(0, leased)
         return Allowance(inbound, outbound)
+
+    def refusal(self, *, outbound: bool) -> str:
+        """Why the relay loop refuses the neighbour's packets now (a drop reason)."""
+        if not self.priced:
+            return "not_priced"
+        if self.frozen:
+            return "frozen"
+        if outbound and self.counters.packets_out >= self._ceiling:
+            return "lease"  # the shell is writing a higher one
+        return "debt_limit"
 
     @property
     def wake_mark(self) -> int:
@@ -770,6 +799,7 @@ class Neighbor:
             not volatile.linked
             or not price
             or volatile.proposing is not None
+            or volatile.unconfirmed
             or self._book.open
             or _auto_method(self._account, volatile.policy) is None
         ):
@@ -788,10 +818,12 @@ class Neighbor:
             volatile.policy = policy
         self._forget_calls(w)
         volatile.linked = True
-        volatile.acked = None  # the first claim after a link-up always goes out
         if self.counters.packets_out >= self._lease_mark:
             self._write_counts(w, lease=True)
-        volatile.next_claim_at = now + w.policy.push_debt_secs
+        # A claim goes out at once: either side may have restarted and need one (to learn
+        # back counts it lost, or to correct a lease it counted as sent).
+        volatile.acked = None
+        volatile.next_claim_at = now
         self._push_price(w, volatile.override or w.policy.terms, operator=False)
         self._expire(w)
         if (record := w.book.outgoing_open()) is not None:
@@ -897,8 +929,7 @@ class Neighbor:
                 size = max(size // 2, policy.lease_packets)
             volatile.lease, volatile.leased_at = size, w.now
             volatile.ceiling = totals[1] + size
-        volatile.peak = max(volatile.peak, sum(totals) - sum(volatile.checkpointed))
-        volatile.checkpointed = totals
+        w.counted(totals)
         volatile.counts_written += 1
         entry = CountsEntry(totals[0], totals[1], volatile.ceiling, volatile.peak, clean)
         w.entries.append((COUNTS, _encoder.encode(entry)))
@@ -909,13 +940,14 @@ class Neighbor:
     # --- operator requests --------------------------------------------------------------
 
     def reprice(self, terms: PriceTerms, now: float) -> Effect:
-        """Offer new terms now (and at every later link-up until a restart). The outcome
-        comes as done ("price", seq as 8 bytes): True if the neighbour accepted, False if it
-        rejected, the error if it did not answer."""
+        """Offer new terms now (and at every later link-up until a restart). The reply is
+        the offer's key (its seq, 8 bytes); the outcome comes as done ("price", key): True if
+        the neighbour accepted, False if it rejected, a RemoteProtocolError if it did not
+        answer."""
         w = _Work(self, now)
         w.volatile.override = terms
-        self._push_price(w, terms, operator=True)
-        return w.effect()
+        key = self._push_price(w, terms, operator=True)
+        return w.effect(reply=key)
 
     def unfreeze(self, now: float) -> Effect:
         """Lift a freeze (keeping our own view of the account)."""
@@ -967,8 +999,9 @@ class Neighbor:
 
     def cancel(self, settlement_id: bytes, now: float) -> Effect:
         """Ask the neighbour to cancel our open proposal; it stays open until the answer,
-        which may still be an approval. The outcome comes as done ("settle", id): the record
-        after the answer. Raises LocalProtocolError unless it is our proposal and pending."""
+        which may still be an approval. The reply is the id; the outcome comes as done
+        ("settle", id): the record after the answer. Raises LocalProtocolError unless it is
+        our proposal and pending."""
         w = _Work(self, now)
         record = w.book.cancel(settlement_id)
         w.entries.append((SETTLEMENT_CANCELING, _encoder.encode(SettlementQuery(settlement_id))))
@@ -978,17 +1011,25 @@ class Neighbor:
             w.call("cancel_settlement", wire(SettlementQuery(settlement_id)), pending)
         else:
             w.done.append((("settle", settlement_id), record))
-        return w.effect()
+        return w.effect(reply=settlement_id)
 
-    def decide(self, settlement_id: bytes, *, approve: bool, now: float) -> Effect:
-        """The operator approves or rejects a proposal waiting for it, and the neighbour is
-        told. The reply is the record (refused instead if it expired or no longer follows our
-        head). Raises LocalProtocolError unless it is an incoming proposal still pending."""
+    def decide(
+        self,
+        settlement_id: bytes,
+        *,
+        approve: bool,
+        now: float,
+        reason: str = "rejected_by_operator",
+    ) -> Effect:
+        """The operator approves or rejects (with `reason`) a proposal waiting for it, and the
+        neighbour is told. The reply is the record (refused instead if it expired or no longer
+        follows our head). Raises LocalProtocolError unless it is an incoming proposal still
+        pending, or for a reason that is not 1..64 characters (or is "canceled"/"expired")."""
         w = _Work(self, now)
         if approve:
             record = w.book.approve(settlement_id, w.unix)
         else:
-            record = w.book.reject(settlement_id, "rejected_by_operator", w.unix)
+            record = w.book.reject(settlement_id, reason, w.unix)
         self._record_answer(w, record)
         self._tell_proposer(w, record)
         return w.effect(reply=record)
@@ -1046,6 +1087,7 @@ class Neighbor:
             )
             return Refused(REFUSED, "claim disputed: account frozen", "dispute")
         w.account_entry("claim_received", _encoder.encode(claim))
+        w.volatile.unconfirmed = False
         if claim.seq % PRUNE_EVERY == 0:
             w.prunes.append(("claim_received", w.policy.keep_claims))
         w.batch = True
@@ -1349,8 +1391,9 @@ class Neighbor:
 
     # --- the steps, shared --------------------------------------------------------------
 
-    def _push_price(self, w: _Work, terms: PriceTerms, *, operator: bool) -> None:
-        """Offer `terms` (a new offer is written before it is sent) and push it."""
+    def _push_price(self, w: _Work, terms: PriceTerms, *, operator: bool) -> bytes:
+        """Offer `terms` (a new offer is written before it is sent) and push it; returns the
+        offer's key."""
         volatile = w.volatile
         before = w.account.state.proposed
         offer = w.account.propose(terms, w.unix)
@@ -1361,8 +1404,9 @@ class Neighbor:
         if not volatile.linked:
             if operator:
                 self._tell_operator(w, pending, "no link to the neighbour")
-            return
+            return pending.key
         volatile.price_token = w.call("push_price", wire(offer), pending)
+        return pending.key
 
     def _push_claim(self, w: _Work) -> None:
         volatile = w.volatile
@@ -1468,6 +1512,7 @@ class Neighbor:
         if (
             method is None
             or volatile.proposing is not None
+            or volatile.unconfirmed
             or w.now < volatile.settle_retry_at
             or w.book.state.open
         ):

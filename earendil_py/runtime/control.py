@@ -1,6 +1,7 @@
 """The control API: what the CLI and the dashboard use to see and steer a running node.
 
-JSON over HTTP on `control_listen` (loopback). Binary data travels base64-encoded.
+JSON over HTTP on `control_listen` (loopback). Binary data travels base64-encoded. It sees the
+node through `ControlledNode`, the narrow view it needs, and does not import the node.
 """
 
 from __future__ import annotations
@@ -10,16 +11,22 @@ import binascii
 import hashlib
 import re
 import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
 
-from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
+from earendil_py.core.errors import EarendilError, LocalProtocolError, RemoteProtocolError
+from earendil_py.core.graph import RelayGraph
 from earendil_py.core.identity import parse_fingerprint
+from earendil_py.core.link import LinkStatistics
 from earendil_py.core.packet import MAX_HOPS
 from earendil_py.core.pricing import PriceTerms
-from earendil_py.core.settlement_v1 import SettlementRecord
+from earendil_py.core.relay import Datagram
+from earendil_py.core.settlement import SettlementRecord
+from earendil_py.runtime.chat import Chat
 from earendil_py.runtime.http import (
     HttpError,
     Request,
@@ -28,10 +35,7 @@ from earendil_py.runtime.http import (
     html_response,
     json_response,
 )
-from earendil_py.runtime.rpc import RpcError, RpcTimeout
-
-if TYPE_CHECKING:
-    from earendil_py.runtime.node import LinkRunner, Node
+from earendil_py.runtime.neighbors import Neighbors
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 Dock = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
@@ -50,6 +54,86 @@ class SettleRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     method: str
     pay_umel: Umel = 0  # of our debt to them
     request_umel: Umel = 0  # of their debt to us
+    prepay: bool = False  # paying more than we owe is refused unless asked for
+
+
+class RouteView(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def protocol(self) -> str: ...
+
+    @property
+    def direction(self) -> str: ...
+
+
+class LinkView(Protocol):
+    """What the control API shows of one link."""
+
+    @property
+    def peer_fingerprint(self) -> bytes | None: ...
+
+    @property
+    def route(self) -> RouteView: ...
+
+    @property
+    def peer_address(self) -> tuple[str, int]: ...
+
+    @property
+    def packets_sent(self) -> int: ...
+
+    @property
+    def packets_received(self) -> int: ...
+
+    def statistics(self) -> LinkStatistics: ...
+
+
+class RelayView(Protocol):
+    @property
+    def originated(self) -> int: ...
+
+    @property
+    def forwarded(self) -> int: ...
+
+    @property
+    def peeled(self) -> int: ...
+
+    @property
+    def delivered(self) -> int: ...
+
+
+class ControlledNode(Protocol):
+    """What the control API needs of the node."""
+
+    @property
+    def fingerprint(self) -> bytes: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def relay(self) -> RelayView: ...
+
+    @property
+    def graph(self) -> RelayGraph: ...
+
+    @property
+    def links(self) -> Mapping[bytes, Sequence[LinkView]]: ...
+
+    @property
+    def accounts(self) -> Neighbors: ...
+
+    @property
+    def chat(self) -> Chat: ...
+
+    def drop_counts(self) -> Counter[str]: ...
+
+    def send_datagram(
+        self, destination: bytes, dock: int, data: bytes, hops: int | None = None
+    ) -> None: ...
+
+    def receive_datagrams_nowait(self, dock: int, limit: int = 1000) -> list[Datagram]: ...
 
 
 class ChatRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -63,7 +147,7 @@ class SendRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     hops: Annotated[int, msgspec.Meta(ge=1, le=MAX_HOPS)] | None = None
 
 
-def link_summary(runner: LinkRunner) -> dict[str, Any]:
+def link_summary(runner: LinkView) -> dict[str, Any]:
     stats = runner.statistics()
     fingerprint = runner.peer_fingerprint
     return {
@@ -83,7 +167,7 @@ def link_summary(runner: LinkRunner) -> dict[str, Any]:
     }
 
 
-def status(node: Node) -> dict[str, Any]:
+def status(node: ControlledNode) -> dict[str, Any]:
     relay = node.relay
     graph = node.graph.statistics()
     return {
@@ -98,11 +182,11 @@ def status(node: Node) -> dict[str, Any]:
         "drops": dict(node.drop_counts()),
         "graph": {"identities": graph.identities, "adjacencies": graph.adjacencies},
         "links": [link_summary(r) for runners in node.links.values() for r in runners],
-        "accounts": list(node.accounting.summaries()),
+        "accounts": node.accounts.summaries(),
     }
 
 
-def build_router(node: Node) -> Router:
+def build_router(node: ControlledNode) -> Router:
     router = Router()
     page = dashboard_response()
 
@@ -150,7 +234,7 @@ def build_router(node: Node) -> Router:
             fingerprint = parse_fingerprint(request.params["fingerprint"])
         except ValueError as exc:
             raise HttpError(400, str(exc)) from None
-        if fingerprint not in node.accounting.accounts:
+        if node.accounts.get(fingerprint) is None:
             raise HttpError(404, "no account with this neighbour")
         return fingerprint
 
@@ -158,21 +242,22 @@ def build_router(node: Node) -> Router:
     async def reprice(request: Request) -> Response:
         fingerprint = neighbor(request)
         body = request.json(PriceRequest)
-        terms = PriceTerms(body.price_umel, body.debt_limit_umel, node.accounting.methods)
+        methods = tuple(node.accounts.config.settlement.methods)
+        terms = PriceTerms(body.price_umel, body.debt_limit_umel, methods)
         try:
-            await node.accounting.reprice(fingerprint, terms)
-        except RpcError as exc:
-            raise HttpError(409, exc.message) from None
-        except RpcTimeout as exc:
+            accepted = await node.accounts.reprice(fingerprint, terms)
+        except LocalProtocolError as exc:
+            raise HttpError(409, str(exc)) from None
+        except RemoteProtocolError as exc:
             raise HttpError(504, str(exc)) from None
-        account = node.accounting.accounts[fingerprint]
-        offer = account.state.our_offer
-        accepted = offer is not None and offer.terms() == terms
         return json_response({"accepted": accepted})
 
     @router.route("POST", "/api/neighbors/{fingerprint}/unfreeze")
     async def unfreeze(request: Request) -> Response:
-        await node.accounting.unfreeze(neighbor(request))
+        try:
+            await node.accounts.unfreeze(neighbor(request))
+        except EarendilError as exc:
+            raise HttpError(503, str(exc)) from None
         return json_response({"frozen": ""})
 
     @router.route("GET", "/api/chat/{fingerprint}")
@@ -193,7 +278,7 @@ def build_router(node: Node) -> Router:
 
     @router.route("GET", "/api/settlements")
     async def settlements(request: Request) -> Response:
-        return json_response({"settlements": list(node.settlements.summaries())})
+        return json_response({"settlements": node.accounts.settlements()})
 
     @router.route("POST", "/api/settlements")
     async def settle(request: Request) -> Response:
@@ -205,8 +290,12 @@ def build_router(node: Node) -> Router:
         if body.pay_umel == body.request_umel == 0:
             raise HttpError(400, "nothing to settle: give pay_umel or request_umel")
         try:
-            record = await node.settlements.propose(
-                neighbor, pay_umel=body.pay_umel, request_umel=body.request_umel, method=body.method
+            record = await node.accounts.propose(
+                neighbor,
+                pay_umel=body.pay_umel,
+                request_umel=body.request_umel,
+                method=body.method,
+                prepay=body.prepay,
             )
         except LocalProtocolError as exc:
             raise HttpError(409, str(exc)) from None
@@ -217,15 +306,17 @@ def build_router(node: Node) -> Router:
     @router.route("POST", "/api/settlements/{id}/{decision}")
     async def decide(request: Request) -> Response:
         decision = request.params["decision"]
-        if decision not in ("accept", "reject"):
+        if decision not in ("accept", "reject", "cancel"):
             raise HttpError(404, "not found")
         try:
             settlement_id = bytes.fromhex(request.params["id"])
-            record = await node.settlements.operator_decides(
-                settlement_id, approve=decision == "accept"
-            )
         except ValueError:
             raise HttpError(400, "a settlement id is hex") from None
+        try:
+            if decision == "cancel":
+                record = await node.accounts.cancel(settlement_id)
+            else:
+                record = await node.accounts.decide(settlement_id, approve=decision == "accept")
         except LocalProtocolError as exc:
             raise HttpError(409, str(exc)) from None
         return _settlement_response(record)

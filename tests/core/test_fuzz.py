@@ -28,7 +28,7 @@ from earendil_py.core.accounting import (
     DebtClaim,
     DebtLimitNotice,
 )
-from earendil_py.core.errors import RemoteProtocolError, convert_remote
+from earendil_py.core.errors import RemoteProtocolError
 from earendil_py.core.graph import (
     AdjacencyDescriptor,
     RelayGraph,
@@ -63,6 +63,7 @@ from earendil_py.core.messages import (
     decode_control,
     encode_control,
 )
+from earendil_py.core.neighbor import unwire, wire
 from earendil_py.core.packet import MAX_PAYLOAD, PACKET_SIZE, build_packet
 from earendil_py.core.pow import (
     ChallengeBook,
@@ -438,16 +439,16 @@ def receive_rpc(payload: bytes) -> None:
 
 
 def params_of(kind: type[Any], use: Callable[[Any], object]) -> Callable[[Any], None]:
-    """Request params converted to `kind` as runtime/accounting.py does, then used."""
+    """Request params decoded to `kind` as core/neighbor.py does, then used."""
 
     def convert_and_use(request: Any) -> None:
-        use(convert_remote(request.params, kind, "invalid params", "invalid_params"))
+        use(unwire(request.params, kind))
 
     return convert_and_use
 
 
 def use_answer(response: Any) -> None:
-    answer = convert_remote(response.result, PriceAnswer, "price answer", "bad_price_answer")
+    answer = unwire(response.result, PriceAnswer)
     account = alice_account()
     account.propose(TERMS, NOW)
     account.on_answer(answer)
@@ -487,8 +488,8 @@ class Decoder:
         return self.name
 
 
-def _request(method: str, params: object) -> bytes:
-    return encode_request("9f" * 16, method, msgspec.to_builtins(params))
+def _request(method: str, params: msgspec.Struct) -> bytes:
+    return encode_request("9f" * 16, method, wire(params))
 
 
 RPC_REQUESTS = [
@@ -520,7 +521,7 @@ DECODERS = [
     ),
     Decoder(
         "push_price_answer",
-        [encode_result("1", msgspec.to_builtins(ANSWER))],
+        [encode_result("1", wire(ANSWER))],
         decode_response,
         use_answer,
         "json",

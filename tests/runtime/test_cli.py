@@ -16,10 +16,10 @@ import pytest
 import structlog
 
 from earendil_py.cli import main
+from earendil_py.core.neighbor import REFUSED
+from earendil_py.core.settlement import SettlementState
 from earendil_py.netgen import GeneratedNode, generate_network
-from earendil_py.runtime.accounting import REFUSED
 from earendil_py.runtime.rpc import RpcError
-from earendil_py.runtime.settlement import SettlementState
 from earendil_py.runtime.store import LedgerStore, ledger_id_file
 from tests.helpers import daemon_api, run_cli, wait_until
 from tests.runtime.test_control import cli, config_path
@@ -63,7 +63,7 @@ async def test_peer_text_is_shown_escaped(
         (line,) = [line for line in out.splitlines() if line.startswith("settlement ")]
         settlement_id = line.split()[1].rstrip(":")
         record = await record_in(b, a, settlement_id, SettlementState.PENDING)
-        await b.settlements.decide(a.fingerprint, record, approve=False, reason=HOSTILE)
+        await b.accounts.decide(record.settlement_id, approve=False, reason=HOSTILE)
         await record_in(a, b, settlement_id, SettlementState.REJECTED)
         code, out, _ = await cli(capsys, "settlements", "--config", config_path(a))
         assert code == 0

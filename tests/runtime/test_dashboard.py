@@ -1,6 +1,6 @@
 """The web dashboard in a real browser (Debian's chromium, driven by Playwright), against two
 real nodes on loopback: counters and debts shown, chat both ways, a manual settlement proposed
-on one dashboard and accepted on the other, one rejected.
+on one dashboard and accepted on the other, one rejected, one canceled by its proposer.
 
 On a machine without chromium the test is skipped with the reason; under CI (CI=true), where
 .ci/run installs it, a missing browser is a failure instead.
@@ -24,6 +24,7 @@ from tests.runtime.test_settlement import balances, network, owe
 SETTLEMENT = """
 [settlement]
 manual_expiry_secs = 60
+min_settlement_umel = 10
 """
 
 
@@ -119,6 +120,17 @@ async def test_an_operator_sees_chats_and_settles_through_the_dashboard(tmp_path
         await expect(pending).to_have_count(1)
         await pending.locator(".reject-button").click()
         await expect(page_a.locator('#settlements tr[data-state="rejected"]')).to_have_count(1)
+        assert balances(a, b) == (50, 50, 0, 0)
+
+        # And one that a's operator withdraws before b's decides.
+        await page_a.fill("#settle-pay", "40")
+        await page_a.click("#settle-submit")
+        await expect(page_b.locator('#settlements tr[data-state="pending"]')).to_have_count(1)
+        mine = page_a.locator('#settlements tr[data-state="pending"]')
+        await mine.locator(".cancel-button").click()
+        await expect(page_b.locator('#settlements tr[data-state="canceled"]')).to_have_count(1)
+        await expect(page_a.locator('#settlements tr[data-state="canceled"]')).to_have_count(1)
+        await expect(page_a.locator(".cancel-button")).to_have_count(0)
         assert balances(a, b) == (50, 50, 0, 0)
         assert page_a.errors == page_b.errors == []
 
