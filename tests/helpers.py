@@ -227,8 +227,7 @@ async def converged(nodes: list[Node], edges: list[Edge]) -> None:
 
 
 def daemon_api(config_path: Path, method: str, path: str, body: object | None = None) -> Any:
-    host, port = load_config(config_path).control_listen
-    return call_api(host, port, method, path, body)
+    return call_api(load_config(config_path), method, path, body)
 
 
 def summary_of(config_path: Path, neighbor: str) -> dict[str, Any]:
@@ -266,3 +265,73 @@ def run_cli(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
         timeout=timeout,
         check=False,
     )
+
+
+# --- strangers on a TCP in_route -----------------------------------------------------
+
+# What a stranger (no cookie) may do to a TCP in_route before any handshake, and the drop
+# reason a node counts for it.
+TCP_STRANGERS = {
+    "close": "tcp_probe",  # connect, then close at once
+    "reset": "tcp_probe",  # connect, then reset (SO_LINGER 0)
+    "zero_length": "bad_frame",  # a length prefix of 0
+    "huge_length": "bad_frame",  # a length prefix of 0xFFFF, then silence
+    "garbage": "tcp_probe",  # a well-framed message that is no handshake
+}
+
+
+def tcp_stranger(address: tuple[str, int], attack: str) -> bytes:
+    """Connect to `address` and misbehave as TCP_STRANGERS[`attack`] says; returns what came
+    back before the connection closed (a node closes such connections without a byte)."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        sock.connect(address)
+        if attack == "reset":
+            linger_now = (1).to_bytes(4, sys.byteorder) + (0).to_bytes(4, sys.byteorder)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_now)
+            return b""
+        if attack == "close":
+            return b""
+        payload = {
+            "zero_length": b"\0\0",
+            "huge_length": b"\xff\xff",
+            "garbage": b"\0\x64" + random.Random(7).randbytes(100),
+        }[attack]
+        sock.sendall(payload)
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+        return received
+
+
+def silent_tcp_connections(address: tuple[str, int], count: int) -> list[socket.socket]:
+    """`count` connections to `address` that never send a byte (a slow loris)."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    connections = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(5.0)
+        sock.connect(address)
+        connections.append(sock)
+    return connections
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed `sock` (EOF or reset); waits up to its timeout."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def move_route_to_ipv6(generated: list[Any], listener: int, route: str) -> None:
+    """Rewrite the configs so that `listener`'s in_route `route` listens on ::1 and its dialer
+    connects there: then that neighbour comes from another source address than strangers
+    on 127.0.0.1. Reload the configs (`load_config`) afterwards."""
+    listen = generated[listener].config.in_routes[route].listen
+    for node in generated:
+        text = node.config_path.read_text()
+        node.config_path.write_text(text.replace(listen, listen.replace("127.0.0.1", "[::1]")))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import ipaddress
 import struct
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -589,6 +590,26 @@ class Link:
 
 Address = tuple[str, int]
 
+MAX_SESSIONS = 1024  # sessions on one listening UDP socket
+# Sessions still handshaking (not yet proven) opened from one source (`source_key`): a cookie
+# holder, or anyone replaying a captured HS_INIT within its lifetime, cannot take them all.
+MAX_HANDSHAKING_PER_SOURCE = 16
+
+
+def source_key(host: str) -> str:
+    """Whom a source address belongs to, for per-source bounds: an IPv4 address, or the /64
+    of an IPv6 address (the smallest block a site is given, so one host may own all of it).
+    An IPv4-mapped IPv6 address counts as its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
 
 @dataclass(slots=True)
 class EndpointStatistics:
@@ -603,7 +624,13 @@ class Endpoint:
     address that opened it (no roaming: a spoofed source cannot steer replies elsewhere).
     A new session is created only for an HS_INIT whose cookie MAC verifies; anything else
     that matches no session is dropped silently and counted, so probers learn nothing.
-    A retransmitted HS_INIT (same bytes) goes to the session it already opened.
+    A retransmitted HS_INIT (same bytes, same address) goes to the session it already opened;
+    the same bytes from another address open a session of their own, so a copy replayed by
+    someone on the path cannot claim the dialer's session (it cannot finish the handshake).
+
+    Sessions are bounded: at most `max_sessions` in all, and at most
+    `max_handshaking_per_source` not yet established from one source (`source_key`); an
+    HS_INIT beyond either is dropped and counted (`too_many_sessions`, `too_many_handshakes`).
     """
 
     def __init__(
@@ -614,7 +641,8 @@ class Endpoint:
         secret: str,
         rng: Rng,
         timers: LinkTimers | None = None,
-        max_sessions: int = 1024,
+        max_sessions: int = MAX_SESSIONS,
+        max_handshaking_per_source: int = MAX_HANDSHAKING_PER_SOURCE,
     ) -> None:
         self._identity = identity
         self._static_private = static_private
@@ -623,8 +651,12 @@ class Endpoint:
         self._rng = rng
         self._timers = timers
         self._max_sessions = max_sessions
+        self._max_handshaking_per_source = max_handshaking_per_source
         self.sessions: dict[int, tuple[Link, Address]] = {}
-        self._inits: dict[bytes, int] = {}  # digest of a pending HS_INIT -> session index
+        # (digest of a pending HS_INIT, the address it came from) -> session index
+        self._inits: dict[tuple[bytes, Address], int] = {}
+        self._init_of: dict[int, tuple[bytes, Address]] = {}  # the reverse
+        self._by_source: dict[str, set[int]] = {}  # source_key -> its sessions' indices
         self._stats = EndpointStatistics()
 
     def statistics(self) -> EndpointStatistics:
@@ -649,12 +681,15 @@ class Endpoint:
         if message_type(data) != HS_INIT or not check_mac1(self._mac_key, data):
             self._stats.drops["bad_mac1" if message_type(data) == HS_INIT else "malformed"] += 1
             return None
-        digest = blake3.blake3(data).digest(length=16)
-        if (existing := self._inits.get(digest)) is not None and existing in self.sessions:
-            link, opened_by = self.sessions[existing]
-            return link if opened_by == address else None
+        init = (blake3.blake3(data).digest(length=16), address)
+        if (existing := self._inits.get(init)) is not None:
+            return self.sessions[existing][0]
         if len(self.sessions) >= self._max_sessions:
             self._stats.drops["too_many_sessions"] += 1
+            return None
+        source = source_key(address[0])
+        if self._handshaking(source) >= self._max_handshaking_per_source:
+            self._stats.drops["too_many_handshakes"] += 1
             return None
         link = Link(
             initiator=False,
@@ -667,13 +702,31 @@ class Endpoint:
             timers=self._timers,
         )
         self.sessions[link.local_index] = (link, address)
-        self._inits[digest] = link.local_index
+        self._inits[init] = link.local_index
+        self._init_of[link.local_index] = init
+        self._by_source.setdefault(source, set()).add(link.local_index)
         return link
 
     def remove(self, link: Link) -> None:
         """Forget a closed session."""
-        self.sessions.pop(link.local_index, None)
-        self._inits = {d: i for d, i in self._inits.items() if i != link.local_index}
+        session = self.sessions.pop(link.local_index, None)
+        if session is None:
+            return
+        del self._inits[self._init_of.pop(link.local_index)]
+        source = source_key(session[1][0])
+        indices = self._by_source[source]
+        indices.discard(link.local_index)
+        if not indices:
+            del self._by_source[source]
+
+    def _handshaking(self, source: str) -> int:
+        """How many of the sessions opened from `source` are not established yet."""
+        sessions = self.sessions
+        return sum(
+            1
+            for index in self._by_source.get(source, ())
+            if sessions[index][0].state in (LinkState.HANDSHAKING, LinkState.PROVING)
+        )
 
     def _new_index(self) -> int:
         while True:

@@ -723,7 +723,14 @@ class Neighbor:
             "packets_in": self.counters.packets_in,
             "packets_out": self.counters.packets_out,
             "frozen": s.frozen,
+            "settled_in_umel": s.settled_in_umel,
+            "settled_out_umel": s.settled_out_umel,
         }
+
+    def settlement_counts(self) -> dict[tuple[str, str, str], int]:
+        """Every settlement with the neighbour since its ledger began (or was migrated), by
+        (method, role, state); methods we do not know count as "other"."""
+        return self._book.counts()
 
     def settlements(self) -> list[dict[str, Any]]:
         """The open and the recently finished settlements (older ones are in the ledger)."""
@@ -941,13 +948,22 @@ class Neighbor:
 
     def reprice(self, terms: PriceTerms, now: float) -> Effect:
         """Offer new terms now (and at every later link-up until a restart). The reply is
-        the offer's key (its seq, 8 bytes); the outcome comes as done ("price", key): True if
-        the neighbour accepted, False if it rejected, a RemoteProtocolError if it did not
-        answer."""
+        the offer's key (its seq, 8 bytes); the outcome comes as done ("price", key): why the
+        offer is not in force ('' if the neighbour accepted it; its reason if it rejected it;
+        why no answer came)."""
         w = _Work(self, now)
         w.volatile.override = terms
         key = self._push_price(w, terms, operator=True)
         return w.effect(reply=key)
+
+    def set_policy(self, policy: Policy, now: float) -> Effect:
+        """The route's price table changed: its terms are offered now (unless the operator
+        set others with `reprice`), its rule judges the neighbour's next offers."""
+        w = _Work(self, now)
+        w.volatile.policy = policy
+        if w.volatile.linked:
+            self._push_price(w, w.volatile.override or policy.terms, operator=False)
+        return w.effect()
 
     def unfreeze(self, now: float) -> Effect:
         """Lift a freeze (keeping our own view of the account)."""
@@ -1064,13 +1080,14 @@ class Neighbor:
         answer = w.account.on_offer(offer, w.policy.rule, w.unix)
         if w.account.state.their_answer is not before:
             w.account_entry("price_answered", _encoder.encode((offer, answer)))
-            w.log(
-                "price_answered",
-                seq=offer.seq,
-                price_umel=offer.price_umel,
-                debt_limit_umel=offer.debt_limit_umel,
-                reason=answer.reason,
-            )
+        w.log(
+            "price_offer_received",
+            seq=offer.seq,
+            price_umel=offer.price_umel,
+            debt_limit_umel=offer.debt_limit_umel,
+            accepted=answer.accepted,
+            reason=answer.reason,
+        )
         return wire(answer)
 
     def _on_push_debt(self, w: _Work, params: Any) -> Any:
@@ -1230,7 +1247,7 @@ class Neighbor:
 
     def _tell_operator(self, w: _Work, pending: _Pending, reason: str) -> None:
         if pending.method == "push_price":
-            w.done.append((("price", pending.key), RemoteProtocolError(reason, "no_answer")))
+            w.done.append((("price", pending.key), f"no answer: {reason}"))
         else:
             w.done.append((("settle", pending.key), w.book.record(pending.key)))
 
@@ -1247,7 +1264,7 @@ class Neighbor:
             8, "big"
         ):  # the answer to an offer we have replaced since: the newer push will tell
             if pending.operator:
-                w.done.append((("price", pending.key), False))
+                w.done.append((("price", pending.key), "replaced by a newer offer"))
             return
         in_force = w.account.state.our_offer
         outcome = w.account.on_answer(answer)
@@ -1264,7 +1281,7 @@ class Neighbor:
         elif not accepted:
             w.log("price_rejected", "warning", seq=proposed.seq, reason=answer.reason)
         if pending.operator:
-            w.done.append((("price", pending.key), accepted))
+            w.done.append((("price", pending.key), "" if accepted else answer.reason))
 
     def _reply_push_debt(self, w: _Work, token: int, pending: _Pending, reply: Reply) -> None:
         w.volatile.claim_token = 0

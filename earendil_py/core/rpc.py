@@ -84,21 +84,23 @@ MAX_ERROR_MESSAGE_CHARS = 256  # JSON-RPC: "a short description"; longer ones ar
 ID_BYTES = 16  # random bytes in the ids we generate (sent as 32 hex digits)
 
 RESPONSE_CACHE_SECS = 60.0
-# Per neighbour, 256 entries per 60 s allow a sustained ~4 calls/s from each neighbour.
-MAX_CACHE_ENTRIES_PER_NEIGHBOR = 256
+# Per neighbour, 64 entries per 60 s allow a sustained ~1 call/s from each neighbour (an honest
+# one pushes its debt once a minute and chats at most 30 times).
+MAX_CACHE_ENTRIES_PER_NEIGHBOR = 64
 # What one entry costs besides its response: key, id (up to MAX_ID_LENGTH characters),
 # digest, the entry, its dict and deque slots, the response's bytes header. tracemalloc
 # measures ~550 bytes with a 128-character id; rounded up.
 CACHE_ENTRY_OVERHEAD_BYTES = 640
 # Responses may be up to MAX_PAYLOAD_SIZE, so entries alone do not bound memory. A running
 # entry is charged as if its response were that large (so `complete` never overshoots), an
-# answered one for what it holds. 512 KiB fit the 256 entries with responses up to ~1.4 KB,
-# or 31 running calls at once.
-MAX_CACHE_BYTES_PER_NEIGHBOR = 512 * 1024
-# The neighbours the node admits at once, when the node does not say; the global bounds are
-# the quotas times this. Worst-case memory of the cache: max_neighbors x
-# MAX_CACHE_BYTES_PER_NEIGHBOR = 64 x 512 KiB = 32 MiB (typical responses are tiny).
-DEFAULT_MAX_NEIGHBORS = 64
+# answered one for what it holds. 256 KiB fit the 64 entries with responses up to ~3.4 KB
+# (typical ones are a few dozen bytes), or 15 calls running at once.
+MAX_CACHE_BYTES_PER_NEIGHBOR = 256 * 1024
+# The neighbours the node admits at once (runtime/node.py passes its own cap); the global
+# bounds are the quotas times this. Worst-case memory of the cache: max_neighbors x
+# MAX_CACHE_BYTES_PER_NEIGHBOR = 1024 x 256 KiB = 256 MiB, reached only by 1024 authenticated
+# neighbours each at its quota (typical responses are tiny: a few KiB per neighbour).
+DEFAULT_MAX_NEIGHBORS = 1024
 
 _DETAIL_CHARS = 200  # error details echoed to the peer are cut to this length
 

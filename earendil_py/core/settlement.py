@@ -521,12 +521,32 @@ class BookState(msgspec.Struct, forbid_unknown_fields=True):
     chain: list[Attestation] = msgspec.field(default_factory=list)  # the newest, oldest first
     open: dict[str, SettlementRecord] = msgspec.field(default_factory=dict)  # by id hex
     finished: dict[str, SettlementRecord] = msgspec.field(default_factory=dict)  # oldest first
+    # The finished records no longer kept, counted by (method, role, state); a method that is
+    # not one of METHODS counts as "other".
+    tally: dict[tuple[str, str, str], int] = msgspec.field(default_factory=dict)
 
     def copy(self) -> BookState:
         """A copy to work on: records and attestations are immutable, so new containers do."""
         return msgspec.structs.replace(
-            self, chain=list(self.chain), open=dict(self.open), finished=dict(self.finished)
+            self,
+            chain=list(self.chain),
+            open=dict(self.open),
+            finished=dict(self.finished),
+            tally=dict(self.tally),
         )
+
+    def counts(self) -> dict[tuple[str, str, str], int]:
+        """Every settlement with the neighbour, kept or not, by (method, role, state)."""
+        counts = dict(self.tally)
+        for record in (*self.finished.values(), *self.open.values()):
+            key = _tally_key(record)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+def _tally_key(record: SettlementRecord) -> tuple[str, str, str]:
+    method = record.proposal.method
+    return (method if method in METHODS else "other", record.role, str(record.state))
 
 
 @dataclass(frozen=True, slots=True)
@@ -879,7 +899,8 @@ class SettlementBook:
         state.finished.pop(key, None)
         state.finished[key] = record
         while len(state.finished) > RECENT:
-            del state.finished[next(iter(state.finished))]
+            counted = _tally_key(state.finished.pop(next(iter(state.finished))))
+            state.tally[counted] = state.tally.get(counted, 0) + 1
         if record.state is COMPLETED and record.attestation is not None:
             attestation = record.attestation
             if attestation.proposal.previous == state.head:

@@ -193,6 +193,17 @@ class Neighbors:
             if first and fp in self._links:
                 await self._run_effects(fp, [neighbor.on_link_up(time.time(), policy)])
 
+    def set_price(self, neighbor: bytes, price: PriceConfig) -> None:
+        """The price table of the neighbour's route changed (a config reload): its terms are
+        offered to it now (see `Neighbor.set_policy`)."""
+        self._spawn(self._set_policy, neighbor, self.policy_for(price))
+
+    async def _set_policy(self, fp: bytes, policy: Policy) -> None:
+        async with self._lock(fp):
+            neighbor = self.neighbors.get(fp)
+            if neighbor is not None:
+                await self._run_effects(fp, [neighbor.set_policy(policy, time.time())])
+
     async def _link_down(self, fp: bytes) -> None:
         async with self._lock(fp):
             neighbor = self.neighbors.get(fp)
@@ -485,13 +496,14 @@ class Neighbors:
     def settlements(self) -> list[dict[str, Any]]:
         return [s for neighbor in self.neighbors.values() for s in neighbor.settlements()]
 
-    async def reprice(self, fingerprint: bytes, terms: PriceTerms) -> bool:
-        """Offer new terms to a neighbour now; True if it accepted them. Raises
-        LocalProtocolError (no such neighbour), RemoteProtocolError (no answer)."""
+    async def reprice(self, fingerprint: bytes, terms: PriceTerms) -> str:
+        """Offer new terms to a linked neighbour now (and at every later link-up); returns
+        why they are not in force ('' if it accepted them). Raises LocalProtocolError (no
+        such neighbour, or no link to it)."""
+        if not self._known(fingerprint).linked:
+            raise LocalProtocolError("no link to this neighbour")
         outcome = await self._request(fingerprint, lambda n, now: n.reprice(terms, now), "price")
-        if isinstance(outcome, RemoteProtocolError):
-            raise outcome
-        return bool(outcome)
+        return str(outcome)
 
     async def unfreeze(self, fingerprint: bytes) -> None:
         """Lift a freeze. Raises LocalProtocolError (no such neighbour), EarendilError (the

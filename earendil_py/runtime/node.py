@@ -4,25 +4,36 @@ Each link is a sans-IO `core.link.Link` driven by a `LinkRunner`: datagrams in, 
 datagrams out, events logged. UDP uses non-blocking sockets drained in batches on each
 wake-up (the hot path reads many datagrams per await); TCP uses anyio streams with a u16
 length prefix per message and a bounded outgoing queue per connection.
+
+Fault boundaries (`runtime/faults.py`): whatever a peer's input makes fail ends at most its
+connection or link. A link's entry points (`LinkRunner.receive`, its timers, `send_control`)
+close that link on any exception; one control message, one relay batch, one accepted
+connection, one dial and one task started for a neighbour are boundaries of their own. What
+has not proven itself is bounded: TCP connections before their handshake completes (globally,
+per source, and in time), UDP sessions (`core.link.Endpoint`), and neighbours.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import random
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
+import msgspec
 import structlog
-from anyio.abc import SocketAttribute, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 from anyio.streams.stapled import MultiListener
 
+from earendil_py import __version__
 from earendil_py.core.errors import ConfigError, RemoteProtocolError
 from earendil_py.core.graph import RelayGraph
 from earendil_py.core.identity import Identity, parse_fingerprint, short_hex
@@ -47,6 +58,7 @@ from earendil_py.core.link import (
     frame_for_stream,
     message_type,
     onion_frame,
+    source_key,
 )
 from earendil_py.core.messages import (
     GLOBAL_RPC_DOCK,
@@ -57,13 +69,25 @@ from earendil_py.core.messages import (
 from earendil_py.core.neighbor import Neighbor
 from earendil_py.core.packet import build_packet
 from earendil_py.core.relay import Datagram, Peeler, encode_datagram
+from earendil_py.core.rpc import DEFAULT_MAX_NEIGHBORS
 from earendil_py.runtime.chat import Chat
-from earendil_py.runtime.config import Config, InRoute, OutRoute, PriceConfig, parse_address
+from earendil_py.runtime.config import (
+    RESTART_FIELDS,
+    Config,
+    InRoute,
+    OutRoute,
+    PriceConfig,
+    diff_configs,
+    parse_address,
+    route_keys,
+)
 from earendil_py.runtime.control import build_router
+from earendil_py.runtime.faults import Faults
 from earendil_py.runtime.gossip import Gossip
-from earendil_py.runtime.http import HttpServer
+from earendil_py.runtime.http import ControlAuth, HttpServer, token_path, write_token_file
 from earendil_py.runtime.neighbors import Neighbors
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
+from earendil_py.runtime.routes import NO_REPLY, RouteInfo, RouteTable
 from earendil_py.runtime.rpc import GlobalRpc
 from earendil_py.runtime.store import AsyncLedger
 from earendil_py.runtime.udp import (
@@ -83,6 +107,24 @@ DOCK_QUEUE = 4096  # undelivered datagrams kept per dock; more are dropped and c
 TCP_QUEUE = 256  # messages queued per TCP connection before new ones are dropped
 TIMER_SLACK = 0.1  # a link's timer task re-checks at least this often (s)
 SHUTDOWN_GRACE = 1.0  # seconds to flush CLOSE frames on shutdown
+# TCP connections that have not completed a handshake, in all and from one source
+# (`source_key`); one more is closed at once and counted (`tcp_pending_full`).
+MAX_PENDING_TCP = 256
+MAX_PENDING_TCP_PER_SOURCE = 16
+# A TCP connection is closed unless its link is established this long after accept (or after
+# the configured `dead_after_secs`, if that is shorter).
+TCP_HANDSHAKE_SECS = 10.0
+# Distinct neighbours with a link up; a link-up beyond is refused. The RPC cache derives its
+# total bound from this (core/rpc.py), so it is the one number to change.
+MAX_NEIGHBORS = DEFAULT_MAX_NEIGHBORS
+# accept() failing for want of a resource (descriptors, buffers, memory): wait this long,
+# doubling up to ACCEPT_BACKOFF_MAX, rather than spin; a success resets it.
+ACCEPT_BACKOFF_MIN = 0.01
+ACCEPT_BACKOFF_MAX = 1.0
+# Errors that say the socket itself is gone or unusable: the node's own failure, which stops
+# it. Every other accept()/recvfrom() error concerns one connection or datagram, or a
+# resource that frees up again.
+_SOCKET_GONE = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 
 Address = tuple[str, int]
 _NEXT_PEELER_END = 1 + FINGERPRINT_SIZE  # an onion frame: kind byte, next peeler, packet
@@ -97,13 +139,6 @@ class RelayStatistics:
     forwarded: int = 0  # packets relayed toward another peeler without onion crypto
     peeled: int = 0  # layers we peeled (packets addressed to us as next peeler)
     delivered: int = 0  # datagrams that ended here
-
-
-@dataclass(frozen=True, slots=True)
-class RouteInfo:
-    name: str
-    protocol: str
-    direction: str  # "in" or "out"
 
 
 class Transport(Protocol):
@@ -131,8 +166,57 @@ class TcpTransport:
         self._queue.close()
 
 
+class PendingHandshakes:
+    """TCP connections whose link is not established yet, bounded in all and per source.
+
+    `admit` gives a slot, or None when a bound is reached; a slot is released once, when its
+    link is established or its connection ends, whichever comes first.
+    """
+
+    def __init__(self, limit: int, per_source: int) -> None:
+        self._limit = limit
+        self._per_source = per_source
+        self._count = 0
+        self._by_source: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def admit(self, host: str) -> PendingSlot | None:
+        source = source_key(host)
+        if self._count >= self._limit or self._by_source[source] >= self._per_source:
+            return None
+        self._count += 1
+        self._by_source[source] += 1
+        return PendingSlot(self, source)
+
+    def _release(self, source: str) -> None:
+        self._count -= 1
+        self._by_source[source] -= 1
+        if not self._by_source[source]:
+            del self._by_source[source]
+
+
+class PendingSlot:
+    """One admitted connection's place in `PendingHandshakes`; `release` is idempotent."""
+
+    def __init__(self, owner: PendingHandshakes, source: str) -> None:
+        self._owner: PendingHandshakes | None = owner
+        self._source = source
+
+    def release(self) -> None:
+        if self._owner is not None:
+            self._owner._release(self._source)
+            self._owner = None
+
+
 class LinkRunner:
-    """Drives one `Link`: feeds it input, fires its timers, sends its output, logs events."""
+    """Drives one `Link`: feeds it input, fires its timers, sends its output, logs events.
+
+    Its entry points (`receive`, `run_timers`, `send_control`) are the link's fault boundary:
+    any exception in them, or in what they call up into (link-up, control messages), closes
+    this link with the reason counted (`internal_error` for a bug) and nothing else.
+    """
 
     def __init__(
         self,
@@ -153,7 +237,23 @@ class LinkRunner:
         # neighbour restored; until then nothing passes either way.
         self.neighbor: Neighbor | None = None
         self.closed = anyio.Event()
+        # Set by a listener for a link it accepted: closed unless established by then, and
+        # its place among the connections still handshaking, freed at link-up.
+        self.handshake_deadline = math.inf
+        self.pending: PendingSlot | None = None
+        self._ending = False
+        # A UDP dial's handshake unanswered so far: why (`NO_REPLY`, or `connection_refused`
+        # when the neighbour's host said its port is closed since the last retransmission).
+        self.unanswered: str | None = None
+        self._refused = False
+        self._state = link.state
         self._log = log.bind(route=route.name, protocol=route.protocol)
+        self.boundary = node.faults.boundary(link.statistics().drops, "link", self.fail)
+        self._log.debug(
+            "handshake_started",
+            peer=f"{peer_address[0]}:{peer_address[1]}",
+            initiator=link.initiator,
+        )
 
     @property
     def peer_fingerprint(self) -> bytes | None:
@@ -179,11 +279,14 @@ class LinkRunner:
         return self.link.statistics()
 
     def receive(self, messages: list[bytes], now: float) -> list[bytes]:
-        """Feed messages to the link; returns the onion frames among them."""
-        frames = self.link.receive_datagrams(messages, now)
-        if self.link.wants_service:
-            self.service(now)
-        return frames
+        """Feed messages to the link; returns the onion frames among them (none if the
+        link failed on them: then it is closed)."""
+        with self.boundary:
+            frames = self.link.receive_datagrams(messages, now)
+            if self.link.wants_service:
+                self.service(now)
+            return frames
+        return []
 
     def send(self, message: bytes) -> bool:
         if self.transport.send(message):
@@ -195,9 +298,11 @@ class LinkRunner:
         """Send one CONTROL frame on this (established) link now; False if it is not up."""
         if self.link.state is not LinkState.ESTABLISHED:
             return False
-        self.link.send_control(payload)
-        self.service(anyio.current_time())
-        return True
+        with self.boundary:
+            self.link.send_control(payload)
+            self.service(anyio.current_time())
+            return True
+        return False
 
     def take(self, frames: list[bytes]) -> list[bytes]:
         """The batch of onion frames that arrived from this neighbour, less what its price
@@ -206,7 +311,7 @@ class LinkRunner:
         neighbor = self.neighbor
         allowed = neighbor.allowance().inbound if neighbor is not None else 0
         if allowed < len(frames):
-            self._refused(neighbor, len(frames) - allowed, outbound=False)
+            self._refuse(neighbor, len(frames) - allowed, outbound=False)
             frames = frames[:allowed]
         if neighbor is not None:
             neighbor.counters.packets_in += len(frames)
@@ -219,7 +324,7 @@ class LinkRunner:
         neighbor = self.neighbor
         allowed = neighbor.allowance().outbound if neighbor is not None else 0
         if allowed < len(frames):
-            self._refused(neighbor, len(frames) - allowed, outbound=True)
+            self._refuse(neighbor, len(frames) - allowed, outbound=True)
             frames = frames[:allowed]
         transport = self.transport
         if type(transport) is UdpTransport:
@@ -238,7 +343,7 @@ class LinkRunner:
         if sent != len(frames):
             self.link.statistics().drops["queue_full"] += len(frames) - sent
 
-    def _refused(self, neighbor: Neighbor | None, count: int, *, outbound: bool) -> None:
+    def _refuse(self, neighbor: Neighbor | None, count: int, *, outbound: bool) -> None:
         reason = neighbor.refusal(outbound=outbound) if neighbor is not None else "not_priced"
         self.link.statistics().drops[reason + "_out" if outbound else reason] += count
         if neighbor is not None and not outbound and not neighbor.refusing:
@@ -249,12 +354,21 @@ class LinkRunner:
         """Send what the link queued and act on its events."""
         for message in self.link.datagrams_to_send():
             self.send(message)
+        if self.link.state is not self._state:
+            self._state = self.link.state
+            if self._state is LinkState.PROVING:  # Noise done; identities are proven next
+                self._log.debug("handshake_keys_agreed")
         while (event := self.link.next_event()) is not None:
             match event:
                 case LinkEstablished(peer_fingerprint=fingerprint):
-                    self.was_established = True
                     self._log = self._log.bind(link=short_hex(fingerprint))
-                    self.node.add_link(self)
+                    if self.pending is not None:
+                        self.pending.release()
+                    if not self.node.add_link(self):
+                        self.link.close("too_many_neighbors", now)
+                        continue
+                    self.was_established = True
+                    self.node.routes.link_up(self.route)
                     self._log.info("link_up", peer=f"{self.peer_address[0]}:{self.peer_address[1]}")
                 case LinkClosed(reason=reason, by_peer=by_peer):
                     self._finish(reason, by_peer)
@@ -262,25 +376,74 @@ class LinkRunner:
                     self.node.on_control(self, payload)
 
     def fail(self, reason: str) -> None:
-        """The transport under the link is gone (EOF, reset)."""
-        if self.link.state is not LinkState.CLOSED:
-            self.link.close(reason, anyio.current_time())
+        """Close the link: its transport is gone (EOF, reset), the node stops, or a fault in
+        its path. Tells the peer if the link still can. Never raises: a fault while closing
+        (the one that ended it, recurring) is counted and the link is forgotten all the same."""
+        if self._ending or self.closed.is_set():
+            return
+        self._ending = True
+        with self.node.faults.boundary(self.link.statistics().drops, "link"):
+            if self.link.state is not LinkState.CLOSED:
+                self.link.close(reason, anyio.current_time())
             self.service(anyio.current_time())
+        self._finish(reason, False)
 
     def _finish(self, reason: str, by_peer: bool) -> None:
         if self.closed.is_set():
             return
-        if self.link.peer_fingerprint is not None and reason == "wrong_fingerprint":
-            self._log.warning(
-                "link_refused",
-                reason=reason,
-                proven=self.link.peer_fingerprint.hex(),
-            )
-        elif self.link.state is LinkState.CLOSED and self.node.remove_link(self):
+        self.closed.set()
+        if self.pending is not None:
+            self.pending.release()
+        routes = self.node.routes
+        if self.node.remove_link(self):
             self._log.info("link_down", reason=reason, by_peer=by_peer)
+            routes.link_down(self.route, *self._failure(reason, by_peer))
+        elif self.link.peer_fingerprint is not None and reason in _REFUSALS:
+            proven = self.link.peer_fingerprint.hex()
+            self._log.warning("link_refused", reason=reason, proven=proven)
+            routes.failed(self.route, reason, proven)
         else:
             self._log.info("handshake_failed", reason=reason)
-        self.closed.set()
+            routes.failed(self.route, *self._failure(reason, by_peer))
+
+    def _failure(self, reason: str, by_peer: bool) -> tuple[str, str]:
+        """The route status's failure code (and its detail) for a link closed for `reason`."""
+        if by_peer:
+            return "closed_by_peer", reason
+        if not self.was_established and self.link.initiator:
+            if self.unanswered is not None:
+                return self.unanswered, ""
+            if reason == "connection_closed" and self.route.protocol == "tcp":
+                return "handshake_closed", ""
+        return reason, ""
+
+    def check_reply(self) -> None:
+        """Over UDP a dialer resends its first handshake message when no reply came in
+        time: say so at each resend (a wrong secret gets no reply at all), not only when the
+        handshake times out. Over TCP nothing is resent; a wrong secret closes the
+        connection."""
+        link = self.link
+        if link.remote_index is not None or link.statistics().frames_out < 2:
+            return
+        self._dial_failing("connection_refused" if self._refused else NO_REPLY)
+        self._refused = False
+
+    def connection_refused(self) -> None:
+        """The neighbour's host says nothing listens on its port (ICMP, on a UDP dial)."""
+        if not self.was_established:
+            self._refused = True
+            self._dial_failing("connection_refused")
+
+    def _dial_failing(self, code: str) -> None:
+        """Put a dial's failure in its route's status before the handshake gives up; logged
+        when the route's failure changes, not at every resend or re-dial."""
+        self.unanswered = code
+        routes = self.node.routes
+        before = routes.failure_of(self.route)
+        routes.failed(self.route, code)
+        after = routes.failure_of(self.route)
+        if after is not None and (before is None or before.code != code):
+            self._log.warning("dial_failing", failure=after.message)
 
     async def run_timers(self) -> None:
         """Fire the link's timers until it closes. Cancelled, it closes the link (telling
@@ -291,14 +454,26 @@ class LinkRunner:
                 deadline = self.link.get_timer()
                 if deadline is None:
                     return
+                if not self.was_established:
+                    if now >= self.handshake_deadline:
+                        self.fail("handshake_timeout")
+                        return
+                    deadline = min(deadline, self.handshake_deadline)
                 if now >= deadline:
-                    self.link.handle_timer(now)
-                    self.service(now)
+                    with self.boundary:
+                        self.link.handle_timer(now)
+                        self.service(now)
+                    if self.link.initiator and not self.was_established:
+                        self.check_reply()
                     continue
                 with anyio.move_on_after(min(deadline - now, TIMER_SLACK)):
                     await self.closed.wait()
         finally:
             self.fail("shutdown")
+
+
+# Closing reasons that refuse a peer which proved an identity (logged as `link_refused`).
+_REFUSALS = frozenset({"wrong_fingerprint", "too_many_neighbors"})
 
 
 class Node:
@@ -325,33 +500,53 @@ class Node:
         self.hops = DEFAULT_HOPS
         self._docks: dict[int, deque[Datagram]] = {}
         self._delivered = anyio.Event()
+        self._log = log.bind(node=short_hex(self.fingerprint))
+        self.faults = Faults(self._log)
+        self._relay_boundary = self.faults.boundary(self.drops, "relay")
+        self._pending_tcp = PendingHandshakes(MAX_PENDING_TCP, MAX_PENDING_TCP_PER_SOURCE)
+        self._tcp_handshake_secs = min(TCP_HANDSHAKE_SECS, timing.dead_after_secs)
+        self.max_neighbors = MAX_NEIGHBORS
         self.gossip = Gossip(identity, self.graph, self._peers)
-        self.rpc = GlobalRpc(self._send_rpc)
+        self.rpc = GlobalRpc(self._send_rpc, max_neighbors=self.max_neighbors)
         # Every neighbour's prices, claims, limits and settlements (runtime/neighbors.py).
         self.accounts = Neighbors(identity, config, self.rpc)
         self.chat = Chat(self.rpc, self.links.__contains__)
         self.ledger: AsyncLedger | None = None
         self.listening: dict[str, Address] = {}
         self._links_changed = anyio.Event()
-        self._log = log.bind(node=short_hex(self.fingerprint))
         self._endpoints: list[Endpoint] = []
         self._bound: dict[str, socket.socket | MultiListener[SocketStream]] = {}
         self._control_listener: MultiListener[SocketStream] | None = None
         self.control_address: Address | None = None
+        self.control_auth: ControlAuth | None = None  # its token is written at bind()
         self.started_at = time.monotonic()
         self._task_group: TaskGroup | None = None
+        # Every configured route, its status, and once running the task serving it.
+        self.routes = RouteTable()
+        self._route_infos: dict[tuple[str, str], RouteInfo] = {}
+        self._route_tasks: dict[RouteInfo, _RouteTask] = {}
+        self._track_routes(config, route_keys(config))
 
     # --- link table ---------------------------------------------------------------------
 
-    def add_link(self, runner: LinkRunner) -> None:
+    def add_link(self, runner: LinkRunner) -> bool:
+        """Put a link that just came up in the table. Returns False, counted
+        (`too_many_neighbors`), if it would add a neighbour beyond `max_neighbors`."""
         fingerprint, public = runner.peer_fingerprint, runner.peer_identity_public
         assert fingerprint is not None and public is not None
-        self.links.setdefault(fingerprint, []).append(runner)
+        runners = self.links.get(fingerprint)
+        if runners is None:
+            if len(self.links) >= self.max_neighbors:
+                self.drops["too_many_neighbors"] += 1
+                return False
+            runners = self.links[fingerprint] = []
+        runners.append(runner)
         self._notify()
         self.gossip.on_link_up(runner)
         self.accounts.on_link_up(
             fingerprint, public, self._route_price(runner.route), runner.attach
         )
+        return True
 
     def remove_link(self, runner: LinkRunner) -> bool:
         fingerprint = runner.peer_fingerprint
@@ -398,25 +593,35 @@ class Node:
         await self.accounts.wait_priced(fingerprints)
 
     def spawn(self, function: Callable[..., Coroutine[Any, Any, object]], *args: object) -> None:
-        """Run `function(*args)` in the node's task group (for work started by upcalls)."""
+        """Run `function(*args)` in the node's task group (for work started by upcalls), as
+        a fault boundary: an exception ends that task alone, counted in `drops`."""
         assert self._task_group is not None, "Node.run() is running"
-        self._task_group.start_soon(function, *args)
+        self._task_group.start_soon(self._contained, self.drops, "task", function, *args)
+
+    async def _contained(
+        self,
+        drops: Counter[str],
+        where: str,
+        function: Callable[..., Awaitable[object]],
+        *args: object,
+    ) -> None:
+        with self.faults.boundary(drops, where):
+            await function(*args)
 
     # --- upcalls from links -------------------------------------------------------------
 
     def on_control(self, runner: LinkRunner, payload: bytes) -> None:
-        try:
+        """One control message is a fault boundary: whatever it makes fail (its decoding,
+        gossip, RPC dispatch) drops that message alone, counted on its link."""
+        with self.faults.boundary(runner.statistics().drops, "control"):
             message = decode_control(payload)
-        except RemoteProtocolError as exc:
-            runner.statistics().drops[exc.reason] += 1
-            return
-        if isinstance(message, DockMessage):
-            if message.dock == GLOBAL_RPC_DOCK and runner.peer_fingerprint is not None:
-                self.rpc.receive(runner.peer_fingerprint, message.data)
-            else:
-                runner.statistics().drops["unknown_dock"] += 1
-            return
-        self.gossip.on_message(runner, message)
+            if isinstance(message, DockMessage):
+                if message.dock == GLOBAL_RPC_DOCK and runner.peer_fingerprint is not None:
+                    self.rpc.receive(runner.peer_fingerprint, message.data)
+                else:
+                    runner.statistics().drops["unknown_dock"] += 1
+                return
+            self.gossip.on_message(runner, message)
 
     def _send_rpc(self, neighbor: bytes, payload: bytes) -> bool:
         runners = self.links.get(neighbor)
@@ -549,6 +754,10 @@ class Node:
             out.append(queue.popleft())
         return out
 
+    def datagrams_waiting(self, dock: int) -> int:
+        """How many datagrams for `dock` are waiting to be received."""
+        return len(self._docks.get(dock, ()))
+
     async def receive_datagram(self, dock: int) -> Datagram:
         """Wait for the next datagram to `dock`."""
         while True:
@@ -574,13 +783,11 @@ class Node:
                 self.peeling.start()
                 await tg.start(self.rpc.run)
                 await tg.start(self.accounts.run)
-                for name, in_route in self.config.in_routes.items():
-                    tg.start_soon(self._listen, name, in_route)
-                for name, out_route in self.config.out_routes.items():
-                    tg.start_soon(self._dial_forever, name, out_route)
+                for info in self._route_infos.values():
+                    self._start_route(info)
                 tg.start_soon(self.gossip.run)
                 tg.start_soon(self._serve_control)
-                self._log.info("node_started", fingerprint=self.fingerprint.hex())
+                self._log_start()
                 task_status.started()
         finally:
             self.peeling.close()
@@ -589,6 +796,146 @@ class Node:
                     await self.accounts.aclose()
                     await self.ledger.aclose()
                 self.ledger = None
+
+    def _log_start(self) -> None:
+        """Where the node can be reached, one line each, then that it started."""
+        for name, (host, port) in self.listening.items():
+            protocol = self.config.in_routes[name].protocol
+            self._log.info("listening", route=name, protocol=protocol, address=_url(host, port))
+        self._log_dashboard_link()
+        self._log.info(
+            "node_started",
+            version=__version__,
+            fingerprint=self.fingerprint.hex(),
+            in_routes=len(self.config.in_routes),
+            out_routes=len(self.config.out_routes),
+        )
+
+    # --- routes: started, stopped, reloaded ---------------------------------------------
+
+    def _track_routes(self, config: Config, keys: Iterable[tuple[str, str]]) -> None:
+        """Put these routes of `config`, as ("in" or "out", name), in the route table."""
+        for direction, name in keys:
+            if direction == "in":
+                in_route = config.in_routes[name]
+                info = self.routes.add("in", name, in_route.protocol, in_route.listen)
+            else:
+                out = config.out_routes[name]
+                info = self.routes.add(
+                    "out", name, out.protocol, out.connect, parse_fingerprint(out.fingerprint)
+                )
+            self._route_infos[direction, name] = info
+
+    def _start_route(self, info: RouteInfo) -> None:
+        """Listen on an in_route (already bound) or dial an out_route, in a task of its own
+        that `_stop_route` can end alone."""
+        assert self._task_group is not None, "Node.run() is running"
+        task = self._route_tasks[info] = _RouteTask()
+        if info.direction == "in":
+            self._task_group.start_soon(task.run, self._listen, info)
+        else:
+            self._task_group.start_soon(task.run, self._dial_forever, info)
+
+    async def _stop_route(self, info: RouteInfo) -> None:
+        """Close the route's links, each telling its neighbour (`route_removed`), stop
+        listening on it or dialling it, and wait until its sockets are closed."""
+        self.routes.remove(info)
+        del self._route_infos[info.direction, info.name]
+        for runner in [r for runners in self.links.values() for r in runners]:
+            if runner.route is info:
+                runner.fail("route_removed")
+        task = self._route_tasks.pop(info, None)
+        if task is not None:
+            task.scope.cancel()
+            await task.done.wait()
+        if info.direction == "in":
+            self.listening.pop(info.name, None)
+            if (bound := self._bound.pop(info.name, None)) is not None:
+                await _close_bound(bound)
+
+    async def reload(self, config: Config) -> None:
+        """Apply a changed config while running (SIGHUP): routes removed are stopped (their
+        links closed with a CLOSE), routes added are listened on or dialled, a route whose
+        protocol, address, secret or fingerprint changed is both, and neighbours on a route
+        whose price changed are offered the new terms. Links on unchanged routes stay up.
+        What cannot change while running keeps its running value and is logged
+        (`reload_skipped`, one line per field).
+
+        Raises ConfigError, with nothing changed, if an added in_route cannot listen on an
+        address that no removed route frees. One that can only be bound once its removed
+        predecessor is closed and then fails is left down, with the reason in its status.
+        """
+        old = self.config
+        changes = diff_configs(old, config)
+        removed = [self._route_infos[key] for key in changes.removed]
+        freed = {
+            (old.in_routes[info.name].protocol, old.in_routes[info.name].listen)
+            for info in removed
+            if info.direction == "in"
+        }
+        bound: dict[str, tuple[socket.socket | MultiListener[SocketStream], Address]] = {}
+        try:  # what no removed route holds is bound first: if that fails nothing changed
+            for kind, name in changes.added:
+                route = config.in_routes.get(name)
+                if kind == "in" and route and (route.protocol, route.listen) not in freed:
+                    bound[name] = await _bind_route(route)
+        except OSError as exc:
+            for held, _ in bound.values():
+                await _close_bound(held)
+            raise ConfigError(_listen_error(config, name, exc)) from None
+        for field in changes.skipped:
+            self._log.warning("reload_skipped", field=field, reason="restart to apply")
+        for info in removed:
+            await self._stop_route(info)
+        self.config = msgspec.structs.replace(
+            config, **{field: getattr(old, field) for field in RESTART_FIELDS}
+        )
+        self._track_routes(self.config, changes.added)
+        for kind, name in changes.added:
+            info = self._route_infos[kind, name]
+            if kind == "in" and not await self._bind_added(info, bound.get(name)):
+                continue
+            self._start_route(info)
+        for key in changes.repriced:  # each neighbour on it is offered the new terms once
+            info = self._route_infos[key]
+            for runners in self.links.values():
+                runner = next((r for r in runners if r.route is info), None)
+                if runner is not None and runner.peer_fingerprint is not None:
+                    self.accounts.set_price(runner.peer_fingerprint, self._route_price(info))
+        self._log.info(
+            "reloaded",
+            added=[f"{kind}_routes.{name}" for kind, name in changes.added],
+            removed=[f"{kind}_routes.{name}" for kind, name in changes.removed],
+            repriced=[f"{kind}_routes.{name}" for kind, name in changes.repriced],
+        )
+
+    async def _bind_added(
+        self,
+        info: RouteInfo,
+        bound: tuple[socket.socket | MultiListener[SocketStream], Address] | None,
+    ) -> bool:
+        """Take an added in_route's socket (binding it now if it was not bound before the
+        routes it replaces were closed); False, logged and in its status, if it fails."""
+        route = self.config.in_routes[info.name]
+        try:
+            self._bound[info.name], self.listening[info.name] = bound or await _bind_route(route)
+        except OSError as exc:
+            self.routes.cannot_listen(info, exc.strerror or str(exc))
+            self._log.error("reload_failed", error=_listen_error(self.config, info.name, exc))
+            return False
+        host, port = self.listening[info.name]
+        self._log.info(
+            "listening", route=info.name, protocol=route.protocol, address=_url(host, port)
+        )
+        return True
+
+    def _log_dashboard_link(self) -> None:
+        """Log where the control API is and a one-time dashboard link (it expires soon;
+        `earendil-py dashboard` prints a new one)."""
+        assert self.control_address is not None and self.control_auth is not None
+        origin = f"http://{_url(*self.control_address)}"
+        code = self.control_auth.mint_login_code()
+        self._log.info("control_api", url=f"{origin}/", dashboard=f"{origin}/login?code={code}")
 
     def _new_link(self, *, initiator: bool, secret: str, reliable: bool, **kw: object) -> Link:
         return Link(
@@ -623,50 +970,82 @@ class Node:
                 ) from None
             local = self._control_listener.listeners[0].extra(SocketAttribute.local_address)
             self.control_address = _as_address(local)
+            self.control_auth = ControlAuth.generate()
+            write_token_file(token_path(self.config), self.control_auth.token)
         for name, route in self.config.in_routes.items():
             if name in self._bound:
                 continue
-            host, port = parse_address(route.listen)
             try:
-                if route.protocol == "udp":
-                    sock = udp_socket(host)
-                    try:
-                        sock.bind((host, port))
-                    except OSError:
-                        sock.close()
-                        raise
-                    self._bound[name] = sock
-                    self.listening[name] = _as_address(sock.getsockname())
-                else:
-                    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-                    self._bound[name] = listener
-                    local = listener.listeners[0].extra(SocketAttribute.local_address)
-                    self.listening[name] = _as_address(local)
+                self._bound[name], self.listening[name] = await _bind_route(route)
             except OSError as exc:
-                raise ConfigError(
-                    f"{self.config.source}: in_routes.{name}.listen: cannot listen on "
-                    f"{route.listen}: {exc.strerror or exc}"
-                ) from None
+                raise ConfigError(_listen_error(self.config, name, exc)) from None
         if self.ledger is None:
             self.ledger = await AsyncLedger.open(self.config.db_path)
             self.accounts.start(self.ledger)
             self.chat.start(self.ledger)
 
     async def _serve_control(self) -> None:
-        assert self._control_listener is not None
-        server = HttpServer(build_router(self))
-        async with self._control_listener:
-            await self._control_listener.serve(server.serve_connection)
+        assert self._control_listener is not None and self.control_auth is not None
+        server = HttpServer(
+            build_router(self, self.control_auth),
+            self.control_auth,
+            allow_remote=self.config.control_allow_remote,
+        )
+        await self._serve_listener(self._control_listener, server.serve_connection, "control")
 
-    async def _listen(self, name: str, route: InRoute) -> None:
-        info = RouteInfo(name, route.protocol, "in")
-        bound = self._bound[name]
+    async def _listen(self, info: RouteInfo) -> None:
+        route = self.config.in_routes[info.name]
+        bound = self._bound[info.name]
         if isinstance(bound, socket.socket):
-            with bound:
-                await self._serve_udp(bound, route, info)
+            await self._serve_udp(bound, route, info)
         else:
-            async with bound:
-                await bound.serve(lambda stream: self._serve_tcp(stream, route, info))
+            await self._serve_listener(
+                bound, lambda stream: self._serve_tcp(stream, route, info), "tcp"
+            )
+
+    async def _serve_listener(
+        self,
+        listener: MultiListener[SocketStream],
+        handle: Callable[[SocketStream], Awaitable[None]],
+        where: str,
+    ) -> None:
+        """Accept connections on each of `listener`'s sockets until cancelled, and close them
+        after the connections they accepted ended. Each connection is handled in a task of its
+        own, as a fault boundary (`where` names it in the log). Raises OSError if a listening
+        socket is gone."""
+        async with listener, anyio.create_task_group() as connections:
+            for socket_listener in listener.listeners:
+                assert isinstance(socket_listener, SocketListener)
+                connections.start_soon(self._accept, socket_listener, handle, where, connections)
+
+    async def _accept(
+        self,
+        listener: SocketListener,
+        handle: Callable[[SocketStream], Awaitable[None]],
+        where: str,
+        connections: TaskGroup,
+    ) -> None:
+        # anyio's `Listener.serve` ends on the first accept() error, and with it the node;
+        # here an error only delays the next accept (as trio's serve_listeners does). Out of
+        # descriptors (EMFILE/ENFILE) or memory (ENOBUFS/ENOMEM), accepting again at once would
+        # spin: pending connections wait in the kernel's backlog until something frees up.
+        backoff = ACCEPT_BACKOFF_MIN
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _SOCKET_GONE:
+                    raise
+                self.drops["accept_failed"] += 1
+                name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                self.faults.log_limited(
+                    "warning", "accept_failed", (where, name), listener=where, error=name
+                )
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                continue
+            backoff = ACCEPT_BACKOFF_MIN
+            connections.start_soon(self._contained, self.drops, where, _closing, stream, handle)
 
     async def _serve_udp(self, sock: socket.socket, route: InRoute, info: RouteInfo) -> None:
         endpoint = Endpoint(
@@ -678,8 +1057,8 @@ class Node:
         )
         self._endpoints.append(endpoint)
         runners: dict[int, LinkRunner] = {}
-        assert self._task_group is not None
-        task_group = self._task_group
+        # Opening a session runs core code on a stranger's datagram: a boundary of its own.
+        opening = self.faults.boundary(self.drops, "udp_session")
 
         async def run_session(runner: LinkRunner) -> None:
             try:
@@ -688,90 +1067,134 @@ class Node:
                 endpoint.remove(runner.link)
                 runners.pop(runner.link.local_index, None)
 
+        def open_session(data: bytes, address: Address, now: float) -> LinkRunner | None:
+            link = find_session(data, address, now)
+            if link is None:
+                return None
+            runner = find_runner(link.local_index)
+            if runner is None:
+                runner = LinkRunner(self, link, UdpTransport(sock, address), info, address)
+                runners[link.local_index] = runner
+                sessions.start_soon(run_session, runner)
+            return runner
+
         read, find_session, find_runner = datagram_reader(sock), endpoint.route, runners.get
         unpack_index = U32.unpack_from
-        while True:
-            await anyio.wait_readable(sock)
-            now = anyio.current_time()
-            arrived: dict[LinkRunner, list[bytes]] = {}
-            last: LinkRunner | None = None
-            messages: list[bytes] = []
-            count = 0
-            while count < UDP_BATCH:
-                try:
-                    datagrams, address = read()
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self.drops["udp_error"] += 1
-                    continue
-                count += len(datagrams)
-                address = address[:2]
-                for data in datagrams:
-                    runner = None
-                    # DATA for a known session from the address that opened it: what
-                    # `endpoint.route` would find (runners and sessions come and go together).
-                    # Anything else takes the full route, which counts the drops.
-                    if len(data) >= _DATA_MIN_SIZE and data[0] == DATA:
-                        runner = find_runner(unpack_index(data, 1)[0])
-                        if runner is not None and runner.peer_address != address:
-                            runner = None
-                    if runner is None:
-                        link = find_session(data, address, now)
-                        if link is None:
+        # The sessions' tasks end before the socket closes: stopping, each sends its CLOSE.
+        with sock:
+            async with anyio.create_task_group() as sessions:
+                while True:
+                    await anyio.wait_readable(sock)
+                    now = anyio.current_time()
+                    arrived: dict[LinkRunner, list[bytes]] = {}
+                    last: LinkRunner | None = None
+                    messages: list[bytes] = []
+                    count = 0
+                    while count < UDP_BATCH:
+                        try:
+                            datagrams, address = read()
+                        except BlockingIOError:
+                            break
+                        except OSError as exc:
+                            if exc.errno in _SOCKET_GONE:
+                                raise
+                            self.drops["udp_error"] += 1
+                            count += 1
                             continue
-                        runner = find_runner(link.local_index)
-                        if runner is None:
-                            transport = UdpTransport(sock, address)
-                            runner = LinkRunner(self, link, transport, info, address)
-                            runners[link.local_index] = runner
-                            task_group.start_soon(run_session, runner)
-                    if runner is not last:  # a wake-up's datagrams mostly come from one link
-                        last = runner
-                        messages = arrived.setdefault(runner, [])
-                    messages.append(data)
-            # Each link takes its messages at once: the hot path runs per link, not per frame.
-            batch = [
-                (runner, runner.receive(messages, now)) for runner, messages in arrived.items()
-            ]
-            if batch:
-                self.relay_batch(batch, now)
-            await anyio.lowlevel.checkpoint()
+                        count += len(datagrams)
+                        address = address[:2]
+                        for data in datagrams:
+                            runner = None
+                            # DATA for a known session from the address that opened it: what
+                            # `endpoint.route` would find (runners and sessions come and go
+                            # together). Anything else takes the full route, which counts the
+                            # drops.
+                            if len(data) >= _DATA_MIN_SIZE and data[0] == DATA:
+                                runner = find_runner(unpack_index(data, 1)[0])
+                                if runner is not None and runner.peer_address != address:
+                                    runner = None
+                            if runner is None:
+                                with opening:
+                                    runner = open_session(data, address, now)
+                                if runner is None:
+                                    continue
+                            if runner is not last:  # a wake-up's datagrams mostly share a link
+                                last = runner
+                                messages = arrived.setdefault(runner, [])
+                            messages.append(data)
+                    # Each link takes its messages at once: the hot path runs per link, not
+                    # per frame. A link that fails on them is closed; the others' go on.
+                    batch = [
+                        (runner, runner.receive(messages, now))
+                        for runner, messages in arrived.items()
+                    ]
+                    if batch:
+                        with self._relay_boundary:
+                            self.relay_batch(batch, now)
+                    await anyio.lowlevel.checkpoint()
 
     async def _serve_tcp(self, stream: SocketStream, route: InRoute, info: RouteInfo) -> None:
-        async with stream:
+        """One accepted connection: admitted among those still handshaking (or closed at
+        once, `tcp_pending_full`), closed unless a valid HS_INIT comes (`tcp_probe`, without a
+        byte sent) and the link is established within the handshake deadline."""
+        remote = stream.extra(SocketAttribute.remote_address, None)
+        if remote is None:  # reset before we got to it: the kernel no longer knows the peer
+            self.drops["tcp_probe"] += 1
+            return
+        address = _as_address(remote)
+        slot = self._pending_tcp.admit(address[0])
+        if slot is None:
+            self.drops["tcp_pending_full"] += 1
+            return
+        try:
+            deadline = anyio.current_time() + self._tcp_handshake_secs
             decoder = StreamDecoder()
             first: bytes | None = None
             mac_key = derive_cookie_keys(route.secret)[1]
-            with anyio.move_on_after(self.timers.dead_after):
-                while first is None:
-                    decoder.receive_bytes(await stream.receive())
-                    first = decoder.next_message()
+            with anyio.CancelScope(deadline=deadline):
+                try:
+                    while first is None:
+                        decoder.receive_bytes(await stream.receive())
+                        first = decoder.next_message()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    pass  # closed or reset before a handshake: a probe
             # Without the cookie MAC the connection is closed without a single byte back.
             if first is None or message_type(first) != HS_INIT or not check_mac1(mac_key, first):
                 self.drops["tcp_probe"] += 1
                 return
             link = self._new_link(initiator=False, secret=route.secret, reliable=True)
-            address = _as_address(stream.extra(SocketAttribute.remote_address))
             runner = LinkRunner(self, link, _NO_TRANSPORT, info, address)
+            runner.handshake_deadline, runner.pending = deadline, slot
             await self._run_stream_link(stream, decoder, runner, first)
+        finally:
+            slot.release()
 
     # --- out_routes ---------------------------------------------------------------------
 
-    async def _dial_forever(self, name: str, route: OutRoute) -> None:
-        """Keep one link up on this route: dial, run, and re-dial with jittered backoff."""
-        info = RouteInfo(name, route.protocol, "out")
+    async def _dial_forever(self, info: RouteInfo) -> None:
+        """Keep one link up on this route: dial, run, and re-dial with jittered backoff. Each
+        dial is a fault boundary: whatever makes it fail, the next one follows."""
+        route = self.config.out_routes[info.name]
         host, port = parse_address(route.connect)
         expected = parse_fingerprint(route.fingerprint)
         timing = self.config.links
         delay = timing.redial_min_secs
-        dial_log = self._log.bind(route=name, protocol=route.protocol)
+        dial_log = self._log.bind(route=info.name, protocol=route.protocol)
         while True:
             established = False
-            try:
-                established = await self._dial_once(route, info, host, port, expected)
-            except OSError as exc:
-                dial_log.info("dial_failed", error=exc.strerror or str(exc))
+            dial_log.debug("dial", address=route.connect)
+            with self.faults.boundary(self.drops, "dial"):
+                try:
+                    established = await self._dial_once(route, info, host, port, expected)
+                except OSError as exc:
+                    code, detail = _dial_failure(exc)
+                    self.routes.failed(info, code, detail)
+                    failure = self.routes.failure_of(info)
+                    dial_log.info(
+                        "dial_failed",
+                        error=detail or code,
+                        failure=failure.message if failure else code,
+                    )
             delay = (
                 timing.redial_min_secs if established else min(delay * 2, timing.redial_max_secs)
             )
@@ -809,12 +1232,25 @@ class Node:
 
     async def _read_connected_udp(self, sock: socket.socket, runner: LinkRunner) -> None:
         read = datagram_reader(sock)
+
+        def read_refused() -> tuple[Sequence[bytes], Address]:
+            try:
+                return read()
+            except ConnectionRefusedError:  # read_batch skips it; the route's status tells
+                runner.connection_refused()
+                raise
+
         while True:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
-            messages = read_batch(read, UDP_BATCH)
+            try:
+                messages = read_batch(read_refused, UDP_BATCH)
+            except OSError:  # an ICMP error other than a closed port: the path is gone
+                runner.fail("connection_closed")
+                return
             if frames := runner.receive(messages, now):
-                self.relay_batch([(runner, frames)], now)
+                with self._relay_boundary:
+                    self.relay_batch([(runner, frames)], now)
             await anyio.lowlevel.checkpoint()
 
     # --- shared stream (TCP) plumbing ---------------------------------------------------
@@ -830,8 +1266,18 @@ class Node:
         send_queue, receive_queue = anyio.create_memory_object_stream[bytes](TCP_QUEUE)
         runner.transport = TcpTransport(send_queue)
         flushed = anyio.Event()
+        # The writer outlives a shutdown's cancellation until it has sent what was queued
+        # (the CLOSE frame last), for at most SHUTDOWN_GRACE.
+        writing = anyio.CancelScope(shield=True)
 
         async def write() -> None:
+            try:
+                with writing:
+                    await write_queued()
+            finally:
+                flushed.set()  # also when cancelled, so shutdown never waits for a dead writer
+
+        async def write_queued() -> None:
             try:
                 async with receive_queue:
                     async for frame in receive_queue:
@@ -846,8 +1292,6 @@ class Node:
                         await stream.send(b"".join(frames))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 runner.fail("connection_closed")
-            finally:
-                flushed.set()  # also when cancelled, so shutdown never waits for a dead writer
 
         async def read() -> None:
             try:
@@ -860,7 +1304,8 @@ class Node:
                     while (message := decoder.next_message()) is not None:
                         messages.append(message)
                     if frames := runner.receive(messages, now):
-                        self.relay_batch([(runner, frames)], now)
+                        with self._relay_boundary:
+                            self.relay_batch([(runner, frames)], now)
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 runner.fail("connection_closed")
             except RemoteProtocolError as exc:
@@ -871,14 +1316,21 @@ class Node:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(write)
                 tg.start_soon(read)
-                runner.service(anyio.current_time())
                 try:
+                    runner.service(anyio.current_time())
                     await runner.run_timers()
                 finally:
                     send_queue.close()
                     with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
                         await flushed.wait()  # a CLOSE frame may still be queued
+                    writing.cancel()
                 tg.cancel_scope.cancel()
+
+
+async def _closing(stream: SocketStream, handle: Callable[[SocketStream], Awaitable[None]]) -> None:
+    """`handle(stream)`, then close the stream, whatever happened."""
+    async with stream:
+        await handle(stream)
 
 
 class _NoTransport:
@@ -897,3 +1349,65 @@ _NO_TRANSPORT = _NoTransport()
 def _as_address(value: object) -> Address:
     assert isinstance(value, tuple), "an IP socket address"
     return (str(value[0]), int(value[1]))
+
+
+def _url(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listen_error(config: Config, name: str, exc: OSError) -> str:
+    route = config.in_routes[name]
+    return (
+        f"{config.source}: in_routes.{name}.listen: cannot listen on {route.listen}: "
+        f"{exc.strerror or exc}"
+    )
+
+
+async def _bind_route(
+    route: InRoute,
+) -> tuple[socket.socket | MultiListener[SocketStream], Address]:
+    """Bind an in_route's socket; returns it and its address. Raises OSError."""
+    host, port = parse_address(route.listen)
+    if route.protocol == "udp":
+        sock = udp_socket(host)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock, _as_address(sock.getsockname())
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    return listener, _as_address(listener.listeners[0].extra(SocketAttribute.local_address))
+
+
+async def _close_bound(bound: socket.socket | MultiListener[SocketStream]) -> None:
+    if isinstance(bound, socket.socket):
+        bound.close()
+    else:
+        await bound.aclose()
+
+
+class _RouteTask:
+    """The task serving one route, which can be cancelled alone and waited for."""
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.done = anyio.Event()
+
+    async def run(self, serve: Callable[[RouteInfo], Awaitable[None]], info: RouteInfo) -> None:
+        try:
+            with self.scope:
+                await serve(info)
+        finally:
+            self.done.set()
+
+
+def _dial_failure(exc: OSError) -> tuple[str, str]:
+    """A failed connect as a route failure: its code and detail. anyio's connect_tcp raises
+    a plain OSError whose cause is the error of the (last) attempt."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection_refused", ""
+    if isinstance(cause, TimeoutError):
+        return "connect_failed", "timed out"
+    return "connect_failed", cause.strerror or str(cause) or type(cause).__name__

@@ -453,6 +453,25 @@ def test_endpoint_demultiplexes_sessions_by_index_and_address() -> None:
     assert endpoint.statistics().drops["wrong_address"] == 1
 
 
+def test_an_hs_init_replayed_from_another_address_cannot_claim_the_dialers_session() -> None:
+    """Someone on the path copies the dialer's HS_INIT and sends it first from elsewhere: the
+    copy gets a session of its own (which it cannot complete), the dialer keeps its own."""
+    pair = Pair()
+    (hs_init,) = pair.a.datagrams_to_send()
+    copy = pair.endpoint.route(hs_init, ("127.0.0.1", 6666), pair.now)
+    assert copy is not None
+    copy.receive_datagram(hs_init, pair.now)
+    copy.datagrams_to_send()  # its HS_RESP goes to the copier, who has no use for it
+    pair.deliver_to_b(hs_init)
+    assert pair.b is not None and pair.b is not copy
+    pair.deliver_to_b(hs_init)  # a retransmission from the dialer reaches its own session
+    pair.pump()
+    assert pair.a.state is LinkState.ESTABLISHED
+    assert pair.b.state is LinkState.ESTABLISHED
+    assert copy.state is LinkState.HANDSHAKING
+    assert len(pair.endpoint.sessions) == 2
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2000), st.sampled_from([0, HS_INIT, HS_RESP, HS_FINAL, 4, PROOF]))
 def test_garbage_never_raises(data: bytes, first: int) -> None:

@@ -171,3 +171,33 @@ async def test_data_from_another_address_or_for_no_session_is_dropped_and_counte
             while peer.packets_received == 0:
                 await anyio.sleep(0.01)
         assert nodes[1].drop_counts()["no_route"] == 1
+
+
+@pytest.mark.anyio
+async def test_a_link_failing_on_its_share_of_a_batch_leaves_the_others_share(
+    tmp_path: Path,
+) -> None:
+    generated = generate_network(
+        tmp_path, 3, [Edge(0, 1, "udp"), Edge(2, 1, "udp")], extra_toml=FAST
+    )
+    a, hub, c = [Node(g.config, load_identity_file(g.config.identity_file)) for g in generated]
+    async with running([a, hub, c]):
+        with anyio.fail_after(3):
+            for node, other in ((a, hub), (hub, a), (c, hub), (hub, c)):
+                await node.wait_priced({other.fingerprint})
+        broken, healthy = hub.links[a.fingerprint][0], hub.links[c.fingerprint][0]
+
+        def bug(*args: object) -> list[bytes]:
+            raise AssertionError("a bug")
+
+        broken.link.receive_datagrams = bug  # type: ignore[method-assign]
+        # Both sent before the hub's loop runs again: they reach it in one batch.
+        for sender in (a, c):
+            runner = sender.links[hub.fingerprint][0]
+            runner.send(runner.link.encrypt_onion(b"\x01" * 32, b"p" * 100))
+        with anyio.fail_after(2):
+            while healthy.packets_received == 0 or not broken.closed.is_set():
+                await anyio.sleep(0.01)
+        assert hub.drop_counts()["no_route"] == 1  # c's frame went on through the relay loop
+        assert broken.statistics().drops["internal_error"] == 1
+        assert hub.links[c.fingerprint] == [healthy]
