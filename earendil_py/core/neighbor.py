@@ -128,6 +128,7 @@ from earendil_py.core.settlement import (
     Digest,
     Proposal,
     Rejection,
+    Role,
     SettlementBook,
     SettlementId,
     SettlementRecord,
@@ -257,15 +258,59 @@ class CountsEntry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     clean: bool = False
 
 
-class AnsweredEntry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    answer: Attestation | Rejection
+class OpenedEntry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """A settlement opened: one we proposed, or one we received that waits for our operator.
+    Its record is the proposal, pending, until `expires_at`; the role follows from the
+    proposal, the creation time is the entry's."""
+
+    proposal: Proposal
+    expires_at: int
+
+    @staticmethod
+    def of(record: SettlementRecord) -> bytes:
+        return _encoder.encode(OpenedEntry(record.proposal, record.expires_at))
+
+    def record(self, me: bytes, created_at: int) -> SettlementRecord:
+        role: Role = "proposer" if self.proposal.proposer == me else "responder"
+        return SettlementRecord(
+            self.proposal, role, SettlementState.PENDING, created_at, self.expires_at
+        )
+
+
+class RefusedEntry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """An open settlement's signed "no" (rejected, canceled, expired): the `Rejection` less
+    what its record's proposal already holds (the parties and the proposal's signature)."""
+
+    settlement_id: bytes
+    reason: str
+    timestamp: int
+    signature: bytes
+
+    @staticmethod
+    def of(rejection: Rejection) -> bytes:
+        return _encoder.encode(
+            RefusedEntry(
+                rejection.settlement_id, rejection.reason, rejection.timestamp, rejection.signature
+            )
+        )
+
+    def rejection(self, proposal: Proposal) -> Rejection:
+        return Rejection(
+            self.settlement_id,
+            proposal.proposer,
+            proposal.responder,
+            proposal.proposer_signature,
+            self.reason,
+            self.timestamp,
+            self.signature,
+        )
 
 
 _account_entry = msgspec.msgpack.Decoder(AccountEntry)
 _counts_entry = msgspec.msgpack.Decoder(CountsEntry)
-_record_entry = msgspec.msgpack.Decoder(SettlementRecord)
+_opened_entry = msgspec.msgpack.Decoder(OpenedEntry)
 _attestation_entry = msgspec.msgpack.Decoder(Attestation)
-_rejection_entry = msgspec.msgpack.Decoder(Rejection)
+_refused_entry = msgspec.msgpack.Decoder(RefusedEntry)
 _query_entry = msgspec.msgpack.Decoder(SettlementQuery)
 
 
@@ -583,7 +628,7 @@ class Neighbor:
                 ceiling = max(ceiling, counts.ceiling_out)
                 peak, clean = counts.peak, counts.clean
             elif kind == SETTLEMENT_OPENED:
-                book.restore(_record_entry.decode(body))
+                book.restore(_opened_entry.decode(body).record(me, entry.recorded_at))
             elif kind == SETTLEMENT_COMPLETED:
                 attestation = _attestation_entry.decode(body)
                 proposal = attestation.proposal
@@ -596,10 +641,10 @@ class Neighbor:
                     book.answered(record, attestation)
                     account.settle(*proposal.reduction_for(me))
             elif kind == SETTLEMENT_REFUSED:
-                rejection = _rejection_entry.decode(body)
-                refused = book.record(rejection.settlement_id)
+                refusal = _refused_entry.decode(body)
+                refused = book.record(refusal.settlement_id)
                 if refused is not None and refused.answer is None:
-                    book.answered(refused, rejection)
+                    book.answered(refused, refusal.rejection(refused.proposal))
             elif kind == SETTLEMENT_CANCELING:
                 book.cancel(_query_entry.decode(body).settlement_id)
             elif kind == SETTLEMENT_GIVEN_UP:
@@ -1150,7 +1195,7 @@ class Neighbor:
             record = book.approve(proposal.settlement_id, w.unix)
             self._record_answer(w, record)
         else:
-            w.entries.append((SETTLEMENT_OPENED, _encoder.encode(record)))
+            w.entries.append((SETTLEMENT_OPENED, OpenedEntry.of(record)))
             w.log(
                 "settlement_awaiting_operator",
                 id=proposal.id_hex,
@@ -1512,7 +1557,7 @@ class Neighbor:
                 w.volatile.settle_retry_at = 0.0
             return
         assert record.rejection is not None
-        w.entries.append((SETTLEMENT_REFUSED, _encoder.encode(record.rejection)))
+        w.entries.append((SETTLEMENT_REFUSED, RefusedEntry.of(record.rejection)))
         w.log(
             "settlement_rejected",
             id=proposal.id_hex,
@@ -1564,7 +1609,7 @@ class Neighbor:
         except LocalProtocolError as exc:  # one of theirs came in meanwhile
             self._settle_failed(w, proposing, str(exc))
             return
-        w.entries.append((SETTLEMENT_OPENED, _encoder.encode(record)))
+        w.entries.append((SETTLEMENT_OPENED, OpenedEntry.of(record)))
         w.log(
             "settlement_proposed",
             id=record.proposal.id_hex,

@@ -479,3 +479,100 @@ def test_sigkill_then_restart_resumes_balances_and_a_tampered_ledger_is_refused(
     assert result.stderr.startswith(f"earendil-py: error: {db}: ")
     assert f"seq {seq}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- ledgers written before Neighbors ------------------------------------------------------
+
+
+class V1Epoch(msgspec.Struct, array_like=True):
+    """An epoch as the version before wrote it in its checkpoints."""
+
+    epoch: int
+    price_umel: int
+    packets: int = 0
+    claimed: int = -1
+    counted_at_claim: int = 0
+
+
+class V1Account(msgspec.Struct):
+    """A checkpoint of the version before (map-encoded: every field by name)."""
+
+    neighbor: bytes
+    inbound: list[V1Epoch] = msgspec.field(default_factory=list)
+    outbound: list[V1Epoch] = msgspec.field(default_factory=list)
+    folded_in_umel: int = 0
+    folded_out_umel: int = 0
+    settled_in_umel: int = 0
+    settled_out_umel: int = 0
+    claim_seq_sent: int = 0
+    claim_seq_received: int = 0
+    frozen: str = ""
+    peak_packets: int = 0
+    checkpoint_packets: int = 0
+    clean: bool = True
+
+
+@pytest.mark.anyio
+async def test_a_ledger_from_before_neighbors_is_carried_over_once(tmp_path: Path) -> None:
+    """Both nodes' ledgers hold what the version before wrote: checkpoints (and a book with
+    an open proposal). At the first link-up each side writes one `migrated` entry: the debts
+    carry over exactly (both sides agree), the claim seqs go on, prices are agreed again and
+    traffic is charged from there. A restart does not migrate again."""
+    nodes = make_nodes(tmp_path, 2, PAIR, extra_toml=ACCOUNTING)
+    a, b = nodes
+    # a: b owes 2 x 300 + 50 folded - 20 settled = 630; a owes 3 x (90 claimed + 100 - 95
+    # counted at that claim) - 10 settled = 275. b's checkpoint says the same from its side.
+    old_a = V1Account(
+        b.fingerprint,
+        inbound=[V1Epoch(1, 2, 300)],
+        outbound=[V1Epoch(1, 3, 100, claimed=90, counted_at_claim=95)],
+        folded_in_umel=50,
+        settled_in_umel=20,
+        settled_out_umel=10,
+        claim_seq_sent=7,
+        claim_seq_received=9,
+    )
+    old_b = V1Account(
+        a.fingerprint,
+        inbound=[V1Epoch(1, 3, 95)],
+        outbound=[V1Epoch(1, 2, 300)],
+        folded_out_umel=50,
+        settled_in_umel=10,
+        settled_out_umel=20,
+        claim_seq_sent=9,
+        claim_seq_received=7,
+    )
+    book = {"records": {"00" * 16: {"role": "proposer", "state": "pending", "reason": ""}}}
+    for node, other, old in ((a, b, old_a), (b, a, old_b)):
+        with LedgerStore.open(node.config.db_path) as store:
+            items = [
+                (other.fingerprint, "checkpoint", msgspec.msgpack.encode(old)),
+                (other.fingerprint, "settlements", msgspec.msgpack.encode(book)),
+            ]
+            store.append_many(items, int(time.time()) - 60)
+    async with running(nodes):
+        with anyio.fail_after(5):
+            await converged(nodes, PAIR)
+        assert (account(a, b).debt_in_umel, account(a, b).debt_out_umel) == (630, 275)
+        assert (account(b, a).debt_in_umel, account(b, a).debt_out_umel) == (275, 630)
+        with anyio.fail_after(10):
+            await send_and_wait(a, b, 10)  # charged at the new price, 1
+            while account(b, a).debt_in_umel != 285 or account(a, b).debt_out_umel != 285:
+                await anyio.sleep(0.05)
+        with anyio.fail_after(5):  # its claims go on from the old seq, and are taken
+            while account(b, a).state.claim_seq_received <= 7:
+                await anyio.sleep(0.05)
+            while account(a, b).state.claim_seq_received <= 9:
+                await anyio.sleep(0.05)
+    for node, other in ((a, b), (b, a)):
+        with LedgerStore.open(node.config.db_path) as store:
+            kinds = [e.kind for e in store.entries(other.fingerprint)]
+        assert kinds.count("migrated") == 1
+    nodes = [node_from(a.config), node_from(b.config)]  # restarted: nothing more to migrate
+    async with running(nodes):
+        with anyio.fail_after(5):
+            await converged(nodes, PAIR)
+        assert account(nodes[0], nodes[1]).debt_out_umel == 285
+        assert account(nodes[1], nodes[0]).debt_in_umel == 285
+    with LedgerStore.open(a.config.db_path) as store:
+        assert [e.kind for e in store.entries(b.fingerprint)].count("migrated") == 1

@@ -3,8 +3,12 @@ commits, audits, the CLI."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import signal
 import sqlite3
+import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,13 +22,23 @@ import pytest
 from earendil_py.cli import main
 from earendil_py.core.errors import EarendilError
 from earendil_py.core.ledger import GENESIS
-from earendil_py.core.neighbor import REFUSED, Neighbor, SettlementAnswer, wire
+from earendil_py.core.neighbor import (
+    REFUSED,
+    Neighbor,
+    SettlementAnswer,
+    SettlementQuery,
+    unwire,
+    wire,
+)
 from earendil_py.core.settlement import (
+    MAX_PROOF_SIZE,
+    RECENT,
     Attestation,
     BookState,
     SettlementBook,
     SettlementRecord,
     SettlementState,
+    make_proposal,
 )
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.http import ControlApiError, call_api
@@ -658,3 +672,71 @@ def test_sigkilled_daemons_around_a_manual_settlement_converge(tmp_path: Path) -
     finally:
         proposer.stop()
         responder.stop()
+
+
+def ledger_bytes(node: Node) -> int:
+    """The size of the node's ledger as SQLite sees it (the WAL's pages included)."""
+    conn = sqlite3.connect(node.config.db_path)
+    try:
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        (size,) = conn.execute("PRAGMA page_size").fetchone()
+        return int(pages * size)
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+async def test_ten_thousand_proposals_grow_the_ledger_linearly_and_memory_not_at_all(
+    tmp_path: Path,
+) -> None:
+    """One neighbour proposes 10,000 manual settlements, each with a proof of the largest
+    size and a fresh id, and cancels each (one pending at a time: the cap). The victim's
+    ledger grows by the same small amount each time (under 2 KB: one entry for the open
+    proposal, one for its end), and its memory does not grow at all: finished records leave
+    it. The calls go straight to the victim's service, as its RPC server would hand them
+    over (the RPC cache's own quota would slow the neighbour down, not change the bound)."""
+    async with network(tmp_path, LONGER) as (a, b):
+        book = attacker_book(b, a)
+        service, fp = a.accounts, b.fingerprint
+
+        async def propose_and_cancel(count: int) -> None:
+            for _ in range(count):
+                now = int(time.time())
+                proposal = make_proposal(
+                    b.identity,
+                    a.fingerprint,
+                    settlement_id=os.urandom(16),
+                    reduce_mine_umel=1_000,
+                    reduce_theirs_umel=0,
+                    method="manual",
+                    proof=os.urandom(MAX_PROOF_SIZE),
+                    previous=book.head,
+                    ledger_head=GENESIS,
+                    now=now,
+                    expiry_secs=60,
+                )
+                opened = await service._on_call(fp, "start_settlement", wire(proposal))
+                assert unwire(opened, SettlementAnswer).state is SettlementState.PENDING
+                query = wire(SettlementQuery(proposal.settlement_id))
+                canceled = await service._on_call(fp, "cancel_settlement", query)
+                assert unwire(canceled, SettlementAnswer).state is SettlementState.CANCELED
+
+        await propose_and_cancel(1_000)  # warm: the book's recent records are full
+        tracemalloc.start()
+        try:
+            sizes, memory = [ledger_bytes(a)], [tracemalloc.get_traced_memory()[0]]
+            for _ in range(3):
+                await propose_and_cancel(3_000)
+                sizes.append(ledger_bytes(a))
+                memory.append(tracemalloc.get_traced_memory()[0])
+        finally:
+            tracemalloc.stop()
+        growth = [after - before for before, after in itertools.pairwise(sizes)]
+        assert all(g / 3_000 < 2_048 for g in growth), growth
+        assert max(growth) < 1.2 * min(growth), growth  # linear: the same per proposal
+        # Flat: what the first window allocated (caches warming up) stays; the later ones add
+        # bytes, not bytes per proposal.
+        assert memory[-1] - memory[1] < 32 * 1024, memory
+        kept = neighbor(a, b).book.state
+        assert not kept.open and len(kept.finished) <= RECENT
+        assert neighbor(a, b).settlement_counts() == {("manual", "responder", "canceled"): 10_000}
