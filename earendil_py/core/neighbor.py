@@ -27,9 +27,13 @@ the newest account state is always kept, and nothing before it is needed.
 **The outbound lease.** Counts are written every few seconds, not per packet, so a crash
 loses the last ones. Inbound, that only costs us (and the debtor's next claim gives them
 back). Outbound, it would leave a claim that exceeds our counts unexplained, so the relay
-loop sends nothing past a ceiling that a `counts` entry has already written; the shell raises
-it when half is used (`wake_mark`). After an unclean stop we count the whole lease as sent:
-an upper bound, as our estimate always is, that the neighbour's next claim corrects down.
+loop sends nothing past a ceiling that a `counts` entry has already written. Every `counts`
+entry tops the ceiling up to a lease beyond the count, so under steady traffic the periodic
+ones (every `checkpoint_secs`) keep it ahead at no extra cost; a burst that uses half of it
+first wakes the shell (`wake_mark`) for one more, twice the size (up to LEASE_GROWTH times
+the policy's); a lease of which less than an eighth was used between two entries halves.
+After an unclean stop we count the whole lease as sent: an upper bound, as our estimate
+always is, that the neighbour's next claim corrects down.
 
 **Wire format.** Calls are JSON-RPC (docs/rpc.md) between neighbours. Params and results are
 one msgpack message each, base64 in an object: `{"msg": "<base64>"}`:
@@ -51,12 +55,15 @@ are INVALID_PARAMS. Every input from the neighbour is parsed and checked before 
 anything; a refused input is counted by reason in `statistics().refused`.
 
 **What the neighbour does on each input.** `CALLS` and `REPLIES` dispatch them; the settlement
-records move by `core.settlement.TRANSITIONS`. Each row: the input, the entry written (if
-any), the calls made. docs/accounting.md and docs/settlement.md have the same table.
+records move by `core.settlement.TRANSITIONS`. Any step that writes an entry also writes the
+packet totals with it, if they moved. docs/accounting.md has the same table (a test compares
+them), docs/settlement.md the same TRANSITIONS.
 
+    input                    entries written                  calls made
     link up                  counts (a lease, if needed),     push_price; settlement_status
                              price_offer_sent (a new offer)   (our open proposal); audit
     wake: half the lease     counts (a higher lease)          -
+    checkpoint tick          counts (if the totals moved)     -
     timer: claim due         claim_sent (if counts moved)     push_debt
     timer: offer unanswered  -                                push_price
     timer: poll              -                                settlement_status
@@ -91,6 +98,7 @@ import base64
 import binascii
 import copy
 import dataclasses
+import operator
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -149,7 +157,7 @@ AUTOMATIC_METHODS = frozenset({METHOD_POW})  # approved without the operator
 PRICE_RETRY_SECS = 5.0  # an offer the neighbour has not answered is pushed again this often
 POLL_SECS = 5.0  # ask about our open proposal this often while linked
 NOTICE_INTERVAL_SECS = 10.0  # a debt-limit notice at most this often
-LEASE_SECS = 1.0  # an outbound lease used up faster than this doubles
+LEASE_GROWTH = 1024  # the largest outbound lease, in units of the policy's smallest
 RETRY_MIN_SECS = 2.0  # auto-settlement backoff after a failure (doubles)
 RETRY_MAX_SECS = 120.0
 # Old bodies are pruned every PRUNE_EVERY claims (in that claim's transaction) and counts
@@ -454,7 +462,7 @@ class _Volatile:
     unconfirmed: bool = False
     ceiling: int = 0  # the outbound lease written: the relay loop sends nothing past it
     lease: int = 0  # its size now
-    leased_at: float = float("-inf")  # when it was last raised
+    leased_from: int = 0  # the outbound count when the lease was last topped up
     peak: int = 0  # the most packets between two counts entries
     checkpointed: tuple[int, int] = (0, 0)  # totals in the last counts entry
     counts_written: int = 0
@@ -462,7 +470,12 @@ class _Volatile:
     challenges: pow_method.ChallengeBook | None = None  # issued to the neighbour as payer
 
     def copy(self) -> _Volatile:
-        return dataclasses.replace(self, calls=dict(self.calls))
+        copied = _Volatile(*_volatile_fields(self))  # every field, in order: fast
+        copied.calls = dict(self.calls)
+        return copied
+
+
+_volatile_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(_Volatile)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,16 +508,8 @@ class _Work:
         self.now = now
         self.unix = int(now)
         self.volatile = neighbor._volatile.copy()
-        self.account = Account(
-            neighbor.identity,
-            neighbor.neighbor_public,
-            neighbor._account.copy(),
-            neighbor.counters,
-            recovery_in=self.volatile.recovery_in,
-        )
-        self.book = SettlementBook(
-            neighbor.identity, neighbor.neighbor_public, neighbor._book.copy()
-        )
+        self._account: Account | None = None  # copied when first used: most steps use one
+        self._book: SettlementBook | None = None
         self.entries: list[tuple[str, bytes]] = []
         self.prunes: list[tuple[str, int]] = []
         self.calls: list[Call] = []
@@ -512,6 +517,30 @@ class _Work:
         self.events: list[Event] = []
         self.done: list[tuple[tuple[str, bytes], object]] = []
         self.batch = False
+
+    @property
+    def account(self) -> Account:
+        """The account, on a copy of its state (made at first use)."""
+        if self._account is None:
+            neighbor = self.neighbor
+            self._account = Account(
+                neighbor.identity,
+                neighbor.neighbor_public,
+                neighbor._account.copy(),
+                neighbor.counters,
+                recovery_in=self.volatile.recovery_in,
+            )
+        return self._account
+
+    @property
+    def book(self) -> SettlementBook:
+        """The settlement book, on a copy of its state (made at first use)."""
+        if self._book is None:
+            neighbor = self.neighbor
+            self._book = SettlementBook(
+                neighbor.identity, neighbor.neighbor_public, neighbor._book.copy()
+            )
+        return self._book
 
     @property
     def policy(self) -> Policy:
@@ -547,7 +576,9 @@ class _Work:
             self.volatile.checkpointed
         ):  # the totals ride along, in the same transaction: a crash then loses less
             self.neighbor._write_counts(self)
-        self.volatile.recovery_in = self.account.recovery_in
+        if self._account is not None:
+            self.volatile.recovery_in = self._account.recovery_in
+        neighbor = self.neighbor
         return Effect(
             tuple(self.entries),
             tuple(self.prunes),
@@ -558,9 +589,9 @@ class _Work:
             tuple(self.done),
             self.batch,
             self.unix,
-            self.neighbor._version,
-            self.account.state,
-            self.book.state,
+            neighbor._version,
+            neighbor._account if self._account is None else self._account.state,
+            neighbor._book if self._book is None else self._book.state,
             self.volatile,
         )
 
@@ -589,6 +620,10 @@ class Neighbor:
         self._volatile = _Volatile(policy)
         self.counters = Counters()  # the relay loop's, see core/accounting.py
         self.refusing = False  # set by the relay loop when it dropped the neighbour's packets
+        # The outbound total at which the relay loop must wake the shell (`handle_timer`): our
+        # debt reaches the automatic settlement threshold, or half the lease is used. Set by
+        # `_cache`, after every change.
+        self.wake_mark = 0
         self._version = 0
         self._stats = NeighborStatistics()
         self._cache()
@@ -668,6 +703,7 @@ class Neighbor:
         volatile.ceiling = max(ceiling, packets_out)
         volatile.peak = peak
         volatile.checkpointed = (packets_in, packets_out)
+        volatile.leased_from = packets_out
         volatile.ledger_head = ledger_head
         neighbor._cache()
         return neighbor
@@ -677,26 +713,19 @@ class Neighbor:
     def allowance(self) -> Allowance:
         """Packets the relay loop may take from the neighbour and send it, before a debt
         passes its limit (0 both ways until both offers are accepted, or while frozen)."""
-        if not self._flowing:
-            return _NO_ALLOWANCE
-        counters = self.counters
-        price = self._in_price
-        if price:
-            debt = self._in_base + (counters.packets_in - self._in_start) * price
-            inbound = max(0, (self._in_limit - debt) // price)
-        else:
-            inbound = UNLIMITED
-        price, sent = self._out_price, counters.packets_out
-        leased = self._ceiling - sent
-        if price:
-            count = sent - self._out_start
-            claimed = self._out_claimed
-            charged = count if claimed < 0 else claimed + count - self._out_at
-            outbound = (self._out_limit - self._out_base - charged * price) // price
-            outbound = max(0, min(outbound, leased))
-        else:
-            outbound = max(0, leased)
-        return Allowance(inbound, outbound)
+        return Allowance(self.inbound_allowance(), self.outbound_allowance())
+
+    def inbound_allowance(self) -> int:
+        """`allowance().inbound`, alone: what the relay loop reads of a source link, once a
+        batch. `_cache` turned the limit into a count, so this is one subtraction."""
+        cap = self._in_cap
+        if cap is None:
+            return UNLIMITED  # free, and flowing
+        return max(0, cap - self.counters.packets_in)
+
+    def outbound_allowance(self) -> int:
+        """`allowance().outbound`, alone (the debt limit and the lease, whichever is first)."""
+        return max(0, self._out_cap - self.counters.packets_out)
 
     def refusal(self, *, outbound: bool) -> str:
         """Why the relay loop refuses the neighbour's packets now (a drop reason)."""
@@ -707,12 +736,6 @@ class Neighbor:
         if outbound and self.counters.packets_out >= self._ceiling:
             return "lease"  # the shell is writing a higher one
         return "debt_limit"
-
-    @property
-    def wake_mark(self) -> int:
-        """The outbound total at which the relay loop must wake the shell (`handle_timer`):
-        our debt reaches the automatic settlement threshold, or half the lease is used."""
-        return self._wake_mark
 
     # --- views --------------------------------------------------------------------------
 
@@ -820,7 +843,10 @@ class Neighbor:
         self._cache()
 
     def _cache(self) -> None:
-        """Precompute what `allowance()` and `wake_mark` read, after every change."""
+        """Precompute what `allowance()` and `wake_mark` read, after every change: each
+        direction's limit as the packet total at which it is reached (a debt of
+        `base + (total - start) * price` reaches `limit` at total
+        `start + (limit - base) // price`, rounding as the allowance does)."""
         s = self._account
         self._flowing = s.our_offer is not None and s.their_offer is not None and not s.frozen
         self._in_price = self._in_limit = self._in_base = self._in_start = 0
@@ -841,9 +867,24 @@ class Neighbor:
             self._out_base = s.folded_out_umel - s.settled_out_umel + closed
         volatile = self._volatile
         self._ceiling = volatile.ceiling
+        self._in_cap: int | None = -1
+        self._out_cap = -1
+        if self._flowing:
+            price = self._in_price
+            self._in_cap = (
+                self._in_start + (self._in_limit - self._in_base) // price if price else None
+            )
+            price, cap = self._out_price, volatile.ceiling
+            if price:
+                # Charged: the count since the epoch began, or the adopted claim plus what we
+                # counted since it came.
+                adopted = self._out_claimed - self._out_at if self._out_claimed >= 0 else 0
+                reached = self._out_start - adopted + (self._out_limit - self._out_base) // price
+                cap = min(cap, reached)
+            self._out_cap = cap
         self._lease_mark = volatile.ceiling - volatile.lease // 2
         self._settle_mark = self._auto_settle_mark()
-        self._wake_mark = min(self._lease_mark, self._settle_mark)
+        self.wake_mark = min(self._lease_mark, self._settle_mark)
 
     def _auto_settle_mark(self) -> int:
         volatile, price = self._volatile, self._out_price
@@ -856,8 +897,15 @@ class Neighbor:
             or _auto_method(self._account, volatile.policy) is None
         ):
             return UNLIMITED
-        gap = _auto_threshold(self._account, volatile.policy) - self.account.debt_out_umel
+        gap = _auto_threshold(self._account, volatile.policy) - self._debt_out()
         return self.counters.packets_out + max(0, -(-gap // price))
+
+    def _debt_out(self) -> int:
+        """`account.debt_out_umel`, from what `_cache` computed."""
+        packets = self.counters.packets_out - self._out_start
+        if self._out_claimed >= 0:
+            packets = self._out_claimed + packets - self._out_at
+        return self._out_base + packets * self._out_price
 
     # --- the link -----------------------------------------------------------------------
 
@@ -967,20 +1015,18 @@ class Neighbor:
         return w.effect()
 
     def _write_counts(self, w: _Work, *, clean: bool = False, lease: bool = False) -> None:
-        """A `counts` entry: the totals now and the outbound lease, raised if `lease`. The
-        lease doubles when the last one lasted under a second (up to 64 times the policy's)
-        and halves back when one lasts ten."""
+        """A `counts` entry: the totals now, and the outbound ceiling topped up to a lease
+        beyond them. `lease`: half of the lease was used since the last entry (the wake mark),
+        so it doubles; if less than an eighth was, it halves."""
         volatile, policy = w.volatile, w.policy
         totals = (self.counters.packets_in, self.counters.packets_out)
-        if lease:
-            size = volatile.lease or policy.lease_packets
-            lasted = w.now - volatile.leased_at
-            if lasted < LEASE_SECS:
-                size = min(size * 2, policy.lease_packets * 64)
-            elif lasted > 10 * LEASE_SECS:
-                size = max(size // 2, policy.lease_packets)
-            volatile.lease, volatile.leased_at = size, w.now
-            volatile.ceiling = totals[1] + size
+        size = volatile.lease or policy.lease_packets
+        if lease and volatile.lease:  # not the first since the start
+            size = min(size * 2, policy.lease_packets * LEASE_GROWTH)
+        elif totals[1] - volatile.leased_from < size // 8:
+            size = max(size // 2, policy.lease_packets)
+        volatile.lease, volatile.leased_from = size, totals[1]
+        volatile.ceiling = max(volatile.ceiling, totals[1] + size)
         w.counted(totals)
         volatile.counts_written += 1
         entry = CountsEntry(totals[0], totals[1], volatile.ceiling, volatile.peak, clean)
@@ -1645,8 +1691,6 @@ class Neighbor:
         w.log("debt_limit_reached", debt_umel=notice.debt_umel, limit_umel=notice.limit_umel)
         w.call("debt_limit", wire(notice), _Pending("debt_limit"))
 
-
-_NO_ALLOWANCE = Allowance(0, 0)
 
 # The neighbour's calls, and the replies to ours, by method: the input side of the table in
 # the module docstring.

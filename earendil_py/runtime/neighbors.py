@@ -110,13 +110,14 @@ class Neighbors:
         self._links: dict[bytes, int] = {}  # links up per neighbour
         self._restored: dict[bytes, anyio.Event] = {}  # set once restored
         self._timers: list[tuple[float, bytes]] = []  # a heap; stale entries are skipped
+        self._scheduled: dict[bytes, float] = {}  # the deadline last pushed, per neighbour
         self._sleep_until = math.inf
         self._woken: set[bytes] = set()
         self._wakeup = anyio.Event()
         self._hold: dict[bytes, float] = {}  # no timers before then (a failed commit)
         self._waiters: dict[tuple[bytes, tuple[str, bytes]], _Waiter] = {}
         self._group: _Group | None = None
-        self._changed = anyio.Event()
+        self._changed: anyio.Event | None = None  # made by the first to wait for a change
         self._task_group: TaskGroup | None = None
         for method in CALLS:
             rpc.register(method, self._handler(method))
@@ -255,15 +256,18 @@ class Neighbors:
 
     async def _on_call(self, fp: bytes, method: str, params: Any) -> Any:
         restored = self._restored.get(fp)
-        if restored is not None:
+        if restored is not None and not restored.is_set():
             await restored.wait()  # a call right after the link-up waits for the restore
-        async with self._lock(fp):
+        lock = await self._acquire(fp)
+        try:
             neighbor = self.neighbors.get(fp)
             if neighbor is None:
                 raise RpcError(REFUSED, "no link to this neighbour", "not_linked")
             effect = neighbor.receive_call(method, params, time.time())
             if not await self._run_effects(fp, [effect]):
                 raise EarendilError("the ledger commit failed")  # answered INTERNAL_ERROR
+        finally:
+            lock.release()
         reply = effect.reply
         if isinstance(reply, Refused):
             raise RpcError(reply.code, reply.message, reply.data)
@@ -343,8 +347,9 @@ class Neighbors:
             if waiter is not None:
                 waiter.value = value
                 waiter.event.set()
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
         deadline = neighbor.get_timer()
         if deadline is not None:
             self._schedule(fp, deadline)
@@ -385,12 +390,25 @@ class Neighbors:
     ) -> None:
         """Hand the Neighbor what came of its call or work `token`. If that cannot be
         written, it is as if nothing came: the Neighbor retries or gives up as it would."""
-        async with self._lock(fp):
+        lock = await self._acquire(fp)
+        try:
             if self.neighbors.get(fp) is not neighbor:
                 return
             if not await self._run_effects(fp, [make(time.time())]):
                 lost = neighbor.receive_reply(token, NoAnswer(), time.time())
                 await self._run_effects(fp, [lost])
+        finally:
+            lock.release()
+
+    async def _acquire(self, fp: bytes) -> anyio.Lock:
+        """`fp`'s lock, acquired: at once if it is free (anyio's `acquire` would yield twice
+        even then, which the calls of a thousand neighbours feel), else in turn."""
+        lock = self._lock(fp)
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        return lock
 
     def _lock(self, fp: bytes) -> anyio.Lock:
         lock = self._locks.get(fp)
@@ -401,6 +419,9 @@ class Neighbors:
     # --- timers -------------------------------------------------------------------------
 
     def _schedule(self, fp: bytes, deadline: float) -> None:
+        if self._scheduled.get(fp) == deadline:
+            return  # already in the heap
+        self._scheduled[fp] = deadline
         heapq.heappush(self._timers, (deadline, fp))
         if deadline < self._sleep_until:
             self._wakeup.set()
@@ -413,7 +434,10 @@ class Neighbors:
             due = self._woken
             self._woken = set()
             while self._timers and self._timers[0][0] <= now:
-                due.add(heapq.heappop(self._timers)[1])
+                deadline, fp = heapq.heappop(self._timers)
+                if self._scheduled.get(fp) == deadline:
+                    del self._scheduled[fp]
+                due.add(fp)
             await self._handle_due(due, now)
             if now >= next_checkpoint:
                 next_checkpoint = now + self.config.accounting.checkpoint_secs
@@ -488,6 +512,8 @@ class Neighbors:
             (n := self.neighbors.get(fp)) is not None and n.linked and n.priced
             for fp in fingerprints
         ):
+            if self._changed is None:
+                self._changed = anyio.Event()
             await self._changed.wait()
 
     def summaries(self) -> list[dict[str, Any]]:

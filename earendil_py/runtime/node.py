@@ -309,7 +309,7 @@ class LinkRunner:
         agreement and debt limit refuse (dropped and counted, and the neighbour told in
         time); what is taken is counted in its account."""
         neighbor = self.neighbor
-        allowed = neighbor.allowance().inbound if neighbor is not None else 0
+        allowed = neighbor.inbound_allowance() if neighbor is not None else 0
         if allowed < len(frames):
             self._refuse(neighbor, len(frames) - allowed, outbound=False)
             frames = frames[:allowed]
@@ -322,7 +322,7 @@ class LinkRunner:
         account. Frames beyond what its price agreement, its debt limit and our outbound
         lease allow are dropped and counted."""
         neighbor = self.neighbor
-        allowed = neighbor.allowance().outbound if neighbor is not None else 0
+        allowed = neighbor.outbound_allowance() if neighbor is not None else 0
         if allowed < len(frames):
             self._refuse(neighbor, len(frames) - allowed, outbound=True)
             frames = frames[:allowed]
