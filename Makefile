@@ -38,6 +38,7 @@ bench: $(RUNTIME)
 	$(BIN)/python bench/link.py
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/accounting.py
+	$(BIN)/python bench/hostile.py
 
 clean:
 	rm -rf $(VENV) demo-net

@@ -1295,17 +1295,18 @@ class Node:
 
         async def read() -> None:
             try:
-                if first is not None:
-                    runner.receive([first], anyio.current_time())
+                # What came in the same read as the first message is taken with it: a peer
+                # may pipeline its handshake, and nothing more may arrive to wake us.
+                messages = [] if first is None else [first]
                 while True:
-                    decoder.receive_bytes(await stream.receive())
                     now = anyio.current_time()
-                    messages: list[bytes] = []
                     while (message := decoder.next_message()) is not None:
                         messages.append(message)
                     if frames := runner.receive(messages, now):
                         with self._relay_boundary:
                             self.relay_batch([(runner, frames)], now)
+                    messages = []
+                    decoder.receive_bytes(await stream.receive())
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 runner.fail("connection_closed")
             except RemoteProtocolError as exc:
