@@ -15,6 +15,7 @@ import anyio
 import anyio.abc
 import pytest
 
+from earendil_py.core.neighbor import Neighbor
 from earendil_py.core.relay import MAX_ANONYMOUS_DATA
 from earendil_py.runtime import apps as apps_module
 from earendil_py.runtime.apps import (
@@ -85,6 +86,12 @@ def link(a: Node, b: Node):  # type: ignore[no-untyped-def]
     return a.links[b.fingerprint][0]
 
 
+def neighbor(a: Node, b: Node) -> Neighbor:
+    found = a.accounts.get(b.fingerprint)
+    assert found is not None
+    return found
+
+
 @pytest.mark.anyio
 async def test_request_and_reply_through_three_peelers_each_way(tmp_path: Path) -> None:
     nodes = make_nodes(
@@ -113,7 +120,8 @@ async def test_request_and_reply_through_three_peelers_each_way(tmp_path: Path) 
             out, into = link(sender, receiver), link(receiver, sender)
             assert out.packets_sent >= len(payloads)
             assert out.packets_sent == into.packets_received
-            assert out.account.debt_out_umel > 0
+            owes, owed = neighbor(sender, receiver).account, neighbor(receiver, sender).account
+            assert owes.debt_out_umel == owed.debt_in_umel > 0
         # E's application saw anonymous endpoints only: never A's fingerprint.
         assert {data[0] for data in seen} == {FROM_ANONYMOUS}
         assert len({data[1 : ANONYMOUS.size] for data in seen}) == 1
