@@ -21,6 +21,8 @@ ECHO_DOCK = 7
 CLIENT_DOCK = 1
 HOPS = 4  # three relays and the destination, each way: every other node of the line
 EARENDIL = [sys.executable, "-m", "earendil_py"]
+# Every event a node logs, debug ones included: what E logs is checked for A's fingerprint.
+VERBOSE = FAST.replace('format = "json"', 'format = "json"\nlevel = "debug"')
 
 
 def apps_toml(port: int, dock: int) -> str:
@@ -101,7 +103,7 @@ def test_request_response_through_reply_blocks_never_shows_the_asker(tmp_path: P
         tmp_path,
         5,
         LINE,
-        extra_toml=FAST,
+        extra_toml=VERBOSE,
         node_toml={0: apps_toml(a_port, CLIENT_DOCK), 4: apps_toml(e_port, ECHO_DOCK)},
     )
     configs = [node.config_path for node in generated]
@@ -159,7 +161,10 @@ def test_request_response_through_reply_blocks_never_shows_the_asker(tmp_path: P
             assert out_account["debt_out_umel"] >= replies * out_account["their_price_umel"]
         a_link, _ = link_to(a.config_path, generated[1].fingerprint)
         assert a_link["packets_received"] >= replies
-        assert status(e.config_path)["relay"]["originated"] == replies
+        e_status = status(e.config_path)
+        assert e_status["relay"]["originated"] == replies
+        shown = json.dumps(e_status)  # what E's operator sees: A is never named
+        assert e.fingerprint in shown and a.fingerprint not in shown
     finally:
         if echo is not None:
             echo.stop()
@@ -169,6 +174,7 @@ def test_request_response_through_reply_blocks_never_shows_the_asker(tmp_path: P
     # What E's node logged and its application was given: anonymous endpoints, never A.
     secret = {a.fingerprint, a.fingerprint[:8]}
     logged = [json.dumps(event) for event in daemons[4].events]
+    assert any(event.get("level") == "debug" for event in daemons[4].events)
     assert logged and not [line for line in logged if any(s in line for s in secret)]
     assert echo.delivered and {data[0] for data in echo.delivered} == {FROM_ANONYMOUS}
     raw = bytes.fromhex(a.fingerprint)
