@@ -19,12 +19,22 @@ Both are timed after a warm-up, by datagrams the sink received per second; round
 (c) S's CPU per originated datagram in (a): the CPU time S's process used (all its threads,
     from /proc/PID/stat, so Linux only) over the datagrams it originated (its
     `relay.originated`), against the crypto floor of one such datagram, timed alone in this
-    process in the same run, on S's CPU between rounds: for each of the two hops one
-    fixed-base and one variable-base X25519, the BLAKE3 key derivation, the ChaCha20
-    keystream (ChaCha20-Poly1305 over 1382 bytes) and the MAC (BLAKE3 over 320 bytes, an
-    AES-GCM tag over 998), then the link frame's ChaCha20-Poly1305 seal. Target
-    (c) / floor <= 1.3. The same figure for (b) is printed beside it: what the API costs S
-    per datagram.
+    process in the same run, on S's CPU just before and just after each (a) (the network
+    idle), in this thread's CPU time as S's is: for each of the two hops one fixed-base and
+    one variable-base X25519, the BLAKE3 key derivation, the ChaCha20 keystream
+    (ChaCha20-Poly1305 over 1382 bytes) and the MAC (BLAKE3 over 320 bytes, an AES-GCM tag
+    over 998), then the link frame's ChaCha20-Poly1305 seal. Each round's (c) is divided by
+    the lower of its two floors; the figure is the median of the rounds' ratios, since (c)
+    and its floor move together with the machine's load (another process on S's CPU slows
+    both) and only a pair measured together compares them. Target (c) / floor <= 1.3. The
+    same CPU figure for (b) is printed beside it: what the API costs S per datagram.
+
+Why (a) / (b) is bounded well under 10 here: both (a) and (b) are bound by S's one CPU, so
+their ratio cannot exceed S's CPU per datagram through the API over that through the app
+socket, and the latter cannot go below the crypto floor (four X25519s for two hops, ~120 us
+on this VM). With the API at ~550 us a datagram the bound is ~4.5 even if the app path cost
+nothing but its crypto. Only more CPUs for S's builds (runtime/peeling.py's threads: the
+X25519s let go of the GIL) raise (a) without raising (b), which is single-threaded.
 
 S runs alone on one CPU and everything else (R, D and this process) on the other, as
 bench/relay.py runs its relay, so that S's CPU time is its own work, not its share of a core
@@ -53,6 +63,7 @@ import os
 import select
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -309,8 +320,8 @@ def api_round(network: Network, sink: Sink, seconds: float) -> tuple[float, floa
 
 
 def floor_us(rounds: int) -> float:
-    """The crypto of building one 2-hop onion and sealing its link frame, µs, best of
-    `rounds`: see the module docstring."""
+    """The crypto of building one 2-hop onion and sealing its link frame, µs of this
+    thread's CPU, best of `rounds`: see the module docstring."""
     rng = os.urandom
     onion_public = crypto_scalarmult_base(rng(32))
     zero_stream, routing, covered = bytes(1382), rng(320), rng(998)
@@ -330,19 +341,30 @@ def floor_us(rounds: int) -> float:
                 AESGCM(keys[32:48]).encrypt(nonce, b"", covered)
             ChaCha20Poly1305(keys[:32]).encrypt(nonce, frame, header)
 
-    return min(_timed(build_all) for _ in range(rounds)) / count * 1e6
+    return min(_cpu_timed(build_all) for _ in range(rounds)) / count * 1e6
 
 
-def _timed(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _cpu_timed(run: Callable[[], object]) -> float:
+    """Seconds of this thread's CPU that `run()` took: what S's CPU time is compared with,
+    undisturbed by the time other processes on the same CPU take."""
+    start = time.thread_time()
     run()
-    return time.perf_counter() - start
+    return time.thread_time() - start
+
+
+def _floor_on(cpu: int, rest: list[int]) -> float:
+    """`floor_us` timed on `cpu` (S's), this process then back on `rest`."""
+    os.sched_setaffinity(0, [cpu])
+    try:
+        return floor_us(3)
+    finally:
+        os.sched_setaffinity(0, rest)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     if not Path("/proc/self/stat").exists():
         raise SystemExit("bench/apps.py reads process CPU times from /proc (Linux)")
@@ -364,22 +386,21 @@ def main() -> int:
             api: list[tuple[float, float]] = []
             floors: list[float] = []
             for _ in range(args.rounds):
+                before = _floor_on(cpus[0], cpus[1:])
                 app.append(app_round(network, sink, args.seconds))
+                floors.append(min(before, _floor_on(cpus[0], cpus[1:])))
                 api.append(api_round(network, sink, args.seconds))
-                # On S's CPU, while the network is idle between rounds: the CPU S ran on.
-                os.sched_setaffinity(0, cpus[:1])
-                floors.append(floor_us(3))
-                os.sched_setaffinity(0, cpus[1:])
         finally:
             network.stop()
 
     app_rate, app_cpu = max(r for r, _ in app), min(c for _, c in app)
     api_rate, api_cpu = max(r for r, _ in api), min(c for _, c in api)
-    floor = min(floors)
+    ratios = [cpu / floor for (_, cpu), floor in zip(app, floors, strict=True)]
+    ratio = statistics.median(ratios)
     print(
         f"python {sys.version.split()[0]}, {args.rounds} rounds of {args.seconds:g} s "
         f"(after {WARMUP_SECS:g} s warm-up), datagrams of {PAYLOAD} bytes, {HOPS} peelers "
-        f"(R, D), best of each"
+        f"(R, D), best of each but (c) / floor"
     )
     print(f"load average before: {load_before}; S on CPU {cpus[0]}, the rest on {cpus[1:]}")
     print(f"(a) app socket       {app_rate:9,.0f} datagrams/s delivered  (window {WINDOW})")
@@ -390,13 +411,19 @@ def main() -> int:
     )
     print(f"(c) S's CPU, app     {app_cpu:9.1f} us/datagram")
     print(f"    S's CPU, API     {api_cpu:9.1f} us/datagram")
-    print(f"    crypto floor     {floor:9.1f} us/datagram  (4 X25519, keystreams, MACs, link seal)")
-    verdict = "ok" if app_cpu / floor <= TARGET_CPU else "over target"
-    print(f"(c) / floor          {app_cpu / floor:9.2f}   (target <= {TARGET_CPU}: {verdict})")
+    print(
+        f"    crypto floor     {min(floors):9.1f} us/datagram  (4 X25519, keystreams, MACs, "
+        "link seal; CPU time)"
+    )
+    verdict = "ok" if ratio <= TARGET_CPU else "over target"
+    print(
+        f"(c) / floor          {ratio:9.2f}   (median of the rounds; "
+        f"target <= {TARGET_CPU}: {verdict})"
+    )
     for i, ((rate_a, cpu_a), (rate_b, cpu_b)) in enumerate(zip(app, api, strict=True)):
         print(
             f"  round {i + 1}: (a) {rate_a:,.0f}/s {cpu_a:.0f} us, (b) {rate_b:,.0f}/s "
-            f"{cpu_b:.0f} us, floor {floors[i]:.0f} us, (c) / floor {cpu_a / floors[i]:.2f}"
+            f"{cpu_b:.0f} us, floor {floors[i]:.0f} us, (c) / floor {ratios[i]:.2f}"
         )
     print(f"load average after:  {_load()}")
     return 0
