@@ -110,7 +110,20 @@ def status(node: Node) -> dict[str, Any]:
         "graph": {"identities": graph.identities, "adjacencies": graph.adjacencies},
         "links": [link_summary(r) for runners in node.links.values() for r in runners],
         "routes": node.routes.summaries(),
-        "accounts": list(node.accounting.summaries()),
+        "accounts": [
+            _with_dashboard_fields(node, account) for account in node.accounting.summaries()
+        ],
+    }
+
+
+def _with_dashboard_fields(node: Node, account: dict[str, Any]) -> dict[str, Any]:
+    """An account's summary with what the dashboard shows beside it."""
+    fingerprint = bytes.fromhex(account["neighbor"])
+    auto = node.settlements.auto_settlement(fingerprint)
+    return {
+        **account,
+        "auto_settle_at_umel": None if auto is None else auto[0],
+        "chat_unread": node.chat.unread[fingerprint],
     }
 
 
@@ -242,6 +255,23 @@ def build_router(node: Node, auth: ControlAuth) -> Router:
         if message["status"] != "delivered":
             raise HttpError(502, f"not delivered: {message['reason']}")
         return json_response({"message": message})
+
+    @router.route("POST", "/api/chat/{fingerprint}/read")
+    async def chat_read(request: Request) -> Response:
+        node.chat.mark_read(neighbor(request))
+        return json_response({"unread": 0})
+
+    @router.route("GET", "/api/history/{fingerprint}")
+    async def history(request: Request) -> Response:
+        fingerprint = neighbor(request)
+        return json_response(
+            {
+                "neighbor": fingerprint.hex(),
+                "interval_secs": node.history.interval_secs,
+                "window_secs": node.history.window_secs,
+                "samples": node.history.series(fingerprint),
+            }
+        )
 
     @router.route("GET", "/api/settlements")
     async def settlements(request: Request) -> Response:

@@ -84,6 +84,7 @@ from earendil_py.runtime.config import (
 from earendil_py.runtime.control import build_router
 from earendil_py.runtime.faults import Faults
 from earendil_py.runtime.gossip import Gossip
+from earendil_py.runtime.history import History
 from earendil_py.runtime.http import ControlAuth, HttpServer, token_path, write_token_file
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
 from earendil_py.runtime.routes import NO_REPLY, RouteInfo, RouteTable
@@ -485,6 +486,7 @@ class Node:
         self.accounting = Accounting(self)
         self.settlements = Settlements(self)
         self.chat = Chat(self)
+        self.history = History()  # the dashboard's charts
         self._accounts_changed = anyio.Event()
         self.listening: dict[str, Address] = {}
         self._links_changed = anyio.Event()
@@ -538,6 +540,12 @@ class Node:
         for endpoint in self._endpoints:
             total.update(endpoint.statistics().drops)
         return total
+
+    def _debts(self) -> list[tuple[bytes, int, int]]:
+        return [
+            (fp, account.debt_in_umel, account.debt_out_umel)
+            for fp, account in self.accounting.accounts.items()
+        ]
 
     def neighbors(self) -> set[bytes]:
         return set(self.links)
@@ -771,6 +779,12 @@ class Node:
                 tg.start_soon(self.gossip.run)
                 tg.start_soon(self.accounting.run)
                 tg.start_soon(self.settlements.run)
+                tg.start_soon(
+                    self.history.run,
+                    self._debts,
+                    self.links,
+                    self.faults.boundary(self.drops, "history"),
+                )
                 tg.start_soon(self._serve_control)
                 self._log_start()
                 task_status.started()

@@ -496,16 +496,14 @@ class Settlements:
 
     # --- automatic settlement -----------------------------------------------------------
 
-    def _maybe_auto_settle(self, neighbor: bytes, book: SettlementBook, now: int) -> None:
+    def auto_settlement(self, neighbor: bytes) -> tuple[int, str] | None:
+        """Our debt to `neighbor` at which we settle by ourselves (a share of its limit, never
+        dust) and the method, or None if no automatic method is agreed with it."""
         account = self.node.accounting.accounts.get(neighbor)
-        if account is None or not account.priced or neighbor in self._busy:
-            return
+        if account is None or not account.priced:
+            return None
         offer = account.state.their_offer
         assert offer is not None
-        debt = account.debt_out_umel
-        threshold = offer.debt_limit_umel * self.config.auto_settle_percent // 100
-        if debt < max(threshold, self.config.min_settlement_umel, 1):
-            return
         method = next(
             (
                 m
@@ -514,7 +512,18 @@ class Settlements:
             ),
             None,
         )
-        if method is None or book.in_flight(now) is not None:
+        if method is None:
+            return None
+        threshold = offer.debt_limit_umel * self.config.auto_settle_percent // 100
+        return max(threshold, self.config.min_settlement_umel, 1), method
+
+    def _maybe_auto_settle(self, neighbor: bytes, book: SettlementBook, now: int) -> None:
+        auto = self.auto_settlement(neighbor)
+        if auto is None or neighbor in self._busy:
+            return
+        threshold, method = auto
+        debt = self.node.accounting.accounts[neighbor].debt_out_umel
+        if debt < threshold or book.in_flight(now) is not None:
             return
         when, _ = self._retry_at.get(neighbor, (0.0, 0.0))
         if anyio.current_time() < when:
