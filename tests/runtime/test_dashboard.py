@@ -152,13 +152,21 @@ async def test_an_operator_sees_chats_and_settles_through_the_dashboard(tmp_path
         await expect(row_b.locator(".debt-in")).to_have_text("50")
         assert balances(a, b) == (50, 50, 0, 0)
 
-        # One more, which b's operator rejects: nothing changes.
-        await page_a.fill("#settle-pay", "50")
+        # One more, paying ahead (80 of a debt of 50): refused until prepay is ticked; b's
+        # operator rejects it, and nothing changes.
+        await page_a.fill("#settle-pay", "80")
+        await page_a.click("#settle-submit")
+        await expect(page_a.locator("#settle-status")).to_contain_text("needs prepay")
+        # The browser logs the refused call (409) as a console error: the one expected here.
+        assert len(page_a.errors) == 1 and "409" in page_a.errors.pop(), page_a.errors
+        await page_a.check("#settle-prepay")
         await page_a.click("#settle-submit")
         pending = page_b.locator('#settlements tr[data-state="pending"]')
         await expect(pending).to_have_count(1)
         await pending.locator(".reject-button").click()
         await expect(page_a.locator('#settlements tr[data-state="rejected"]')).to_have_count(1)
+        paid = page_a.locator('#settlements tr[data-state="rejected"] .paid-out')
+        await expect(paid).to_have_text("80")
         assert balances(a, b) == (50, 50, 0, 0)
 
         # And one that a's operator withdraws before b's decides.
