@@ -352,7 +352,7 @@ async def test_the_neighbour_view_the_proposal_banner_and_a_phone_sized_screen(
 
             # Screenshots, wide and phone-sized, with the banner up; nothing wider than a phone.
             await page.screenshot(path=tmp_path / "dashboard-1280.png", full_page=True)
-            for width in (420, 390, 360):
+            for width in (900, 420, 390, 360):
                 await page.set_viewport_size({"width": width, "height": 800})
                 assert await no_horizontal_scroll(page), width
                 assert await inside_viewport(banner.locator(".accept-button"), width)
