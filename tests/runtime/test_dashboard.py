@@ -154,6 +154,9 @@ async def test_an_operator_sees_chats_and_settles_through_the_dashboard(tmp_path
 
         # One more, paying ahead (80 of a debt of 50): refused until prepay is ticked; b's
         # operator rejects it, and nothing changes.
+        await page_a.fill("#settle-pay", str(2**53 + 1))  # would be sent rounded
+        await page_a.click("#settle-submit")
+        await expect(page_a.locator("#settle-status")).to_contain_text("too large")
         await page_a.fill("#settle-pay", "80")
         await page_a.click("#settle-submit")
         await expect(page_a.locator("#settle-status")).to_contain_text("needs prepay")
