@@ -16,6 +16,7 @@ from earendil_py.core.link import LinkStatistics
 from earendil_py.core.relay import Datagram
 from earendil_py.runtime.chat import Chat
 from earendil_py.runtime.config import Config
+from earendil_py.runtime.history import History
 from earendil_py.runtime.neighbors import Neighbors
 from earendil_py.runtime.routes import RouteInfo, RouteTable
 from earendil_py.runtime.rpc import GlobalRpc
@@ -88,6 +89,9 @@ class NodeView(Protocol):
 
     @property
     def chat(self) -> Chat: ...
+
+    @property
+    def history(self) -> History: ...
 
     @property
     def rpc(self) -> GlobalRpc: ...
