@@ -85,6 +85,7 @@ from earendil_py.runtime.config import (
 from earendil_py.runtime.control import build_router
 from earendil_py.runtime.faults import Faults
 from earendil_py.runtime.gossip import Gossip
+from earendil_py.runtime.history import History
 from earendil_py.runtime.http import ControlAuth, HttpServer, token_path, write_token_file
 from earendil_py.runtime.neighbors import Neighbors
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
@@ -512,6 +513,7 @@ class Node:
         # Every neighbour's prices, claims, limits and settlements (runtime/neighbors.py).
         self.accounts = Neighbors(identity, config, self.rpc)
         self.chat = Chat(self.rpc, self.links.__contains__)
+        self.history = History()  # the dashboard's charts
         self.ledger: AsyncLedger | None = None
         self.apps = Apps(
             config.apps,
@@ -812,6 +814,12 @@ class Node:
                 for info in self._route_infos.values():
                     self._start_route(info)
                 tg.start_soon(self.gossip.run)
+                tg.start_soon(
+                    self.history.run,
+                    self.accounts.debts,
+                    self.links,
+                    self.faults.boundary(self.drops, "history"),
+                )
                 tg.start_soon(self._serve_control)
                 tg.start_soon(self.apps.run)
                 self._log_start()
