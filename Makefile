@@ -39,6 +39,7 @@ bench: $(RUNTIME)
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/accounting.py
 	$(BIN)/python bench/hostile.py
+	$(BIN)/python bench/apps.py
 
 clean:
 	rm -rf $(VENV) demo-net

@@ -113,6 +113,7 @@ def status(node: NodeView) -> dict[str, Any]:
             {**account, "chat_unread": node.chat.unread[bytes.fromhex(account["neighbor"])]}
             for account in node.accounts.summaries()
         ],
+        "apps": node.apps.statistics(),
     }
 
 
