@@ -126,6 +126,7 @@ _ZERO_HOP = bytes(HOP_SIZE)
 _ZERO_FINGERPRINT = bytes(FINGERPRINT_SIZE)
 _ZERO_BODY = bytes(BODY_SIZE)
 _ZERO_STREAM = bytes(_STREAM_SIZE)
+_ZERO_BETA_HOP = bytes(_NEXT_BODY_START)
 _ZERO_GHASH_INPUT = bytes(_GHASH_INPUT_SIZE)
 _ZERO_MAC = bytes(MAC_SIZE)
 _DATAGRAM_BLOCK = _ZERO_HOP
@@ -195,7 +196,6 @@ class _Hop(msgspec.Struct, frozen=True, gc=False):
     body_key: bytes
     stream_key: bytes
     replay_tag: bytes
-    keystream: bytes
 
 
 def _chacha20_xor(stream_key: bytes, data: bytes) -> bytes:
@@ -207,6 +207,13 @@ def _chacha20_xor(stream_key: bytes, data: bytes) -> bytes:
 
 def _keystream(stream_key: bytes) -> bytes:
     return _chacha20_xor(stream_key, _ZERO_STREAM)
+
+
+def _layer(stream_key: bytes, body: bytes) -> bytes:
+    """What a hop's peel applies to a zero beta, the zero hop and `body`, in one ChaCha20 pass:
+    the first `_NEXT_BODY_START` bytes are the keystream over beta and the zero hop (what
+    `_header` needs), the rest is `body` with the hop's layer added or removed."""
+    return _chacha20_xor(stream_key, _ZERO_BETA_HOP + body)
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
@@ -257,15 +264,13 @@ def _hops(route: Sequence[tuple[bytes, bytes]], rng: Rng) -> list[_Hop]:
         except NaclRuntimeError:
             raise LocalProtocolError("onion public key is a low-order point") from None
         keys = blake3.blake3(shared, derive_key_context=KDF_CONTEXT).digest(_KDF_SIZE)
-        stream_key = keys[_STREAM_KEY]
         hops.append(
             _Hop(
                 alpha=crypto_scalarmult_base(ephemeral_secret),
                 header_key=keys[:KEY_SIZE],
                 body_key=keys[KEY_SIZE : KEY_SIZE + BODY_KEY_SIZE],
-                stream_key=stream_key,
+                stream_key=keys[_STREAM_KEY],
                 replay_tag=keys[_REPLAY_TAG],
-                keystream=_keystream(stream_key),
             )
         )
     return hops
@@ -274,11 +279,14 @@ def _hops(route: Sequence[tuple[bytes, bytes]], rng: Rng) -> list[_Hop]:
 def _header(
     route: Sequence[tuple[bytes, bytes]],
     hops: list[_Hop],
+    streams: list[bytes],
     bodies: list[bytes],
+    *,
     final_block: bytes,
     rng: Rng,
 ) -> bytes:
-    """alpha | gamma | beta of the first hop, for `bodies[i]` as hop i will receive it."""
+    """alpha | gamma | beta of the first hop, for `bodies[i]` as hop i will receive it;
+    `streams[i]` starts with hop i's keystream over beta and the zero hop (`_layer`)."""
     count = len(hops)
     # Sphinx filler: peeling shifts beta left by HOP_SIZE and appends the decryption of
     # HOP_SIZE zero bytes. `filler` is what those appended tails will be at the last hop,
@@ -286,18 +294,18 @@ def _header(
     filler = b""
     for i in range(count - 1):
         start = BETA_SIZE - HOP_SIZE * i
-        filler = _xor(filler + _ZERO_HOP, hops[i].keystream[start : BETA_SIZE + HOP_SIZE])
+        filler = _xor(filler + _ZERO_HOP, streams[i][start:_NEXT_BODY_START])
 
     # The destination's routing block says what is delivered; random padding after it keeps
     # the destination from learning the route length from where the filler begins.
     last = hops[-1]
     padding = _random(rng, BETA_SIZE - HOP_SIZE - len(filler))
     plain = final_block + padding
-    beta = _xor(plain, last.keystream[: len(plain)]) + filler
+    beta = _xor(plain, streams[-1][: len(plain)]) + filler
     gamma = _gamma(last.header_key, last.body_key, beta, bodies[-1])
     for i in reversed(range(count - 1)):
         routing = route[i + 1][0] + hops[i + 1].alpha + gamma
-        beta = _xor(routing + beta[: BETA_SIZE - HOP_SIZE], hops[i].keystream[:BETA_SIZE])
+        beta = _xor(routing + beta[: BETA_SIZE - HOP_SIZE], streams[i][:BETA_SIZE])
         gamma = _gamma(hops[i].header_key, hops[i].body_key, beta, bodies[i])
     return hops[0].alpha + gamma + beta
 
@@ -324,10 +332,11 @@ def build_packet(
     final_body = len(payload).to_bytes(LENGTH_PREFIX_SIZE, "big") + payload
     body = final_body + _ZERO_BODY[len(final_body) :]
     bodies = [b""] * len(hops)
+    streams = [b""] * len(hops)
     for i in reversed(range(len(hops))):
-        body = _xor(body, hops[i].keystream[_NEXT_BODY_START:])
-        bodies[i] = body
-    header = _header(route, hops, bodies, _DATAGRAM_BLOCK, rng)
+        streams[i] = _layer(hops[i].stream_key, body)
+        bodies[i] = body = streams[i][_NEXT_BODY_START:]
+    header = _header(route, hops, streams, bodies, final_block=_DATAGRAM_BLOCK, rng=rng)
     packet = header + bodies[0]
     assert len(packet) == PACKET_SIZE
     return route[0][0], packet
@@ -349,11 +358,13 @@ def build_reply_block(
     _check_route(route)
     hops = _hops(route, rng)
     # Bodies from the outside in: the replier sends a body of zeros XOR what it writes, and
-    # each peeler adds its layer.
+    # each peeler adds its layer (the last one's, to what we receive, is not needed).
     bodies = [_ZERO_BODY]
-    for hop in hops[:-1]:
-        bodies.append(_xor(bodies[-1], hop.keystream[_NEXT_BODY_START:]))
-    header = _header(route, hops, bodies, _REPLY_BLOCK, rng)
+    streams = []
+    for hop in hops:
+        streams.append(_layer(hop.stream_key, bodies[-1]))
+        bodies.append(streams[-1][_NEXT_BODY_START:])
+    header = _header(route, hops, streams, bodies[:-1], final_block=_REPLY_BLOCK, rng=rng)
     fakes = [_random(rng, BODY_KEY_SIZE) for _ in range(MAX_HOPS - len(hops))]
     e2e_key = _random(rng, E2E_KEY_SIZE)
     block = ReplyBlock(

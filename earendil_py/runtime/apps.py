@@ -45,11 +45,11 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import anyio
+import msgspec
 import structlog
 
 from earendil_py.core.endpoints import (
@@ -105,6 +105,8 @@ Address = tuple[str, int]
 Route = list[tuple[bytes, bytes]]
 # Routes chosen for one batch: (from, to, hops) -> route, or None when there is none.
 Routes = dict[tuple[bytes, bytes, int], Route | None]
+# A message to build (`_build_message`): route, reply route, dock, endpoint, data.
+_Job = tuple[Route, Route | None, int, bytes, bytes | None]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -128,8 +130,7 @@ class AppSocket:
     owners: OrderedDict[Address, tuple[bool, float]] = field(default_factory=OrderedDict)
 
 
-@dataclass(frozen=True, slots=True)
-class _Sent:
+class _Sent(msgspec.Struct, frozen=True, gc=False):
     """What came back from building one message: its frame, and its block's opener."""
 
     frame: bytes
@@ -261,8 +262,10 @@ class Apps:
         while True:
             await anyio.wait_readable(app.sock)
             now = anyio.current_time()
-            batch: list[tuple[Address, bytes]] = []
-            while len(batch) < APP_BATCH:
+            # What each read returned: a run of datagrams from one address (runtime/udp.py).
+            runs: list[tuple[Address, Sequence[bytes]]] = []
+            count = 0
+            while count < APP_BATCH:
                 try:
                     datagrams, address = read()
                 except BlockingIOError:
@@ -272,43 +275,54 @@ class Apps:
                         raise
                     self.drops["app_error"] += 1
                     continue
-                batch += [((address[0], address[1]), data) for data in datagrams]
+                runs.append(((address[0], address[1]), datagrams))
+                count += len(datagrams)
             # One application's bad batch (a bug it triggers) costs that batch alone.
             with self._boundary:
-                self._receive(app, batch, now)
+                self._receive(app, runs, now)
             await anyio.lowlevel.checkpoint()
 
-    def _receive(self, app: AppSocket, batch: list[tuple[Address, bytes]], now: float) -> None:
-        jobs: list[Callable[[], _Sent]] = []
+    def _receive(
+        self, app: AppSocket, runs: list[tuple[Address, Sequence[bytes]]], now: float
+    ) -> None:
+        jobs: list[_Job] = []
         conversations: list[Conversation] = []
         frames: list[bytes] = []
         # Blocks each conversation still wants, counted down as this batch ships them: the
         # estimate only changes when one is added.
         wanted: dict[Conversation, int] = {}
         routes: Routes = {}
-        for address, data in batch:
+        for address, datagrams in runs:
+            # The sender's verdict and endpoint hold for its whole run.
             if not self._ours(app, address, now):
-                self.drops["app_other_user"] += 1
+                self.drops["app_other_user"] += len(datagrams)
                 continue
-            kind = data[0] if data else -1
-            if kind == SEND and len(data) >= DESTINATION.size:
-                _, fingerprint, dock = DESTINATION.unpack_from(data)
-                conversation = (self._endpoint(app, address), fingerprint, dock)
-                data = data[DESTINATION.size :]
-                job = self._send_job(app, conversation, data, wanted=wanted, routes=routes, now=now)
-                if job is not None:
-                    jobs.append(job)
-                    conversations.append(conversation)
-            elif kind == REPLY and len(data) >= ANONYMOUS.size:
-                frame = self._reply(app, data[1 : ANONYMOUS.size], data[ANONYMOUS.size :], now)
-                if frame is not None:
-                    frames.append(frame)
-            elif kind == HELLO:
-                app.receiver = address
-            else:
-                self.drops["app_bad_header"] += 1
+            endpoint = None  # made at the run's first SEND
+            for data in datagrams:
+                kind = data[0] if data else -1
+                if kind == SEND and len(data) >= DESTINATION.size:
+                    _, fingerprint, dock = DESTINATION.unpack_from(data)
+                    if endpoint is None:
+                        endpoint = self._endpoint(app, address)
+                    conversation = (endpoint, fingerprint, dock)
+                    data = data[DESTINATION.size :]
+                    job = self._send_job(
+                        app, conversation, data, wanted=wanted, routes=routes, now=now
+                    )
+                    if job is not None:
+                        jobs.append(job)
+                        conversations.append(conversation)
+                elif kind == REPLY and len(data) >= ANONYMOUS.size:
+                    frame = self._reply(app, data[1 : ANONYMOUS.size], data[ANONYMOUS.size :], now)
+                    if frame is not None:
+                        frames.append(frame)
+                elif kind == HELLO:
+                    app.receiver = address
+                else:
+                    self.drops["app_bad_header"] += 1
         if jobs:
-            for sent, conversation in zip(self._offload(_call, jobs), conversations, strict=True):
+            built = self._offload(_build_message, jobs)
+            for sent, conversation in zip(built, conversations, strict=True):
                 frames.append(sent.frame)
                 if sent.opener is not None:
                     self.sent.add(conversation, sent.opener, now)
@@ -324,7 +338,7 @@ class Apps:
         wanted: dict[Conversation, int],
         routes: Routes,
         now: float,
-    ) -> Callable[[], _Sent] | None:
+    ) -> _Job | None:
         endpoint, fingerprint, dock = conversation
         if len(data) > MAX_ANONYMOUS_DATA:
             self.drops["app_too_big"] += 1
@@ -342,7 +356,7 @@ class Apps:
                 reply_route = self._reply_route(fingerprint, app.config.hops, routes)
                 if reply_route is not None:
                     wanted[conversation] = blocks - 1
-        return partial(_build_message, route, reply_route, dock, endpoint, data)
+        return route, reply_route, dock, endpoint, data
 
     def _route(self, source: bytes, destination: bytes, hops: int, routes: Routes) -> Route | None:
         """A route of `hops` peelers, chosen once per batch: the datagrams of one wake-up
@@ -411,7 +425,7 @@ class Apps:
                 if frames:
                     self._originate(frames, now)
             reports, self._reports = self._reports, []
-            jobs: list[Callable[[], _Sent]] = []
+            jobs: list[_Job] = []
             conversations: list[Conversation] = []
             pending: Counter[Conversation] = Counter()
             routes: Routes = {}
@@ -424,10 +438,10 @@ class Apps:
                     continue
                 count = self.sent.refills(conversation, remaining, now, pending[conversation])
                 pending[conversation] += count
-                jobs += [partial(_build_message, route, reply_route, dock, endpoint, None)] * count
+                jobs += [(route, reply_route, dock, endpoint, None)] * count
                 conversations += [conversation] * count
             with self._boundary:
-                sent = self._offload(_call, jobs)
+                sent = self._offload(_build_message, jobs)
                 for built, conversation in zip(sent, conversations, strict=True):
                     assert built.opener is not None
                     self.sent.add(conversation, built.opener, now)
@@ -564,19 +578,10 @@ def _show_address(address: Address | None) -> str | None:
     return None if address is None else f"{address[0]}:{address[1]}"
 
 
-def _call(job: Callable[[], _Sent]) -> _Sent:
-    return job()
-
-
-def _build_message(
-    route: list[tuple[bytes, bytes]],
-    reply_route: list[tuple[bytes, bytes]] | None,
-    dock: int,
-    endpoint: bytes,
-    data: bytes | None,
-) -> _Sent:
+def _build_message(job: _Job) -> _Sent:
     """One message from an anonymous endpoint (`data` None: reply blocks alone), with a reply
     block for `reply_route` if given. Runs on either of two threads: pure but for urandom."""
+    route, reply_route, dock, endpoint, data = job
     opener = None
     blocks = []
     if reply_route is not None:
