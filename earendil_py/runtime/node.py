@@ -78,6 +78,7 @@ from earendil_py.runtime.http import HttpServer
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
 from earendil_py.runtime.rpc import GlobalRpc
 from earendil_py.runtime.settlement import Settlements
+from earendil_py.runtime.timers import TimerQueue
 from earendil_py.runtime.udp import (
     UdpTransport,
     datagram_reader,
@@ -99,7 +100,6 @@ DEFAULT_HOPS = 3  # peelers per route, the destination included
 MAX_DOCKS = 256  # docks holding undelivered datagrams
 DOCK_QUEUE = 4096  # undelivered datagrams kept per dock; more are dropped and counted
 TCP_QUEUE = 256  # messages queued per TCP connection before new ones are dropped
-TIMER_SLACK = 0.1  # a link's timer task re-checks at least this often (s)
 SHUTDOWN_GRACE = 1.0  # seconds to flush CLOSE frames on shutdown
 # TCP connections that have not completed a handshake, in all and from one source
 # (`source_key`); one more is closed at once and counted (`tcp_pending_full`).
@@ -214,10 +214,33 @@ class PendingSlot:
 class LinkRunner:
     """Drives one `Link`: feeds it input, fires its timers, sends its output, logs events.
 
-    Its entry points (`receive`, `run_timers`, `send_control`) are the link's fault boundary:
+    Its entry points (`receive`, its timer, `send_control`) are the link's fault boundary:
     any exception in them, or in what they call up into (link-up, control messages), closes
     this link with the reason counted (`internal_error` for a bug) and nothing else.
+
+    The link's timers are served by the node's `TimerQueue`, not by a task of the link's own:
+    a UDP session costs no task at all (docs/benchmarks.md, bench/links.py).
     """
+
+    __slots__ = (
+        "_closed",
+        "_closed_event",
+        "_ending",
+        "account",
+        "boundary",
+        "handshake_deadline",
+        "link",
+        "node",
+        "on_finish",
+        "packets_received",
+        "packets_sent",
+        "peer_address",
+        "pending",
+        "route",
+        "timer",
+        "transport",
+        "was_established",
+    )
 
     def __init__(
         self,
@@ -237,14 +260,33 @@ class LinkRunner:
         self.packets_sent = 0
         self.packets_received = 0
         self.account: Account | None = None  # set at link-up
-        self.closed = anyio.Event()
-        # Set by a listener for a link it accepted: closed unless established by then, and
-        # its place among the connections still handshaking, freed at link-up.
+        self._closed = False
+        self._closed_event: anyio.Event | None = None  # made for whoever waits on `closed`
+        # Set by a listener for a link it accepted (`limit_handshake`): closed unless
+        # established by then, and its place among the connections still handshaking,
+        # freed at link-up.
         self.handshake_deadline = math.inf
         self.pending: PendingSlot | None = None
+        # Called once when the link is finished (a UDP listener forgets its session).
+        self.on_finish: Callable[[LinkRunner], None] | None = None
         self._ending = False
-        self._log = log.bind(route=route.name, protocol=route.protocol)
         self.boundary = node.faults.boundary(link.statistics().drops, "link", self.fail)
+        self.timer = node.timer_queue.add(self._deadline, self._on_timer)
+
+    @property
+    def closed(self) -> anyio.Event:
+        """Set once the link is finished."""
+        if self._closed_event is None:
+            self._closed_event = anyio.Event()
+            if self._closed:
+                self._closed_event.set()
+        return self._closed_event
+
+    def limit_handshake(self, deadline: float, slot: PendingSlot) -> None:
+        """Close the link unless it is established by `deadline`; `slot` is released at
+        link-up or close."""
+        self.handshake_deadline, self.pending = deadline, slot
+        self.timer.update()
 
     @property
     def peer_fingerprint(self) -> bytes | None:
@@ -311,20 +353,23 @@ class LinkRunner:
         return self.account.inbound_allowance() if self.account is not None else 0
 
     def service(self, now: float) -> None:
-        """Send what the link queued and act on its events."""
+        """Send what the link queued and act on its events. Its timer may have moved
+        earlier only then (a handshake flight armed a retransmission, the link came up and
+        keeps alive from now on), so it is looked at here."""
         for message in self.link.datagrams_to_send():
             self.send(message)
+        self.timer.update()
         while (event := self.link.next_event()) is not None:
             match event:
-                case LinkEstablished(peer_fingerprint=fingerprint):
-                    self._log = self._log.bind(link=short_hex(fingerprint))
+                case LinkEstablished():
                     if self.pending is not None:
                         self.pending.release()
                     if not self.node.add_link(self):
                         self.link.close("too_many_neighbors", now)
                         continue
                     self.was_established = True
-                    self._log.info("link_up", peer=f"{self.peer_address[0]}:{self.peer_address[1]}")
+                    peer = f"{self.peer_address[0]}:{self.peer_address[1]}"
+                    self._logger().info("link_up", peer=peer)
                 case LinkClosed(reason=reason, by_peer=by_peer):
                     self._finish(reason, by_peer)
                 case ControlReceived(payload=payload):
@@ -334,7 +379,7 @@ class LinkRunner:
         """Close the link: its transport is gone (EOF, reset), the node stops, or a fault in
         its path. Tells the peer if the link still can. Never raises: a fault while closing
         (the one that ended it, recurring) is counted and the link is forgotten all the same."""
-        if self._ending or self.closed.is_set():
+        if self._ending or self._closed:
             return
         self._ending = True
         with self.node.faults.boundary(self.link.statistics().drops, "link"):
@@ -344,43 +389,55 @@ class LinkRunner:
         self._finish(reason, False)
 
     def _finish(self, reason: str, by_peer: bool) -> None:
-        if self.closed.is_set():
+        if self._closed:
             return
-        self.closed.set()
+        self._closed = True
+        if self._closed_event is not None:
+            self._closed_event.set()
+        self.timer.cancel()
         if self.pending is not None:
             self.pending.release()
+        if self.on_finish is not None:
+            self.on_finish(self)
         if self.node.remove_link(self):
-            self._log.info("link_down", reason=reason, by_peer=by_peer)
+            self._logger().info("link_down", reason=reason, by_peer=by_peer)
         elif self.link.peer_fingerprint is not None and reason in _REFUSALS:
-            self._log.warning(
+            self._logger().warning(
                 "link_refused",
                 reason=reason,
                 proven=self.link.peer_fingerprint.hex(),
             )
         else:
-            self._log.info("handshake_failed", reason=reason)
+            self._logger().info("handshake_failed", reason=reason)
 
-    async def run_timers(self) -> None:
-        """Fire the link's timers until it closes. Cancelled, it closes the link (telling
-        the peer, best effort) so the neighbour need not wait for a keepalive timeout."""
+    def _logger(self) -> Any:
+        """The link's logger, bound when something is logged: a bound logger kept per link
+        would cost ~300 bytes for the few lines a link ever logs."""
+        bound = log.bind(route=self.route.name, protocol=self.route.protocol)
+        if self.link.peer_identity_public is None:  # not established (yet)
+            return bound
+        assert self.link.peer_fingerprint is not None
+        return bound.bind(link=short_hex(self.link.peer_fingerprint))
+
+    def _deadline(self) -> float | None:
+        deadline = self.link.get_timer()
+        if deadline is None or self.was_established:
+            return deadline
+        return min(deadline, self.handshake_deadline)
+
+    def _on_timer(self, now: float) -> None:
+        if not self.was_established and now >= self.handshake_deadline:
+            self.fail("handshake_timeout")
+            return
+        with self.boundary:
+            self.link.handle_timer(now)
+            self.service(now)
+
+    async def wait_closed(self) -> None:
+        """Return once the link is finished. Cancelled, it closes the link (telling the
+        peer, best effort) so the neighbour need not wait for a keepalive timeout."""
         try:
-            while not self.closed.is_set():
-                now = anyio.current_time()
-                deadline = self.link.get_timer()
-                if deadline is None:
-                    return
-                if not self.was_established:
-                    if now >= self.handshake_deadline:
-                        self.fail("handshake_timeout")
-                        return
-                    deadline = min(deadline, self.handshake_deadline)
-                if now >= deadline:
-                    with self.boundary:
-                        self.link.handle_timer(now)
-                        self.service(now)
-                    continue
-                with anyio.move_on_after(min(deadline - now, TIMER_SLACK)):
-                    await self.closed.wait()
+            await self.closed.wait()
         finally:
             self.fail("shutdown")
 
@@ -404,6 +461,7 @@ class Node:
             keepalive_interval=timing.keepalive_secs,
             dead_after=timing.dead_after_secs,
         )
+        self.timer_queue = TimerQueue()
         self.links: dict[bytes, list[LinkRunner]] = {}
         self.drops: Counter[str] = Counter()
         self.relay = RelayStatistics()
@@ -695,6 +753,7 @@ class Node:
                 await self.bind()
                 self.peeling.start()
                 await tg.start(self.rpc.run)
+                tg.start_soon(self.timer_queue.run)
                 for name, in_route in self.config.in_routes.items():
                     tg.start_soon(self._listen, name, in_route)
                 for name, out_route in self.config.out_routes.items():
@@ -842,13 +901,6 @@ class Node:
         # Opening a session runs core code on a stranger's datagram: a boundary of its own.
         opening = self.faults.boundary(self.drops, "udp_session")
 
-        async def run_session(runner: LinkRunner) -> None:
-            try:
-                await runner.run_timers()
-            finally:
-                endpoint.remove(runner.link)
-                runners.pop(runner.link.local_index, None)
-
         def open_session(data: bytes, address: Address, now: float) -> LinkRunner | None:
             link = find_session(data, address, now)
             if link is None:
@@ -856,15 +908,19 @@ class Node:
             runner = find_runner(link.local_index)
             if runner is None:
                 runner = LinkRunner(self, link, UdpTransport(sock, address), info, address)
+                runner.on_finish = forget
                 runners[link.local_index] = runner
-                sessions.start_soon(run_session, runner)
             return runner
+
+        def forget(runner: LinkRunner) -> None:
+            endpoint.remove(runner.link)
+            runners.pop(runner.link.local_index, None)
 
         read, find_session, find_runner = datagram_reader(sock), endpoint.route, runners.get
         unpack_index = U32.unpack_from
-        # The sessions' tasks end before the socket closes: stopping, each sends its CLOSE.
+        # Stopping, every session sends its CLOSE before the socket closes.
         with sock:
-            async with anyio.create_task_group() as sessions:
+            try:
                 while True:
                     await anyio.wait_readable(sock)
                     now = anyio.current_time()
@@ -914,6 +970,9 @@ class Node:
                         with self._relay_boundary:
                             self.relay_batch(batch, now)
                     await anyio.lowlevel.checkpoint()
+            finally:
+                for runner in list(runners.values()):
+                    runner.fail("shutdown")
 
     async def _serve_tcp(self, stream: SocketStream, route: InRoute, info: RouteInfo) -> None:
         """One accepted connection: admitted among those still handshaking (or closed at
@@ -946,7 +1005,7 @@ class Node:
                 return
             link = self._new_link(initiator=False, secret=route.secret, reliable=True)
             runner = LinkRunner(self, link, _NO_TRANSPORT, info, address)
-            runner.handshake_deadline, runner.pending = deadline, slot
+            runner.limit_handshake(deadline, slot)
             await self._run_stream_link(stream, decoder, runner, first)
         finally:
             slot.release()
@@ -1000,7 +1059,7 @@ class Node:
                 runner.service(anyio.current_time())
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._read_connected_udp, sock, runner)
-                    await runner.run_timers()
+                    await runner.wait_closed()
                     tg.cancel_scope.cancel()
         return runner.was_established
 
@@ -1084,7 +1143,7 @@ class Node:
                 tg.start_soon(read)
                 try:
                     runner.service(anyio.current_time())
-                    await runner.run_timers()
+                    await runner.wait_closed()
                 finally:
                     send_queue.close()
                     with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
