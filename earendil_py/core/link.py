@@ -38,7 +38,7 @@ import enum
 import hmac
 import ipaddress
 import struct
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -77,6 +77,11 @@ _WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
 # REJECT_AFTER_FRAMES, which no link reaches between two timer checks.
 REKEY_AFTER_FRAMES = 2**60
 REJECT_AFTER_FRAMES = 2**60 + 2**40
+# A link that moved at most this many frames (both ways) in a keepalive interval, about
+# what the keepalives themselves take, is idle until the next interval: it makes its AEADs
+# for each batch and lets them go after (`CipherState.forget_aead`), so a thousand idle
+# links do not hold 5 KB of OpenSSL cipher contexts each. A busy link keeps them.
+IDLE_FRAMES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +181,47 @@ class Link:
     `receive_datagram` never raises for bad input: garbage is dropped and counted in
     `statistics().drops`. Methods raise LocalProtocolError when misused (e.g. sending on a
     link that is not established).
+
+    A node holds one per neighbour, most of them idle, so a link keeps little: slots, no
+    Noise state once the handshake is done, and no AEAD while it is idle (IDLE_FRAMES).
     """
+
+    __slots__ = (
+        "_activity",
+        "_attempts",
+        "_events",
+        "_expected",
+        "_flight",
+        "_handshake_hash",
+        "_identity",
+        "_last_received",
+        "_mac_key",
+        "_next_ping",
+        "_noise",
+        "_outbox",
+        "_peer_messages_seen",
+        "_ping_sent_at",
+        "_ping_seq",
+        "_proof_body",
+        "_recv",
+        "_recv_aead",
+        "_reliable",
+        "_retransmit_at",
+        "_rng",
+        "_rto",
+        "_send",
+        "_send_aead",
+        "_stats",
+        "_timers",
+        "_window_bits",
+        "_window_top",
+        "initiator",
+        "local_index",
+        "peer_fingerprint",
+        "peer_identity_public",
+        "remote_index",
+        "state",
+    )
 
     def __init__(
         self,
@@ -206,7 +251,8 @@ class Link:
         self._timers = timers or LinkTimers()
         self._rng = rng
         psk, self._mac_key = derive_cookie_keys(secret)
-        self._noise = HandshakeState(
+        # Dropped once Noise is done; what the identity proofs need is kept from it.
+        self._noise: HandshakeState | None = HandshakeState(
             initiator=initiator,
             prologue=PROLOGUE,
             static_private=static_private,
@@ -217,15 +263,19 @@ class Link:
         self._send: CipherState | None = None
         self._recv: CipherState | None = None
         # Their AEADs, called directly on the hot path: DATA frames carry explicit nonces.
+        # None while the link is idle (IDLE_FRAMES): then each batch makes its own.
         self._send_aead: ChaCha20Poly1305 | None = None
         self._recv_aead: ChaCha20Poly1305 | None = None
+        self._activity = 0  # frames both ways (counters) at the last keepalive
+        self._handshake_hash = b""
+        self._proof_body = b""
         # Anti-replay (RFC 6479's bitmap): bit i of _window_bits records whether counter
         # _window_top - i was seen. Only a frame that decrypted moves it, so forgeries cannot.
         self._window_top = -1
         self._window_bits = 0
         self._stats = LinkStatistics()
         self._outbox: list[bytes] = []
-        self._events: deque[LinkEvent] = deque()
+        self._events: list[LinkEvent] = []  # a deque would cost ~700 bytes more per link
         # Retransmission: the last flight we sent and when to resend it.
         self._flight: list[bytes] = []
         self._rto = self._timers.handshake_rto
@@ -233,7 +283,7 @@ class Link:
         self._retransmit_at: float | None = None
         self._last_received = now
         self._next_ping = now + self._timers.keepalive_interval
-        self._peer_messages_seen: set[int] = set()
+        self._peer_messages_seen = 0  # bit k: a handshake message of kind k came
         self._ping_seq = 0
         self._ping_sent_at: float | None = None  # only the newest ping is timed
         if initiator:
@@ -256,7 +306,7 @@ class Link:
         return out
 
     def next_event(self) -> LinkEvent | None:
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     def get_timer(self) -> float | None:
         if self.state is LinkState.CLOSED:
@@ -285,6 +335,7 @@ class Link:
             self._outbox.extend(self._flight)
             self._arm_retransmit(now)
         if self.state is LinkState.ESTABLISHED and now >= self._next_ping:
+            self._note_activity()
             self._ping_seq += 1
             self._ping_sent_at = now
             self._queue_frame(PING, U64.pack(self._ping_seq))
@@ -304,8 +355,10 @@ class Link:
         loop's hot path, which forwards the frames `receive_datagrams` returned as they are.
         Every other frame is sealed here too (`_seal`)."""
         cipher, aead, remote_index = self._send, self._send_aead, self.remote_index
-        if cipher is None or aead is None or remote_index is None:
+        if cipher is None or remote_index is None:
             raise LocalProtocolError("link has no transport keys yet")
+        if aead is None:  # idle: made for this batch only
+            aead = cipher.transport_aead()
         first = cipher.nonce
         # As many frames as the counter allows, then the error that frame-by-frame encryption
         # would raise at the first one past it.
@@ -317,6 +370,8 @@ class Link:
             header = pack_header(DATA, remote_index, counter)
             append(header + seal(pack_nonce(counter), frame, header))
         cipher.set_nonce(first + count)
+        if self._send_aead is None:
+            cipher.forget_aead()
         if count < len(frames):
             raise LocalProtocolError("send counter exhausted: the link must be re-established")
         return out
@@ -400,6 +455,8 @@ class Link:
                 drops[exc.reason] += 1
             aead, established = self._transport_state()  # a PROOF or a CLOSE changes it
         self._window_top, self._window_bits = top, bits
+        if self._recv_aead is None and self._recv is not None:
+            self._recv.forget_aead()  # idle: it was made for this batch only
         self._stats.bytes_in += size
         if opened:
             self._stats.frames_in += opened
@@ -414,7 +471,7 @@ class Link:
             raise RemoteProtocolError("link closed", "link_closed")
         kind = message_type(data)
         if kind == DATA:
-            if self._recv_aead is None:
+            if self._recv is None:
                 raise RemoteProtocolError("data before handshake", "not_established")
             raise RemoteProtocolError("short data message", "malformed")
         if kind in (HS_INIT, HS_RESP, HS_FINAL):
@@ -430,12 +487,13 @@ class Link:
             header += U32.pack(self.local_index)
         if receiver is not None:
             header += U32.pack(receiver)
+        assert self._noise is not None, "no handshake message after Noise is done"
         message = header + self._noise.write_message(b"")
         return message + _mac1(self._mac_key, message)
 
     def _receive_handshake(self, kind: int, data: bytes, now: float) -> None:
         body = data[:-MAC_SIZE]
-        if kind in self._peer_messages_seen:
+        if self._peer_messages_seen >> kind & 1:
             # The peer retransmitted: our reply to this message was lost, so resend it.
             self._stats.drops["handshake_duplicate"] += 1
             if not self._reliable:
@@ -446,6 +504,7 @@ class Link:
         # Nothing changes before `read_message` succeeds (it leaves the Noise state unchanged
         # when it fails), so a forged or corrupted message cannot spoil a handshake that the
         # genuine one would still complete.
+        assert self._noise is not None  # kept until Noise is done, when no kind is expected
         if kind == HS_INIT:
             if len(body) < 5:
                 raise RemoteProtocolError("short handshake", "handshake_malformed")
@@ -459,13 +518,13 @@ class Link:
             self.remote_index = int(U32.unpack_from(body, 1)[0])
             final = self._handshake_message(HS_FINAL, self.remote_index)
             self._start_transport()
-            self._send_flight([final, self._encrypt(PROOF, self._proof())], now)
+            self._send_flight([final, self._encrypt(PROOF, self._proof_body)], now)
         else:
             self._noise.read_message(body[5:])
             self._start_transport()
             # The responder's proof is its reply; it is resent if HS_FINAL arrives again.
-            self._send_flight([self._encrypt(PROOF, self._proof())], now)
-        self._peer_messages_seen.add(kind)
+            self._send_flight([self._encrypt(PROOF, self._proof_body)], now)
+        self._peer_messages_seen |= 1 << kind
         self._last_received = now
 
     def _expected_handshake_kind(self) -> int:
@@ -476,14 +535,35 @@ class Link:
         return HS_FINAL if self.remote_index is not None else HS_INIT
 
     def _start_transport(self) -> None:
+        assert self._noise is not None
         self._send, self._recv = self._noise.split()
         self._send_aead = self._send.transport_aead()
         self._recv_aead = self._recv.transport_aead()
+        self._handshake_hash = self._noise.handshake_hash
+        self._proof_body = self._proof()
+        self._noise = None  # its keys and hash state are not needed any more
         self.state = LinkState.PROVING
 
     def _proof(self) -> bytes:
+        """Our identity proof: the public key and a signature over the handshake hash."""
+        assert self._noise is not None
         signature = self._identity.sign(PROOF_DOMAIN, self._noise.handshake_hash)
         return self._identity.identity_public + signature
+
+    def _note_activity(self) -> None:
+        """At each keepalive: whether the last interval was idle decides whether the AEADs
+        are kept for the next one (IDLE_FRAMES)."""
+        send, recv = self._send, self._recv
+        assert send is not None and recv is not None  # established
+        activity = send.nonce + self._window_top
+        if activity - self._activity <= IDLE_FRAMES:
+            send.forget_aead()
+            recv.forget_aead()
+            self._send_aead = self._recv_aead = None
+        else:
+            self._send_aead = send.transport_aead()
+            self._recv_aead = recv.transport_aead()
+        self._activity = activity
 
     def _send_flight(self, messages: list[bytes], now: float) -> None:
         self._flight = messages
@@ -518,7 +598,10 @@ class Link:
         is established."""
         if self.state is LinkState.CLOSED:
             return None, False
-        return self._recv_aead, self.state is LinkState.ESTABLISHED
+        aead = self._recv_aead
+        if aead is None and self._recv is not None:  # idle: made for this batch only
+            aead = self._recv.transport_aead()
+        return aead, self.state is LinkState.ESTABLISHED
 
     def _receive_frame(self, frame: bytes, now: float) -> None:
         """A decrypted frame that is not an onion for an established link."""
@@ -532,7 +615,7 @@ class Link:
             if not self.initiator:
                 # The initiator is established (it sends more than proofs), so it has our
                 # proof but its own was lost: resending ours asks it for its proof again.
-                self._outbox.append(self._encrypt(PROOF, self._proof()))
+                self._outbox.append(self._encrypt(PROOF, self._proof_body))
             raise RemoteProtocolError("frame before identity proof", "not_established")
         elif kind == CONTROL:
             self._events.append(ControlReceived(body))
@@ -551,13 +634,13 @@ class Link:
         if self.state is LinkState.ESTABLISHED:
             self._stats.drops["proof_duplicate"] += 1
             if self.initiator:  # the responder lacks our proof (see _receive_data)
-                self._outbox.append(self._encrypt(PROOF, self._proof()))
+                self._outbox.append(self._encrypt(PROOF, self._proof_body))
             return
         if len(body) != 32 + 64:
             raise RemoteProtocolError("malformed identity proof", "bad_proof")
         identity_public, signature = body[:32], body[32:]
         try:
-            verify(identity_public, PROOF_DOMAIN, self._noise.handshake_hash, signature)
+            verify(identity_public, PROOF_DOMAIN, self._handshake_hash, signature)
         except RemoteProtocolError:
             self._close("bad_identity_proof", now, notify=False)
             raise

@@ -17,6 +17,7 @@ from earendil_py.core.link import (
     HS_FINAL,
     HS_INIT,
     HS_RESP,
+    IDLE_FRAMES,
     MAX_MESSAGE_SIZE,
     PING,
     PROOF,
@@ -409,6 +410,34 @@ def test_keepalive_measures_rtt_and_detects_a_dead_peer() -> None:
     pair.drop = {4}  # the peer goes silent: every DATA message is lost
     pair.advance(TIMERS.dead_after + 0.5)
     assert events(pair.a) == [LinkClosed("keepalive_timeout")]
+
+
+def test_an_idle_link_lets_its_ciphers_go_and_still_carries_frames_both_ways() -> None:
+    pair = established()
+    assert pair.b is not None
+    pair.advance(3 * TIMERS.keepalive_interval)  # keepalives only
+    assert pair.a.state is LinkState.ESTABLISHED and pair.b.state is LinkState.ESTABLISHED
+    # Idle: the OpenSSL contexts (about 5 KB a link) are made for each batch, not kept.
+    for link in (pair.a, pair.b):
+        assert link._send_aead is None and link._recv_aead is None
+        assert link._send is not None and link._send._aead is None
+    peeler, packet = b"\x11" * 32, bytes(range(256)) * 5
+    pair.deliver_to_b(pair.a.encrypt_onion(peeler, packet))
+    pair.deliver_to_a(pair.b.encrypt_onion(peeler, packet[::-1]))
+    assert pair.onions_at_b == [(peeler, packet)]
+    assert pair.onions_at_a == [(peeler, packet[::-1])]
+
+
+def test_a_busy_link_keeps_its_ciphers() -> None:
+    pair = established()
+    assert pair.b is not None
+    peeler, packet = b"\x11" * 32, bytes(range(256)) * 5
+    for _ in range(int(3 * TIMERS.keepalive_interval / 0.05)):
+        for _ in range(IDLE_FRAMES):
+            pair.deliver_to_b(pair.a.encrypt_onion(peeler, packet))
+        pair.advance(0.05)
+    assert pair.a.state is LinkState.ESTABLISHED
+    assert pair.a._send_aead is not None and pair.b._recv_aead is not None
 
 
 def test_close_tells_the_peer() -> None:

@@ -12,7 +12,7 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from earendil_py.core.link import DATA_HEADER
+from earendil_py.core.link import DATA_HEADER, Link
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime import udp
 from earendil_py.runtime.keyfile import load_identity_file
@@ -187,10 +187,13 @@ async def test_a_link_failing_on_its_share_of_a_batch_leaves_the_others_share(
                 await node.wait_priced({other.fingerprint})
         broken, healthy = hub.links[a.fingerprint][0], hub.links[c.fingerprint][0]
 
-        def bug(*args: object) -> list[bytes]:
-            raise AssertionError("a bug")
+        class BuggyLink(Link):  # a Link has no __dict__: its class is swapped instead
+            __slots__ = ()
 
-        broken.link.receive_datagrams = bug  # type: ignore[method-assign]
+            def receive_datagrams(self, *args: object, **kwargs: object) -> list[bytes]:
+                raise AssertionError("a bug")
+
+        broken.link.__class__ = BuggyLink
         # Both sent before the hub's loop runs again: they reach it in one batch.
         for sender in (a, c):
             runner = sender.links[hub.fingerprint][0]
