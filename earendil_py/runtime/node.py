@@ -81,6 +81,7 @@ from earendil_py.runtime.settlement import Settlements
 from earendil_py.runtime.timers import TimerQueue
 from earendil_py.runtime.udp import (
     UdpTransport,
+    call_when_readable,
     datagram_reader,
     new_udp_socket,
     read_batch,
@@ -918,58 +919,58 @@ class Node:
 
         read, find_session, find_runner = datagram_reader(sock), endpoint.route, runners.get
         unpack_index = U32.unpack_from
+
+        def on_readable() -> bool:
+            now = anyio.current_time()
+            arrived: dict[LinkRunner, list[bytes]] = {}
+            last: LinkRunner | None = None
+            messages: list[bytes] = []
+            count = 0
+            while count < UDP_BATCH:
+                try:
+                    datagrams, address = read()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _SOCKET_GONE:
+                        raise
+                    self.drops["udp_error"] += 1
+                    count += 1
+                    continue
+                count += len(datagrams)
+                address = address[:2]
+                for data in datagrams:
+                    runner = None
+                    # DATA for a known session from the address that opened it: what
+                    # `endpoint.route` would find (runners and sessions come and go
+                    # together). Anything else takes the full route, which counts the drops.
+                    if len(data) >= _DATA_MIN_SIZE and data[0] == DATA:
+                        runner = find_runner(unpack_index(data, 1)[0])
+                        if runner is not None and runner.peer_address != address:
+                            runner = None
+                    if runner is None:
+                        with opening:
+                            runner = open_session(data, address, now)
+                        if runner is None:
+                            continue
+                    if runner is not last:  # a wake-up's datagrams mostly share a link
+                        last = runner
+                        messages = arrived.setdefault(runner, [])
+                    messages.append(data)
+            # Each link takes its messages at once: the hot path runs per link, not per
+            # frame. A link that fails on them is closed; the others' go on.
+            batch = [
+                (runner, runner.receive(messages, now)) for runner, messages in arrived.items()
+            ]
+            if batch:
+                with self._relay_boundary:
+                    self.relay_batch(batch, now)
+            return True
+
         # Stopping, every session sends its CLOSE before the socket closes.
         with sock:
             try:
-                while True:
-                    await anyio.wait_readable(sock)
-                    now = anyio.current_time()
-                    arrived: dict[LinkRunner, list[bytes]] = {}
-                    last: LinkRunner | None = None
-                    messages: list[bytes] = []
-                    count = 0
-                    while count < UDP_BATCH:
-                        try:
-                            datagrams, address = read()
-                        except BlockingIOError:
-                            break
-                        except OSError as exc:
-                            if exc.errno in _SOCKET_GONE:
-                                raise
-                            self.drops["udp_error"] += 1
-                            count += 1
-                            continue
-                        count += len(datagrams)
-                        address = address[:2]
-                        for data in datagrams:
-                            runner = None
-                            # DATA for a known session from the address that opened it: what
-                            # `endpoint.route` would find (runners and sessions come and go
-                            # together). Anything else takes the full route, which counts the
-                            # drops.
-                            if len(data) >= _DATA_MIN_SIZE and data[0] == DATA:
-                                runner = find_runner(unpack_index(data, 1)[0])
-                                if runner is not None and runner.peer_address != address:
-                                    runner = None
-                            if runner is None:
-                                with opening:
-                                    runner = open_session(data, address, now)
-                                if runner is None:
-                                    continue
-                            if runner is not last:  # a wake-up's datagrams mostly share a link
-                                last = runner
-                                messages = arrived.setdefault(runner, [])
-                            messages.append(data)
-                    # Each link takes its messages at once: the hot path runs per link, not
-                    # per frame. A link that fails on them is closed; the others' go on.
-                    batch = [
-                        (runner, runner.receive(messages, now))
-                        for runner, messages in arrived.items()
-                    ]
-                    if batch:
-                        with self._relay_boundary:
-                            self.relay_batch(batch, now)
-                    await anyio.lowlevel.checkpoint()
+                await call_when_readable(sock, on_readable)
             finally:
                 for runner in list(runners.values()):
                     runner.fail("shutdown")
@@ -1065,18 +1066,20 @@ class Node:
 
     async def _read_connected_udp(self, sock: socket.socket, runner: LinkRunner) -> None:
         read = datagram_reader(sock)
-        while True:
-            await anyio.wait_readable(sock)
+
+        def on_readable() -> bool:
             now = anyio.current_time()
             try:
                 messages = read_batch(read, UDP_BATCH)
             except OSError:  # an ICMP error other than a closed port: the path is gone
                 runner.fail("connection_closed")
-                return
+                return False
             if frames := runner.receive(messages, now):
                 with self._relay_boundary:
                     self.relay_batch([(runner, frames)], now)
-            await anyio.lowlevel.checkpoint()
+            return True
+
+        await call_when_readable(sock, on_readable)
 
     # --- shared stream (TCP) plumbing ---------------------------------------------------
 

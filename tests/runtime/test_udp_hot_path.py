@@ -204,3 +204,55 @@ async def test_a_link_failing_on_its_share_of_a_batch_leaves_the_others_share(
         assert hub.drop_counts()["no_route"] == 1  # c's frame went on through the relay loop
         assert broken.statistics().drops["internal_error"] == 1
         assert hub.links[c.fingerprint] == [healthy]
+
+
+def _socket_pair() -> tuple[socket.socket, socket.socket]:
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.connect(receiver.getsockname())
+    return receiver, sender
+
+
+@pytest.mark.anyio
+async def test_a_readable_socket_calls_back_until_told_to_stop() -> None:
+    receiver, sender = _socket_pair()
+    got: list[bytes] = []
+    with receiver, sender:
+
+        def read() -> bool:
+            while True:
+                try:
+                    got.append(receiver.recv(100))
+                except BlockingIOError:
+                    return got[-1] != b"stop"
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(udp.call_when_readable, receiver, read)
+                for message in (b"one", b"two", b"stop"):
+                    await anyio.sleep(0)
+                    sender.send(message)
+        assert got == [b"one", b"two", b"stop"]
+
+
+@pytest.mark.anyio
+async def test_what_the_callback_raises_is_raised_and_cancelling_lets_the_socket_go() -> None:
+    receiver, sender = _socket_pair()
+    with receiver, sender:
+
+        def bug() -> bool:
+            raise KeyError("a bug")
+
+        sender.send(b"x")
+        with anyio.fail_after(5), pytest.raises(KeyError):
+            await udp.call_when_readable(receiver, bug)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(udp.call_when_readable, receiver, lambda: True)
+                await anyio.sleep(0)
+                tg.cancel_scope.cancel()
+        # Unregistered either way: the same socket can be waited on again.
+        with anyio.fail_after(5):
+            await anyio.wait_readable(receiver)
