@@ -12,16 +12,12 @@ import argparse
 import base64
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from earendil_py.netgen import Edge, GeneratedNode, generate_network
-from earendil_py.runtime.http import ControlApiError, call_api
+from earendil_py.netgen import Daemons, Edge, GeneratedNode, RunningDaemon, generate_network
+from earendil_py.runtime.http import ControlApiError
 
 DEMO_EDGES = [
     Edge(dialer=0, listener=1, protocol="udp"),
@@ -51,19 +47,6 @@ DEBT_LIMIT_UMEL = 4000  # small on purpose: auto-settlement (pow) starts at half
 FLOWS = [(0, 2), (1, 3), (2, 4), (3, 0), (4, 1)]
 
 
-@dataclass
-class RunningNode:
-    generated: GeneratedNode
-    process: subprocess.Popen[bytes]
-
-    @property
-    def api(self) -> tuple[str, int]:
-        return self.generated.config.control_listen
-
-    def call(self, method: str, path: str, body: object | None = None) -> Any:
-        return call_api(*self.api, method, path, body, timeout=5.0)
-
-
 def price_tables() -> dict[int, str]:
     """Each node charges its own price (node N: N+1 uMEL a packet) on every route, with a
     small debt limit, so that automatic settlements must keep the traffic flowing."""
@@ -83,24 +66,13 @@ def price_tables() -> dict[int, str]:
     return {node: "\n".join(lines) for node, lines in tables.items()}
 
 
-def start_nodes(root: Path) -> list[RunningNode]:
-    nodes = generate_network(
+def generate(root: Path) -> list[GeneratedNode]:
+    return generate_network(
         root, NODE_COUNT, DEMO_EDGES, extra_toml=DEMO_TOML, node_toml=price_tables()
     )
-    running = []
-    for node in nodes:
-        log = (node.directory / "daemon.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "earendil_py", "daemon", "--config", str(node.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
-        running.append(RunningNode(node, process))
-    return running
 
 
-def wait_converged(nodes: list[RunningNode], timeout: float) -> None:
+def wait_converged(nodes: list[RunningDaemon], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -117,7 +89,7 @@ def wait_converged(nodes: list[RunningNode], timeout: float) -> None:
     raise SystemExit("demo: the nodes did not converge in time; see demo-net/node*/daemon.log")
 
 
-def print_summary(nodes: list[RunningNode], elapsed: float) -> None:
+def print_summary(nodes: list[RunningDaemon], elapsed: float) -> None:
     print(f"\n--- t={elapsed:5.1f}s " + "-" * 62)
     print(f"{'node':<14}{'links':>6}{'sent':>8}{'relayed':>9}{'peeled':>8}{'delivered':>10}  drops")
     for node in nodes:
@@ -145,7 +117,7 @@ def print_summary(nodes: list[RunningNode], elapsed: float) -> None:
             )
 
 
-def run_traffic(nodes: list[RunningNode], seconds: float, rate: int) -> int:
+def run_traffic(nodes: list[RunningDaemon], seconds: float, rate: int) -> int:
     """Send `rate` datagrams per second per flow for `seconds`; returns how many were sent."""
     start = time.monotonic()
     next_summary = start
@@ -181,39 +153,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.dir.exists():
         shutil.rmtree(args.dir)
     print(f"Starting {NODE_COUNT} nodes on loopback in {args.dir}/ (ring of UDP and TCP links)")
-    nodes = start_nodes(args.dir)
     try:
-        wait_converged(nodes, timeout=20.0)
-        print("Relay graphs converged: every node knows every node and link.")
-        for node in nodes:
-            status = node.call("GET", "/api/status")
-            links = ", ".join(
-                f"{link['neighbor'][:6]} ({link['protocol']})" for link in status["links"]
-            )
-            host, port = node.api
-            print(
-                f"  {node.generated.name} {status['fingerprint'][:6]}: links to {links}; "
-                f"dashboard http://{host}:{port}/"
-            )
-        greeted = greet(nodes)
-        print(f"Sending {args.rate} datagrams/s on each of {len(FLOWS)} flows, 3 peelers each.")
-        sent = run_traffic(nodes, args.seconds, args.rate)
-        time.sleep(1.0)
-        received = sum(
-            len(node.call("GET", f"/api/receive?dock={DOCK}&max=100000")["datagrams"])
-            for node in nodes
-        )
-        print_summary(nodes, args.seconds)
-        print(f"\nDatagrams sent {sent}, delivered {received} ({received * 100 // sent}%).")
-        settled = summarize_settlements(nodes)
-        return 0 if received == sent and settled and greeted else 1
+        with Daemons(generate(args.dir)) as nodes:
+            return run(nodes, args)
     except KeyboardInterrupt:
         return 130
     finally:
-        stop(nodes)
+        print("All nodes stopped.")
 
 
-def greet(nodes: list[RunningNode]) -> bool:
+def run(nodes: list[RunningDaemon], args: argparse.Namespace) -> int:
+    """Everything the demo does once its daemons are started; returns the exit status."""
+    wait_converged(nodes, timeout=20.0)
+    print("Relay graphs converged: every node knows every node and link.")
+    for node in nodes:
+        status = node.call("GET", "/api/status")
+        links = ", ".join(
+            f"{link['neighbor'][:6]} ({link['protocol']})" for link in status["links"]
+        )
+        host, port = node.generated.config.control_listen
+        print(
+            f"  {node.generated.name} {status['fingerprint'][:6]}: links to {links}; "
+            f"dashboard http://{host}:{port}/"
+        )
+    greeted = greet(nodes)
+    print(f"Sending {args.rate} datagrams/s on each of {len(FLOWS)} flows, 3 peelers each.")
+    sent = run_traffic(nodes, args.seconds, args.rate)
+    time.sleep(1.0)
+    received = sum(
+        len(node.call("GET", f"/api/receive?dock={DOCK}&max=100000")["datagrams"]) for node in nodes
+    )
+    print_summary(nodes, args.seconds)
+    print(f"\nDatagrams sent {sent}, delivered {received} ({received * 100 // sent}%).")
+    settled = summarize_settlements(nodes)
+    return 0 if received == sent and settled and greeted else 1
+
+
+def greet(nodes: list[RunningDaemon]) -> bool:
     """Each node says hello to each neighbour on the chat; True if every message arrived."""
     delivered = total = 0
     for node in nodes:
@@ -229,7 +205,7 @@ def greet(nodes: list[RunningNode]) -> bool:
     return delivered == total
 
 
-def summarize_settlements(nodes: list[RunningNode]) -> bool:
+def summarize_settlements(nodes: list[RunningDaemon]) -> bool:
     """Print what auto-settlement did; True if it settled and no debt limit was hit."""
     completed = limit_drops = 0
     for node in nodes:
@@ -243,20 +219,6 @@ def summarize_settlements(nodes: list[RunningNode]) -> bool:
         f" node's ledger); packets dropped at a debt limit: {limit_drops}."
     )
     return completed > 0 and limit_drops == 0
-
-
-def stop(nodes: list[RunningNode]) -> None:
-    for node in nodes:
-        if node.process.poll() is None:
-            node.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 5.0
-    for node in nodes:
-        try:
-            node.process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
-    print("All nodes stopped.")
 
 
 if __name__ == "__main__":
