@@ -1,18 +1,28 @@
 # Two entry points, each doing its own set-up: `make demo` and `make test`.
+# `make demo` (and `make bench`) install only what the node runs; `make test` (and
+# `make lint`) add the test and lint tools. Each install has its own stamp.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
 
-demo: $(STAMP)
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUNTIME)
+
+# The test install includes the runtime one.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP) $(RUNTIME)
+
+demo: $(RUNTIME)
 	$(BIN)/python -m earendil_py.demo
 
 test: $(STAMP)
@@ -23,11 +33,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check earendil_py tests bench
 	$(BIN)/mypy --strict earendil_py
 
-bench: $(STAMP)
+bench: $(RUNTIME)
 	$(BIN)/python bench/peel.py
 	$(BIN)/python bench/link.py
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/accounting.py
+	$(BIN)/python bench/hostile.py
 
 clean:
 	rm -rf $(VENV) demo-net

@@ -104,6 +104,16 @@ def reserve_ports(count: int) -> list[int]:
     raise RuntimeError(f"no {count} free ports between {low} and {high}")
 
 
+def free_port(protocol: str, held: contextlib.ExitStack | None = None) -> int:
+    """One port from `reserve_ports`; with `held`, a `protocol` socket also stays bound on
+    it until that stack closes."""
+    port = reserve_ports(1)[0]
+    if held is not None:
+        kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
+        held.enter_context(socket.socket(socket.AF_INET, kind)).bind(("127.0.0.1", port))
+    return port
+
+
 def _bindable(port: int) -> bool:
     """Whether both a TCP listener (as anyio binds one) and a UDP socket can bind `port`."""
     try:
@@ -196,8 +206,9 @@ class RunningDaemon:
         return self.process.pid
 
     def call(self, method: str, path: str, body: object | None = None, **kw: Any) -> Any:
-        """The node's control API (`runtime.http.call_api`); raises ControlApiError."""
-        return call_api(*self.generated.config.control_listen, method, path, body, **kw)
+        """The node's control API (`runtime.http.call_api`, with the token the daemon wrote);
+        raises ControlApiError."""
+        return call_api(self.generated.config, method, path, body, **kw)
 
 
 class Daemons:
@@ -212,6 +223,10 @@ class Daemons:
         self.running: list[RunningDaemon] = []
 
     def __enter__(self) -> list[RunningDaemon]:
+        return self.start()
+
+    def start(self) -> list[RunningDaemon]:
+        """Start a daemon for every node (stopping those started if one cannot be)."""
         try:
             for node in self.nodes:
                 with (node.directory / self.log_name).open("ab") as log:

@@ -228,8 +228,7 @@ async def converged(nodes: list[Node], edges: list[Edge]) -> None:
 
 
 def daemon_api(config_path: Path, method: str, path: str, body: object | None = None) -> Any:
-    host, port = load_config(config_path).control_listen
-    return call_api(host, port, method, path, body)
+    return call_api(load_config(config_path), method, path, body)
 
 
 def summary_of(config_path: Path, neighbor: str) -> dict[str, Any]:

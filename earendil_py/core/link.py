@@ -506,9 +506,17 @@ class Link:
         # genuine one would still complete.
         assert self._noise is not None  # kept until Noise is done, when no kind is expected
         if kind == HS_INIT:
-            if len(body) < 5:
-                raise RemoteProtocolError("short handshake", "handshake_malformed")
-            self._noise.read_message(body[5:])
+            try:
+                if len(body) < 5:
+                    raise RemoteProtocolError("short handshake", "handshake_malformed")
+                self._noise.read_message(body[5:])
+            except RemoteProtocolError:
+                if not self._reliable:
+                    # A datagram session exists for one HS_INIT's bytes (`Endpoint`): if they
+                    # do not read, nothing ever will, so it ends now rather than hold its
+                    # source's handshake slot until the deadline.
+                    self._close("handshake_failed", now, notify=False)
+                raise
             self.remote_index = int(U32.unpack_from(body, 1)[0])
             self._send_flight([self._handshake_message(HS_RESP, self.remote_index)], now)
         elif kind == HS_RESP:

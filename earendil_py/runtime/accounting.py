@@ -222,9 +222,10 @@ class Accounting:
 
     # --- push_price ---------------------------------------------------------------------
 
-    async def push_price(self, runner: LinkRunner, terms: PriceTerms | None = None) -> None:
-        """Offer our price to the runner's neighbour and apply its answer. An offer is
-        persisted before it is sent (its seq must never be reused)."""
+    async def push_price(self, runner: LinkRunner, terms: PriceTerms | None = None) -> str:
+        """Offer our price to the runner's neighbour and apply its answer; returns why the
+        offer is not in force ('' if it was accepted). An offer is persisted before it is
+        sent (its seq must never be reused)."""
         account = runner.account
         assert account is not None
         offer = account.propose(terms or self.terms_for(runner)[0], unix_now())
@@ -237,13 +238,13 @@ class Accounting:
             outcome = account.on_answer(answer)
         except (RpcError, RpcTimeout) as exc:
             log.warning("price_push_failed", neighbor=short_hex(account.neighbor), error=str(exc))
-            return
+            return str(exc)
         except (msgspec.ValidationError, RemoteProtocolError) as exc:
             runner.statistics().drops["bad_price_answer"] += 1
             log.warning(
                 "price_answer_refused", neighbor=short_hex(account.neighbor), error=str(exc)
             )
-            return
+            return f"invalid answer: {exc}"
         await self.commit(account, "price_answer_received", _record(offer, answer))
         if isinstance(outcome, PriceAccepted):
             log.info(
@@ -261,6 +262,7 @@ class Accounting:
                 reason=outcome.reason,
             )
         self.node.accounts_changed()
+        return "" if isinstance(outcome, PriceAccepted) else outcome.reason
 
     async def _on_push_price(self, neighbor: bytes, params: Any) -> Any:
         runner, account = self._linked(neighbor)
@@ -271,6 +273,15 @@ class Accounting:
         except RemoteProtocolError as exc:
             raise _refused(exc) from None
         await self.commit(account, "price_answered", _record(offer, answer))
+        log.info(
+            "price_offer_received",
+            neighbor=short_hex(neighbor),
+            seq=offer.seq,
+            price_umel=offer.price_umel,
+            debt_limit_umel=offer.debt_limit_umel,
+            accepted=answer.accepted,
+            reason=answer.reason,
+        )
         self.node.accounts_changed()
         return msgspec.to_builtins(answer)
 
@@ -419,11 +430,12 @@ class Accounting:
 
     # --- operator actions ---------------------------------------------------------------
 
-    async def reprice(self, neighbor: bytes, terms: PriceTerms) -> None:
-        """Offer new terms to a linked neighbour now (and at every later link-up)."""
+    async def reprice(self, neighbor: bytes, terms: PriceTerms) -> str:
+        """Offer new terms to a linked neighbour now (and at every later link-up); returns
+        why they are not in force ('' if accepted)."""
         runner, _ = self._linked(neighbor)
         self.overrides[neighbor] = terms
-        await self.push_price(runner, terms)
+        return await self.push_price(runner, terms)
 
     async def unfreeze(self, neighbor: bytes) -> None:
         account = self.accounts[neighbor]

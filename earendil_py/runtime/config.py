@@ -15,6 +15,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -105,6 +107,7 @@ class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     identity_file: str
     db_path: str
     control_listen: str = "127.0.0.1:8964"
+    control_allow_remote: bool = False
     in_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     out_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     settlement: SettlementConfig = SettlementConfig()
@@ -124,6 +127,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     links: LinksConfig
     accounting: AccountingConfig
     logging: LoggingConfig
+    control_allow_remote: bool = False
 
 
 T = TypeVar("T")
@@ -208,6 +212,12 @@ def load_config(file: Path, *, private: bool = False) -> Config:
 
     listeners: list[tuple[str, Protocol, tuple[str, int]]] = []
     control = _address(raw.control_listen, file, "control_listen", listen=True)
+    # The control API moves money; other hosts reach it only when the operator says so.
+    if not ipaddress.ip_address(control[0]).is_loopback and not raw.control_allow_remote:
+        raise ConfigError(
+            f"{file}: control_listen: {control[0]} is not a loopback address; the control API "
+            "can move money: keep it on 127.0.0.1 or [::1], or set control_allow_remote = true"
+        )
     listeners.append(("control_listen", "tcp", control))
 
     in_routes: dict[str, InRoute] = {}
@@ -267,6 +277,7 @@ def load_config(file: Path, *, private: bool = False) -> Config:
         links=raw.links,
         accounting=raw.accounting,
         logging=raw.logging,
+        control_allow_remote=raw.control_allow_remote,
     )
 
 
@@ -284,3 +295,65 @@ def check_own_routes(config: Config, fingerprint: bytes) -> None:
 def _check_route_name(name: str, file: Path, path: str) -> None:
     if not _ROUTE_NAME.match(name):
         raise ConfigError(f"{file}: {path}: route names are 1-64 letters, digits, '.', '_' or '-'")
+
+
+# What a running node cannot change (SIGHUP keeps the running value): its identity, its
+# ledger and its control address, and timing and policy its services read once at start.
+RESTART_FIELDS = (
+    "identity_file",
+    "db_path",
+    "control_listen",
+    "settlement",
+    "links",
+    "accounting",
+    "logging",
+)
+
+RouteKey = tuple[str, str]  # ("in" or "out", route name)
+
+
+def route_keys(config: Config) -> Iterator[RouteKey]:
+    yield from (("in", name) for name in config.in_routes)
+    yield from (("out", name) for name in config.out_routes)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChanges:
+    """How a new config differs from the running one, as a reload applies it. A route whose
+    protocol, address, secret or fingerprint changed is both removed and added."""
+
+    added: list[RouteKey] = field(default_factory=list)
+    removed: list[RouteKey] = field(default_factory=list)
+    repriced: list[RouteKey] = field(default_factory=list)  # only its `price` changed
+    skipped: list[str] = field(default_factory=list)  # changed fields in RESTART_FIELDS
+
+
+def diff_configs(old: Config, new: Config) -> ConfigChanges:
+    changes = ConfigChanges()
+    for name in RESTART_FIELDS:
+        changes.skipped.extend(_changed(getattr(old, name), getattr(new, name), name))
+    for kind in ("in", "out"):
+        before, after = getattr(old, f"{kind}_routes"), getattr(new, f"{kind}_routes")
+        changes.removed.extend((kind, name) for name in before if name not in after)
+        for name, route in after.items():
+            if name not in before:
+                changes.added.append((kind, name))
+            elif msgspec.structs.replace(route, price=before[name].price) != before[name]:
+                changes.removed.append((kind, name))
+                changes.added.append((kind, name))
+            elif route.price != before[name].price:
+                changes.repriced.append((kind, name))
+    return changes
+
+
+def _changed(old: object, new: object, path: str) -> list[str]:
+    """The dotted paths of the fields that differ between two values of a config field."""
+    if old == new:
+        return []
+    if isinstance(old, msgspec.Struct) and type(old) is type(new):
+        return [
+            changed
+            for name in old.__struct_fields__
+            for changed in _changed(getattr(old, name), getattr(new, name), f"{path}.{name}")
+        ]
+    return [path]

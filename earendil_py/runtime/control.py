@@ -1,6 +1,9 @@
 """The control API: what the CLI and the dashboard use to see and steer a running node.
 
-JSON over HTTP on `control_listen` (loopback). Binary data travels base64-encoded.
+JSON over HTTP on `control_listen` (loopback), every request authenticated (`http.py` says
+how); binary data travels base64-encoded. docs/control-api.md is the reference for every
+route, field and error. No GET changes the node's state: a page that makes a browser fetch a
+URL (an ``<img>``, a link) can then change nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from earendil_py.core.packet import MAX_HOPS
 from earendil_py.core.pricing import PriceTerms
 from earendil_py.core.settlement import SettlementRecord
 from earendil_py.runtime.http import (
+    LOGIN_CODE_SECS,
+    ControlAuth,
     HttpError,
     Request,
     Response,
@@ -28,7 +33,8 @@ from earendil_py.runtime.http import (
     html_response,
     json_response,
 )
-from earendil_py.runtime.rpc import RpcError, RpcTimeout
+from earendil_py.runtime.metrics import CONTENT_TYPE, render_metrics
+from earendil_py.runtime.rpc import RpcError
 
 if TYPE_CHECKING:
     from earendil_py.runtime.node import LinkRunner, Node
@@ -54,6 +60,11 @@ class SettleRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class ChatRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     text: str
+
+
+class ReceiveRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    dock: Dock
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
 
 
 class SendRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -98,17 +109,59 @@ def status(node: Node) -> dict[str, Any]:
         "drops": dict(node.drop_counts()),
         "graph": {"identities": graph.identities, "adjacencies": graph.adjacencies},
         "links": [link_summary(r) for runners in node.links.values() for r in runners],
+        "routes": node.routes.summaries(),
         "accounts": list(node.accounting.summaries()),
     }
 
 
-def build_router(node: Node) -> Router:
+_PREFIX = re.compile(r"[0-9a-f]{4,64}")
+MAX_MATCHES = 16
+
+
+def matching_fingerprints(node: Node, prefix: str) -> list[dict[str, Any]]:
+    """The fingerprints the node knows (its neighbours, those its out_routes dial, the relay
+    graph's nodes) that start with `prefix`, in order, at most MAX_MATCHES."""
+    neighbors = set(node.links) | set(node.accounting.accounts)
+    neighbors.update(r.neighbor for r in node.routes if r.neighbor is not None)
+    known = neighbors | {d.fingerprint for d in node.graph.identities()}
+    matches = sorted(fp.hex() for fp in known if fp.hex().startswith(prefix))
+    return [
+        {"fingerprint": fp, "neighbor": bytes.fromhex(fp) in neighbors}
+        for fp in matches[:MAX_MATCHES]
+    ]
+
+
+def build_router(node: Node, auth: ControlAuth) -> Router:
     router = Router()
     page = dashboard_response()
 
     @router.route("GET", "/")
     async def dashboard(request: Request) -> Response:
         return page
+
+    # The one route served without authentication: the code is the credential. Spending it
+    # is the only state a GET changes, and only the holder of a fresh code can.
+    @router.route("GET", "/login", public=True)
+    async def login(request: Request) -> Response:
+        session = auth.redeem_login_code(request.query.get("code", ""))
+        if session is None:
+            raise HttpError(
+                403, "this dashboard link was used or has expired: run `earendil-py dashboard`"
+            )
+        cookie = auth.session_cookie(session)
+        return Response(303, headers=(("Location", "/"), ("Set-Cookie", cookie)))
+
+    @router.route("POST", "/api/dashboard-link")
+    async def dashboard_link(request: Request) -> Response:
+        code = auth.mint_login_code()
+        # The Host the client reached us by (checked to be a loopback name or an IP literal)
+        # is one a browser on this host reaches us by too.
+        url = f"http://{request.headers['host']}/login?code={code}"
+        return json_response({"url": url, "expires_in_secs": LOGIN_CODE_SECS})
+
+    @router.route("GET", "/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(200, render_metrics(node).encode(), CONTENT_TYPE)
 
     @router.route("GET", "/api/status")
     async def get_status(request: Request) -> Response:
@@ -128,22 +181,26 @@ def build_router(node: Node) -> Router:
             raise HttpError(422, str(exc)) from None
         return json_response({"sent": 1})
 
-    @router.route("GET", "/api/receive")
+    @router.route("POST", "/api/receive")  # a POST: it takes the datagrams off the queue
     async def receive(request: Request) -> Response:
-        try:
-            dock = int(request.query["dock"])
-            limit = int(request.query.get("max", "1000"))
-        except (KeyError, ValueError):
-            raise HttpError(400, "query needs dock=N (and optionally max=N)") from None
-        datagrams = node.receive_datagrams_nowait(dock, max(1, min(limit, 10_000)))
+        body = request.json(ReceiveRequest)
+        datagrams = node.receive_datagrams_nowait(body.dock, body.limit)
         return json_response(
             {
                 "datagrams": [
                     {"dock": d.dock, "data_b64": base64.b64encode(d.data).decode()}
                     for d in datagrams
-                ]
+                ],
+                "waiting": node.datagrams_waiting(body.dock),
             }
         )
+
+    @router.route("GET", "/api/fingerprints")
+    async def fingerprints(request: Request) -> Response:
+        prefix = request.query.get("prefix", "").lower()
+        if not _PREFIX.fullmatch(prefix):
+            raise HttpError(400, "query needs prefix=HEX (4 to 64 hex digits)")
+        return json_response({"matches": matching_fingerprints(node, prefix)})
 
     def neighbor(request: Request) -> bytes:
         try:
@@ -160,15 +217,10 @@ def build_router(node: Node) -> Router:
         body = request.json(PriceRequest)
         terms = PriceTerms(body.price_umel, body.debt_limit_umel, node.accounting.methods)
         try:
-            await node.accounting.reprice(fingerprint, terms)
-        except RpcError as exc:
+            reason = await node.accounting.reprice(fingerprint, terms)
+        except RpcError as exc:  # no link to it
             raise HttpError(409, exc.message) from None
-        except RpcTimeout as exc:
-            raise HttpError(504, str(exc)) from None
-        account = node.accounting.accounts[fingerprint]
-        offer = account.state.our_offer
-        accepted = offer is not None and offer.terms() == terms
-        return json_response({"accepted": accepted})
+        return json_response({"accepted": not reason, "reason": reason})
 
     @router.route("POST", "/api/neighbors/{fingerprint}/unfreeze")
     async def unfreeze(request: Request) -> Response:

@@ -1,4 +1,5 @@
-"""The daemon process: a node plus signal handling, the open-files limit and the exit status."""
+"""The daemon process: a node plus signal handling (stop, reload), the open-files limit and
+the exit status."""
 
 from __future__ import annotations
 
@@ -8,22 +9,26 @@ import signal
 import anyio
 import structlog
 
+from earendil_py.core.errors import ConfigError
 from earendil_py.core.identity import Identity
-from earendil_py.runtime.config import Config
+from earendil_py.runtime.config import Config, check_own_routes, load_config
 from earendil_py.runtime.faults import is_node_failure
 from earendil_py.runtime.node import Node
 
 log = structlog.get_logger("earendil_py.daemon")
 
-# Each stops the node cleanly. SIGHUP too: a daemon whose terminal or supervisor goes away
-# should not die half-way (its default action); it does not reload the config (yet).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Each stops the node cleanly.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Reloads the config file, as daemons do (and never kills the node, SIGHUP's default action).
+RELOAD_SIGNAL = signal.SIGHUP
 EXIT_NODE_FAILED = 1
 
 
 async def run_daemon(config: Config, identity: Identity) -> None:
-    """Run a node until SIGINT, SIGTERM or SIGHUP, then stop cleanly (every link is told with
-    a CLOSE, the ledger is checkpointed and closed, sockets are closed).
+    """Run a node until SIGINT or SIGTERM, then stop cleanly (every link is told with a
+    CLOSE, the ledger is checkpointed and closed, sockets are closed). SIGHUP reloads the
+    config file (`Node.reload`); a config that fails its checks is logged (`reload_failed`,
+    its one-line error) and the running one kept.
 
     Raises ConfigError or LedgerCorrupt if the node cannot start (a port is taken, the ledger
     fails its checks). If the node fails while running (its ledger cannot be written, a
@@ -31,7 +36,7 @@ async def run_daemon(config: Config, identity: Identity) -> None:
     one line and exits the process with status EXIT_NODE_FAILED.
     """
     # Caught from the start: a signal while the node starts stops it once it has started.
-    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    with anyio.open_signal_receiver(*STOP_SIGNALS, RELOAD_SIGNAL) as signals:
         node = Node(config, identity)
         await node.bind()  # fail before anything starts if a port is taken
         raise_open_files_limit()
@@ -39,12 +44,26 @@ async def run_daemon(config: Config, identity: Identity) -> None:
             async with anyio.create_task_group() as tg:
                 await tg.start(node.run)
                 async for signum in signals:
+                    if signum == RELOAD_SIGNAL:
+                        await _reload(node, identity)
+                        continue
                     log.info("shutdown", signal=signal.Signals(signum).name)
                     tg.cancel_scope.cancel()
                     break
         except Exception as exc:
             _log_failure(exc, config)
             raise SystemExit(EXIT_NODE_FAILED) from None
+
+
+async def _reload(node: Node, identity: Identity) -> None:
+    source = node.config.source
+    log.info("reload", signal=RELOAD_SIGNAL.name, config=str(source))
+    try:
+        config = load_config(source, private=True)
+        check_own_routes(config, identity.fingerprint)
+        await node.reload(config)
+    except ConfigError as exc:
+        log.error("reload_failed", error=str(exc))
 
 
 def _log_failure(exc: Exception, config: Config) -> None:

@@ -25,7 +25,7 @@ from earendil_py.core.graph import (
     encode_dumps,
     sign_adjacency,
 )
-from earendil_py.core.identity import IdentityDescriptor
+from earendil_py.core.identity import IdentityDescriptor, short_hex
 from earendil_py.core.messages import (
     AdjacencyGrant,
     AdjacencyRequest,
@@ -154,8 +154,13 @@ class Gossip:
         identities: Iterable[IdentityDescriptor],
         adjacencies: Iterable[AdjacencyDescriptor],
     ) -> None:
-        for dump in encode_dumps(identities, adjacencies):
+        dumps = encode_dumps(identities, adjacencies)
+        for dump in dumps:
             runner.send_control(encode_control(GraphPush(dump)))
+        if runner.peer_fingerprint is not None:
+            log.debug(
+                "gossip_pushed", neighbor=short_hex(runner.peer_fingerprint), pushes=len(dumps)
+            )
 
     def _flood(
         self,

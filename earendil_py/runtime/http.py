@@ -11,21 +11,41 @@ time (else the connection is closed), malformed HTTP gets a 400 and the connecti
 and a handler that raises anything but `HttpError` is logged as ``control_handler_error`` and
 answered with a bare 500, never with a traceback.
 
-Security. This API moves money and has no authentication: it relies on listening on loopback
-only, so anything that can reach it is already running on this machine. Two browser attacks
-reach loopback anyway, and are closed here:
+Security. This API moves money, so every request but the dashboard's login link must be
+authenticated (`ControlAuth`), in the style of Tor's cookie authentication:
 
+* The token: at each start the node writes a fresh random token to ``control.token`` beside
+  its ledger, mode 0600, so only the node's own user (and root) can read it. A client sends it
+  as ``Authorization: Bearer <token>`` (compared in constant time). `call_api` reads the file
+  itself, so the CLI needs nothing but the config.
+* The dashboard: a browser cannot read that file, so `ControlAuth.mint_login_code` (behind
+  the authenticated ``POST /api/dashboard-link``) makes a one-time code that expires after
+  LOGIN_CODE_SECS. ``GET /login?code=...`` spends it and sets a session cookie (HttpOnly, so
+  no script can read it; SameSite=Strict; its name is unique per node run, so the dashboards
+  of several nodes on one host do not log each other out).
+
+Anything else gets 401 with ``WWW-Authenticate: Bearer``, whatever the path, so an unknown
+client does not even learn which paths exist. The browser attacks that reach loopback anyway
+are closed as well:
+
+* A remote client: unless the operator opted in (``control_allow_remote``), a connection
+  from a non-loopback address is refused with 403 whatever its Host header says.
 * DNS rebinding: a page on ``evil.example`` re-points its own name at 127.0.0.1, and the
   browser then lets it read our responses, since to the browser they are same-origin. The
   browser still sends ``Host: evil.example``, so any request whose Host is not a loopback name
   (``localhost``, or a loopback IP literal such as 127.0.0.1 or [::1], with any port) is
-  refused with 403. An IP literal cannot be rebound, so it is always safe to accept.
-* Cross-site request forgery: any page may make the browser send a "simple" POST (form or
-  ``text/plain`` body) to loopback without asking. A cross-origin request with
-  ``Content-Type: application/json`` instead needs a CORS preflight, which this server never
-  approves (it sends no CORS headers, and OPTIONS is not routed). So POST, PUT, PATCH and
-  DELETE must carry ``Content-Type: application/json`` or get 415, and GET handlers must not
-  change state.
+  refused with 403. An IP literal cannot be rebound, so it is always safe to accept (with
+  ``control_allow_remote``, any IP literal is).
+* Cross-site request forgery: another origin on this host (another loopback port is
+  same-site, so SameSite=Strict does not stop it) may make the browser send a "simple" POST
+  (form or ``text/plain`` body) with our cookie. A cross-origin request with
+  ``Content-Type: application/json`` or a custom header instead needs a CORS preflight, which
+  this server never approves (it sends no CORS headers, and OPTIONS is not routed). So POST,
+  PUT, PATCH and DELETE must carry ``Content-Type: application/json`` or get 415; when a
+  session cookie authenticates them they must also carry ``X-Earendil-Dashboard: 1``, and a
+  cookie-authenticated request that the browser says comes from another page
+  (``Sec-Fetch-Site`` other than same-origin or none, or an ``Origin`` not this server's)
+  gets 403. GET handlers never change state either.
 
 Every response also carries ``X-Frame-Options: DENY`` (no clickjacking of the dashboard),
 ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store``.
@@ -34,13 +54,20 @@ Every response also carries ``X-Frame-Options: DENY`` (no clickjacking of the da
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import http.client
 import ipaddress
+import os
 import re
+import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, TypeVar, overload
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
@@ -49,7 +76,11 @@ import msgspec
 import structlog
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 
-from earendil_py.core.errors import EarendilError, LocalProtocolError
+from earendil_py.core.errors import ConfigError, EarendilError, LocalProtocolError
+from earendil_py.runtime.keyfile import PRIVATE_MODE, read_file
+
+if TYPE_CHECKING:
+    from earendil_py.runtime.config import Config
 
 log = structlog.get_logger("earendil_py.http")
 
@@ -61,6 +92,15 @@ READ_TIMEOUT_SECS = 10.0
 # and the client may then lose our response before it reads it.
 LINGER_SECS = 1.0
 RECEIVE_SIZE = 65536
+# The control token: 32 random bytes as hex, in this file beside the ledger.
+TOKEN_FILE = "control.token"  # noqa: S105 (a file name, not a secret)
+TOKEN_BYTES = 32
+# A dashboard login code is good for one use within this time; a few may be outstanding.
+LOGIN_CODE_SECS = 300.0
+MAX_LOGIN_CODES = 16
+# Browser sessions live as long as the node runs; beyond this many the oldest unused goes.
+MAX_SESSIONS = 32
+DASHBOARD_HEADER = "x-earendil-dashboard"
 
 T = TypeVar("T")
 
@@ -104,6 +144,118 @@ class ControlApiError(EarendilError):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class ControlAuth:
+    """Who may use the control API: holders of the token, and browsers holding a session
+    that a one-time login code opened (see the module docstring).
+
+    Codes and sessions are kept as SHA-256 digests: a lookup then leaks by its timing at most
+    something about a digest, never about a secret. Both are bounded in number. `clock` is
+    monotonic seconds (a parameter so that expiry can be tested without waiting).
+    """
+
+    def __init__(self, token: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.token = token
+        self._clock = clock
+        self.cookie_name = "earendil_session_" + _digest(token).hex()[:12]
+        self._codes: OrderedDict[bytes, float] = OrderedDict()  # digest -> deadline
+        self._sessions: OrderedDict[bytes, None] = OrderedDict()  # digest, least recent first
+
+    @classmethod
+    def generate(cls) -> ControlAuth:
+        return cls(secrets.token_hex(TOKEN_BYTES))
+
+    def bearer_ok(self, authorization: str) -> bool:
+        """Whether an Authorization header value carries our token."""
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = credentials.strip().encode("latin-1")
+        return hmac.compare_digest(given, self.token.encode("ascii"))
+
+    def session_ok(self, cookie: str) -> bool:
+        """Whether a Cookie header value holds one of our sessions (and mark it used)."""
+        for pair in re.split(r"[;,]", cookie):
+            name, _, value = pair.strip().partition("=")
+            key = _digest(value)
+            if name == self.cookie_name and key in self._sessions:
+                self._sessions.move_to_end(key)
+                return True
+        return False
+
+    def mint_login_code(self) -> str:
+        """A new one-time login code, good for LOGIN_CODE_SECS (the oldest outstanding code
+        is dropped beyond MAX_LOGIN_CODES)."""
+        now = self._clock()
+        for key, deadline in list(self._codes.items()):
+            if deadline <= now:
+                del self._codes[key]
+        while len(self._codes) >= MAX_LOGIN_CODES:
+            self._codes.popitem(last=False)
+        code = secrets.token_urlsafe(TOKEN_BYTES)
+        self._codes[_digest(code)] = now + LOGIN_CODE_SECS
+        return code
+
+    def redeem_login_code(self, code: str) -> str | None:
+        """Spend `code`: a new session id, or None if the code is unknown, spent or expired."""
+        deadline = self._codes.pop(_digest(code), None)
+        if deadline is None or deadline <= self._clock():
+            return None
+        session = secrets.token_urlsafe(TOKEN_BYTES)
+        self._sessions[_digest(session)] = None
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return session
+
+    def session_cookie(self, session: str) -> str:
+        """The Set-Cookie value for `session`: a browser-session cookie that no script can
+        read and that no other site's request carries."""
+        return f"{self.cookie_name}={session}; HttpOnly; SameSite=Strict; Path=/"
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def token_path(config: Config) -> Path:
+    """Where the node writes its control token: beside its ledger."""
+    return config.db_path.parent / TOKEN_FILE
+
+
+def write_token_file(path: Path, token: str) -> None:
+    """Replace `path` with a 0600 file holding `token`. Written under a temporary name and
+    renamed into place, so a client never reads half a token. Raises ConfigError naming
+    `path` if it cannot be written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with contextlib.suppress(FileNotFoundError):  # a crashed process with our pid left it
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
+        with open(fd, "w", encoding="ascii") as file:  # closes fd, whatever happens
+            file.write(token + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"{path}: cannot write the control token: {exc.strerror}") from None
+
+
+def read_token_file(path: Path) -> str:
+    """The token in `path`. Raises ControlApiError (status 0) with one line for the operator
+    if it cannot be read."""
+    try:
+        data = read_file(path, "control token", max_bytes=4 * TOKEN_BYTES, private=False)
+    except ConfigError as exc:
+        raise ControlApiError(
+            0,
+            f"{exc}: is the daemon running? It writes this file at each start; "
+            "run this command as the node's user",
+        ) from None
+    token = data.decode("ascii", "replace").strip()
+    if not re.fullmatch(f"[0-9a-f]{{{2 * TOKEN_BYTES}}}", token):
+        raise ControlApiError(0, f"{path}: not a control token (the node rewrites it at start)")
+    return token
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +358,7 @@ class _Route:
     # Each segment is (is_param, text): a literal to compare, or a parameter name.
     segments: tuple[tuple[bool, str], ...]
     handler: Handler
+    public: bool  # served without authentication
 
     def match(self, parts: list[str]) -> dict[str, str] | None:
         if len(parts) != len(self.segments):
@@ -224,12 +377,17 @@ class _Route:
 class Router:
     """Maps (method, path pattern) to handlers. A pattern is a path whose segments may be
     ``{name}`` parameters, each matching one non-empty segment. The first registered route
-    that matches wins, so register literal paths before parameterised ones that overlap."""
+    that matches wins, so register literal paths before parameterised ones that overlap.
+    Every route needs authentication unless registered `public`."""
 
     def __init__(self) -> None:
         self._routes: list[_Route] = []
 
-    def add(self, method: str, path: str, handler: Handler) -> None:
+    def routes(self) -> list[tuple[str, str]]:
+        """Every registered (method, pattern), in registration order."""
+        return [(route.method, route.pattern) for route in self._routes]
+
+    def add(self, method: str, path: str, handler: Handler, *, public: bool = False) -> None:
         """Raises LocalProtocolError if `path` is not a valid pattern or the same method and
         pattern are already registered."""
         method = method.upper()
@@ -255,19 +413,19 @@ class Router:
                 and [None if is_param else text for is_param, text in route.segments] == shape
             ):
                 raise LocalProtocolError(f"{method} {path} clashes with {route.pattern}")
-        self._routes.append(_Route(method, path, tuple(segments), handler))
+        self._routes.append(_Route(method, path, tuple(segments), handler, public))
 
-    def route(self, method: str, path: str) -> Callable[[H], H]:
+    def route(self, method: str, path: str, *, public: bool = False) -> Callable[[H], H]:
         """Decorator form of `add`."""
 
         def register(handler: H) -> H:
-            self.add(method, path, handler)
+            self.add(method, path, handler, public=public)
             return handler
 
         return register
 
-    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
-        """Find the handler for a percent-encoded `path`; parameters come back decoded.
+    def match(self, method: str, path: str) -> tuple[_Route, dict[str, str]]:
+        """Find the route for a percent-encoded `path`; parameters come back decoded.
 
         Raises HttpError: 400 if a segment is not valid UTF-8 once decoded, 404 if no route
         has this path, 405 (with an Allow header) if routes have it but not for `method`.
@@ -282,7 +440,7 @@ class Router:
             if params is None:
                 continue
             if route.method == method:
-                return route.handler, params
+                return route, params
             allowed.add(route.method)
         if not allowed:
             raise HttpError(404, "not found")
@@ -295,19 +453,24 @@ class Router:
 
 class HttpServer:
     """Serves a `Router` over HTTP/1.1 with keep-alive on ``host:port`` (port 0: any free
-    port; read `port` once `serve` has started)."""
+    port; read `port` once `serve` has started), to the clients `auth` admits. Clients that
+    are not on loopback are refused unless `allow_remote`."""
 
     def __init__(
         self,
         router: Router,
+        auth: ControlAuth,
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        allow_remote: bool = False,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_header_bytes: int = MAX_HEADER_BYTES,
         read_timeout_secs: float = READ_TIMEOUT_SECS,
     ) -> None:
         self.router = router
+        self.auth = auth
+        self.allow_remote = allow_remote
         self.host = host
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
@@ -342,13 +505,16 @@ class HttpServer:
 
         Never raises for anything the peer does (bad HTTP, timeouts, disconnects)."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+        # A stream without a peer address (not a socket) counts as remote: refused by default.
+        peer = stream.extra(SocketAttribute.remote_address, None)
+        local = isinstance(peer, tuple) and _is_loopback_ip(str(peer[0]))
         async with stream:
             # The peer went away mid-exchange: there is no one left to answer. OSError
             # includes the TimeoutError of a response the peer would not take.
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                await self._serve_requests(conn, stream)
+                await self._serve_requests(conn, stream, local)
 
-    async def _serve_requests(self, conn: h11.Connection, stream: ByteStream) -> None:
+    async def _serve_requests(self, conn: h11.Connection, stream: ByteStream, local: bool) -> None:
         while True:
             try:
                 with anyio.fail_after(self.read_timeout_secs):
@@ -366,7 +532,7 @@ class HttpServer:
             if received is None:
                 return
             event, body = received
-            response = await self._respond(event, body)
+            response = await self._respond(event, body, local)
             await self._send(conn, stream, response, head=event.method == b"HEAD")
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 # HTTP/1.0 or "Connection: close": the peer has what it asked for.
@@ -420,9 +586,9 @@ class HttpServer:
             else:  # PAUSED only follows a complete request, and we return at EndOfMessage
                 raise LocalProtocolError(f"unexpected h11 event while reading: {event!r}")
 
-    async def _respond(self, event: h11.Request, body: bytes) -> Response:
+    async def _respond(self, event: h11.Request, body: bytes, local: bool) -> Response:
         try:
-            request, handler = self._admit(event, body)
+            request, handler = self._admit(event, body, local)
         except HttpError as exc:
             return exc.to_response()
         try:
@@ -436,14 +602,17 @@ class HttpServer:
             return _INTERNAL_ERROR
         return response
 
-    def _admit(self, event: h11.Request, body: bytes) -> tuple[Request, Handler]:
+    def _admit(self, event: h11.Request, body: bytes, local: bool) -> tuple[Request, Handler]:
         """Apply the security policy, parse the target and route. Raises HttpError."""
         headers: dict[str, str] = {}
         for raw_name, raw_value in event.headers:
             name, value = raw_name.decode("ascii"), raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        # Checked first: a rebound page learns nothing, not even which paths exist.
-        if not _is_loopback_host(headers.get("host", "")):
+        # Checked first: a remote or rebound client learns nothing, not even which paths exist.
+        if not (local or self.allow_remote):
+            raise HttpError(403, "the control API serves loopback clients only")
+        host = headers.get("host", "")
+        if not _is_trusted_host(host, any_ip=self.allow_remote):
             raise HttpError(403, "the Host header must name a loopback address")
         method = event.method.decode("ascii")
         try:
@@ -454,13 +623,31 @@ class HttpServer:
         query = dict(query_pairs)
         if len(query) != len(query_pairs):
             raise HttpError(400, "a query parameter is repeated")  # ambiguous: refuse
-        handler, params = self.router.match(method, target.path)
+        by_token = self.auth.bearer_ok(headers.get("authorization", ""))
+        by_session = not by_token and self.auth.session_ok(headers.get("cookie", ""))
+        try:
+            route, params = self.router.match(method, target.path)
+        except HttpError:
+            if by_token or by_session:
+                raise
+            route = None
+        if route is None or not (route.public or by_token or by_session):
+            raise _unauthenticated(headers)
         if method in _STATE_CHANGING:
             media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if media_type != "application/json":
                 raise HttpError(415, f"{method} requests need Content-Type: application/json")
+        if by_session and not route.public:
+            # Where the browser says the request comes from (Fetch Metadata, then Origin):
+            # only the dashboard page itself, or the operator opening a URL.
+            origin = headers.get("origin")
+            site = headers.get("sec-fetch-site", "same-origin")
+            if site not in ("same-origin", "none") or origin not in (None, f"http://{host}"):
+                raise HttpError(403, "the dashboard's session serves the dashboard's own page only")
+            if method in _STATE_CHANGING and headers.get(DASHBOARD_HEADER) != "1":
+                raise HttpError(403, "a dashboard request must carry X-Earendil-Dashboard: 1")
         request = Request(method, target.path, query, headers, body, params)
-        return request, handler
+        return request, route.handler
 
     async def _send(
         self,
@@ -489,7 +676,24 @@ def _too_large(limit: int) -> HttpError:
     return HttpError(413, f"request body is larger than {limit} bytes")
 
 
-def _is_loopback_host(host: str) -> bool:
+def _unauthenticated(headers: dict[str, str]) -> HttpError:
+    challenge = [("WWW-Authenticate", 'Bearer realm="earendil"')]
+    if headers.get("authorization"):
+        message = "wrong control token (the node writes a new one at each start)"
+        challenge = [("WWW-Authenticate", 'Bearer realm="earendil", error="invalid_token"')]
+    elif headers.get("cookie"):
+        message = "dashboard session expired: open a new link from `earendil-py dashboard`"
+    else:
+        message = (
+            "authentication required: send the node's control token as Authorization: "
+            "Bearer, or open the dashboard through the link `earendil-py dashboard` prints"
+        )
+    return HttpError(401, message, headers=challenge)
+
+
+def _is_trusted_host(host: str, *, any_ip: bool) -> bool:
+    """Whether a Host header is one a DNS rebinding cannot forge: ``localhost`` or a loopback
+    IP literal (with `any_ip`, any IP literal), with any port."""
     match = _HOST_RE.fullmatch(host)
     if match is None:
         return False
@@ -497,9 +701,22 @@ def _is_loopback_host(host: str) -> bool:
     if name.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        ipaddress.ip_address(name)
     except ValueError:
         return False
+    return any_ip or _is_loopback_ip(name)
+
+
+def _is_loopback_ip(text: str) -> bool:
+    """127.0.0.0/8 or ::1, also as an IPv4-mapped IPv6 address (a dual-stack socket's view
+    of 127.0.0.1)."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 async def _linger(stream: ByteStream) -> None:
@@ -513,15 +730,33 @@ async def _linger(stream: ByteStream) -> None:
 
 
 def call_api(
-    host: str,
-    port: int,
+    config: Config,
     method: str,
     path: str,
     body: object | None = None,
     *,
     timeout: float = 10.0,
 ) -> Any:
-    """Call the control API (blocking) and return the decoded JSON answer (None if empty).
+    """Call the control API of the node that `config` describes, with the token it wrote
+    beside its ledger; as `request_api` otherwise. Raises ControlApiError (status 0) if the
+    token file cannot be read."""
+    host, port = config.control_listen
+    token = read_token_file(token_path(config))
+    return request_api(host, port, method, path, body, token=token, timeout=timeout)
+
+
+def request_api(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: object | None = None,
+    *,
+    token: str,
+    timeout: float = 10.0,
+) -> Any:
+    """Call the control API (blocking) with `token` and return the decoded JSON answer (None
+    if empty).
 
     `body`, if given, is sent as JSON; the Content-Type is always JSON, as the server demands
     for state-changing methods. Raises ControlApiError: status 0 if the node cannot be
@@ -529,7 +764,11 @@ def call_api(
     server's error message. Raises TypeError if `body` is not JSON-encodable.
     """
     payload = None if body is None else _ENCODER.encode(body)
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "Authorization": f"Bearer {token}",
+    }
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         connection.request(method, path, body=payload, headers=headers)

@@ -12,20 +12,59 @@ every line of a traceback, first goes through `core.text.printable`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
-from typing import Any, Literal, TextIO
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TextIO, get_args
 
 import structlog
 from structlog.typing import EventDict, ExcInfo, WrappedLogger
 
 from earendil_py.core.text import printable
+from earendil_py.runtime.config import LoggingConfig
+
+Level = Literal["debug", "info", "warning", "error"]
+Format = Literal["auto", "json", "console"]
+LEVEL_ENV = "EARENDIL_LOG_LEVEL"
+FORMAT_ENV = "EARENDIL_LOG_FORMAT"
 
 
-def configure_logging(
-    level: Literal["debug", "info", "warning", "error"] = "info",
-    format: Literal["auto", "json", "console"] = "auto",
-) -> None:
+@dataclass(frozen=True, slots=True)
+class LogOverrides:
+    """The daemon's --log-level/--log-format, else $EARENDIL_LOG_LEVEL/$EARENDIL_LOG_FORMAT:
+    each, if set, wins over the config's [logging]."""
+
+    level: Level | None = None
+    format: Format | None = None
+
+    @classmethod
+    def from_environment(
+        cls,
+        level: str | None,
+        format: str | None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> LogOverrides:
+        """The flags' values (None if not given), else the environment's. Raises ValueError
+        naming the variable if it holds an unknown value."""
+        return cls(
+            _choice(level or environ.get(LEVEL_ENV) or None, LEVEL_ENV, Level),
+            _choice(format or environ.get(FORMAT_ENV) or None, FORMAT_ENV, Format),
+        )
+
+    def configure(self, config: LoggingConfig) -> None:
+        configure_logging(self.level or config.level, self.format or config.format)
+
+
+def _choice(value: str | None, variable: str, kind: Any) -> Any:
+    choices = get_args(kind)
+    if value is not None and value not in choices:
+        raise ValueError(f"{variable}: expected one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def configure_logging(level: Level = "info", format: Format = "auto") -> None:
     use_console = format == "console" or (format == "auto" and sys.stderr.isatty())
     renderers: list[structlog.typing.Processor] = (
         [escape_strings, structlog.dev.ConsoleRenderer(exception_formatter=escaped_traceback)]

@@ -22,16 +22,18 @@ import random
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 from anyio.streams.stapled import MultiListener
 
+from earendil_py import __version__
 from earendil_py.core.accounting import UNLIMITED, Account
 from earendil_py.core.errors import ConfigError, RemoteProtocolError
 from earendil_py.core.graph import RelayGraph
@@ -70,12 +72,21 @@ from earendil_py.core.relay import Datagram, Peeler, encode_datagram
 from earendil_py.core.rpc import DEFAULT_MAX_NEIGHBORS
 from earendil_py.runtime.accounting import Accounting
 from earendil_py.runtime.chat import Chat
-from earendil_py.runtime.config import Config, InRoute, OutRoute, parse_address
+from earendil_py.runtime.config import (
+    RESTART_FIELDS,
+    Config,
+    InRoute,
+    OutRoute,
+    diff_configs,
+    parse_address,
+    route_keys,
+)
 from earendil_py.runtime.control import build_router
 from earendil_py.runtime.faults import Faults
 from earendil_py.runtime.gossip import Gossip
-from earendil_py.runtime.http import HttpServer
+from earendil_py.runtime.http import ControlAuth, HttpServer, token_path, write_token_file
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
+from earendil_py.runtime.routes import NO_REPLY, RouteInfo, RouteTable
 from earendil_py.runtime.rpc import GlobalRpc
 from earendil_py.runtime.settlement import Settlements
 from earendil_py.runtime.timers import TimerQueue
@@ -134,13 +145,6 @@ class RelayStatistics:
     forwarded: int = 0  # packets relayed toward another peeler without onion crypto
     peeled: int = 0  # layers we peeled (packets addressed to us as next peeler)
     delivered: int = 0  # datagrams that ended here
-
-
-@dataclass(frozen=True, slots=True)
-class RouteInfo:
-    name: str
-    protocol: str
-    direction: str  # "in" or "out"
 
 
 class Transport(Protocol):
@@ -227,6 +231,8 @@ class LinkRunner:
         "_closed",
         "_closed_event",
         "_ending",
+        "_refused",
+        "_state",
         "account",
         "boundary",
         "handshake_deadline",
@@ -240,6 +246,7 @@ class LinkRunner:
         "route",
         "timer",
         "transport",
+        "unanswered",
         "was_established",
     )
 
@@ -271,8 +278,18 @@ class LinkRunner:
         # Called once when the link is finished (a UDP listener forgets its session).
         self.on_finish: Callable[[LinkRunner], None] | None = None
         self._ending = False
+        # A UDP dial's handshake unanswered so far: why (`NO_REPLY`, or `connection_refused`
+        # when the neighbour's host said its port is closed since the last retransmission).
+        self.unanswered: str | None = None
+        self._refused = False
+        self._state = link.state
         self.boundary = node.faults.boundary(link.statistics().drops, "link", self.fail)
         self.timer = node.timer_queue.add(self._deadline, self._on_timer)
+        self._logger().debug(
+            "handshake_started",
+            peer=f"{peer_address[0]}:{peer_address[1]}",
+            initiator=link.initiator,
+        )
 
     @property
     def closed(self) -> anyio.Event:
@@ -360,6 +377,10 @@ class LinkRunner:
         for message in self.link.datagrams_to_send():
             self.send(message)
         self.timer.update()
+        if self.link.state is not self._state:
+            self._state = self.link.state
+            if self._state is LinkState.PROVING:  # Noise done; identities are proven next
+                self._logger().debug("handshake_keys_agreed")
         while (event := self.link.next_event()) is not None:
             match event:
                 case LinkEstablished():
@@ -369,6 +390,7 @@ class LinkRunner:
                         self.link.close("too_many_neighbors", now)
                         continue
                     self.was_established = True
+                    self.node.routes.link_up(self.route)
                     peer = f"{self.peer_address[0]}:{self.peer_address[1]}"
                     self._logger().info("link_up", peer=peer)
                 case LinkClosed(reason=reason, by_peer=by_peer):
@@ -400,16 +422,56 @@ class LinkRunner:
             self.pending.release()
         if self.on_finish is not None:
             self.on_finish(self)
+        routes = self.node.routes
         if self.node.remove_link(self):
             self._logger().info("link_down", reason=reason, by_peer=by_peer)
+            routes.link_down(self.route, *self._failure(reason, by_peer))
         elif self.link.peer_fingerprint is not None and reason in _REFUSALS:
-            self._logger().warning(
-                "link_refused",
-                reason=reason,
-                proven=self.link.peer_fingerprint.hex(),
-            )
+            proven = self.link.peer_fingerprint.hex()
+            self._logger().warning("link_refused", reason=reason, proven=proven)
+            routes.failed(self.route, reason, proven)
         else:
             self._logger().info("handshake_failed", reason=reason)
+            routes.failed(self.route, *self._failure(reason, by_peer))
+
+    def _failure(self, reason: str, by_peer: bool) -> tuple[str, str]:
+        """The route status's failure code (and its detail) for a link closed for `reason`."""
+        if by_peer:
+            return "closed_by_peer", reason
+        if not self.was_established and self.link.initiator:
+            if self.unanswered is not None:
+                return self.unanswered, ""
+            if reason == "connection_closed" and self.route.protocol == "tcp":
+                return "handshake_closed", ""
+        return reason, ""
+
+    def check_reply(self) -> None:
+        """Over UDP a dialer resends its first handshake message when no reply came in
+        time: say so at each resend (a wrong secret gets no reply at all), not only when the
+        handshake times out. Over TCP nothing is resent; a wrong secret closes the
+        connection."""
+        link = self.link
+        if link.remote_index is not None or link.statistics().frames_out < 2:
+            return
+        self._dial_failing("connection_refused" if self._refused else NO_REPLY)
+        self._refused = False
+
+    def connection_refused(self) -> None:
+        """The neighbour's host says nothing listens on its port (ICMP, on a UDP dial)."""
+        if not self.was_established:
+            self._refused = True
+            self._dial_failing("connection_refused")
+
+    def _dial_failing(self, code: str) -> None:
+        """Put a dial's failure in its route's status before the handshake gives up; logged
+        when the route's failure changes, not at every resend or re-dial."""
+        self.unanswered = code
+        routes = self.node.routes
+        before = routes.failure_of(self.route)
+        routes.failed(self.route, code)
+        after = routes.failure_of(self.route)
+        if after is not None and (before is None or before.code != code):
+            self._logger().warning("dial_failing", failure=after.message)
 
     def _logger(self) -> Any:
         """The link's logger, bound when something is logged: a bound logger kept per link
@@ -433,6 +495,8 @@ class LinkRunner:
         with self.boundary:
             self.link.handle_timer(now)
             self.service(now)
+        if self.link.initiator and not self.was_established:
+            self.check_reply()
 
     async def wait_closed(self) -> None:
         """Return once the link is finished. Cancelled, it closes the link (telling the
@@ -490,8 +554,14 @@ class Node:
         self._bound: dict[str, socket.socket | MultiListener[SocketStream]] = {}
         self._control_listener: MultiListener[SocketStream] | None = None
         self.control_address: Address | None = None
+        self.control_auth: ControlAuth | None = None  # its token is written at bind()
         self.started_at = time.monotonic()
         self._task_group: TaskGroup | None = None
+        # Every configured route, its status, and once running the task serving it.
+        self.routes = RouteTable()
+        self._route_infos: dict[tuple[str, str], RouteInfo] = {}
+        self._route_tasks: dict[RouteInfo, _RouteTask] = {}
+        self._track_routes(config, route_keys(config))
 
     # --- link table ---------------------------------------------------------------------
 
@@ -731,6 +801,10 @@ class Node:
             out.append(queue.popleft())
         return out
 
+    def datagrams_waiting(self, dock: int) -> int:
+        """How many datagrams for `dock` are waiting to be received."""
+        return len(self._docks.get(dock, ()))
+
     async def receive_datagram(self, dock: int) -> Datagram:
         """Wait for the next datagram to `dock`."""
         while True:
@@ -755,19 +829,157 @@ class Node:
                 self.peeling.start()
                 await tg.start(self.rpc.run)
                 tg.start_soon(self.timer_queue.run)
-                for name, in_route in self.config.in_routes.items():
-                    tg.start_soon(self._listen, name, in_route)
-                for name, out_route in self.config.out_routes.items():
-                    tg.start_soon(self._dial_forever, name, out_route)
+                for info in self._route_infos.values():
+                    self._start_route(info)
                 tg.start_soon(self.gossip.run)
                 tg.start_soon(self.accounting.run)
                 tg.start_soon(self.settlements.run)
                 tg.start_soon(self._serve_control)
-                self._log.info("node_started", fingerprint=self.fingerprint.hex())
+                self._log_start()
                 task_status.started()
         finally:
             self.peeling.close()
             await self.accounting.aclose()
+
+    def _log_start(self) -> None:
+        """Where the node can be reached, one line each, then that it started."""
+        for name, (host, port) in self.listening.items():
+            protocol = self.config.in_routes[name].protocol
+            self._log.info("listening", route=name, protocol=protocol, address=_url(host, port))
+        self._log_dashboard_link()
+        self._log.info(
+            "node_started",
+            version=__version__,
+            fingerprint=self.fingerprint.hex(),
+            in_routes=len(self.config.in_routes),
+            out_routes=len(self.config.out_routes),
+        )
+
+    # --- routes: started, stopped, reloaded ---------------------------------------------
+
+    def _track_routes(self, config: Config, keys: Iterable[tuple[str, str]]) -> None:
+        """Put these routes of `config`, as ("in" or "out", name), in the route table."""
+        for direction, name in keys:
+            if direction == "in":
+                in_route = config.in_routes[name]
+                info = self.routes.add("in", name, in_route.protocol, in_route.listen)
+            else:
+                out = config.out_routes[name]
+                info = self.routes.add(
+                    "out", name, out.protocol, out.connect, parse_fingerprint(out.fingerprint)
+                )
+            self._route_infos[direction, name] = info
+
+    def _start_route(self, info: RouteInfo) -> None:
+        """Listen on an in_route (already bound) or dial an out_route, in a task of its own
+        that `_stop_route` can end alone."""
+        assert self._task_group is not None, "Node.run() is running"
+        task = self._route_tasks[info] = _RouteTask()
+        if info.direction == "in":
+            self._task_group.start_soon(task.run, self._listen, info)
+        else:
+            self._task_group.start_soon(task.run, self._dial_forever, info)
+
+    async def _stop_route(self, info: RouteInfo) -> None:
+        """Close the route's links, each telling its neighbour (`route_removed`), stop
+        listening on it or dialling it, and wait until its sockets are closed."""
+        self.routes.remove(info)
+        del self._route_infos[info.direction, info.name]
+        for runner in [r for runners in self.links.values() for r in runners]:
+            if runner.route is info:
+                runner.fail("route_removed")
+        task = self._route_tasks.pop(info, None)
+        if task is not None:
+            task.scope.cancel()
+            await task.done.wait()
+        if info.direction == "in":
+            self.listening.pop(info.name, None)
+            if (bound := self._bound.pop(info.name, None)) is not None:
+                await _close_bound(bound)
+
+    async def reload(self, config: Config) -> None:
+        """Apply a changed config while running (SIGHUP): routes removed are stopped (their
+        links closed with a CLOSE), routes added are listened on or dialled, a route whose
+        protocol, address, secret or fingerprint changed is both, and neighbours on a route
+        whose price changed are offered the new terms. Links on unchanged routes stay up.
+        What cannot change while running keeps its running value and is logged
+        (`reload_skipped`, one line per field).
+
+        Raises ConfigError, with nothing changed, if an added in_route cannot listen on an
+        address that no removed route frees. One that can only be bound once its removed
+        predecessor is closed and then fails is left down, with the reason in its status.
+        """
+        old = self.config
+        changes = diff_configs(old, config)
+        removed = [self._route_infos[key] for key in changes.removed]
+        freed = {
+            (old.in_routes[info.name].protocol, old.in_routes[info.name].listen)
+            for info in removed
+            if info.direction == "in"
+        }
+        bound: dict[str, tuple[socket.socket | MultiListener[SocketStream], Address]] = {}
+        try:  # what no removed route holds is bound first: if that fails nothing changed
+            for kind, name in changes.added:
+                route = config.in_routes.get(name)
+                if kind == "in" and route and (route.protocol, route.listen) not in freed:
+                    bound[name] = await _bind_route(route)
+        except OSError as exc:
+            for held, _ in bound.values():
+                await _close_bound(held)
+            raise ConfigError(_listen_error(config, name, exc)) from None
+        for field in changes.skipped:
+            self._log.warning("reload_skipped", field=field, reason="restart to apply")
+        for info in removed:
+            await self._stop_route(info)
+        self.config = msgspec.structs.replace(
+            config, **{field: getattr(old, field) for field in RESTART_FIELDS}
+        )
+        self._track_routes(self.config, changes.added)
+        for kind, name in changes.added:
+            info = self._route_infos[kind, name]
+            if kind == "in" and not await self._bind_added(info, bound.get(name)):
+                continue
+            self._start_route(info)
+        for key in changes.repriced:  # each neighbour on it is offered the new terms once
+            info = self._route_infos[key]
+            for runners in self.links.values():
+                runner = next((r for r in runners if r.route is info), None)
+                if runner is not None and runner.account is not None:
+                    self.spawn(self.accounting.push_price, runner)
+        self._log.info(
+            "reloaded",
+            added=[f"{kind}_routes.{name}" for kind, name in changes.added],
+            removed=[f"{kind}_routes.{name}" for kind, name in changes.removed],
+            repriced=[f"{kind}_routes.{name}" for kind, name in changes.repriced],
+        )
+
+    async def _bind_added(
+        self,
+        info: RouteInfo,
+        bound: tuple[socket.socket | MultiListener[SocketStream], Address] | None,
+    ) -> bool:
+        """Take an added in_route's socket (binding it now if it was not bound before the
+        routes it replaces were closed); False, logged and in its status, if it fails."""
+        route = self.config.in_routes[info.name]
+        try:
+            self._bound[info.name], self.listening[info.name] = bound or await _bind_route(route)
+        except OSError as exc:
+            self.routes.cannot_listen(info, exc.strerror or str(exc))
+            self._log.error("reload_failed", error=_listen_error(self.config, info.name, exc))
+            return False
+        host, port = self.listening[info.name]
+        self._log.info(
+            "listening", route=info.name, protocol=route.protocol, address=_url(host, port)
+        )
+        return True
+
+    def _log_dashboard_link(self) -> None:
+        """Log where the control API is and a one-time dashboard link (it expires soon;
+        `earendil-py dashboard` prints a new one)."""
+        assert self.control_address is not None and self.control_auth is not None
+        origin = f"http://{_url(*self.control_address)}"
+        code = self.control_auth.mint_login_code()
+        self._log.info("control_api", url=f"{origin}/", dashboard=f"{origin}/login?code={code}")
 
     def _new_link(self, *, initiator: bool, secret: str, reliable: bool, **kw: object) -> Link:
         return Link(
@@ -802,42 +1014,31 @@ class Node:
                 ) from None
             local = self._control_listener.listeners[0].extra(SocketAttribute.local_address)
             self.control_address = _as_address(local)
+            self.control_auth = ControlAuth.generate()
+            write_token_file(token_path(self.config), self.control_auth.token)
         for name, route in self.config.in_routes.items():
             if name in self._bound:
                 continue
-            host, port = parse_address(route.listen)
             try:
-                if route.protocol == "udp":
-                    sock = udp_socket(host)
-                    try:
-                        sock.bind((host, port))
-                    except OSError:
-                        sock.close()
-                        raise
-                    self._bound[name] = sock
-                    self.listening[name] = _as_address(sock.getsockname())
-                else:
-                    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-                    self._bound[name] = listener
-                    local = listener.listeners[0].extra(SocketAttribute.local_address)
-                    self.listening[name] = _as_address(local)
+                self._bound[name], self.listening[name] = await _bind_route(route)
             except OSError as exc:
-                raise ConfigError(
-                    f"{self.config.source}: in_routes.{name}.listen: cannot listen on "
-                    f"{route.listen}: {exc.strerror or exc}"
-                ) from None
+                raise ConfigError(_listen_error(self.config, name, exc)) from None
         if self.accounting.ledger is None:
             await self.accounting.start()
             await self.settlements.start()
 
     async def _serve_control(self) -> None:
-        assert self._control_listener is not None
-        server = HttpServer(build_router(self))
+        assert self._control_listener is not None and self.control_auth is not None
+        server = HttpServer(
+            build_router(self, self.control_auth),
+            self.control_auth,
+            allow_remote=self.config.control_allow_remote,
+        )
         await self._serve_listener(self._control_listener, server.serve_connection, "control")
 
-    async def _listen(self, name: str, route: InRoute) -> None:
-        info = RouteInfo(name, route.protocol, "in")
-        bound = self._bound[name]
+    async def _listen(self, info: RouteInfo) -> None:
+        route = self.config.in_routes[info.name]
+        bound = self._bound[info.name]
         if isinstance(bound, socket.socket):
             await self._serve_udp(bound, route, info)
         else:
@@ -1013,22 +1214,30 @@ class Node:
 
     # --- out_routes ---------------------------------------------------------------------
 
-    async def _dial_forever(self, name: str, route: OutRoute) -> None:
+    async def _dial_forever(self, info: RouteInfo) -> None:
         """Keep one link up on this route: dial, run, and re-dial with jittered backoff. Each
         dial is a fault boundary: whatever makes it fail, the next one follows."""
-        info = RouteInfo(name, route.protocol, "out")
+        route = self.config.out_routes[info.name]
         host, port = parse_address(route.connect)
         expected = parse_fingerprint(route.fingerprint)
         timing = self.config.links
         delay = timing.redial_min_secs
-        dial_log = self._log.bind(route=name, protocol=route.protocol)
+        dial_log = self._log.bind(route=info.name, protocol=route.protocol)
         while True:
             established = False
+            dial_log.debug("dial", address=route.connect)
             with self.faults.boundary(self.drops, "dial"):
                 try:
                     established = await self._dial_once(route, info, host, port, expected)
                 except OSError as exc:
-                    dial_log.info("dial_failed", error=exc.strerror or str(exc))
+                    code, detail = _dial_failure(exc)
+                    self.routes.failed(info, code, detail)
+                    failure = self.routes.failure_of(info)
+                    dial_log.info(
+                        "dial_failed",
+                        error=detail or code,
+                        failure=failure.message if failure else code,
+                    )
             delay = (
                 timing.redial_min_secs if established else min(delay * 2, timing.redial_max_secs)
             )
@@ -1067,10 +1276,17 @@ class Node:
     async def _read_connected_udp(self, sock: socket.socket, runner: LinkRunner) -> None:
         read = datagram_reader(sock)
 
+        def read_refused() -> tuple[Sequence[bytes], Address]:
+            try:
+                return read()
+            except ConnectionRefusedError:  # read_batch skips it; the route's status tells
+                runner.connection_refused()
+                raise
+
         def on_readable() -> bool:
             now = anyio.current_time()
             try:
-                messages = read_batch(read, UDP_BATCH)
+                messages = read_batch(read_refused, UDP_BATCH)
             except OSError:  # an ICMP error other than a closed port: the path is gone
                 runner.fail("connection_closed")
                 return False
@@ -1123,17 +1339,18 @@ class Node:
 
         async def read() -> None:
             try:
-                if first is not None:
-                    runner.receive([first], anyio.current_time())
+                # What came in the same read as the first message is taken with it: a peer
+                # may pipeline its handshake, and nothing more may arrive to wake us.
+                messages = [] if first is None else [first]
                 while True:
-                    decoder.receive_bytes(await stream.receive())
                     now = anyio.current_time()
-                    messages: list[bytes] = []
                     while (message := decoder.next_message()) is not None:
                         messages.append(message)
                     if frames := runner.receive(messages, now):
                         with self._relay_boundary:
                             self.relay_batch([(runner, frames)], now)
+                    messages = []
+                    decoder.receive_bytes(await stream.receive())
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 runner.fail("connection_closed")
             except RemoteProtocolError as exc:
@@ -1184,3 +1401,65 @@ def _refusal(account: Account | None) -> str:
 def _as_address(value: object) -> Address:
     assert isinstance(value, tuple), "an IP socket address"
     return (str(value[0]), int(value[1]))
+
+
+def _url(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listen_error(config: Config, name: str, exc: OSError) -> str:
+    route = config.in_routes[name]
+    return (
+        f"{config.source}: in_routes.{name}.listen: cannot listen on {route.listen}: "
+        f"{exc.strerror or exc}"
+    )
+
+
+async def _bind_route(
+    route: InRoute,
+) -> tuple[socket.socket | MultiListener[SocketStream], Address]:
+    """Bind an in_route's socket; returns it and its address. Raises OSError."""
+    host, port = parse_address(route.listen)
+    if route.protocol == "udp":
+        sock = udp_socket(host)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock, _as_address(sock.getsockname())
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    return listener, _as_address(listener.listeners[0].extra(SocketAttribute.local_address))
+
+
+async def _close_bound(bound: socket.socket | MultiListener[SocketStream]) -> None:
+    if isinstance(bound, socket.socket):
+        bound.close()
+    else:
+        await bound.aclose()
+
+
+class _RouteTask:
+    """The task serving one route, which can be cancelled alone and waited for."""
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.done = anyio.Event()
+
+    async def run(self, serve: Callable[[RouteInfo], Awaitable[None]], info: RouteInfo) -> None:
+        try:
+            with self.scope:
+                await serve(info)
+        finally:
+            self.done.set()
+
+
+def _dial_failure(exc: OSError) -> tuple[str, str]:
+    """A failed connect as a route failure: its code and detail. anyio's connect_tcp raises
+    a plain OSError whose cause is the error of the (last) attempt."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection_refused", ""
+    if isinstance(cause, TimeoutError):
+        return "connect_failed", "timed out"
+    return "connect_failed", cause.strerror or str(cause) or type(cause).__name__

@@ -166,6 +166,8 @@ class GlobalRpc:
         )
         waiter = _Waiter(method, anyio.Event())
         self._waiters[request_id] = waiter
+        fields = {"method": method, "neighbor": short_hex(neighbor)}
+        log.debug("rpc_call_sent", **fields)
         try:
             self._wakeup.set()  # the timer loop must learn about the new retransmission
             self._send(neighbor, payload)
@@ -174,6 +176,7 @@ class GlobalRpc:
             del self._waiters[request_id]
             if waiter.outcome is None:  # cancelled: stop retransmitting
                 self._client.cancel(request_id)
+        log.debug("rpc_call_answered", outcome=type(waiter.outcome).__name__, **fields)
         if waiter.stopped:
             raise RpcTimeout(method, 0, "GlobalRpc stopped before an answer")
         match waiter.outcome:
@@ -261,6 +264,9 @@ class GlobalRpc:
             case bytes() as response:
                 self._send(neighbor, response)
             case RequestReceived() as request:
+                log.debug(
+                    "rpc_request_received", method=request.method, neighbor=short_hex(neighbor)
+                )
                 self._handlers_running += 1
                 tg.start_soon(self._run_handler, request, self._handlers[request.method])
             case None:
@@ -303,6 +309,9 @@ class GlobalRpc:
         self._server.complete(request.neighbor, request.request_id, response, anyio.current_time())
         self._wakeup.set()  # the server timer may now be due earlier
         self._send(request.neighbor, response)
+        log.debug(
+            "rpc_request_answered", method=request.method, neighbor=short_hex(request.neighbor)
+        )
 
 
 def _internal_error(request: RequestReceived) -> bytes:

@@ -42,6 +42,7 @@ from earendil_py.core.link import (
     U32,
     ControlReceived,
     Link,
+    LinkClosed,
     LinkState,
     StreamDecoder,
     frame_for_stream,
@@ -766,6 +767,11 @@ def test_a_dropped_handshake_message_changes_nothing_in_any_link_state(
     s.link.receive_datagrams([message], s.pair.now)
     if sum(s.link.statistics().drops.values()) == dropped:
         return  # taken: a cookie holder may start a handshake of its own
+    if state == "responder_fresh" and message[0] == HS_INIT:
+        # A datagram session exists for one HS_INIT's bytes (`Endpoint`), so one that does
+        # not read ends it (test_link: a datagram session whose HS_INIT does not read...).
+        assert events(s.link) == [LinkClosed("handshake_failed")]
+        return
     assert _snapshot(s.link) == before
     s.resume()
     if state != "closed":

@@ -315,17 +315,59 @@ BAD_NOISE = [
 
 
 @pytest.mark.parametrize("noise", BAD_NOISE[:3])
-def test_a_forged_hs_init_leaves_the_responder_unchanged(noise: bytes) -> None:
+def test_a_forged_hs_init_leaves_a_stream_responder_unchanged(noise: bytes) -> None:
+    """On TCP one responder takes whatever the connection brings: a forged HS_INIT ahead of
+    the genuine one must not spoil it."""
+    rng = seeded_rng(11)
+    a = Link(
+        initiator=True,
+        identity=ALICE,
+        static_private=rng(32),
+        secret=SECRET,
+        local_index=1,
+        now=0.0,
+        rng=rng,
+        expected_fingerprint=BOB.fingerprint,
+        reliable=True,
+    )
+    b = Link(
+        initiator=False,
+        identity=BOB,
+        static_private=rng(32),
+        secret=SECRET,
+        local_index=2,
+        now=0.0,
+        rng=rng,
+        reliable=True,
+    )
+    b.receive_datagram(with_mac1(bytes([HS_INIT]) + U32.pack(99) + noise), 0.0)
+    assert sum(b.statistics().drops.values()) == 1
+    assert b.state is LinkState.HANDSHAKING
+    assert b.remote_index is None and not b.datagrams_to_send()
+    for _ in range(4):
+        for message in a.datagrams_to_send():
+            b.receive_datagram(message, 0.0)
+        for message in b.datagrams_to_send():
+            a.receive_datagram(message, 0.0)
+    assert a.state is b.state is LinkState.ESTABLISHED
+
+
+@pytest.mark.parametrize("noise", BAD_NOISE[:3])
+def test_a_datagram_session_whose_hs_init_does_not_read_ends_at_once(noise: bytes) -> None:
+    """On UDP a session exists for one HS_INIT's bytes: if they do not read it is closed at
+    once, so forged HS_INITs hold none of their source's handshake slots, and the genuine
+    HS_INIT opens its own session."""
     pair = Pair()
-    init = pair.a.datagrams_to_send()[0]
-    pair.b = pair.endpoint.route(init, ADDR, pair.now)  # the session the genuine one opens
-    assert pair.b is not None
-    pair.b.receive_datagram(with_mac1(bytes([HS_INIT]) + U32.pack(99) + noise), pair.now)
-    assert sum(pair.b.statistics().drops.values()) == 1
-    assert pair.b.remote_index is None and not pair.b.datagrams_to_send()
-    pair.deliver_to_b(init)
+    forged = with_mac1(bytes([HS_INIT]) + U32.pack(99) + noise)
+    session = pair.endpoint.route(forged, ADDR, pair.now)
+    assert session is not None
+    session.receive_datagram(forged, pair.now)
+    assert session.state is LinkState.CLOSED and not session.datagrams_to_send()
+    assert events(session) == [LinkClosed("handshake_failed")]
+    pair.endpoint.remove(session)  # as the shell does once the session's task ends
+    assert pair.endpoint.sessions == {}
     pair.pump()
-    assert pair.a.state is pair.b.state is LinkState.ESTABLISHED
+    assert pair.a.state is LinkState.ESTABLISHED
 
 
 @pytest.mark.parametrize("noise", BAD_NOISE)

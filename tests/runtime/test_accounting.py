@@ -104,8 +104,7 @@ async def test_a_rejected_price_means_no_traffic_either_way(tmp_path: Path) -> N
             assert link.statistics().drops["not_priced_out"] == 10
             assert link.packets_sent == 0
             assert receiver.receive_datagrams_nowait(DOCK) == []
-        host, port = nodes[0].config.control_listen
-        status = await anyio.to_thread.run_sync(call_api, host, port, "GET", "/api/status")
+        status = await anyio.to_thread.run_sync(call_api, nodes[0].config, "GET", "/api/status")
         (summary,) = status["accounts"]
         assert summary["priced"] is False and summary["their_price_umel"] is None
 
@@ -120,16 +119,14 @@ async def test_a_reprice_charges_old_packets_at_the_old_price(tmp_path: Path) ->
         with anyio.fail_after(10):
             await send_and_wait(a, b, 100)
             await send_and_wait(b, a, 40)
-        host, port = b.config.control_listen
         answer = await anyio.to_thread.run_sync(
             call_api,
-            host,
-            port,
+            b.config,
             "POST",
             f"/api/neighbors/{a.fingerprint.hex()}/price",
             {"price_umel": 7, "debt_limit_umel": 1_000_000},
         )
-        assert answer == {"accepted": True}
+        assert answer == {"accepted": True, "reason": ""}
         with anyio.fail_after(10):
             await send_and_wait(a, b, 50)
             await send_and_wait(b, a, 10)
@@ -349,9 +346,8 @@ async def test_forged_replayed_and_overclaiming_push_debt(tmp_path: Path) -> Non
         assert account(a, b).debt_out_umel == 20
         a.send_datagram(b.fingerprint, DOCK, b"x", hops=1)
         assert a.links[b.fingerprint][0].statistics().drops["frozen_out"] == 1
-        host, port = a.config.control_listen
         await anyio.to_thread.run_sync(
-            call_api, host, port, "POST", f"/api/neighbors/{b.fingerprint.hex()}/unfreeze", {}
+            call_api, a.config, "POST", f"/api/neighbors/{b.fingerprint.hex()}/unfreeze", {}
         )
         assert account(a, b).state.frozen == ""
 

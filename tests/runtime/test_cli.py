@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import base64
 import json
 import os
 import signal
@@ -9,20 +11,34 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
-from earendil_py.cli import main
-from earendil_py.netgen import GeneratedNode, generate_network
+from earendil_py import __version__
+from earendil_py.cli import _in_flag_words, build_parser, main
+from earendil_py.core.identity import Identity
+from earendil_py.netgen import Edge, GeneratedNode, generate_network
 from earendil_py.runtime.accounting import REFUSED
+from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.rpc import RpcError
 from earendil_py.runtime.settlement import SettlementState
 from earendil_py.runtime.store import LedgerStore, ledger_id_file
-from tests.helpers import daemon_api, run_cli, wait_until
-from tests.runtime.test_control import cli, config_path
+from tests.helpers import (
+    converged,
+    daemon_api,
+    make_nodes,
+    run_cli,
+    running,
+    seeded_rng,
+    wait_until,
+)
+from tests.runtime.test_control import LINE3, cli, config_path
 from tests.runtime.test_settlement import network, owe, record_in
 
 # What a hostile neighbour puts in its text: clear the screen, retitle the window, reverse the
@@ -80,7 +96,7 @@ async def test_peer_text_is_shown_escaped(
             capsys, "chat", "--config", config_path(a), "--neighbor", b.fingerprint.hex(),
             "--send", "hello?",
         )  # fmt: skip
-        assert code == 1
+        assert code == 3  # refused by the neighbour
         assert shown_line(err, "earendil-py: error: ").endswith(SHOWN)
 
 
@@ -256,3 +272,202 @@ def test_an_unreadable_ledger_is_one_line_naming_it(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith(f"earendil-py: error: {db}: unreadable ledger: ")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# --- help, config file, fingerprints and exit statuses ------------------------------------
+
+
+def test_every_command_and_flag_is_described(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"earendil-py {__version__}\n"
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = {choice.dest: choice.help for choice in commands._choices_actions}
+    assert set(commands.choices) == {
+        "keygen", "fingerprint", "check-config", "daemon", "status", "send", "receive",
+        "reprice", "unfreeze", "settle", "settlements", "accept", "reject", "chat", "dashboard",
+    }  # fmt: skip
+    for name, command in commands.choices.items():
+        assert helps[name] and command.description, name
+        for action in command._actions:
+            assert action.help, (name, action.dest)
+        assert "exit status:" in command.format_help()
+    for text in ("exit status:", "EARENDIL_CONFIG", "/etc/earendil_py/node.toml"):
+        assert text in parser.format_help()
+
+
+def test_the_config_comes_from_the_flag_the_environment_or_a_default_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (node,) = generate_network(tmp_path / "net", 1, [])
+    home, empty = tmp_path / "home", tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.delenv("EARENDIL_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+    monkeypatch.chdir(empty)
+    assert main(["check-config"]) == 2
+    assert capsys.readouterr().err == (
+        "earendil-py: error: no config file: give --config FILE or set EARENDIL_CONFIG "
+        f"(looked for node.toml, {home}/earendil_py/node.toml, /etc/earendil_py/node.toml)\n"
+    )
+
+    def checked(*argv: str) -> str:
+        assert main(["check-config", "--json", *argv]) == 0
+        config: str = json.loads(capsys.readouterr().out)["config"]
+        return config
+
+    assert checked("--config", str(node.config_path)) == str(node.config_path)
+    monkeypatch.setenv("EARENDIL_CONFIG", str(node.config_path))
+    assert checked() == str(node.config_path)
+    monkeypatch.delenv("EARENDIL_CONFIG")
+    (home / "earendil_py").mkdir(parents=True)
+    (home / "earendil_py" / "node.toml").symlink_to(node.config_path)
+    assert checked() == f"{home}/earendil_py/node.toml"
+    monkeypatch.chdir(node.directory)  # ./node.toml comes first
+    assert checked() == "node.toml"
+
+
+@pytest.fixture
+def quiet() -> Iterator[None]:
+    """In-process nodes' log lines, which would otherwise be printed among the CLI's output,
+    are captured instead."""
+    with capture_logs():
+        yield
+
+
+def colliding_identities(prefix_digits: int) -> tuple[Identity, Identity]:
+    """Two identities whose fingerprints share their first `prefix_digits` hex digits."""
+    seen: dict[str, Identity] = {}
+    rng = seeded_rng(14)
+    while True:
+        identity = Identity.generate(rng)
+        prefix = identity.fingerprint.hex()[:prefix_digits]
+        if prefix in seen:
+            return seen[prefix], identity
+        seen[prefix] = identity
+
+
+@pytest.mark.anyio
+async def test_a_fingerprint_prefix_names_a_neighbour_or_a_node_of_the_graph(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    nodes = make_nodes(tmp_path, 3, LINE3)  # node0 - node1 - node2
+    config = config_path(nodes[0])
+    one, two = (node.fingerprint.hex() for node in nodes[1:])
+    async with running(nodes):
+        with anyio.fail_after(10):
+            await converged(nodes, LINE3)
+        # A node of the graph is a destination, but not a neighbour.
+        code, out, err = await cli(
+            capsys, "send", "--config", config, "--to", two[:6], "--dock", "9", "hi"
+        )
+        assert (code, out, err) == (0, f"sent 2 bytes to {two[:8]} dock 9\n", "")
+        with anyio.fail_after(5):
+            assert (await nodes[2].receive_datagram(9)).data == b"hi"
+        code, _, err = await cli(capsys, "chat", "--config", config, "--neighbor", two[:6])
+        assert code == 2
+        assert err == (
+            f"earendil-py: error: --neighbor: no neighbour has a fingerprint starting with "
+            f"{two[:6]}\n"
+        )
+        code, _, _ = await cli(capsys, "chat", "--config", config, "--neighbor", one[:4].upper())
+        assert code == 0
+
+        code, _, err = await cli(capsys, "chat", "--config", config, "--neighbor", "abc")
+        assert code == 2
+        assert "--neighbor: expected a fingerprint (64 hex digits) or a unique prefix" in err
+
+        # Two nodes of the graph whose fingerprints begin alike.
+        first, second = colliding_identities(4)
+        for identity in (first, second):
+            assert nodes[0].graph.insert_identity(
+                identity.descriptor(int(time.time())), int(time.time()), source=None
+            )
+        prefix = first.fingerprint.hex()[:4]
+        code, _, err = await cli(
+            capsys, "send", "--config", config, "--to", prefix, "--dock", "9", "x"
+        )
+        assert code == 2
+        assert err.startswith(f"earendil-py: error: --to: {prefix} is ambiguous (")
+        assert err.endswith("): give more digits\n")
+
+
+@pytest.mark.anyio
+async def test_exit_statuses_and_errors_name_what_happened_in_the_clis_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    nodes = make_nodes(tmp_path, 2, [Edge(0, 1, "udp")])
+    config, me = config_path(nodes[0]), nodes[0].fingerprint.hex()
+    neighbour = nodes[1].fingerprint.hex()
+    async with running(nodes):
+        with anyio.fail_after(10):
+            await converged(nodes, [Edge(0, 1, "udp")])
+        # Refused by the neighbour: above the most it pays (outbound_max_price_umel = 10).
+        code, out, err = await cli(
+            capsys, "reprice", "--config", config, "--neighbor", neighbour[:8],
+            "--price", "11", "--debt-limit", "100000",
+        )  # fmt: skip
+        assert (code, out) == (3, "")
+        assert err == (
+            f"earendil-py: error: not accepted by {neighbour[:8]}: the price is above the most it "
+            "accepts to pay (price_too_high); the previous price stays in force\n"
+        )
+        code, out, _ = await cli(
+            capsys, "reprice", "--config", config, "--neighbor", neighbour[:8],
+            "--price", "2", "--debt-limit", "100000",
+        )  # fmt: skip
+        assert (code, out) == (
+            0,
+            f"accepted by {neighbour[:8]}: 2 uMEL a packet, debt limit 100000 uMEL\n",
+        )
+        # A usage error names the flags.
+        code, _, err = await cli(
+            capsys, "settle", "--config", config, "--neighbor", neighbour, "--method", "manual"
+        )
+        assert code == 2
+        assert err == (
+            "earendil-py: error: settle: nothing to settle: give --amount (we pay) or "
+            "--request (they pay)\n"
+        )
+        with pytest.raises(SystemExit) as exited:
+            main(["send", "--config", config, "--to", me, "--dock", "-1", "x"])
+        assert exited.value.code == 2
+        assert "argument --dock: expected 0 to 4294967295, got -1" in capsys.readouterr().err
+        # What the API says of a bad field is said of the flag it came from.
+        with pytest.raises(ControlApiError) as refused:
+            body = {"destination": me, "dock": -1, "data_b64": ""}
+            await anyio.to_thread.run_sync(call_api, nodes[0].config, "POST", "/api/send", body)
+        assert refused.value.message == "invalid JSON body: Expected `int` >= 0 - at `$.dock`"
+        assert _in_flag_words(refused.value.message, {"dock": "--dock"}) == (
+            "--dock: expected int >= 0"
+        )
+
+        # receive says when more are waiting than it printed.
+        for text in ("one", "two", "three"):
+            code, _, _ = await cli(
+                capsys, "send", "--config", config, "--to", me, "--dock", "5", text
+            )
+            assert code == 0
+        code, out, err = await cli(
+            capsys, "receive", "--config", config, "--dock", "5", "--max", "2"
+        )
+        assert (code, out) == (0, "one\ntwo\n")
+        assert err == "earendil-py: 1 more datagram waiting on dock 5: run again, or use --follow\n"
+        code, out, err = await cli(capsys, "receive", "--config", config, "--dock", "5", "--json")
+        answer = json.loads(out)
+        assert (code, err, answer["waiting"]) == (0, "", 0)
+        assert [base64.b64decode(d["data_b64"]) for d in answer["datagrams"]] == [b"three"]
+
+        # --json has the full fingerprints and every route.
+        code, out, _ = await cli(capsys, "status", "--config", config, "--json")
+        status = json.loads(out)
+        assert code == 0 and status["fingerprint"] == me
+        (route,) = status["routes"]
+        assert (route["name"], route["state"], route["neighbor"]) == ("node1_udp", "up", neighbour)
+        assert [link["neighbor"] for link in status["links"]] == [neighbour]
+    # Once the node is gone: a node failure.
+    code, _, err = await cli(capsys, "status", "--config", config)
+    assert code == 1 and "cannot reach the node's control API" in err

@@ -57,8 +57,7 @@ def balances(a: Node, b: Node) -> tuple[int, int, int, int]:
 
 
 async def api(node: Node, method: str, path: str, body: object | None = None) -> Any:
-    host, port = node.config.control_listen
-    return await anyio.to_thread.run_sync(call_api, host, port, method, path, body)
+    return await anyio.to_thread.run_sync(call_api, node.config, method, path, body)
 
 
 async def record_in(
