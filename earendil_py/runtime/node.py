@@ -108,6 +108,7 @@ COUNT_PACKETS = True
 # Only bench/accounting.py turns this off, to measure what it costs.
 ACCOUNTING = True
 UDP_BATCH = 64  # datagrams drained per wake-up before yielding (a coalesced read may pass it)
+PEEL_CHUNK = 16  # layers peeled before they are sent on (relay_batch)
 DEFAULT_HOPS = 3  # peelers per route, the destination included
 MAX_DOCKS = 256  # docks holding undelivered datagrams
 DOCK_QUEUE = 4096  # undelivered datagrams kept per dock; more are dropped and counted
@@ -672,8 +673,10 @@ class Node:
 
         Each item is (the link the frames came in on, or None for our own, the frames).
         Counters are bumped once per item, never per packet. A forwarded frame leaves as it
-        came, re-encrypted for the next link. The layers to peel are peeled together (on two
-        threads when there are two CPUs), so they leave after the batch's plain forwards.
+        came, re-encrypted for the next link, before any layer is peeled. The layers to peel
+        are peeled PEEL_CHUNK at a time (on two threads when there are two CPUs), and each
+        chunk leaves as soon as it is peeled: a busy link still sends in batches, but a frame
+        does not wait for the peels of a whole batch (~1.5 ms for 64 on two threads here).
         """
         me = self.fingerprint
         leaving: list[bytes] = []
@@ -698,12 +701,21 @@ class Node:
                         forwarded -= 1
                 else:
                     leaving.append(frame)
-        if to_peel:
-            leaving += self._peel_batch(to_peel, now)
+        if refused:
+            self._refused(refused)
+        self.relay.forwarded += forwarded
+        if leaving:
+            self._send_frames(leaving)
+        for start in range(0, len(to_peel), PEEL_CHUNK):
+            if leaving := self._peel_batch(to_peel[start : start + PEEL_CHUNK], now):
+                self._send_frames(leaving)
+
+    def _send_frames(self, frames: list[bytes]) -> None:
+        """Send onion frames, each on the link toward its next peeler, grouped by link."""
         outgoing: dict[LinkRunner, list[bytes]] = {}
         lanes: dict[bytes, list[bytes] | None] = {}  # next peeler -> its link's frames
         no_route = 0
-        for frame in leaving:
+        for frame in frames:
             next_peeler = frame[1:_NEXT_PEELER_END]
             lane = lanes.get(next_peeler, _NO_LANE)
             if lane is _NO_LANE:
@@ -713,14 +725,9 @@ class Node:
                 continue
             lane.append(frame)
         # Every link's frames are encrypted before any is sent (an error then sends nothing).
-        encrypted = [
-            (runner, runner.link.encrypt_onions(frames)) for runner, frames in outgoing.items()
-        ]
-        if refused:
-            self._refused(refused)
-        for runner, frames in encrypted:
-            runner.send_onions(frames)
-        self.relay.forwarded += forwarded
+        encrypted = [(runner, runner.link.encrypt_onions(out)) for runner, out in outgoing.items()]
+        for runner, sealed in encrypted:
+            runner.send_onions(sealed)
         if no_route:
             self.drops["no_route"] += no_route
 

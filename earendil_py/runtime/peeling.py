@@ -8,10 +8,13 @@ the relay with and without the second thread.
 
 The relay loop hands a batch to `peel_all` and waits for it: both threads take layers from
 one shared iterator (each `next` is atomic under the GIL), so neither idles while the other
-has work, and the results come back in the batch's order. A batch of fewer than
-PARALLEL_MIN layers is peeled on the calling thread alone: waking the other thread costs
-tens of µs. The second thread exists only when this process may run on two CPUs or more
-(its affinity, e.g. as set by `taskset`); with one there is nothing to gain.
+has work, and the results come back in the batch's order. The relay loop waits only for
+layers the second thread is still peeling: once every layer is done it goes on, even if the
+second thread has not woken up yet (on a busy machine that can take milliseconds; the
+thread then finds nothing left). A batch of fewer than PARALLEL_MIN layers is peeled on the
+calling thread alone: waking the other thread costs tens of µs. The second thread exists
+only when this process may run on two CPUs or more (its affinity, e.g. as set by
+`taskset`); with one there is nothing to gain.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ class _Batch:
     packets: list[bytes]
     layers: list[Layer | None]
     todo: Iterator[int]  # indices into packets, shared by both threads
-    done: threading.Event = field(default_factory=threading.Event)
+    left: int  # layers not peeled yet, under `lock`
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: threading.Event = field(default_factory=threading.Event)  # set when `left` is 0
     error: BaseException | None = None
 
 
@@ -64,10 +69,11 @@ class ParallelPeeler:
         if not self.parallel or len(packets) < PARALLEL_MIN:
             peel_layer = self._peel_layer
             return [peel_layer(packet) for packet in packets]
-        batch = _Batch(packets, [None] * len(packets), iter(range(len(packets))))
+        count = len(packets)
+        batch = _Batch(packets, [None] * count, iter(range(count)), count)
         self._batches.put(batch)
         self._work(batch)
-        batch.done.wait()
+        batch.done.wait()  # at once unless the second thread is amid a layer
         if batch.error is not None:
             raise batch.error
         return batch.layers  # type: ignore[return-value]  # every index was taken
@@ -80,14 +86,17 @@ class ParallelPeeler:
 
     def _work(self, batch: _Batch) -> None:
         peel_layer, packets, layers = self._peel_layer, batch.packets, batch.layers
+        lock = batch.lock
         for index in batch.todo:
-            layers[index] = peel_layer(packets[index])
+            try:
+                layers[index] = peel_layer(packets[index])
+            except BaseException as exc:  # a bug: raised in the relay loop, not lost
+                batch.error = exc
+            with lock:
+                batch.left -= 1
+                if batch.left == 0:
+                    batch.done.set()
 
     def _serve(self) -> None:
         while (batch := self._batches.get()) is not None:
-            try:
-                self._work(batch)
-            except BaseException as exc:  # a bug: raised in the relay loop, not lost here
-                batch.error = exc
-            finally:
-                batch.done.set()
+            self._work(batch)
