@@ -17,7 +17,6 @@ from earendil_py.core.link import (
     HS_FINAL,
     HS_INIT,
     HS_RESP,
-    IDLE_FRAMES,
     MAX_MESSAGE_SIZE,
     PING,
     PROOF,
@@ -454,12 +453,28 @@ def test_keepalive_measures_rtt_and_detects_a_dead_peer() -> None:
     assert events(pair.a) == [LinkClosed("keepalive_timeout")]
 
 
+def test_neighbours_that_hear_from_each_other_do_not_both_ping() -> None:
+    pair = established()
+    assert pair.b is not None
+    peeler, packet = b"\x11" * 32, bytes(range(256)) * 5
+    pings = 0
+    for _ in range(int(5 * TIMERS.keepalive_interval / 0.05)):
+        # Traffic both ways: each side hears the other all the time, so neither pings.
+        pair.deliver_to_b(pair.a.encrypt_onion(peeler, packet))
+        pair.deliver_to_a(pair.b.encrypt_onion(peeler, packet))
+        before = len(pair.sent_to_a) + len(pair.sent_to_b)
+        pair.advance(0.05)
+        pings += len(pair.sent_to_a) + len(pair.sent_to_b) - before
+    assert pings == 0
+    assert pair.a.state is LinkState.ESTABLISHED and pair.b.state is LinkState.ESTABLISHED
+
+
 def test_an_idle_link_lets_its_ciphers_go_and_still_carries_frames_both_ways() -> None:
     pair = established()
     assert pair.b is not None
     pair.advance(3 * TIMERS.keepalive_interval)  # keepalives only
     assert pair.a.state is LinkState.ESTABLISHED and pair.b.state is LinkState.ESTABLISHED
-    # Idle: the OpenSSL contexts (about 5 KB a link) are made for each batch, not kept.
+    # Idle: the OpenSSL contexts (about 5 KB a link) are made for each frame, not kept.
     for link in (pair.a, pair.b):
         assert link._send_aead is None and link._recv_aead is None
         assert link._send is not None and link._send._aead is None
@@ -475,7 +490,7 @@ def test_a_busy_link_keeps_its_ciphers() -> None:
     assert pair.b is not None
     peeler, packet = b"\x11" * 32, bytes(range(256)) * 5
     for _ in range(int(3 * TIMERS.keepalive_interval / 0.05)):
-        for _ in range(IDLE_FRAMES):
+        for _ in range(4):
             pair.deliver_to_b(pair.a.encrypt_onion(peeler, packet))
         pair.advance(0.05)
     assert pair.a.state is LinkState.ESTABLISHED
