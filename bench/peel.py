@@ -22,6 +22,7 @@ from nacl.bindings import (
     crypto_scalarmult,
     crypto_scalarmult_base,
 )
+from summary import result
 
 from earendil_py.core.packet import BODY_SIZE, PACKET_SIZE, build_packet, peel_packet
 
@@ -88,6 +89,7 @@ def main() -> int:
     print(f"crypto floor         {floor_us:8.2f} us/packet  (X25519 + ChaCha20-Poly1305 + BLAKE3)")
     verdict = "ok" if ratio <= TARGET_RATIO else "over target"
     print(f"peel / floor         {ratio:8.3f}   (target <= {TARGET_RATIO}: {verdict})")
+    result("peel / crypto floor", ratio, "", f"<= {TARGET_RATIO}", ratio <= TARGET_RATIO)
     return 0
 
 

@@ -3,7 +3,8 @@
 Used by the demo, the benchmarks and end-to-end tests: every node gets its own directory with
 a 0600 identity file and a 0600 `node.toml` whose routes point at its neighbours on
 127.0.0.1. `Daemons` runs them as `earendil-py daemon` processes and stops every one it
-started, however the block that runs them ends.
+started, however the block that runs them ends. `random_network`, `wait_routed`, `Traffic`,
+`balance_mismatches` and `disputes` are what bench/network.py and its test do with one.
 
 Ports. A port is written into two configs (the listener's and the dialer's) before either
 daemon starts, so it must stay free until the listener binds it, which for the last of a
@@ -22,24 +23,35 @@ listeners started.)
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import http.client
+import json
 import os
 import random
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from earendil_py.runtime.config import Config, load_config
-from earendil_py.runtime.http import call_api
+from earendil_py.runtime.http import (
+    ControlApiError,
+    call_api,
+    read_token_file,
+    request_api,
+    token_path,
+)
 from earendil_py.runtime.keyfile import create_identity_file, write_private_file
 
 PORT_LOW = 10_000  # above the well-known and most commonly configured ports
@@ -210,6 +222,18 @@ class RunningDaemon:
         raises ControlApiError."""
         return call_api(self.generated.config, method, path, body, **kw)
 
+    def cpu_secs(self) -> float:
+        """User and system CPU seconds the process used so far, all its threads (Linux)."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self) -> int:
+        """The process's resident set (Linux)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmRSS for process {self.pid}")
+
 
 class Daemons:
     """Runs generated nodes as daemons: `with Daemons(nodes) as daemons:` starts one process
@@ -275,3 +299,270 @@ def daemon_logs(nodes: Sequence[GeneratedNode], log_name: str = "daemon.log") ->
         path = node.directory / log_name
         if path.exists():
             yield from path.read_text(errors="replace").splitlines()
+
+
+# --- a running network: routing, traffic, balances ---------------------------------------
+
+# A random network's links: mean degree, price and debt limit (automatic settlement starts at
+# half of it, so a few minutes of traffic settles), and how often each side pushes its claims.
+RANDOM_DEGREE = 3.0
+RANDOM_PRICE_UMEL = 2
+RANDOM_DEBT_LIMIT_UMEL = 10_000
+RANDOM_PUSH_SECS = 5.0
+RANDOM_NETWORK_TOML = f"""
+[accounting]
+push_debt_secs = {RANDOM_PUSH_SECS}
+checkpoint_secs = 1.0
+
+[logging]
+format = "json"
+"""
+
+
+def random_edges(
+    node_count: int, degree: float, seed: int, protocols: Sequence[str] = ("udp", "tcp")
+) -> list[Edge]:
+    """A random connected graph, the same for the same seed: a random tree (each node links
+    to one drawn among those before it), then random links until the mean degree is
+    `degree`. Each link's dialer and protocol are drawn too."""
+    rng = random.Random(seed)
+    pairs: set[tuple[int, int]] = set()
+    for node in range(1, node_count):
+        pairs.add((rng.randrange(node), node))
+    wanted = max(node_count - 1, round(degree * node_count / 2))
+    wanted = min(wanted, node_count * (node_count - 1) // 2)
+    while len(pairs) < wanted:
+        a, b = sorted(rng.sample(range(node_count), 2))
+        pairs.add((a, b))
+    edges = []
+    for a, b in sorted(pairs):
+        dialer, listener = (a, b) if rng.random() < 0.5 else (b, a)
+        edges.append(Edge(dialer, listener, rng.choice(protocols)))
+    return edges
+
+
+def random_network(
+    root: Path, node_count: int, seed: int, *, extra_links: Sequence[int] = ()
+) -> tuple[list[GeneratedNode], list[Edge]]:
+    """`random_edges` among `node_count` nodes, with RANDOM_NETWORK_TOML and every route's
+    price and debt limit. With `extra_links`, one more node, linked over UDP to those nodes
+    (it dials them), last in both lists."""
+    edges = random_edges(node_count, RANDOM_DEGREE, seed)
+    extra = [Edge(node_count, node, "udp") for node in extra_links]
+    count = node_count + (1 if extra else 0)
+    tables: dict[int, list[str]] = {i: [] for i in range(count)}
+    for edge in edges + extra:
+        for node, route in (
+            (edge.listener, f"in_routes.from_node{edge.dialer}_{edge.protocol}"),
+            (edge.dialer, f"out_routes.node{edge.listener}_{edge.protocol}"),
+        ):
+            tables[node] += [
+                f"[{route}.price]",
+                f"inbound_price_umel = {RANDOM_PRICE_UMEL}",
+                f"inbound_debt_limit_umel = {RANDOM_DEBT_LIMIT_UMEL}",
+                "",
+            ]
+    nodes = generate_network(
+        root,
+        count,
+        edges + extra,
+        extra_toml=RANDOM_NETWORK_TOML,
+        node_toml={node: "\n".join(lines) for node, lines in tables.items()},
+    )
+    return nodes, edges + extra
+
+
+def statuses(daemons: Sequence[RunningDaemon]) -> list[dict[str, Any] | None]:
+    """Every daemon's /api/status (None for one that does not answer yet)."""
+    found: list[dict[str, Any] | None] = []
+    for daemon in daemons:
+        try:
+            found.append(daemon.call("GET", "/api/status", timeout=5.0))
+        except ControlApiError:
+            found.append(None)
+    return found
+
+
+def wait_answering(daemons: Sequence[RunningDaemon], timeout: float) -> None:
+    """Return once every daemon answers its control API. Raises TimeoutError naming those
+    that do not after `timeout` seconds, or as soon as one exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        silent = [
+            d.generated.name for d, s in zip(daemons, statuses(daemons), strict=True) if s is None
+        ]
+        if not silent:
+            return
+        gone = [d.generated.name for d in daemons if d.process.poll() is not None]
+        if gone or time.monotonic() > deadline:
+            raise TimeoutError(f"not answering after {timeout:g}s: {silent}; exited: {gone}")
+        time.sleep(0.2)
+
+
+def routed(status: dict[str, Any] | None, node_count: int, edge_count: int) -> bool:
+    """Whether a node knows every node and link of the network, and has every link of its
+    own priced (both offers accepted), so that it can send anywhere."""
+    if status is None:
+        return False
+    graph = status["graph"]
+    neighbors = {link["neighbor"] for link in status["links"]}
+    priced = {a["neighbor"] for a in status["accounts"] if a["priced"]}
+    return (
+        graph["identities"] == node_count
+        and graph["adjacencies"] == edge_count
+        and bool(neighbors)
+        and neighbors <= priced
+    )
+
+
+def wait_routed(
+    daemons: Sequence[RunningDaemon], node_count: int, edge_count: int, timeout: float
+) -> None:
+    """Return once every daemon is `routed` in a network of `node_count` nodes (the daemons
+    and any node run otherwise) and `edge_count` links. Raises TimeoutError naming those
+    that are not after `timeout` seconds, or as soon as one exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        late = [
+            daemon.generated.name
+            for daemon, status in zip(daemons, statuses(daemons), strict=True)
+            if not routed(status, node_count, edge_count)
+        ]
+        if not late:
+            return
+        gone = [d.generated.name for d in daemons if d.process.poll() is not None]
+        if gone or time.monotonic() > deadline:
+            raise TimeoutError(f"not routed after {timeout:g}s: {late}; exited: {gone}")
+        time.sleep(0.2)
+
+
+def balance_mismatches(daemons: Sequence[RunningDaemon]) -> tuple[int, list[str]]:
+    """(neighbour pairs compared, one line per pair whose two sides disagree on what either
+    owes the other, to the µMEL)."""
+    by_fingerprint = {d.generated.fingerprint: d for d in daemons}
+    views: dict[tuple[str, str], tuple[int, int]] = {}
+    for daemon in daemons:
+        for account in daemon.call("GET", "/api/status")["accounts"]:
+            key = (daemon.generated.fingerprint, account["neighbor"])
+            views[key] = (account["debt_in_umel"], account["debt_out_umel"])
+    pairs = 0
+    mismatches = []
+    for (me, neighbor), (owed_me, i_owe) in sorted(views.items()):
+        if me > neighbor or neighbor not in by_fingerprint:
+            continue
+        pairs += 1
+        theirs = views.get((neighbor, me))
+        if theirs != (i_owe, owed_me):
+            mismatches.append(
+                f"{by_fingerprint[me].generated.name} says it is owed {owed_me} and owes "
+                f"{i_owe} uMEL; {by_fingerprint[neighbor].generated.name} says "
+                + ("nothing" if theirs is None else f"it owes {theirs[1]} and is owed {theirs[0]}")
+            )
+    return pairs, mismatches
+
+
+_ID = struct.Struct(">Q")
+
+
+@dataclass
+class Traffic:
+    """Each daemon sends `rate` datagrams a second to destinations drawn at random among the
+    others, through `hops` peelers, for `seconds`: one thread per daemon, each calling
+    POST /api/send over one kept-alive connection (a new connection per call would cost each
+    daemon ~0.3 ms more per datagram). The schedule is fixed: a daemon that answers late
+    makes its thread send late, not less, so `offered` is rate x seconds x daemons. Each
+    datagram carries its number; `collect` takes them from every daemon's dock."""
+
+    daemons: Sequence[RunningDaemon]
+    rate: float
+    hops: int
+    dock: int
+    seed: int
+    offered: int = 0
+    refused: int = 0  # answered with an error (no route, say): offered, not sent
+    late_secs: float = 0.0  # the latest any datagram was sent after its time
+    delivered: set[int] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, seconds: float) -> None:
+        """Send for `seconds` (returns when every thread has sent its share)."""
+        start = time.monotonic() + 0.2
+        threads = [
+            threading.Thread(target=self._send, args=(index, start, seconds), daemon=True)
+            for index in range(len(self.daemons))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _send(self, index: int, start: float, seconds: float) -> None:
+        daemon = self.daemons[index]
+        config = daemon.generated.config
+        host, port = config.control_listen
+        token = read_token_file(token_path(config))
+        others = [d.generated.fingerprint for d in self.daemons if d is not daemon]
+        rng = random.Random(self.seed * 1_000_003 + index)
+        count = round(self.rate * seconds)
+        padding = rng.randbytes(64)
+        refused, late = 0, 0.0
+        connection = http.client.HTTPConnection(host, port, timeout=10.0)
+        try:
+            at = start + rng.random() / self.rate  # each daemon's own phase
+            for number in range(count):
+                delay = at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                else:
+                    late = max(late, -delay)
+                data = _ID.pack(index << 32 | number) + padding
+                body = {
+                    "destination": rng.choice(others),
+                    "dock": self.dock,
+                    "data_b64": base64.b64encode(data).decode(),
+                    "hops": self.hops,
+                }
+                try:
+                    request_api(
+                        host, port, "POST", "/api/send", body, token=token, connection=connection
+                    )
+                except ControlApiError:
+                    refused += 1
+                at += 1 / self.rate
+        finally:
+            connection.close()
+            with self._lock:
+                self.offered += count
+                self.refused += refused
+                self.late_secs = max(self.late_secs, late)
+
+    def collect(self) -> int:
+        """Take every datagram waiting at `dock` on every daemon; returns how many came."""
+        came = 0
+        for daemon in self.daemons:
+            while True:
+                batch = daemon.call("POST", "/api/receive", {"dock": self.dock, "limit": 10_000})
+                for datagram in batch["datagrams"]:
+                    self.delivered.add(_ID.unpack_from(base64.b64decode(datagram["data_b64"]))[0])
+                came += len(batch["datagrams"])
+                if not batch["waiting"]:
+                    break
+        return came
+
+
+def settlements_completed(daemons: Sequence[RunningDaemon]) -> int:
+    """Settlements completed in the network, each counted once (by its proposer)."""
+    return sum(
+        s["role"] == "proposer" and s["state"] == "completed"
+        for daemon in daemons
+        for s in daemon.call("GET", "/api/settlements")["settlements"]
+    )
+
+
+def disputes(nodes: Sequence[GeneratedNode], log_name: str = "daemon.log") -> int:
+    """How many claims the daemons disputed (`debt_dispute` in their logs)."""
+    count = 0
+    for line in daemon_logs(nodes, log_name):
+        with contextlib.suppress(ValueError):
+            count += json.loads(line).get("event") == "debt_dispute"
+    return count
