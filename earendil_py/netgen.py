@@ -3,8 +3,17 @@
 Used by the demo, the benchmarks and end-to-end tests: every node gets its own directory with
 a 0600 identity file and a 0600 `node.toml` whose routes point at its neighbours on
 127.0.0.1. `Daemons` runs them as `earendil-py daemon` processes and stops every one it
-started, however the block that runs them ends. `random_network`, `wait_routed`, `Traffic`,
-`balance_mismatches` and `disputes` are what bench/network.py and its test do with one.
+started, however the block that runs them ends. `random_network`, `wait_routed`,
+`TrafficPlan`, `balance_mismatches` and `disputes` are what bench/network.py and its test do
+with one.
+
+Traffic. With a `TrafficPlan`, each node runs as `python -m earendil_py.netgen` instead of
+`earendil-py daemon`: the same node (config, identity, ledger, control API, signals), plus a
+task that, from SIGUSR1 on, sends datagrams to random destinations with `Node.send_datagram`
+(what the control API's /api/send calls) and takes those that arrive at its dock, timing
+each from its sending (CLOCK_MONOTONIC is one clock for every process on the machine).
+Sending through the control API would cost each daemon ~0.8 ms of CPU per datagram in
+HTTP alone (on the development VM, with a kept-alive connection), more than the relaying.
 
 Ports. A port is written into two configs (the listener's and the dialer's) before either
 daemon starts, so it must stay free until the listener binds it, which for the last of a
@@ -23,10 +32,9 @@ listeners started.)
 
 from __future__ import annotations
 
-import base64
+import argparse
 import contextlib
 import fcntl
-import http.client
 import json
 import os
 import random
@@ -37,22 +45,25 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
+from earendil_py.core.errors import LocalProtocolError
 from earendil_py.runtime.config import Config, load_config
-from earendil_py.runtime.http import (
-    ControlApiError,
-    call_api,
-    read_token_file,
-    request_api,
-    token_path,
+from earendil_py.runtime.http import ControlApiError, call_api
+from earendil_py.runtime.keyfile import (
+    create_identity_file,
+    load_identity_file,
+    write_private_file,
 )
-from earendil_py.runtime.keyfile import create_identity_file, write_private_file
+from earendil_py.runtime.logs import configure_logging
+from earendil_py.runtime.node import Node
+from earendil_py.runtime.store import claim_ledger
 
 PORT_LOW = 10_000  # above the well-known and most commonly configured ports
 RESERVATION_SECS = 180.0
@@ -241,10 +252,23 @@ class Daemons:
     block ends, whether it ends normally, by an exception or by Ctrl-C: SIGTERM, then SIGKILL
     for any still running STOP_SECS later."""
 
-    def __init__(self, nodes: Sequence[GeneratedNode], *, log_name: str = "daemon.log") -> None:
+    def __init__(
+        self,
+        nodes: Sequence[GeneratedNode],
+        *,
+        log_name: str = "daemon.log",
+        traffic: TrafficPlan | None = None,
+    ) -> None:
         self.nodes = list(nodes)
         self.log_name = log_name
+        self.traffic = traffic
         self.running: list[RunningDaemon] = []
+
+    def command(self, node: GeneratedNode) -> list[str]:
+        config = ["--config", str(node.config_path)]
+        if self.traffic is None:
+            return [sys.executable, "-m", "earendil_py", "daemon", *config]
+        return [sys.executable, "-m", "earendil_py.netgen", *config, *self.traffic.arguments()]
 
     def __enter__(self) -> list[RunningDaemon]:
         return self.start()
@@ -255,14 +279,7 @@ class Daemons:
             for node in self.nodes:
                 with (node.directory / self.log_name).open("ab") as log:
                     process = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
-                        [
-                            sys.executable,
-                            "-m",
-                            "earendil_py",
-                            "daemon",
-                            "--config",
-                            str(node.config_path),
-                        ],
+                        self.command(node),
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=log,
@@ -275,6 +292,11 @@ class Daemons:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def start_traffic(self) -> None:
+        """Tell every node to start sending (its TrafficPlan)."""
+        for daemon in self.running:
+            daemon.process.send_signal(signal.SIGUSR1)
 
     def stop(self) -> list[int | None]:
         """Stop every daemon started; returns their exit statuses (None: it was killed)."""
@@ -461,95 +483,6 @@ def balance_mismatches(daemons: Sequence[RunningDaemon]) -> tuple[int, list[str]
     return pairs, mismatches
 
 
-_ID = struct.Struct(">Q")
-
-
-@dataclass
-class Traffic:
-    """Each daemon sends `rate` datagrams a second to destinations drawn at random among the
-    others, through `hops` peelers, for `seconds`: one thread per daemon, each calling
-    POST /api/send over one kept-alive connection (a new connection per call would cost each
-    daemon ~0.3 ms more per datagram). The schedule is fixed: a daemon that answers late
-    makes its thread send late, not less, so `offered` is rate x seconds x daemons. Each
-    datagram carries its number; `collect` takes them from every daemon's dock."""
-
-    daemons: Sequence[RunningDaemon]
-    rate: float
-    hops: int
-    dock: int
-    seed: int
-    offered: int = 0
-    refused: int = 0  # answered with an error (no route, say): offered, not sent
-    late_secs: float = 0.0  # the latest any datagram was sent after its time
-    delivered: set[int] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def run(self, seconds: float) -> None:
-        """Send for `seconds` (returns when every thread has sent its share)."""
-        start = time.monotonic() + 0.2
-        threads = [
-            threading.Thread(target=self._send, args=(index, start, seconds), daemon=True)
-            for index in range(len(self.daemons))
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
-    def _send(self, index: int, start: float, seconds: float) -> None:
-        daemon = self.daemons[index]
-        config = daemon.generated.config
-        host, port = config.control_listen
-        token = read_token_file(token_path(config))
-        others = [d.generated.fingerprint for d in self.daemons if d is not daemon]
-        rng = random.Random(self.seed * 1_000_003 + index)
-        count = round(self.rate * seconds)
-        padding = rng.randbytes(64)
-        refused, late = 0, 0.0
-        connection = http.client.HTTPConnection(host, port, timeout=10.0)
-        try:
-            at = start + rng.random() / self.rate  # each daemon's own phase
-            for number in range(count):
-                delay = at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                else:
-                    late = max(late, -delay)
-                data = _ID.pack(index << 32 | number) + padding
-                body = {
-                    "destination": rng.choice(others),
-                    "dock": self.dock,
-                    "data_b64": base64.b64encode(data).decode(),
-                    "hops": self.hops,
-                }
-                try:
-                    request_api(
-                        host, port, "POST", "/api/send", body, token=token, connection=connection
-                    )
-                except ControlApiError:
-                    refused += 1
-                at += 1 / self.rate
-        finally:
-            connection.close()
-            with self._lock:
-                self.offered += count
-                self.refused += refused
-                self.late_secs = max(self.late_secs, late)
-
-    def collect(self) -> int:
-        """Take every datagram waiting at `dock` on every daemon; returns how many came."""
-        came = 0
-        for daemon in self.daemons:
-            while True:
-                batch = daemon.call("POST", "/api/receive", {"dock": self.dock, "limit": 10_000})
-                for datagram in batch["datagrams"]:
-                    self.delivered.add(_ID.unpack_from(base64.b64decode(datagram["data_b64"]))[0])
-                came += len(batch["datagrams"])
-                if not batch["waiting"]:
-                    break
-        return came
-
-
 def settlements_completed(daemons: Sequence[RunningDaemon]) -> int:
     """Settlements completed in the network, each counted once (by its proposer)."""
     return sum(
@@ -566,3 +499,127 @@ def disputes(nodes: Sequence[GeneratedNode], log_name: str = "daemon.log") -> in
         with contextlib.suppress(ValueError):
             count += json.loads(line).get("event") == "debt_dispute"
     return count
+
+
+# --- traffic from inside the nodes ---------------------------------------------------------
+
+TRAFFIC_FILE = "traffic.json"  # in the node's directory, written when it stops
+_PAYLOAD = struct.Struct(">IId")  # the sender's number, the datagram's, its monotonic time
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPlan:
+    """What every node sends once told to (`Daemons.start_traffic`): `rate` datagrams a
+    second, for `seconds`, each to a destination drawn at random among the other nodes of
+    its graph, through `hops` peelers, to `dock`. The schedule is fixed: a node that falls
+    behind sends late, not less, so every node offers rate x seconds."""
+
+    rate: float
+    seconds: float
+    hops: int = 3
+    dock: int = 7
+    seed: int = 0
+
+    def arguments(self) -> list[str]:
+        return [
+            f"--{name}={getattr(self, name)}"
+            for name in ("rate", "seconds", "hops", "dock", "seed")
+        ]
+
+    @property
+    def count(self) -> int:
+        return round(self.rate * self.seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficReport:
+    """What the nodes of a network sent and received, from their TRAFFIC_FILEs."""
+
+    offered: int
+    refused: int  # send_datagram raised: no route, say
+    late_secs: float  # the latest any datagram was sent after its time
+    delivered: int  # distinct datagrams that arrived
+    latencies: list[float]  # seconds, one per datagram that arrived
+
+    @classmethod
+    def read(cls, nodes: Sequence[GeneratedNode]) -> TrafficReport:
+        """Raises FileNotFoundError for a node that did not write its file (did it stop?)."""
+        offered = refused = 0
+        late = 0.0
+        arrived: dict[tuple[int, int], float] = {}
+        for node in nodes:
+            report = json.loads((node.directory / TRAFFIC_FILE).read_text())
+            offered += report["offered"]
+            refused += report["refused"]
+            late = max(late, report["late_secs"])
+            for sender, number, seconds in report["received"]:
+                arrived.setdefault((sender, number), seconds)
+        return cls(offered, refused, late, len(arrived), sorted(arrived.values()))
+
+
+async def _send_traffic(node: Node, plan: TrafficPlan, me: int, report: dict[str, Any]) -> None:
+    rng = random.Random(plan.seed * 1_000_003 + me)
+    others = [d.fingerprint for d in node.graph.identities() if d.fingerprint != node.fingerprint]
+    padding = rng.randbytes(64)
+    at = time.monotonic() + rng.random() / plan.rate  # each node's own phase
+    for number in range(plan.count):
+        report["offered"] += 1
+        delay = at - time.monotonic()
+        if delay > 0:
+            await anyio.sleep(delay)
+        else:
+            report["late_secs"] = max(report["late_secs"], -delay)
+        payload = _PAYLOAD.pack(me, number, time.monotonic()) + padding
+        try:
+            node.send_datagram(rng.choice(others), plan.dock, payload, hops=plan.hops)
+        except LocalProtocolError:
+            report["refused"] += 1
+        at += 1 / plan.rate
+
+
+async def _receive_traffic(node: Node, dock: int, received: list[list[float]]) -> None:
+    while True:
+        datagram = await node.receive_datagram(dock)
+        sender, number, sent_at = _PAYLOAD.unpack_from(datagram.data)
+        received.append([sender, number, time.monotonic() - sent_at])
+
+
+async def _run_traffic_node(config: Config, plan: TrafficPlan, me: int) -> None:
+    node = Node(config, load_identity_file(config.identity_file))
+    report: dict[str, Any] = {"offered": 0, "refused": 0, "late_secs": 0.0, "received": []}
+    stops = (signal.SIGINT, signal.SIGTERM)
+    try:
+        with anyio.open_signal_receiver(*stops, signal.SIGUSR1) as signals:
+            await node.bind()
+            async with anyio.create_task_group() as tg:
+                await tg.start(node.run)
+                tg.start_soon(_receive_traffic, node, plan.dock, report["received"])
+                async for signum in signals:
+                    if signum in stops:
+                        break
+                    tg.start_soon(_send_traffic, node, plan, me, report)
+                tg.cancel_scope.cancel()
+    finally:
+        write_private_file(config.source.parent / TRAFFIC_FILE, json.dumps(report))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m earendil_py.netgen --config node.toml --rate R ...`: a generated node with
+    a TrafficPlan (see the module docstring). Its number is the N of its nodeN directory."""
+    parser = argparse.ArgumentParser(prog="python -m earendil_py.netgen")
+    parser.add_argument("--config", type=Path, required=True)
+    for name, kind in (("rate", float), ("seconds", float), ("hops", int), ("dock", int)):
+        parser.add_argument(f"--{name}", type=kind, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.umask(0o077)
+    config = load_config(args.config, private=True)
+    configure_logging(config.logging.level, config.logging.format)
+    claim_ledger(config.db_path, config.identity_file)
+    plan = TrafficPlan(args.rate, args.seconds, args.hops, args.dock, args.seed)
+    me = int(args.config.parent.name.removeprefix("node"))
+    anyio.run(_run_traffic_node, config, plan, me)
+
+
+if __name__ == "__main__":
+    main()

@@ -754,11 +754,9 @@ def request_api(
     *,
     token: str,
     timeout: float = 10.0,
-    connection: http.client.HTTPConnection | None = None,
 ) -> Any:
     """Call the control API (blocking) with `token` and return the decoded JSON answer (None
-    if empty). With `connection` (to `host:port`), the call goes over it and leaves it open
-    for the next one (HTTP keep-alive); otherwise over a connection of its own.
+    if empty).
 
     `body`, if given, is sent as JSON; the Content-Type is always JSON, as the server demands
     for state-changing methods. Raises ControlApiError: status 0 if the node cannot be
@@ -771,22 +769,18 @@ def request_api(
         "Accept": "application/json",
         "Authorization": f"Bearer {token}",
     }
-    kept = connection is not None
-    if connection is None:
-        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         connection.request(method, path, body=payload, headers=headers)
         response = connection.getresponse()
         data = response.read()
     except (OSError, http.client.HTTPException) as exc:
-        kept = False  # in an unknown state: the next call opens a new one
         reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or repr(exc)
         raise ControlApiError(
             0, f"cannot reach the node's control API at {host}:{port}: {reason}"
         ) from None
     finally:
-        if not kept:
-            connection.close()
+        connection.close()
     try:
         decoded = _DECODER.decode(data) if data else None
     except msgspec.DecodeError:
