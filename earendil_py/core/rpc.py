@@ -101,6 +101,14 @@ MAX_CACHE_BYTES_PER_NEIGHBOR = 256 * 1024
 # MAX_CACHE_BYTES_PER_NEIGHBOR = 1024 x 256 KiB = 256 MiB, reached only by 1024 authenticated
 # neighbours each at its quota (typical responses are tiny: a few KiB per neighbour).
 DEFAULT_MAX_NEIGHBORS = 1024
+# Each request costs the event loop tens of µs to decode, look up and answer, busy refusals
+# included: eight identities' bursts of 256 calls stalled every other link for ~0.1 s
+# (bench/hostile.py). So a neighbour's requests are also admitted at a rate, from a bucket of
+# REQUEST_BURST_PER_NEIGHBOR refilled at REQUEST_RATE_PER_NEIGHBOR a second; beyond it a
+# request is dropped unread, and its client sends it again on its backoff schedule. An honest
+# neighbour pushes its debt once a minute and chats at most 30 times a minute.
+REQUEST_RATE_PER_NEIGHBOR = 4.0
+REQUEST_BURST_PER_NEIGHBOR = 32
 
 _DETAIL_CHARS = 200  # error details echoed to the peer are cut to this length
 
@@ -314,6 +322,7 @@ class ServerStatistics:
     parse_errors: int = 0
     invalid_requests: int = 0
     unknown_methods: int = 0  # answered METHOD_NOT_FOUND, without an entry
+    rate_limited: int = 0  # dropped unread: the neighbour was over its request rate
     # SERVER_BUSY answers by the bound that was reached: "neighbor_entries",
     # "neighbor_bytes" (the caller's quota), "total_entries", "total_bytes".
     busy: Counter[str] = field(default_factory=Counter)
@@ -368,7 +377,10 @@ class RpcServer:
         max_neighbors: int = DEFAULT_MAX_NEIGHBORS,
         max_entries_per_neighbor: int = MAX_CACHE_ENTRIES_PER_NEIGHBOR,
         max_bytes_per_neighbor: int = MAX_CACHE_BYTES_PER_NEIGHBOR,
+        request_rate: float | None = REQUEST_RATE_PER_NEIGHBOR,
+        request_burst: int = REQUEST_BURST_PER_NEIGHBOR,
     ) -> None:
+        """`request_rate=None` admits every request (the cache's bounds still hold)."""
         if response_cache_secs <= 0 or max_neighbors < 1 or max_entries_per_neighbor < 1:
             raise LocalProtocolError("cache lifetime and bounds must be positive")
         if max_bytes_per_neighbor < _RUNNING_CHARGE:
@@ -384,6 +396,14 @@ class RpcServer:
         # Completed keys in completion order, which is expiry order since `now` never
         # decreases and the lifetime is constant.
         self._expiry: deque[tuple[float, tuple[bytes, RequestId]]] = deque()
+        if request_rate is not None and (request_rate <= 0 or request_burst < 1):
+            raise LocalProtocolError("request rate and burst must be positive")
+        self._rate = request_rate
+        self._burst = float(request_burst)
+        self._max_neighbors = max_neighbors
+        # neighbour -> (requests it may still send, when that was counted); a neighbour whose
+        # bucket is full again has no entry.
+        self._budgets: dict[bytes, tuple[float, float]] = {}
         self._stats = ServerStatistics()
 
     def statistics(self) -> ServerStatistics:
@@ -407,6 +427,9 @@ class RpcServer:
         - `None`: send nothing (a retransmission of a request still running, or a reused id).
         """
         self._expire(now)
+        if not self._admit(neighbor, now):
+            self._stats.rate_limited += 1
+            return None
         self._stats.requests_received += 1
         try:
             request = decode_request(payload)
@@ -447,6 +470,25 @@ class RpcServer:
         self._stats.dispatched += 1
         params = None if request.params is msgspec.UNSET else request.params
         return RequestReceived(neighbor, request.id, request.method, params)
+
+    def _admit(self, neighbor: bytes, now: float) -> bool:
+        """Whether `neighbor` may send a request now (a token bucket); takes its token."""
+        rate = self._rate
+        if rate is None:
+            return True
+        budgets = self._budgets
+        tokens, counted_at = budgets.get(neighbor, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - counted_at) * rate)
+        if tokens < 1:
+            budgets[neighbor] = (tokens, now)
+            return False
+        budgets[neighbor] = (tokens - 1, now)
+        if len(budgets) > 2 * self._max_neighbors:  # forget the buckets that are full again
+            burst = self._burst
+            self._budgets = {
+                n: (t, at) for n, (t, at) in budgets.items() if t + (now - at) * rate < burst
+            }
+        return True
 
     def complete(self, neighbor: bytes, request_id: RequestId, response: bytes, now: float) -> None:
         """Cache the response to a dispatched request; the caller sends it.

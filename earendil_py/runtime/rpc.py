@@ -28,6 +28,7 @@ from earendil_py.core.rpc import (
     INVALID_PARAMS,
     MAX_CACHE_BYTES_PER_NEIGHBOR,
     MAX_CACHE_ENTRIES_PER_NEIGHBOR,
+    REQUEST_RATE_PER_NEIGHBOR,
     RESPONSE_CACHE_SECS,
     STANDARD_MESSAGES,
     CallOutcome,
@@ -95,6 +96,7 @@ class GlobalRpc:
         max_neighbors: int = DEFAULT_MAX_NEIGHBORS,
         max_cache_entries_per_neighbor: int = MAX_CACHE_ENTRIES_PER_NEIGHBOR,
         max_cache_bytes_per_neighbor: int = MAX_CACHE_BYTES_PER_NEIGHBOR,
+        request_rate: float | None = REQUEST_RATE_PER_NEIGHBOR,
     ) -> None:
         self._send = send
         self._rng = rng
@@ -104,6 +106,7 @@ class GlobalRpc:
             max_neighbors=max_neighbors,
             max_entries_per_neighbor=max_cache_entries_per_neighbor,
             max_bytes_per_neighbor=max_cache_bytes_per_neighbor,
+            request_rate=request_rate,
         )
         self._handlers: dict[str, Handler] = {}
         self._waiters: dict[str, _Waiter] = {}

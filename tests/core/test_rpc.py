@@ -21,6 +21,8 @@ from earendil_py.core.rpc import (
     MAX_PAYLOAD_SIZE,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
+    REQUEST_BURST_PER_NEIGHBOR,
+    REQUEST_RATE_PER_NEIGHBOR,
     RESPONSE_CACHE_SECS,
     SERVER_BUSY,
     CallTimedOut,
@@ -438,7 +440,7 @@ def test_running_entries_count_against_the_bound() -> None:
 def test_eight_identities_filling_their_quotas_leave_room_for_an_honest_neighbor() -> None:
     """The attack: eight neighbours (one route cookie, eight identities) call as fast as
     they can, with unknown methods and with real ones. The ninth, honest, still gets in."""
-    server = RpcServer(max_neighbors=9)
+    server = RpcServer(max_neighbors=9, request_rate=None)  # quotas alone; rates below
     flooders = [bytes([i]) * 32 for i in range(8)]
     for flooder in flooders:
         for i in range(MAX_CACHE_ENTRIES_PER_NEIGHBOR):
@@ -459,6 +461,25 @@ def test_eight_identities_filling_their_quotas_leave_room_for_an_honest_neighbor
     for i in range(MAX_CACHE_ENTRIES_PER_NEIGHBOR):
         dispatch(server, ALICE, request_bytes(i, "add", [i, 1]), 2.0)
         server.complete(ALICE, i, encode_result(i, i + 1), 2.0)
+
+
+def test_a_neighbors_requests_beyond_its_rate_are_dropped_unread() -> None:
+    """A burst beyond REQUEST_BURST_PER_NEIGHBOR is dropped (the client resends); tokens come
+    back at REQUEST_RATE_PER_NEIGHBOR a second; other neighbours are not affected."""
+    server = RpcServer()
+    for i in range(REQUEST_BURST_PER_NEIGHBOR):
+        dispatch(server, ALICE, request_bytes(i), 0.0)
+        server.complete(ALICE, i, encode_result(i, None), 0.0)
+    assert receive(server, ALICE, request_bytes("over"), 0.0) is None
+    assert receive(server, ALICE, b"{garbage", 0.0) is None  # dropped before it is read
+    dispatch(server, BOB, request_bytes(1), 0.0)
+    stats = server.statistics()
+    assert (stats.rate_limited, stats.parse_errors, stats.dispatched) == (2, 0, 33)
+    # One token back after 1 / rate seconds, not before.
+    almost = 0.99 / REQUEST_RATE_PER_NEIGHBOR
+    assert receive(server, ALICE, request_bytes("over"), almost) is None
+    dispatch(server, ALICE, request_bytes("over"), 1.0 / REQUEST_RATE_PER_NEIGHBOR)
+    assert receive(server, ALICE, request_bytes("later"), 1.0 / REQUEST_RATE_PER_NEIGHBOR) is None
 
 
 # What a running entry is charged: its response may be as large as a payload can be.

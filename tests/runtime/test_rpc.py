@@ -20,6 +20,8 @@ from earendil_py.core.rpc import (
     MAX_CACHE_ENTRIES_PER_NEIGHBOR,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
+    REQUEST_BURST_PER_NEIGHBOR,
+    REQUEST_RATE_PER_NEIGHBOR,
 )
 from earendil_py.runtime.rpc import GlobalRpc, RpcError, RpcTimeout, RpcTimers
 from tests.helpers import seeded_rng
@@ -45,11 +47,13 @@ class Net:
         self.dropped = 0
         self.delivered: list[tuple[bytes, bytes, bytes]] = []
 
-    def add(self, fingerprint: bytes, timers: RpcTimers, seed: int) -> GlobalRpc:
+    def add(
+        self, fingerprint: bytes, timers: RpcTimers, seed: int, request_rate: float | None
+    ) -> GlobalRpc:
         def send(neighbor: bytes, payload: bytes) -> bool:
             return self._send(fingerprint, neighbor, payload)
 
-        rpc = GlobalRpc(send, rng=seeded_rng(seed), timers=timers)
+        rpc = GlobalRpc(send, rng=seeded_rng(seed), timers=timers, request_rate=request_rate)
         self.nodes[fingerprint] = rpc
         return rpc
 
@@ -76,12 +80,16 @@ class Net:
 
 @asynccontextmanager
 async def network(
-    *, lossy: bool = False, duplicating: bool = False, timers: RpcTimers = TIMERS
+    *,
+    lossy: bool = False,
+    duplicating: bool = False,
+    timers: RpcTimers = TIMERS,
+    request_rate: float | None = REQUEST_RATE_PER_NEIGHBOR,
 ) -> AsyncIterator[tuple[Net, GlobalRpc, GlobalRpc]]:
     async with anyio.create_task_group() as tg:
         net = Net(tg, lossy=lossy, duplicating=duplicating)
-        alice = net.add(ALICE, timers, seed=1)
-        bob = net.add(BOB, timers, seed=2)
+        alice = net.add(ALICE, timers, seed=1, request_rate=request_rate)
+        bob = net.add(BOB, timers, seed=2, request_rate=request_rate)
         await tg.start(alice.run)
         await tg.start(bob.run)
         yield net, alice, bob
@@ -133,7 +141,12 @@ async def test_handler_runs_exactly_once_under_loss_duplication_and_retransmissi
     tags = [f"call-{i}" for i in range(6)]
     results: dict[str, Any] = {}
     with anyio.fail_after(5):
-        async with network(lossy=lossy, duplicating=duplicating) as (net, alice, bob):
+        # Every copy is replayed at the end, faster than a neighbour's request rate admits.
+        async with network(lossy=lossy, duplicating=duplicating, request_rate=None) as (
+            net,
+            alice,
+            bob,
+        ):
             adder = Adder()
             bob.register("add", adder)
 
@@ -178,30 +191,37 @@ async def test_method_not_found() -> None:
 @pytest.mark.anyio
 async def test_eight_flooding_identities_leave_room_for_an_honest_neighbor() -> None:
     """Eight neighbours (one route cookie, eight identities) flood Bob with unknown methods,
-    then with a real one beyond their quotas: Alice's call still runs."""
+    then with a real one beyond their quotas: Alice's call still runs. Each flooder's burst
+    beyond its request rate is dropped unread; with the rate lifted, each is refused for its
+    own cache quota, never for the cache as a whole."""
     flooders = [bytes([i]) * 32 for i in range(8)]
     quota = MAX_CACHE_ENTRIES_PER_NEIGHBOR
 
     async def note(neighbor: bytes, params: Any) -> Any:
         return None
 
-    with anyio.fail_after(10):
-        async with network() as (_, alice, bob):
-            bob.register("note", note)
-            bob.register("add", Adder())
-            for flooder in flooders:
-                for i in range(quota):
-                    bob.receive(flooder, msgspec.json.encode(request(f"u{i}", "nothing")))
-                for i in range(quota + 10):
-                    bob.receive(flooder, msgspec.json.encode(request(f"n{i}", "note")))
-            result = await alice.call(BOB, "add", {"tag": "t", "terms": [2, 3]})
-    assert result == {"sum": 5, "tag": "t"}
-    server = bob.statistics().server
-    assert server.unknown_methods == 8 * quota
-    # Each flooder was refused for its own quota (its calls arrived faster than they ran,
-    # so running calls used up its bytes first), never for the cache as a whole.
-    assert set(server.busy) == {"neighbor_bytes"}
-    assert server.busy.total() + server.dispatched - 1 == 8 * (quota + 10)
+    for request_rate in (REQUEST_RATE_PER_NEIGHBOR, None):
+        with anyio.fail_after(10):
+            async with network(request_rate=request_rate) as (_, alice, bob):
+                bob.register("note", note)
+                bob.register("add", Adder())
+                for flooder in flooders:
+                    for i in range(quota):
+                        bob.receive(flooder, msgspec.json.encode(request(f"u{i}", "nothing")))
+                    for i in range(quota + 10):
+                        bob.receive(flooder, msgspec.json.encode(request(f"n{i}", "note")))
+                result = await alice.call(BOB, "add", {"tag": "t", "terms": [2, 3]})
+        assert result == {"sum": 5, "tag": "t"}
+        server = bob.statistics().server
+        if request_rate is not None:
+            assert server.unknown_methods == 8 * REQUEST_BURST_PER_NEIGHBOR
+            assert server.rate_limited == 8 * (2 * quota + 10 - REQUEST_BURST_PER_NEIGHBOR)
+            assert not server.busy
+            continue
+        assert server.unknown_methods == 8 * quota
+        # Calls arrived faster than they ran, so running calls used up a flooder's bytes first.
+        assert set(server.busy) == {"neighbor_bytes"}
+        assert server.busy.total() + server.dispatched - 1 == 8 * (quota + 10)
 
 
 def request(request_id: str, method: str) -> dict[str, Any]:
