@@ -19,8 +19,9 @@ this process (the source and the sink) on the other:
     with two CPUs it peels each batch on two threads (runtime/peeling.py).
 (c1) (c) with R's second peel thread idle, in rounds alternating with (c)'s: what the second
     thread brings on this machine, printed as "two peel threads / one".
-(d) What counting costs: (b) again, with R's per-link counting switched off
-    (`node.COUNT_PACKETS = False`, what a build without it would run) between rounds. (b)
+(d) What counting costs: (b) again, with R's per-neighbour accounting switched off between
+    rounds (`LinkRunner.take` and `send_onions` swapped for copies without the neighbour's
+    allowance and count: what a build without accounting would run). (b)
     and (d) rounds alternate on the same process, sockets and links, so drift and the
     process's own state hit both alike.
 (e) Whether a thread pool helps peeling on this machine: a batch peeled serially and split
@@ -94,7 +95,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,6 @@ from earendil_py.core.link import MAX_MESSAGE_SIZE, onion_frame
 from earendil_py.core.packet import BODY_SIZE, PACKET_SIZE, build_packet, peel_packet
 from earendil_py.core.relay import encode_datagram
 from earendil_py.netgen import Edge, GeneratedNode, generate_network
-from earendil_py.runtime import node as node_module
 from earendil_py.runtime.config import InRoute, load_config
 from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.logs import configure_logging
@@ -214,6 +214,22 @@ def _profile_rows(profiler: cProfile.Profile) -> list[tuple[float, int, str, str
     return rows
 
 
+def _take_all(runner: LinkRunner, frames: list[bytes]) -> list[bytes]:
+    """`LinkRunner.take` without accounting: every frame, uncounted."""
+    return frames
+
+
+def _send_uncounted(runner: LinkRunner, frames: list[bytes]) -> None:
+    """`LinkRunner.send_onions` without the neighbour's allowance and count."""
+    transport = runner.transport
+    if type(transport) is UdpTransport:
+        sent = transport.send_many(frames)
+    else:
+        sent = sum(transport.send(frame) for frame in frames)
+    if sent != len(frames):
+        runner.link.statistics().drops["queue_full"] += len(frames) - sent
+
+
 def _run_relay(config_path: str, cpu: int | None, conn: Connection) -> None:
     """A relay process: the node from `config_path`. Its event loop's thread is pinned to
     `cpu` once the node runs; the threads the node started (its peel thread) keep every CPU."""
@@ -237,16 +253,24 @@ def _run_relay(config_path: str, cpu: int | None, conn: Connection) -> None:
                 total.update(runner.statistics().drops)
         return dict(total)
 
-    def setting(name: str, value: bool) -> Callable[[], None]:
+    def setting(target: object, name: str, value: object) -> Callable[[], None]:
         # The peel thread stays up, idle: started again from this thread, it would be pinned.
-        target = node.peeling if name == "parallel" else node_module
         return lambda: setattr(target, name, value)
 
+    def accounting(on: bool) -> Callable[[], None]:
+        take, send_onions = (
+            (LinkRunner.take, LinkRunner.send_onions) if on else (_take_all, _send_uncounted)
+        )
+        return lambda: (
+            setattr(LinkRunner, "take", take),
+            setattr(LinkRunner, "send_onions", send_onions),
+        )
+
     settings = {
-        "one_peel_thread": setting("parallel", False),
-        "two_peel_threads": setting("parallel", True),
-        "counting_off": setting("COUNT_PACKETS", False),
-        "counting_on": setting("COUNT_PACKETS", True),
+        "one_peel_thread": setting(node.peeling, "parallel", False),
+        "two_peel_threads": setting(node.peeling, "parallel", True),
+        "counting_off": accounting(False),
+        "counting_on": accounting(True),
     }
 
     async def main() -> None:
@@ -394,8 +418,13 @@ def _network(root: Path) -> list[GeneratedNode]:
 
 
 def _node(generated: GeneratedNode) -> Node:
+    """S or D. Their event loop does not run during a round, so nothing raises their outbound
+    lease then (runtime/neighbors.py): they get one that no run uses up."""
     config = load_config(generated.config_path)
-    return Node(config, load_identity_file(config.identity_file))
+    node = Node(config, load_identity_file(config.identity_file))
+    policy_for = node.accounts.policy_for
+    node.accounts.policy_for = lambda price: replace(policy_for(price), lease_packets=2**40)  # type: ignore[method-assign]
+    return node
 
 
 async def _wait_flowing(line: Line) -> LinkRunner:

@@ -377,6 +377,7 @@ def _settle(args: argparse.Namespace) -> None:
         "method": args.method,
         "pay_umel": args.amount,
         "request_umel": args.request,
+        "prepay": args.prepay,
     }
     flags = {"neighbor": "--neighbor", "method": "--method", "pay_umel": "--amount"}
     answer = _api(
@@ -417,7 +418,8 @@ def _decide(args: argparse.Namespace) -> None:
     if args.json:
         _json(answer)
     else:
-        _show(f"settlement {answer['id']}: {answer['state']}")
+        reason = f" ({answer['reason']})" if answer["reason"] else ""
+        _show(f"settlement {answer['id']}: {answer['state']}{reason}")
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -737,6 +739,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="manual: the neighbour's operator accepts or rejects; pow: paid by proof of work",
     )
+    settle.add_argument(
+        "--prepay",
+        action="store_true",
+        help="pay even if --amount is more than we owe the neighbour now",
+    )
 
     command(
         "settlements",
@@ -745,14 +752,28 @@ def build_parser() -> argparse.ArgumentParser:
         _settlements,
     )
 
-    for decision in ("accept", "reject"):
-        decide = command(
-            decision,
-            f"{decision} a neighbour's manual settlement",
-            f"{decision.capitalize()} a manual settlement a neighbour proposed (its id is in "
+    for decision, summary, description in (
+        (
+            "accept",
+            "accept a neighbour's manual settlement",
+            "Accept a manual settlement a neighbour proposed (its id is in "
             "`earendil-py settlements`).",
-            _decide,
-        )
+        ),
+        (
+            "reject",
+            "reject a neighbour's manual settlement",
+            "Reject a manual settlement a neighbour proposed (its id is in "
+            "`earendil-py settlements`).",
+        ),
+        (
+            "cancel",
+            "cancel our pending settlement proposal",
+            "Ask the neighbour to cancel a proposal of ours that is still pending (its id is "
+            "in `earendil-py settlements`); it is canceled once the neighbour confirms, or "
+            "completed if the neighbour had accepted it first.",
+        ),
+    ):
+        decide = command(decision, summary, description, _decide)
         decide.add_argument("id", help="the settlement id (hex)")
         decide.set_defaults(decision=decision)
 

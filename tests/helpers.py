@@ -216,8 +216,7 @@ async def converged(nodes: list[Node], edges: list[Edge]) -> None:
         node.graph.statistics().identities == len(nodes)
         and node.graph.statistics().adjacencies == len(edges)
         and all(
-            node.accounting.accounts.get(fp, None) and node.accounting.accounts[fp].priced
-            for fp in node.links
+            (neighbor := node.accounts.get(fp)) is not None and neighbor.priced for fp in node.links
         )
         for node in nodes
     ):

@@ -5,32 +5,46 @@ One `Account` per neighbour holds both directions, never netted:
 * **inbound** — packets the neighbour sent us, charged at *our* accepted price: what they owe
   us. Our own count is authoritative (we charge for what arrived).
 * **outbound** — packets we sent them, charged at *their* accepted price: what we owe. We
-  estimate it from our count (an upper bound: some may be lost) and correct it down to their
+  estimate it from our count (an upper bound: some may be lost) and correct it to their
   signed claim (`push_debt`) of what actually arrived.
 
-Each accepted offer opens a price epoch (named by the offer's `seq`); counts are kept per
-epoch, so a re-price never re-charges old packets. Claims carry *cumulative* per-epoch counts
-and a strictly increasing `seq`, so a replayed or reordered claim changes nothing.
+The relay loop counts packets in one place, `Counters`: a running total per direction since
+the account began. Each accepted offer opens a price epoch (named by the offer's `seq`) at the
+total of that moment, so an epoch's count is the total since it opened (or its final count
+once closed) and a re-price never re-charges old packets. Claims carry *cumulative* per-epoch
+counts and a strictly increasing `seq`, so a replayed or reordered claim changes nothing.
 
-A claim above what we sent plus a tolerance (in-flight packets, and after a crash the counts
-we may have lost since our last checkpoint) is a **dispute**: nothing of it is applied, both
-views are returned for the record, and the account is frozen — no traffic either way — until
-the operator unfreezes it (docs/accounting.md has the policy).
+**What a claim may charge.** The receiver's per-epoch counts win: packets in flight when an
+epoch switched may be counted in different epochs on the two sides, and a lost price answer
+can leave one side counting in an older epoch for a while. What the receiver may not do is
+charge for packets that were never carried:
 
-The relay loop touches only `sent`, `received`, `inbound_allowance()` and
-`outbound_allowance()`, once per batch; everything else runs per message. Pure: `now` is
-integer unix seconds.
+* the claim's *net* excess over our counts, summed over every epoch it and we both still
+  list, is at most `tolerance_packets`. The bound is on the total, never per epoch and never
+  reset: claims are cumulative, so the excess is recomputed from the totals at every claim
+  and a re-price cannot open a fresh allowance;
+* packets claimed in an epoch in which we carried nothing must be matched by packets we
+  carried in another epoch that the claim does not count (packets that moved epochs in
+  flight): an empty epoch holds no claimed debt of its own.
+
+A claim outside these bounds is a **dispute**: nothing of it is applied, both views are
+returned for the record, and the account is frozen — no traffic either way — until the
+operator unfreezes it (docs/accounting.md has the policy).
+
+Pure: `now` is integer unix seconds. The state is plain data (`AccountState`, with frozen
+`Epoch`s), so a caller can work on a cheap copy and keep or drop the result.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Annotated
 
 import msgspec
 
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
-from earendil_py.core.identity import Fingerprint, Identity, Int, Signature, Uint, verify
+from earendil_py.core.identity import Fingerprint, Identity, Int, Signature, Uint
 from earendil_py.core.pricing import (
     AcceptanceRule,
     PriceAccepted,
@@ -43,9 +57,11 @@ from earendil_py.core.pricing import (
     verify_answer,
     verify_offer,
 )
+from earendil_py.core.signed import sign, verify_signed
 
-CLAIM_DOMAIN = b"earendil_py push_debt v1"
-LIMIT_NOTICE_DOMAIN = b"earendil_py debt limit notice v1"
+# v2: the signed part is the struct with its signature emptied (core/signed.py).
+CLAIM_DOMAIN = b"earendil_py push_debt v2"
+LIMIT_NOTICE_DOMAIN = b"earendil_py debt limit notice v2"
 
 # Claims whose timestamp is further than this from our clock are refused as stale. Timestamps
 # are advisory (ordering is by seq), so this only bounds how long a captured claim stays usable.
@@ -57,9 +73,6 @@ MAX_EPOCHS = 32
 UNLIMITED = 2**62
 
 
-_encoder = msgspec.msgpack.Encoder()
-
-
 class EpochCount(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     epoch: Uint
     packets: Uint
@@ -69,7 +82,7 @@ EpochCounts = Annotated[list[EpochCount], msgspec.Meta(max_length=MAX_EPOCHS)]
 
 
 class DebtClaim(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
-    """`push_debt`: the claimant's cumulative counts, per price epoch.
+    """`push_debt`: the claimant's cumulative counts, per price epoch, oldest first.
 
     `received`: packets the claimant received from the counterparty (epochs of the claimant's
     offers) — what the counterparty owes. `sent`: packets the claimant sent (epochs of the
@@ -84,18 +97,6 @@ class DebtClaim(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fie
     sent: EpochCounts
     signature: Signature
 
-    def signed_part(self) -> bytes:
-        return _encoder.encode(
-            (
-                self.claimant,
-                self.counterparty,
-                self.seq,
-                self.timestamp,
-                self.received,
-                self.sent,
-            )
-        )
-
 
 class DebtLimitNotice(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """The creditor tells the debtor it stopped relaying for it: debt reached the limit."""
@@ -107,31 +108,52 @@ class DebtLimitNotice(msgspec.Struct, frozen=True, array_like=True, forbid_unkno
     timestamp: Uint
     signature: Signature
 
-    def signed_part(self) -> bytes:
-        return _encoder.encode(
-            (self.creditor, self.debtor, self.debt_umel, self.limit_umel, self.timestamp)
-        )
+
+class Counters:
+    """The live packet totals with one neighbour, each direction, since the account began.
+
+    The relay loop adds to them once per batch and nothing else writes them; everything else
+    reads them. They are not part of `AccountState`, so work done on a copy of the state never
+    loses packets counted meanwhile."""
+
+    __slots__ = ("packets_in", "packets_out")
+
+    def __init__(self, packets_in: int = 0, packets_out: int = 0) -> None:
+        self.packets_in = packets_in
+        self.packets_out = packets_out
 
 
-class Epoch(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    """Counts in one price epoch. For outbound epochs `claimed` is the creditor's last claimed
-    count (-1: none yet) and `counted_at_claim` our own count when that claim arrived."""
+class Epoch(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """Counts in one price epoch. The open (last) epoch counts `total - start`; a closed one
+    keeps its final count in `packets`. For outbound epochs `claimed` is the creditor's last
+    adopted count (-1: none yet) and `counted_at_claim` our own count when it was adopted."""
 
     epoch: int
     price_umel: int
-    packets: int = 0
+    start: int = 0
+    packets: int = -1
     claimed: int = -1
     counted_at_claim: int = 0
 
-    def charged(self, packets: int) -> int:
-        """Packets charged, given our current count (the live one for the open epoch)."""
+    def count(self, total: int) -> int:
+        """Packets in this epoch, given the direction's live total."""
+        return self.packets if self.packets >= 0 else total - self.start
+
+    def charged(self, count: int) -> int:
+        """Packets charged, given our count: the adopted claim plus what we counted since."""
         if self.claimed < 0:
-            return packets
-        return self.claimed + packets - self.counted_at_claim
+            return count
+        return self.claimed + count - self.counted_at_claim
+
+    def relearned(self, packets: int) -> Epoch:
+        """This epoch with `packets` more counted (counts a crash lost, learned back)."""
+        if self.packets >= 0:
+            return msgspec.structs.replace(self, packets=self.packets + packets)
+        return msgspec.structs.replace(self, start=self.start - packets)
 
 
 class AccountState(msgspec.Struct, forbid_unknown_fields=True):
-    """Everything an account needs to resume after a restart (a ledger checkpoint)."""
+    """Everything an account needs to resume after a restart, besides the live totals."""
 
     neighbor: bytes
     our_offer: PriceOffer | None = None  # our offer in force (accepted by them)
@@ -147,9 +169,12 @@ class AccountState(msgspec.Struct, forbid_unknown_fields=True):
     claim_seq_sent: int = 0
     claim_seq_received: int = 0
     frozen: str = ""  # why traffic is stopped; '' when it flows
-    peak_packets: int = 0  # most packets counted between two checkpoints, either way
-    checkpoint_packets: int = 0  # total packets counted at the last checkpoint
-    clean: bool = False  # written by a clean shutdown: no counts were lost
+
+    def copy(self) -> AccountState:
+        """A copy to work on: epochs and offers are immutable, so new lists suffice."""
+        return msgspec.structs.replace(
+            self, inbound=list(self.inbound), outbound=list(self.outbound)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,10 +185,13 @@ class ClaimApplied:
 
 @dataclass(frozen=True, slots=True)
 class Dispute:
-    """A claim above what we could have sent: both views, for the ledger and the operator."""
+    """A claim that charges for packets we did not carry: both views, for the ledger.
+
+    `reason` "overclaim": `their_packets` claimed against `our_packets` counted, over the
+    epochs both list; "empty_epoch": `their_packets` claimed in epochs in which we carried
+    nothing, against `our_packets` we carried that the claim leaves uncounted elsewhere."""
 
     reason: str
-    epoch: int
     their_packets: int
     our_packets: int
 
@@ -172,70 +200,33 @@ ClaimOutcome = ClaimApplied | Dispute
 
 
 class Account:
-    """Both debt directions with one neighbour. See the module docstring.
+    """Both debt directions with one neighbour, over `state` and the live `counters`. See
+    the module docstring. Every method changes `state` in place: give it a copy to keep the
+    original.
 
-    `sent` and `received` are the live counts of the open outbound and inbound epochs; the
-    relay loop adds to them directly.
+    After a crash lost the inbound counts since they were last written, the first claim
+    applied re-learns up to `recovery_in` of them from what the neighbour says it sent (its
+    own admission). Outbound counts are never lost: the relay loop sends nothing a written
+    lease does not cover, and after a crash we count the whole lease as sent (core/neighbor.py).
     """
 
-    __slots__ = (
-        "_in_closed_umel",
-        "_out_closed_umel",
-        "identity",
-        "neighbor",
-        "neighbor_public",
-        "received",
-        "recovery_packets",
-        "sent",
-        "state",
-    )
+    __slots__ = ("counters", "identity", "neighbor", "neighbor_public", "recovery_in", "state")
 
     def __init__(
         self,
         identity: Identity,
         neighbor_public: bytes,
         state: AccountState,
+        counters: Counters,
         *,
-        recovering: bool = False,
+        recovery_in: int = 0,
     ) -> None:
         self.identity = identity
         self.neighbor_public = neighbor_public
         self.neighbor = state.neighbor
         self.state = state
-        self.sent = state.outbound[-1].packets if state.outbound else 0
-        self.received = state.inbound[-1].packets if state.inbound else 0
-        # After a crash, counts since the last checkpoint are lost: accept claims that far
-        # above our count (twice the busiest interval seen), once, to re-learn them.
-        self.recovery_packets = 2 * state.peak_packets if recovering and not state.clean else 0
-        state.clean = False
-        self._in_closed_umel = 0
-        self._out_closed_umel = 0
-        self._recompute()
-
-    # --- the hot path -------------------------------------------------------------------
-
-    def inbound_allowance(self) -> int:
-        """Packets the neighbour may still send us before its debt passes our limit."""
-        offer = self.state.our_offer
-        if offer is None or self.state.their_offer is None or self.state.frozen:
-            return 0
-        price = offer.price_umel
-        if price == 0:
-            return UNLIMITED
-        debt = self._in_closed_umel + self.received * price
-        return max(0, (offer.debt_limit_umel - debt) // price)
-
-    def outbound_allowance(self) -> int:
-        """Packets we may still send before our estimated debt passes their limit."""
-        offer = self.state.their_offer
-        if offer is None or self.state.our_offer is None or self.state.frozen:
-            return 0
-        price = offer.price_umel
-        if price == 0:
-            return UNLIMITED
-        current = self.state.outbound[-1]
-        debt = self._out_closed_umel + current.charged(self.sent) * price
-        return max(0, (offer.debt_limit_umel - debt) // price)
+        self.counters = counters
+        self.recovery_in = recovery_in
 
     # --- balances -----------------------------------------------------------------------
 
@@ -244,33 +235,46 @@ class Account:
         return self.state.our_offer is not None and self.state.their_offer is not None
 
     @property
+    def flowing(self) -> bool:
+        """Both offers accepted and not frozen: traffic may pass either way."""
+        return self.priced and not self.state.frozen
+
+    @property
     def debt_in_umel(self) -> int:
         """What the neighbour owes us now (negative: we owe them a refund of overpayment)."""
-        if not self.state.inbound:
-            return self._in_closed_umel
-        return self._in_closed_umel + self.received * self.state.inbound[-1].price_umel
+        s, total = self.state, self.counters.packets_in
+        charges = sum(e.count(total) * e.price_umel for e in s.inbound)
+        return s.folded_in_umel - s.settled_in_umel + charges
 
     @property
     def debt_out_umel(self) -> int:
         """What we owe the neighbour now, by our best estimate."""
-        if not self.state.outbound:
-            return self._out_closed_umel
-        current = self.state.outbound[-1]
-        return self._out_closed_umel + current.charged(self.sent) * current.price_umel
+        s, total = self.state, self.counters.packets_out
+        charges = sum(e.charged(e.count(total)) * e.price_umel for e in s.outbound)
+        return s.folded_out_umel - s.settled_out_umel + charges
 
-    def _recompute(self) -> None:
-        """Cache everything but the open epochs' live counts (run after any change)."""
-        s = self.state
-        self._in_closed_umel = (
-            s.folded_in_umel
-            - s.settled_in_umel
-            + sum(e.packets * e.price_umel for e in s.inbound[:-1])
-        )
-        self._out_closed_umel = (
-            s.folded_out_umel
-            - s.settled_out_umel
-            + sum(e.charged(e.packets) * e.price_umel for e in s.outbound[:-1])
-        )
+    def inbound_allowance(self) -> int:
+        """Packets the neighbour may still send us before its debt passes our limit."""
+        offer = self.state.our_offer
+        if offer is None or not self.flowing:
+            return 0
+        if offer.price_umel == 0:
+            return UNLIMITED
+        return max(0, (offer.debt_limit_umel - self.debt_in_umel) // offer.price_umel)
+
+    def outbound_allowance(self) -> int:
+        """Packets we may still send before our estimated debt passes their limit."""
+        offer = self.state.their_offer
+        if offer is None or not self.flowing:
+            return 0
+        if offer.price_umel == 0:
+            return UNLIMITED
+        return max(0, (offer.debt_limit_umel - self.debt_out_umel) // offer.price_umel)
+
+    def charged_out_packets(self) -> int:
+        """Packets we are charged for over the epochs we keep (folded ones aside)."""
+        total = self.counters.packets_out
+        return sum(e.charged(e.count(total)) for e in self.state.outbound)
 
     def settle(self, paid_in_umel: int, paid_out_umel: int) -> None:
         """Apply a completed settlement: they paid us `paid_in_umel`, we paid `paid_out_umel`."""
@@ -278,42 +282,18 @@ class Account:
             raise LocalProtocolError("settlement amounts are never negative")
         self.state.settled_in_umel += paid_in_umel
         self.state.settled_out_umel += paid_out_umel
-        self._recompute()
+
+    def freeze(self, reason: str) -> None:
+        self.state.frozen = reason
 
     def unfreeze(self) -> None:
         self.state.frozen = ""
-
-    def checkpoint(self, *, clean: bool = False) -> bytes:
-        """Bring the state up to date with the live counts and encode it (a ledger
-        checkpoint). Also tracks the busiest interval between checkpoints, for crash
-        recovery."""
-        s = self.state
-        self._sync_live()
-        total = sum(e.packets for e in s.inbound) + sum(e.packets for e in s.outbound)
-        s.peak_packets = max(s.peak_packets, total - s.checkpoint_packets)
-        s.checkpoint_packets = total
-        s.clean = clean
-        encoded = _encoder.encode(s)
-        s.clean = False
-        return encoded
-
-    def snapshot(self, *, clean: bool = False) -> AccountState:
-        """`checkpoint`, as a copy of the state."""
-        return msgspec.msgpack.decode(self.checkpoint(clean=clean), type=AccountState)
-
-    def _sync_live(self) -> None:
-        """Copy the live counts into the open epochs."""
-        s = self.state
-        if s.outbound:
-            s.outbound[-1].packets = self.sent
-        if s.inbound:
-            s.inbound[-1].packets = self.received
 
     # --- push_price ---------------------------------------------------------------------
 
     def propose(self, terms: PriceTerms, now: int) -> PriceOffer:
         """The offer to push now: the one in force or pending if its terms are `terms`, else a
-        new one with the next seq. The caller persists the state before sending it."""
+        new one with the next seq (the state changes: persist it before sending)."""
         s = self.state
         if s.proposed is not None and s.proposed.terms() == terms:
             return s.proposed
@@ -333,13 +313,13 @@ class Account:
             return PriceRejected(s.proposed, answer.reason)
         if s.our_offer is None or s.our_offer.seq != s.proposed.seq:
             s.our_offer = s.proposed
-            self.received = self._open_epoch(s.inbound, s.proposed, self.received, inbound=True)
+            s.folded_in_umel += _open_epoch(s.inbound, s.proposed, self.counters.packets_in)
         return PriceAccepted(s.proposed)
 
     def on_offer(self, offer: PriceOffer, rule: AcceptanceRule, now: int) -> PriceAnswer:
         """Answer the neighbour's offer (signed). Accepting opens a new outbound epoch at its
-        price. An offer already answered gets the same verdict again. Raises
-        RemoteProtocolError if the offer is forged or not addressed to us."""
+        price. An offer already answered gets the same verdict again (the state is then
+        unchanged). Raises RemoteProtocolError if the offer is forged or not addressed to us."""
         verify_offer(offer, self.neighbor_public, self.identity.fingerprint)
         if offer.offerer != self.neighbor:
             raise RemoteProtocolError("price offer from someone else", "wrong_party")
@@ -354,85 +334,89 @@ class Account:
         s.their_answer = make_answer(self.identity, offer, reason, now)
         if not reason:
             s.their_offer = offer
-            self.sent = self._open_epoch(s.outbound, offer, self.sent, inbound=False)
+            s.folded_out_umel += _open_epoch(s.outbound, offer, self.counters.packets_out)
         return s.their_answer
-
-    def _open_epoch(
-        self, epochs: list[Epoch], offer: PriceOffer, live: int, *, inbound: bool
-    ) -> int:
-        if epochs:
-            epochs[-1].packets = live
-        epochs.append(Epoch(offer.seq, offer.price_umel))
-        while len(epochs) > MAX_EPOCHS:
-            old = epochs.pop(0)
-            if inbound:
-                self.state.folded_in_umel += old.packets * old.price_umel
-            else:
-                self.state.folded_out_umel += old.charged(old.packets) * old.price_umel
-        self._recompute()
-        return 0
 
     # --- push_debt ----------------------------------------------------------------------
 
+    def claim_counts(self) -> tuple[list[EpochCount], list[EpochCount]]:
+        """Our cumulative counts per epoch, (received, sent): what a claim now would say."""
+        s, counters = self.state, self.counters
+        return (
+            [EpochCount(e.epoch, e.count(counters.packets_in)) for e in s.inbound],
+            [EpochCount(e.epoch, e.count(counters.packets_out)) for e in s.outbound],
+        )
+
     def make_claim(self, now: int) -> DebtClaim:
-        """Our signed cumulative counts for the neighbour."""
+        """Our signed cumulative counts for the neighbour (the next claim seq)."""
         s = self.state
-        self._sync_live()
         s.claim_seq_sent += 1
+        received, sent = self.claim_counts()
         unsigned = DebtClaim(
-            self.identity.fingerprint,
-            self.neighbor,
-            s.claim_seq_sent,
-            now,
-            [EpochCount(e.epoch, e.packets) for e in s.inbound],
-            [EpochCount(e.epoch, e.packets) for e in s.outbound],
-            bytes(64),
+            self.identity.fingerprint, self.neighbor, s.claim_seq_sent, now, received, sent, b""
         )
-        return msgspec.structs.replace(
-            unsigned, signature=self.identity.sign(CLAIM_DOMAIN, unsigned.signed_part())
-        )
+        return sign(self.identity, CLAIM_DOMAIN, unsigned)
+
+    def check_claim(self, claim: DebtClaim, now: int) -> None:
+        """Raises RemoteProtocolError (nothing to apply) if the claim is forged or not between
+        us ("bad_signature", "wrong_party"), malformed ("malformed_claim"), replayed or older
+        than the last one ("replayed_claim"), or dated too far from `now` ("stale_claim")."""
+        if claim.claimant != self.neighbor or claim.counterparty != self.identity.fingerprint:
+            raise RemoteProtocolError("debt claim between other parties", "wrong_party")
+        verify_signed(self.neighbor_public, CLAIM_DOMAIN, claim)
+        for counts in (claim.received, claim.sent):
+            if any(a.epoch >= b.epoch for a, b in pairwise(counts)):
+                raise RemoteProtocolError("claim epochs are not in order", "malformed_claim")
+        if claim.seq <= self.state.claim_seq_received:
+            raise RemoteProtocolError("debt claim replayed or out of order", "replayed_claim")
+        if abs(claim.timestamp - now) > MAX_CLOCK_SKEW_SECS:
+            raise RemoteProtocolError("debt claim timestamp is too far off", "stale_claim")
 
     def on_claim(self, claim: DebtClaim, now: int, tolerance_packets: int) -> ClaimOutcome:
         """Apply the neighbour's claim, or find it a dispute (and freeze the account).
 
-        Raises RemoteProtocolError (nothing applied) if it is forged or not between us
-        ("bad_signature", "wrong_party"), replayed or older than the last one
-        ("replayed_claim"), or dated too far from `now` ("stale_claim").
-        """
+        Raises RemoteProtocolError as `check_claim`, changing nothing."""
+        self.check_claim(claim, now)
         s = self.state
-        if claim.claimant != self.neighbor or claim.counterparty != self.identity.fingerprint:
-            raise RemoteProtocolError("debt claim between other parties", "wrong_party")
-        verify(self.neighbor_public, CLAIM_DOMAIN, claim.signed_part(), claim.signature)
-        if claim.seq <= s.claim_seq_received:
-            raise RemoteProtocolError("debt claim replayed or out of order", "replayed_claim")
-        if abs(claim.timestamp - now) > MAX_CLOCK_SKEW_SECS:
-            raise RemoteProtocolError("debt claim timestamp is too far off", "stale_claim")
         s.claim_seq_received = claim.seq
-        self._sync_live()
-        # What they received from us is what we owe: adopt it, unless it exceeds what we sent.
-        slack = tolerance_packets + self.recovery_packets
-        outbound = {e.epoch: e for e in s.outbound}
-        for count in claim.received:
-            epoch = outbound.get(count.epoch)
-            ours = epoch.packets if epoch is not None else 0
-            if count.packets > ours + slack:
-                s.frozen = "dispute"
-                return Dispute("overclaim", count.epoch, count.packets, ours)
+        total = self.counters.packets_out
+        ours = {e.epoch: e.count(total) for e in s.outbound}
+        claimed = {c.epoch: c.packets for c in claim.received}
+        # The epochs both of us still list: from the claim's oldest (older ones it folded)
+        # and from our oldest (older ones we folded).
+        low = max(min(claimed, default=0), s.outbound[0].epoch if s.outbound else 0)
+        window = [seq for seq in ours if seq >= low]
+        unknown = [seq for seq in claimed if seq >= low and seq not in ours]
+        theirs_total = sum(claimed.get(seq, 0) for seq in window) + sum(
+            claimed[seq] for seq in unknown
+        )
+        ours_total = sum(ours[seq] for seq in window)
+        in_empty = sum(claimed.get(seq, 0) for seq in window if ours[seq] == 0) + sum(
+            claimed[seq] for seq in unknown
+        )
+        uncounted = sum(max(0, ours[seq] - claimed.get(seq, 0)) for seq in window if ours[seq])
+        if theirs_total - ours_total > tolerance_packets:
+            s.frozen = "dispute"
+            return Dispute("overclaim", theirs_total, ours_total)
+        if in_empty > uncounted:
+            s.frozen = "dispute"
+            return Dispute("empty_epoch", in_empty, uncounted)
         before = self.debt_out_umel
-        for count in claim.received:
-            if (epoch := outbound.get(count.epoch)) is not None:
-                epoch.claimed, epoch.counted_at_claim = count.packets, epoch.packets
-        # After a crash we may have lost inbound counts: re-learn them from what they sent.
-        if self.recovery_packets:
-            inbound = {e.epoch: e for e in s.inbound}
-            for count in claim.sent:
-                if (
-                    epoch := inbound.get(count.epoch)
-                ) is not None and count.packets > epoch.packets:
-                    epoch.packets = min(count.packets, epoch.packets + self.recovery_packets)
-            self.received = s.inbound[-1].packets if s.inbound else 0
-            self.recovery_packets = 0
-        self._recompute()
+        for index, epoch in enumerate(s.outbound):
+            if epoch.epoch >= low:
+                s.outbound[index] = msgspec.structs.replace(
+                    epoch, claimed=claimed.get(epoch.epoch, 0), counted_at_claim=ours[epoch.epoch]
+                )
+        if self.recovery_in:  # after our crash: inbound counts we lost, from what they sent
+            sent = {c.epoch: c.packets for c in claim.sent}
+            relearn, total_in = self.recovery_in, self.counters.packets_in
+            for index, epoch in enumerate(s.inbound):
+                missing = sent.get(epoch.epoch, 0) - epoch.count(total_in)
+                if missing > 0 and relearn:
+                    extra = min(missing, relearn)
+                    relearn -= extra
+                    s.inbound[index] = epoch.relearned(extra)
+            self.recovery_in = 0
         return ClaimApplied(before, self.debt_out_umel)
 
     # --- debt limit notices -------------------------------------------------------------
@@ -441,15 +425,25 @@ class Account:
         offer = self.state.our_offer
         limit = offer.debt_limit_umel if offer is not None else 0
         unsigned = DebtLimitNotice(
-            self.identity.fingerprint, self.neighbor, self.debt_in_umel, limit, now, bytes(64)
+            self.identity.fingerprint, self.neighbor, self.debt_in_umel, limit, now, b""
         )
-        return msgspec.structs.replace(
-            unsigned,
-            signature=self.identity.sign(LIMIT_NOTICE_DOMAIN, unsigned.signed_part()),
-        )
+        return sign(self.identity, LIMIT_NOTICE_DOMAIN, unsigned)
 
     def verify_limit_notice(self, notice: DebtLimitNotice) -> None:
         """Raises RemoteProtocolError unless the neighbour signed this notice to us."""
         if notice.creditor != self.neighbor or notice.debtor != self.identity.fingerprint:
             raise RemoteProtocolError("debt limit notice between other parties", "wrong_party")
-        verify(self.neighbor_public, LIMIT_NOTICE_DOMAIN, notice.signed_part(), notice.signature)
+        verify_signed(self.neighbor_public, LIMIT_NOTICE_DOMAIN, notice)
+
+
+def _open_epoch(epochs: list[Epoch], offer: PriceOffer, total: int) -> int:
+    """Close the open epoch at `total` and open `offer`'s; returns the charge (µMEL) of
+    epochs folded away beyond MAX_EPOCHS, to add to the folded amount."""
+    if epochs:
+        epochs[-1] = msgspec.structs.replace(epochs[-1], packets=epochs[-1].count(total))
+    epochs.append(Epoch(offer.seq, offer.price_umel, start=total))
+    folded = 0
+    while len(epochs) > MAX_EPOCHS:
+        old = epochs.pop(0)
+        folded += old.charged(old.count(total)) * old.price_umel
+    return folded

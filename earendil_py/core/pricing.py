@@ -21,16 +21,16 @@ from typing import Annotated
 import msgspec
 
 from earendil_py.core.errors import RemoteProtocolError
-from earendil_py.core.identity import Fingerprint, Identity, Signature, Uint, verify
+from earendil_py.core.identity import Fingerprint, Identity, Signature, Uint
+from earendil_py.core.signed import sign, verify_signed
 
-OFFER_DOMAIN = b"earendil_py push_price offer v1"
-ANSWER_DOMAIN = b"earendil_py push_price answer v1"
+# v2: the signed part is the struct with its signature emptied (core/signed.py).
+OFFER_DOMAIN = b"earendil_py push_price offer v2"
+ANSWER_DOMAIN = b"earendil_py push_price answer v2"
 
 MethodName = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 Methods = Annotated[list[MethodName], msgspec.Meta(max_length=16)]
 Reason = Annotated[str, msgspec.Meta(max_length=64)]
-
-_encoder = msgspec.msgpack.Encoder()
 
 
 class PriceOffer(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -44,19 +44,6 @@ class PriceOffer(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
     methods: Methods
     timestamp: Uint
     signature: Signature
-
-    def signed_part(self) -> bytes:
-        return _encoder.encode(
-            (
-                self.offerer,
-                self.payer,
-                self.seq,
-                self.price_umel,
-                self.debt_limit_umel,
-                self.methods,
-                self.timestamp,
-            )
-        )
 
     def terms(self) -> PriceTerms:
         return PriceTerms(self.price_umel, self.debt_limit_umel, tuple(self.methods))
@@ -74,19 +61,6 @@ class PriceAnswer(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     reason: Reason
     timestamp: Uint
     signature: Signature
-
-    def signed_part(self) -> bytes:
-        return _encoder.encode(
-            (
-                self.offerer,
-                self.payer,
-                self.seq,
-                self.offer_signature,
-                self.accepted,
-                self.reason,
-                self.timestamp,
-            )
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,25 +115,21 @@ def make_offer(
         now,
         bytes(64),
     )
-    return msgspec.structs.replace(
-        unsigned, signature=identity.sign(OFFER_DOMAIN, unsigned.signed_part())
-    )
+    return sign(identity, OFFER_DOMAIN, unsigned)
 
 
 def make_answer(identity: Identity, offer: PriceOffer, reason: str, now: int) -> PriceAnswer:
     unsigned = PriceAnswer(
         offer.offerer, offer.payer, offer.seq, offer.signature, not reason, reason, now, bytes(64)
     )
-    return msgspec.structs.replace(
-        unsigned, signature=identity.sign(ANSWER_DOMAIN, unsigned.signed_part())
-    )
+    return sign(identity, ANSWER_DOMAIN, unsigned)
 
 
 def verify_offer(offer: PriceOffer, offerer_public: bytes, payer: bytes) -> None:
     """Raises RemoteProtocolError unless `offer` is to `payer` and signed by its offerer."""
     if offer.payer != payer:
         raise RemoteProtocolError("price offer addressed to someone else", "wrong_party")
-    verify(offerer_public, OFFER_DOMAIN, offer.signed_part(), offer.signature)
+    verify_signed(offerer_public, OFFER_DOMAIN, offer)
 
 
 def verify_answer(answer: PriceAnswer, offer: PriceOffer, payer_public: bytes) -> None:
@@ -173,4 +143,4 @@ def verify_answer(answer: PriceAnswer, offer: PriceOffer, payer_public: bytes) -
         raise RemoteProtocolError("price answer is for another offer", "wrong_party")
     if answer.accepted == bool(answer.reason):
         raise RemoteProtocolError("price answer: accepted with a reason", "malformed")
-    verify(payer_public, ANSWER_DOMAIN, answer.signed_part(), answer.signature)
+    verify_signed(payer_public, ANSWER_DOMAIN, answer)

@@ -29,7 +29,7 @@ raises anything but RemoteProtocolError.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Literal, NamedTuple, TypeVar
 
@@ -48,11 +48,13 @@ from earendil_py.core.identity import (
     verify,
 )
 from earendil_py.core.ledger import GENESIS
+from earendil_py.core.signed import sign, signed_part, verify_signed
 
-SETTLEMENT_DOMAIN = b"earendil_py settlement v1"
-REJECTION_DOMAIN = b"earendil_py settlement rejection v1"
+# v2: the signed part is the struct with its signature emptied (core/signed.py).
+SETTLEMENT_DOMAIN = b"earendil_py settlement v2"
+REJECTION_DOMAIN = b"earendil_py settlement rejection v2"
 # Keyed BLAKE3 separates attestation hashes from every other BLAKE3 use in the project.
-ATTESTATION_HASH_KEY = b"earendil_py settlement attest v1"
+ATTESTATION_HASH_KEY = b"earendil_py settlement attest v2"
 assert len(ATTESTATION_HASH_KEY) == 32
 
 SETTLEMENT_ID_SIZE = 16
@@ -67,6 +69,8 @@ EXPIRY_GRACE_SECS = 2 * MAX_CLOCK_SKEW_SECS
 # An audit page is at most this much msgpack, so it fits one RPC payload even as base64.
 AUDIT_PAGE_BYTES = 8_000
 MAX_AUDIT_PAGE_ATTESTATIONS = 64
+
+PROPOSER_SIGNATURE = "proposer_signature"  # the Proposal field its proposer's signature is in
 
 METHOD_MANUAL = "manual"
 METHOD_POW = "pow"
@@ -119,26 +123,9 @@ class Proposal(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fiel
     proposer_signature: Signature
 
     def signed_part(self) -> bytes:
-        """What both the proposer and the responder sign (under SETTLEMENT_DOMAIN)."""
-        return _encoder.encode(
-            (
-                self.settlement_id,
-                self.proposer,
-                self.responder,
-                self.left,
-                self.right,
-                self.reduce_left_umel,
-                self.reduce_right_umel,
-                self.net_umel,
-                self.direction,
-                self.method,
-                self.proof,
-                self.previous,
-                self.proposer_ledger_head,
-                self.timestamp,
-                self.expires_at,
-            )
-        )
+        """What both the proposer and the responder sign (under SETTLEMENT_DOMAIN): the
+        proposal with its signature emptied."""
+        return signed_part(self, PROPOSER_SIGNATURE)
 
     @property
     def id_hex(self) -> str:
@@ -258,13 +245,11 @@ def make_proposal(
         ledger_head,
         now,
         now + expiry_secs,
-        bytes(64),
+        bytes(64),  # emptied when signed
     )
     if problem := unsigned._shape_problem():
         raise LocalProtocolError(f"cannot propose this settlement: {problem}")
-    return msgspec.structs.replace(
-        unsigned, proposer_signature=identity.sign(SETTLEMENT_DOMAIN, unsigned.signed_part())
-    )
+    return sign(identity, SETTLEMENT_DOMAIN, unsigned, PROPOSER_SIGNATURE)
 
 
 class Attestation(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -327,18 +312,6 @@ class Rejection(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fie
     timestamp: Uint
     signature: Signature
 
-    def signed_part(self) -> bytes:
-        return _encoder.encode(
-            (
-                self.settlement_id,
-                self.proposer,
-                self.responder,
-                self.proposal_signature,
-                self.reason,
-                self.timestamp,
-            )
-        )
-
 
 def make_rejection(identity: Identity, proposal: Proposal, reason: str, now: int) -> Rejection:
     unsigned = Rejection(
@@ -348,11 +321,9 @@ def make_rejection(identity: Identity, proposal: Proposal, reason: str, now: int
         proposal.proposer_signature,
         reason,
         now,
-        bytes(64),
+        b"",
     )
-    return msgspec.structs.replace(
-        unsigned, signature=identity.sign(REJECTION_DOMAIN, unsigned.signed_part())
-    )
+    return sign(identity, REJECTION_DOMAIN, unsigned)
 
 
 def verify_rejection(rejection: Rejection, proposal: Proposal, responder_public: bytes) -> None:
@@ -372,7 +343,7 @@ def verify_rejection(rejection: Rejection, proposal: Proposal, responder_public:
         raise RemoteProtocolError("rejection of another proposal", "wrong_settlement")
     if not 0 < len(rejection.reason) <= 64:
         raise RemoteProtocolError("rejection without a reason", "malformed_settlement")
-    verify(responder_public, REJECTION_DOMAIN, rejection.signed_part(), rejection.signature)
+    verify_signed(responder_public, REJECTION_DOMAIN, rejection)
 
 
 class AuditPage(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -425,7 +396,7 @@ def decode_audit(data: bytes) -> AuditPage:
 
 
 class SettlementState(enum.StrEnum):
-    """A settlement as one side sees it. docs/settlement.md has the transition table."""
+    """A settlement as one side sees it. `TRANSITIONS` is the table of its moves."""
 
     PENDING = "pending"  # proposed, no answer yet
     # The mutual-credit name for the responder's act. Never stored: approving signs the
@@ -438,7 +409,61 @@ class SettlementState(enum.StrEnum):
     EXPIRED = "expired"
 
 
-class SettlementRecord(msgspec.Struct, forbid_unknown_fields=True):
+class Step(enum.StrEnum):
+    """What moves a record. The responder acts (`RECEIVE`, `APPROVE`, `REJECT`, `CANCEL` on
+    the proposer's request, `EXPIRE` at its deadline); the proposer acts (`PROPOSE`, `CANCEL`
+    as a request, `EXPIRE` when it gives up) and learns the responder's answer (`APPROVED`,
+    or a rejection by its reason: `REJECTED`, `CANCELED`, `EXPIRED`)."""
+
+    PROPOSE = "propose"
+    RECEIVE = "receive"
+    APPROVE = "approve"
+    REJECT = "reject"
+    CANCEL = "cancel"
+    EXPIRE = "expire"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+
+PENDING = SettlementState.PENDING
+COMPLETED = SettlementState.COMPLETED
+REJECTED = SettlementState.REJECTED
+CANCELED = SettlementState.CANCELED
+EXPIRED = SettlementState.EXPIRED
+
+# The state machine, written once: (role, state before or None for a new record, step) ->
+# state after. docs/settlement.md has the same table. Anything not in it is our own misuse
+# (LocalProtocolError); a peer's input is checked before it can reach a step.
+_AWAITING_ANSWER = (PENDING, CANCELED, EXPIRED)  # a proposer takes the responder's word late
+TRANSITIONS: dict[tuple[Role, SettlementState | None, Step], SettlementState] = {
+    ("proposer", None, Step.PROPOSE): PENDING,
+    ("proposer", PENDING, Step.CANCEL): CANCELED,  # a request: open until answered
+    ("proposer", PENDING, Step.EXPIRE): EXPIRED,  # no answer by expires_at + grace
+    ("proposer", CANCELED, Step.EXPIRE): EXPIRED,
+    **{("proposer", s, Step.APPROVED): COMPLETED for s in _AWAITING_ANSWER},
+    **{("proposer", s, Step.REJECTED): REJECTED for s in _AWAITING_ANSWER},
+    **{("proposer", s, Step.CANCELED): CANCELED for s in _AWAITING_ANSWER},
+    **{("proposer", s, Step.EXPIRED): EXPIRED for s in _AWAITING_ANSWER},
+    ("responder", None, Step.RECEIVE): PENDING,
+    ("responder", PENDING, Step.APPROVE): COMPLETED,
+    ("responder", PENDING, Step.REJECT): REJECTED,
+    ("responder", PENDING, Step.CANCEL): CANCELED,
+    ("responder", PENDING, Step.EXPIRE): EXPIRED,
+}
+# The rejection reasons the book writes itself, and the step each is for either side.
+_REASON_STEPS = {"canceled": Step.CANCELED, "expired": Step.EXPIRED}
+_RESPONDER_REASONS = {"canceled": Step.CANCEL, "expired": Step.EXPIRE}
+
+# Finished records kept in memory per neighbour, and completed attestations (the tail of the
+# chain): enough to answer a retransmission or a late status question, to take a late
+# approval of a proposal we gave up on, and to serve an audit of a neighbour that lags by a
+# settlement or two. Older ones are only in the ledger.
+RECENT = 8
+
+
+class SettlementRecord(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """One settlement in the book. `expires_at` is when it stops being open: the responder's
     deadline for approving, or for the proposer the proposal's `expires_at` plus
     EXPIRY_GRACE_SECS. `rejection`/`attestation` is the responder's answer, once known."""
@@ -456,57 +481,83 @@ class SettlementRecord(msgspec.Struct, forbid_unknown_fields=True):
     def answer(self) -> Attestation | Rejection | None:
         return self.attestation if self.attestation is not None else self.rejection
 
+    @property
+    def settlement_id(self) -> bytes:
+        return self.proposal.settlement_id
+
     def is_open(self, now: int) -> bool:
         """In flight: unanswered and not past its deadline. Blocks any other settlement."""
-        return (
-            self.state in (SettlementState.PENDING, SettlementState.CANCELED)
-            and self.answer is None
-            and now < self.expires_at
-        )
+        return self.state in (PENDING, CANCELED) and self.answer is None and now < self.expires_at
+
+    @classmethod
+    def new(
+        cls, proposal: Proposal, role: Role, step: Step, *, created_at: int, expires_at: int
+    ) -> SettlementRecord:
+        """A record that `step` creates, by `TRANSITIONS`."""
+        state = TRANSITIONS.get((role, None, step))
+        if state is None:
+            raise LocalProtocolError(f"a {role} record is not created by {step}")
+        return cls(proposal, role, state, created_at, expires_at)
+
+    def step(self, step: Step, **changes: object) -> SettlementRecord:
+        """This record after `step` (and `changes`), by `TRANSITIONS`. Raises
+        LocalProtocolError for a step the table does not allow from here."""
+        state = TRANSITIONS.get((self.role, self.state, step))
+        if state is None:
+            raise LocalProtocolError(
+                f"settlement {self.proposal.id_hex} ({self.role}) is {self.state}: cannot {step}"
+            )
+        return msgspec.structs.replace(self, state=state, **changes)
 
 
-class SettlementBookState(msgspec.Struct, forbid_unknown_fields=True):
-    """Everything a book needs to resume after a restart (checkpoint it in the ledger).
-
-    Every settlement id ever seen is kept, with its final state, so a retransmission gets the
-    identical answer forever. Settlements are rare (one in flight per link, each a payment),
-    so this grows by a few hundred bytes per settlement.
-    """
+class BookState(msgspec.Struct, forbid_unknown_fields=True):
+    """A book's state: the head of the chain and what is kept in memory. Bounded: the open
+    records (one at most, see the module docstring) and the RECENT newest finished records
+    and completed attestations; older ones live only in the ledger."""
 
     neighbor: bytes
     head: bytes = GENESIS  # hash of the last completed attestation
-    completed: list[str] = msgspec.field(default_factory=list)  # ids (hex), chain order
-    records: dict[str, SettlementRecord] = msgspec.field(default_factory=dict)  # by id hex
+    completed: int = 0  # attestations in the chain
+    chain: list[Attestation] = msgspec.field(default_factory=list)  # the newest, oldest first
+    open: dict[str, SettlementRecord] = msgspec.field(default_factory=dict)  # by id hex
+    finished: dict[str, SettlementRecord] = msgspec.field(default_factory=dict)  # oldest first
+    # The finished records no longer kept, counted by (method, role, state); a method that is
+    # not one of METHODS counts as "other".
+    tally: dict[tuple[str, str, str], int] = msgspec.field(default_factory=dict)
+
+    def copy(self) -> BookState:
+        """A copy to work on: records and attestations are immutable, so new containers do."""
+        return msgspec.structs.replace(
+            self,
+            chain=list(self.chain),
+            open=dict(self.open),
+            finished=dict(self.finished),
+            tally=dict(self.tally),
+        )
+
+    def counts(self) -> dict[tuple[str, str, str], int]:
+        """Every settlement with the neighbour, kept or not, by (method, role, state)."""
+        counts = dict(self.tally)
+        for record in (*self.finished.values(), *self.open.values()):
+            key = _tally_key(record)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
 
-@dataclass(frozen=True, slots=True)
-class SettlementCompleted:
-    """Our proposal was approved: apply `reduction` to the account. `late` if we had
-    already canceled it or given it up: the responder's approval wins all the same."""
-
-    record: SettlementRecord
-    reduction: Reduction
-    late: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SettlementRejected:
-    """The responder refused our proposal (`record.state` REJECTED, CANCELED or EXPIRED)."""
-
-    record: SettlementRecord
+def _tally_key(record: SettlementRecord) -> tuple[str, str, str]:
+    method = record.proposal.method
+    return (method if method in METHODS else "other", record.role, str(record.state))
 
 
 @dataclass(frozen=True, slots=True)
 class AuditMismatch:
     """Where the neighbour's settlement chain and ours part.
 
-    `reason`: "unknown_since" (we do not know the head the page starts from),
-    "broken_chain" (their page does not chain from `since` or does not reach their head),
-    "bad_signature" / "wrong_party" / "malformed_settlement" (an attestation in it does not
-    verify),
-    "altered" (at `index` they have another attestation than ours),
-    "extra" (they have attestations after our head), "missing" (we have ones after theirs).
-    `index` counts from the first attestation after `since`.
+    `reason`: "broken_chain" (their page does not chain from our head, or does not reach
+    their head), "bad_signature" / "wrong_party" / "malformed_settlement" (an attestation in
+    it does not verify), "extra" (they have an attestation after our head that answers no
+    proposal of ours: we lost it), "diverged" (their head is neither ours nor one we passed
+    recently). `index` counts the page's attestations.
     """
 
     reason: str
@@ -514,25 +565,15 @@ class AuditMismatch:
     detail: str
 
 
-_REJECTION_STATES = {
-    "canceled": SettlementState.CANCELED,
-    "expired": SettlementState.EXPIRED,
-}
-
-
 class SettlementBook:
-    """Settlements with one neighbour, as one side sees them. See the module docstring.
-
-    Each method that changes the state returns what to send (a proposal, an attestation, a
-    rejection) or an event; the caller persists `snapshot()` before sending it, and applies
-    a completed settlement's `Reduction` to the `Account` in the same transaction.
+    """Settlements with one neighbour, as one side sees them, over `state`. See the module
+    docstring. Every method changes `state` in place (give it a copy to keep the original)
+    and returns the record it moved; the caller persists the move before sending anything.
     """
 
-    __slots__ = ("_open", "identity", "me", "neighbor", "neighbor_public", "state")
+    __slots__ = ("identity", "me", "neighbor", "neighbor_public", "state")
 
-    def __init__(
-        self, identity: Identity, neighbor_public: bytes, state: SettlementBookState
-    ) -> None:
+    def __init__(self, identity: Identity, neighbor_public: bytes, state: BookState) -> None:
         if fingerprint_of(neighbor_public) != state.neighbor:
             raise LocalProtocolError("neighbor_public is not the book's neighbour's key")
         self.identity = identity
@@ -540,13 +581,6 @@ class SettlementBook:
         self.neighbor = state.neighbor
         self.neighbor_public = neighbor_public
         self.state = state
-        # Ids of records that may still be open: checked instead of every record ever seen.
-        self._open = {
-            key
-            for key, record in state.records.items()
-            if record.state in (SettlementState.PENDING, SettlementState.CANCELED)
-            and record.answer is None
-        }
 
     # --- queries ------------------------------------------------------------------------
 
@@ -555,37 +589,27 @@ class SettlementBook:
         return self.state.head
 
     def record(self, settlement_id: bytes) -> SettlementRecord | None:
-        return self.state.records.get(settlement_id.hex())
+        key = settlement_id.hex()
+        return self.state.open.get(key) or self.state.finished.get(key)
 
     def in_flight(self, now: int) -> SettlementRecord | None:
         """The open settlement on this link, either way, if any (at most one)."""
-        for key in self._open:
-            if self.state.records[key].is_open(now):
-                return self.state.records[key]
-        return None
+        return next((r for r in self.state.open.values() if r.is_open(now)), None)
 
-    def outgoing_pending(self) -> SettlementRecord | None:
-        """Our proposal still waiting for an answer, if any."""
-        for key in self._open:
-            record = self.state.records[key]
-            if record.role == "proposer" and record.state is SettlementState.PENDING:
-                return record
-        return None
+    def outgoing_open(self) -> SettlementRecord | None:
+        """Our proposal still waiting for an answer (pending, or canceled by us), if any."""
+        return next((r for r in self.state.open.values() if r.role == "proposer"), None)
 
-    def answer(self, settlement_id: bytes) -> Attestation | Rejection | None:
-        """What we answered to an incoming proposal: sent again, identical, on retransmission."""
-        record = self.record(settlement_id)
-        return None if record is None or record.role != "responder" else record.answer
+    def deadline(self) -> int | None:
+        """When the first open record passes its deadline (for `expire`)."""
+        return min((r.expires_at for r in self.state.open.values()), default=None)
 
-    def reduction(self, record: SettlementRecord) -> Reduction:
-        """(paid_in_umel, paid_out_umel) of a COMPLETED record, for `Account.settle`."""
-        if record.state is not SettlementState.COMPLETED:
-            raise LocalProtocolError(f"settlement {record.proposal.id_hex} is {record.state}")
-        return record.proposal.reduction_for(self.me)
-
-    def snapshot(self) -> SettlementBookState:
-        """A deep copy of the state, for a checkpoint."""
-        return msgspec.msgpack.decode(msgspec.msgpack.encode(self.state), type=SettlementBookState)
+    def heads(self) -> list[bytes]:
+        """Our recent heads, oldest first, ending with the current one."""
+        chain = self.state.chain
+        if not chain:
+            return [self.state.head]
+        return [chain[0].proposal.previous, *map(attestation_hash, chain)]
 
     # --- proposer side ------------------------------------------------------------------
 
@@ -600,7 +624,7 @@ class SettlementBook:
         ledger_head: bytes,
         now: int,
         expiry_secs: int,
-    ) -> Proposal:
+    ) -> SettlementRecord:
         """A new signed proposal at our head, recorded PENDING; persist before sending.
 
         `reduce_mine_umel` is what we pay (our debt goes down), `reduce_theirs_umel` what we
@@ -609,7 +633,7 @@ class SettlementBook:
         """
         if (busy := self.in_flight(now)) is not None:
             raise LocalProtocolError(f"settlement {busy.proposal.id_hex} is in flight")
-        if settlement_id.hex() in self.state.records:
+        if self.record(settlement_id) is not None:
             raise LocalProtocolError("settlement id already used")
         proposal = make_proposal(
             self.identity,
@@ -624,25 +648,33 @@ class SettlementBook:
             now=now,
             expiry_secs=expiry_secs,
         )
-        self._add(
-            SettlementRecord(
-                proposal,
-                "proposer",
-                SettlementState.PENDING,
-                created_at=now,
-                expires_at=proposal.expires_at + EXPIRY_GRACE_SECS,
-            )
+        record = SettlementRecord.new(
+            proposal,
+            "proposer",
+            Step.PROPOSE,
+            created_at=now,
+            expires_at=proposal.expires_at + EXPIRY_GRACE_SECS,
         )
-        return proposal
+        return self._store(record)
 
-    def on_approved(self, attestation: Attestation) -> SettlementCompleted | None:
-        """The responder approved our proposal: complete it and move the head.
+    def cancel(self, settlement_id: bytes) -> SettlementRecord:
+        """Withdraw our PENDING proposal (the caller then asks the responder to cancel it).
+        It stays open, blocking new settlements, until the responder answers — which may
+        still be an approval — or its deadline passes. Raises LocalProtocolError unless it
+        is our proposal and PENDING."""
+        record = self.state.open.get(settlement_id.hex())
+        if record is None or record.role != "proposer":
+            raise LocalProtocolError(f"no open proposal of ours with id {settlement_id.hex()}")
+        return self._store(record.step(Step.CANCEL, reason="canceled"))
 
-        Returns None if it was already completed (a duplicate). Completes a proposal we
-        canceled or gave up on too (`late`): the responder is the authority. Raises
-        RemoteProtocolError: "unknown_settlement" (not our proposal), "bad_signature",
-        "conflicting_answer" (they already rejected it: kept as evidence), "fork" (our head
-        moved on meanwhile: the chains diverged, the operator must look).
+    def on_approved(self, attestation: Attestation) -> SettlementRecord | None:
+        """The responder approved our proposal: complete it and move the head (apply its
+        `reduction_for(me)` to the account). None if it was already completed.
+
+        Completes a proposal we canceled or gave up on too: the responder is the authority.
+        Raises RemoteProtocolError: "unknown_settlement" (not our proposal, or one too old to
+        still be kept), "bad_signature", "conflicting_answer" (they already rejected it),
+        "fork" (our head moved on meanwhile: the chains diverged, the operator must look).
         """
         record = self._outgoing(attestation.proposal.settlement_id)
         if attestation.proposal != record.proposal:
@@ -653,207 +685,181 @@ class SettlementBook:
             record.proposal.signed_part(),
             attestation.responder_signature,
         )
-        if record.state is SettlementState.COMPLETED:
+        if record.state is COMPLETED:
             return None
         if record.rejection is not None:
             raise RemoteProtocolError("approval of a rejected settlement", "conflicting_answer")
         if record.proposal.previous != self.state.head:
             raise RemoteProtocolError("approved settlement no longer follows our head", "fork")
-        late = record.state is not SettlementState.PENDING
-        self._complete(record, attestation)
-        return SettlementCompleted(record, self.reduction(record), late)
+        return self.answered(record, attestation)
 
-    def on_rejected(self, rejection: Rejection) -> SettlementRejected | None:
+    def on_rejected(self, rejection: Rejection) -> SettlementRecord | None:
         """The responder refused our proposal. None if we already knew its answer.
         Raises RemoteProtocolError: "unknown_settlement", "wrong_settlement",
         "bad_signature", "conflicting_answer" (we hold its attestation)."""
         record = self._outgoing(rejection.settlement_id)
         verify_rejection(rejection, record.proposal, self.neighbor_public)
-        if record.state is SettlementState.COMPLETED:
+        if record.state is COMPLETED:
             raise RemoteProtocolError("rejection of a completed settlement", "conflicting_answer")
         if record.rejection is not None:
             return None
-        record.state = _REJECTION_STATES.get(rejection.reason, SettlementState.REJECTED)
-        record.reason = rejection.reason
-        record.rejection = rejection
-        self._open.discard(record.proposal.id_hex)
-        return SettlementRejected(record)
-
-    def cancel(self, settlement_id: bytes) -> SettlementRecord:
-        """Withdraw our PENDING proposal (the caller then asks the responder to cancel it).
-        It stays open, blocking new settlements, until the responder answers — which may
-        still be an approval — or its deadline passes. Raises LocalProtocolError unless
-        it is our proposal and PENDING."""
-        record = self._outgoing_local(settlement_id)
-        if record.state is not SettlementState.PENDING:
-            raise LocalProtocolError(f"settlement {record.proposal.id_hex} is {record.state}")
-        record.state = SettlementState.CANCELED
-        record.reason = "canceled"
-        return record
+        return self.answered(record, rejection)
 
     # --- responder side -----------------------------------------------------------------
 
-    def receive(self, proposal: Proposal, now: int, *, expiry_secs: int) -> SettlementRecord:
-        """Take the neighbour's proposal in. Returns its record: PENDING (wait for the
-        operator, or check the proof, then `approve` or `reject`), or already answered
-        (send `record.answer`).
+    def check_proposal(self, proposal: Proposal, now: int) -> SettlementRecord | Rejection | None:
+        """Judge the neighbour's proposal before taking it in. Returns the record we already
+        hold for it (a retransmission: answer it again, applied once), a signed refusal that
+        changes nothing and is not recorded ("expired", "stale_head" if it does not follow
+        our head, "settlement_in_flight" if one is open already), or None: a new proposal
+        that `receive` may open. A proposer that lost our refusal asks again and is judged
+        again; one that got it never sends the proposal again.
 
-        A proposal already seen returns its record unchanged: a retransmission gets the same
-        answer and is applied once. A new one is recorded REJECTED with reason "stale_head"
-        (it does not follow our head) or "settlement_in_flight" (one is open already), or
-        EXPIRED. `expiry_secs` caps how long we leave it open. Raises RemoteProtocolError,
-        recording nothing: "malformed_settlement", "wrong_party", "bad_signature",
-        "settlement_id_reused" (a different proposal under a known id), "stale_settlement"
-        (timestamp further than MAX_CLOCK_SKEW_SECS from `now`).
+        Raises RemoteProtocolError, recording nothing: "malformed_settlement", "wrong_party",
+        "bad_signature", "settlement_id_reused" (a different proposal under a known id),
+        "stale_settlement" (timestamp further than MAX_CLOCK_SKEW_SECS from `now`).
         """
-        if expiry_secs <= 0:
-            raise LocalProtocolError("expiry_secs must be positive")
         proposal.check_shape()
         if proposal.proposer != self.neighbor or proposal.responder != self.me:
             raise RemoteProtocolError("settlement between other parties", "wrong_party")
-        verify(
-            self.neighbor_public,
-            SETTLEMENT_DOMAIN,
-            proposal.signed_part(),
-            proposal.proposer_signature,
-        )
-        known = self.state.records.get(proposal.id_hex)
+        verify_signed(self.neighbor_public, SETTLEMENT_DOMAIN, proposal, PROPOSER_SIGNATURE)
+        known = self.record(proposal.settlement_id)
         if known is not None:
             if known.proposal != proposal:
                 raise RemoteProtocolError("settlement id reused", "settlement_id_reused")
             return known
         if abs(proposal.timestamp - now) > MAX_CLOCK_SKEW_SECS:
             raise RemoteProtocolError("settlement timestamp too far off", "stale_settlement")
-        busy = self.in_flight(now)
-        record = SettlementRecord(
+        if now >= proposal.expires_at:
+            return make_rejection(self.identity, proposal, "expired", now)
+        if proposal.previous != self.state.head:
+            return make_rejection(self.identity, proposal, "stale_head", now)
+        if self.in_flight(now) is not None:
+            return make_rejection(self.identity, proposal, "settlement_in_flight", now)
+        return None
+
+    def receive(self, proposal: Proposal, now: int, *, expiry_secs: int) -> SettlementRecord:
+        """Open a proposal `check_proposal` found new: PENDING until `approve`, `reject`,
+        `on_cancel` or its deadline, `min(proposal.expires_at, now + expiry_secs)`."""
+        if expiry_secs <= 0:
+            raise LocalProtocolError("expiry_secs must be positive")
+        record = SettlementRecord.new(
             proposal,
             "responder",
-            SettlementState.PENDING,
+            Step.RECEIVE,
             created_at=now,
             expires_at=min(proposal.expires_at, now + expiry_secs),
         )
-        self._add(record)
-        if now >= proposal.expires_at:
-            self._refuse(record, SettlementState.EXPIRED, "expired", now)
-        elif proposal.previous != self.state.head:
-            self._refuse(record, SettlementState.REJECTED, "stale_head", now)
-        elif busy is not None:
-            self._refuse(record, SettlementState.REJECTED, "settlement_in_flight", now)
-        return record
+        return self._store(record)
 
-    def approve(self, settlement_id: bytes, now: int) -> Attestation | Rejection:
+    def approve(self, settlement_id: bytes, now: int) -> SettlementRecord:
         """Approve a PENDING incoming proposal: sign the attestation, complete the record and
-        move the head (apply `reduction(record)` to the account). Returns the answer to send:
-        the attestation, or a rejection if it expired meanwhile ("expired") or no longer
-        follows our head ("stale_head"). Raises LocalProtocolError unless it is an incoming
-        proposal still PENDING."""
+        move the head (apply its `reduction_for(me)` to the account). If it expired meanwhile
+        or no longer follows our head it is refused instead ("expired", "stale_head"): the
+        returned record holds the answer to send. Raises LocalProtocolError unless it is an
+        incoming proposal still PENDING."""
         record = self._incoming(settlement_id)
-        if record.state is not SettlementState.PENDING:
-            raise LocalProtocolError(f"settlement {record.proposal.id_hex} is {record.state}")
         if now >= record.expires_at:
-            return self._refuse(record, SettlementState.EXPIRED, "expired", now)
+            return self._refuse(record, "expired", now)
         if record.proposal.previous != self.state.head:
-            return self._refuse(record, SettlementState.REJECTED, "stale_head", now)
+            return self._refuse(record, "stale_head", now)
         proposal = record.proposal
         attestation = Attestation(
             proposal, self.identity.sign(SETTLEMENT_DOMAIN, proposal.signed_part())
         )
-        self._complete(record, attestation)
-        return attestation
+        return self.answered(record, attestation)
 
-    def reject(self, settlement_id: bytes, reason: str, now: int) -> Rejection:
+    def reject(self, settlement_id: bytes, reason: str, now: int) -> SettlementRecord:
         """Refuse a PENDING incoming proposal with a snake_case `reason` (1..64 characters;
         not "canceled" or "expired", which the book uses itself). Raises LocalProtocolError
         unless it is an incoming proposal still PENDING."""
-        if not 0 < len(reason) <= 64 or reason in _REJECTION_STATES:
+        if not 0 < len(reason) <= 64 or reason in _REASON_STEPS:
             raise LocalProtocolError(f"invalid rejection reason {reason!r}")
-        record = self._incoming(settlement_id)
-        if record.state is not SettlementState.PENDING:
-            raise LocalProtocolError(f"settlement {record.proposal.id_hex} is {record.state}")
-        return self._refuse(record, SettlementState.REJECTED, reason, now)
+        return self._refuse(self._incoming(settlement_id), reason, now)
 
-    def on_cancel(self, settlement_id: bytes, now: int) -> Attestation | Rejection:
-        """The proposer asks to cancel its proposal. Returns our answer, which is final: a
-        "canceled" rejection if it was still PENDING, else what we answered before. Raises
-        RemoteProtocolError("unknown_settlement") for an id the neighbour never proposed."""
-        record = self.state.records.get(settlement_id.hex())
+    def on_cancel(self, settlement_id: bytes, now: int) -> SettlementRecord:
+        """The proposer asks to cancel its proposal. Returns the record with our answer, which
+        is final: a "canceled" rejection if it was still PENDING, else what we answered
+        before (changing nothing). Raises RemoteProtocolError("unknown_settlement") for an id
+        the neighbour never proposed, or one we no longer keep."""
+        record = self.record(settlement_id)
         if record is None or record.role != "responder":
             raise RemoteProtocolError("cancel of an unknown settlement", "unknown_settlement")
-        if record.state is SettlementState.PENDING:
-            if now >= record.expires_at:
-                return self._refuse(record, SettlementState.EXPIRED, "expired", now)
-            return self._refuse(record, SettlementState.CANCELED, "canceled", now)
-        answer = record.answer
-        assert answer is not None  # every non-PENDING incoming record holds its answer
-        return answer
+        if record.state is PENDING:
+            return self._refuse(record, "expired" if now >= record.expires_at else "canceled", now)
+        return record
 
     # --- both sides ---------------------------------------------------------------------
 
     def expire(self, now: int) -> list[SettlementRecord]:
-        """Move every PENDING record past its deadline to EXPIRED and return them. An incoming
+        """Move every open record past its deadline to EXPIRED and return them. An incoming
         one gets a signed "expired" rejection (send it); an outgoing one only expires
         `EXPIRY_GRACE_SECS` after its proposal's `expires_at`, and a late approval would
         still complete it."""
-        expired = []
-        for key in list(self._open):
-            record = self.state.records[key]
+        moved = []
+        for record in list(self.state.open.values()):
             if now < record.expires_at:
                 continue
             if record.role == "responder":
-                self._refuse(record, SettlementState.EXPIRED, "expired", now)
+                moved.append(self._refuse(record, "expired", now))
             else:
-                if record.state is SettlementState.PENDING:
-                    record.state = SettlementState.EXPIRED
-                    record.reason = "expired"
-                self._open.discard(key)
-            if record.state is SettlementState.EXPIRED:
-                expired.append(record)
-        return expired
+                moved.append(self._store(record.step(Step.EXPIRE, reason="expired")))
+        return moved
+
+    def answered(
+        self, record: SettlementRecord, answer: Attestation | Rejection
+    ) -> SettlementRecord:
+        """`record` with the responder's `answer`, whichever side we are: the one place a
+        record takes its final answer, live and when replaying the ledger."""
+        if isinstance(answer, Attestation):
+            step = Step.APPROVE if record.role == "responder" else Step.APPROVED
+            done = record.step(step, reason="", attestation=answer)
+        elif record.role == "responder":
+            step = _RESPONDER_REASONS.get(answer.reason, Step.REJECT)
+            done = record.step(step, reason=answer.reason, rejection=answer)
+        else:
+            step = _REASON_STEPS.get(answer.reason, Step.REJECTED)
+            done = record.step(step, reason=answer.reason, rejection=answer)
+        return self._store(done)
+
+    def restore(self, record: SettlementRecord) -> SettlementRecord:
+        """Put a record read back from the ledger in its place (replay)."""
+        return self._store(record)
 
     # --- audit --------------------------------------------------------------------------
 
-    def audit_since(
-        self, previous_head: bytes, *, max_bytes: int = AUDIT_PAGE_BYTES
-    ) -> list[Attestation] | None:
-        """Our completed attestations after `previous_head`, oldest first, at most
-        `max_bytes` of msgpack (always at least one) and MAX_AUDIT_PAGE_ATTESTATIONS.
-        None if `previous_head` is not in our chain."""
-        chain = self._chain()
-        start = self._position(chain, previous_head)
-        if start is None:
+    def audit_page(self, since: bytes) -> AuditPage | None:
+        """The answer to a neighbour's audit request: our head and our attestations after
+        `since`, oldest first (at most AUDIT_PAGE_BYTES of msgpack, always at least one, and
+        MAX_AUDIT_PAGE_ATTESTATIONS); None if `since` is not one of our recent heads."""
+        heads = self.heads()
+        if since not in heads:
             return None
         page: list[Attestation] = []
         size = 0
-        for attestation in chain[start:]:
+        for attestation in self.state.chain[heads.index(since) :]:
             size += len(_encoder.encode(attestation))
-            if page and (size > max_bytes or len(page) >= MAX_AUDIT_PAGE_ATTESTATIONS):
+            if page and (size > AUDIT_PAGE_BYTES or len(page) >= MAX_AUDIT_PAGE_ATTESTATIONS):
                 break
             page.append(attestation)
-        return page
+        return AuditPage(since, self.state.head, page)
 
-    def audit_page(self, since: bytes) -> AuditPage | None:
-        """The answer to a neighbour's audit request; None if `since` is unknown to us."""
-        attestations = self.audit_since(since)
-        return None if attestations is None else AuditPage(since, self.state.head, attestations)
-
-    def verify_audit(
-        self, their_head: bytes, attestations: Sequence[Attestation], *, since: bytes = GENESIS
-    ) -> AuditMismatch | None:
-        """Compare the neighbour's audit page (their head, their attestations after `since`)
-        with our chain. None if they agree as far as the page goes (a partial page, ending
-        before `their_head`, leaves the rest to the next page). Never raises on their data.
-        """
-        ours_all = self._chain()
-        start = self._position(ours_all, since)
-        if start is None:
-            return AuditMismatch("unknown_since", 0, "we do not know the audit's start head")
-        ours = ours_all[start:]
+    def judge_audit(self, page: AuditPage, since: bytes) -> list[Attestation] | AuditMismatch:
+        """Judge the neighbour's answer to our audit from our head `since`. Returns the
+        attestations they have after it — each completes a proposal of ours they approved
+        and we had not heard of yet (feed them to `on_approved`, in order; a partial page
+        then asks again from the new head) — or where our chains part. Never raises on their
+        data."""
         try:
-            end = verify_chain(attestations, start=since)
+            if page.since != since:
+                raise RemoteProtocolError("audit page from another head", "broken_chain")
+            end = verify_chain(page.attestations, start=since)
         except RemoteProtocolError as exc:
             return AuditMismatch("broken_chain", 0, str(exc))
+        if not page.attestations and end != page.head:
+            return AuditMismatch("broken_chain", 0, "empty page that does not reach their head")
         publics = {self.me: self.identity.identity_public, self.neighbor: self.neighbor_public}
-        for index, attestation in enumerate(attestations):
+        for index, attestation in enumerate(page.attestations):
             proposal = attestation.proposal
             if {proposal.proposer, proposal.responder} != publics.keys():
                 return AuditMismatch("wrong_party", index, "attestation between other parties")
@@ -861,84 +867,60 @@ class SettlementBook:
                 attestation.verify(publics[proposal.proposer], publics[proposal.responder])
             except RemoteProtocolError as exc:
                 return AuditMismatch(exc.reason, index, str(exc))
-        complete = end == their_head
-        if not complete and not attestations:
-            return AuditMismatch("broken_chain", 0, "empty page that does not reach their head")
-        for index, attestation in enumerate(attestations):
-            if index >= len(ours):
-                return AuditMismatch(
-                    "extra", index, f"they have settlement {attestation.proposal.id_hex}"
-                )
-            if attestation != ours[index]:
-                return AuditMismatch(
-                    "altered",
-                    index,
-                    f"they have settlement {attestation.proposal.id_hex},"
-                    f" we have {ours[index].proposal.id_hex}",
-                )
-        if complete and len(ours) > len(attestations):
-            missing = ours[len(attestations)].proposal.id_hex
-            return AuditMismatch("missing", len(attestations), f"they lack settlement {missing}")
-        return None
+            record = self.record(proposal.settlement_id)
+            if (
+                record is None
+                or record.role != "proposer"
+                or record.answer is not None
+                or record.proposal != proposal
+            ):
+                return AuditMismatch("extra", index, f"they have settlement {proposal.id_hex}")
+        return list(page.attestations)
+
+    def judge_unknown_since(self, their_head: bytes) -> AuditMismatch | None:
+        """The neighbour does not know our head. None if theirs is one we passed recently
+        (they lag: they will learn the rest as proposers, or find it themselves), else where
+        the chains part."""
+        if their_head in self.heads():
+            return None
+        return AuditMismatch("diverged", 0, f"their head {their_head.hex()[:16]} is not ours")
 
     # --- internals ----------------------------------------------------------------------
 
-    def _add(self, record: SettlementRecord) -> None:
-        key = record.proposal.id_hex
-        self.state.records[key] = record
-        self._open.add(key)
+    def _store(self, record: SettlementRecord) -> SettlementRecord:
+        """Put `record` where it belongs: open while unanswered and PENDING or CANCELED, else
+        among the finished (the RECENT newest), moving the head if it completed."""
+        state, key = self.state, record.proposal.id_hex
+        if record.state in (PENDING, CANCELED) and record.answer is None:
+            state.finished.pop(key, None)
+            state.open[key] = record
+            return record
+        state.open.pop(key, None)
+        state.finished.pop(key, None)
+        state.finished[key] = record
+        while len(state.finished) > RECENT:
+            counted = _tally_key(state.finished.pop(next(iter(state.finished))))
+            state.tally[counted] = state.tally.get(counted, 0) + 1
+        if record.state is COMPLETED and record.attestation is not None:
+            attestation = record.attestation
+            if attestation.proposal.previous == state.head:
+                state.head = attestation_hash(attestation)
+                state.completed += 1
+                state.chain.append(attestation)
+                del state.chain[:-RECENT]
+        return record
 
-    def _complete(self, record: SettlementRecord, attestation: Attestation) -> None:
-        record.state = SettlementState.COMPLETED
-        record.reason = ""
-        record.attestation = attestation
-        key = record.proposal.id_hex
-        self.state.head = attestation_hash(attestation)
-        self.state.completed.append(key)
-        self._open.discard(key)
-
-    def _refuse(
-        self, record: SettlementRecord, state: SettlementState, reason: str, now: int
-    ) -> Rejection:
-        rejection = make_rejection(self.identity, record.proposal, reason, now)
-        record.state = state
-        record.reason = reason
-        record.rejection = rejection
-        self._open.discard(record.proposal.id_hex)
-        return rejection
+    def _refuse(self, record: SettlementRecord, reason: str, now: int) -> SettlementRecord:
+        return self.answered(record, make_rejection(self.identity, record.proposal, reason, now))
 
     def _outgoing(self, settlement_id: bytes) -> SettlementRecord:
-        record = self.state.records.get(settlement_id.hex())
+        record = self.record(settlement_id)
         if record is None or record.role != "proposer":
             raise RemoteProtocolError("answer to no proposal of ours", "unknown_settlement")
         return record
 
-    def _outgoing_local(self, settlement_id: bytes) -> SettlementRecord:
-        record = self.state.records.get(settlement_id.hex())
-        if record is None or record.role != "proposer":
-            raise LocalProtocolError(f"no proposal of ours with id {settlement_id.hex()}")
-        return record
-
     def _incoming(self, settlement_id: bytes) -> SettlementRecord:
-        record = self.state.records.get(settlement_id.hex())
+        record = self.state.open.get(settlement_id.hex())
         if record is None or record.role != "responder":
-            raise LocalProtocolError(f"no incoming proposal with id {settlement_id.hex()}")
+            raise LocalProtocolError(f"no open incoming proposal with id {settlement_id.hex()}")
         return record
-
-    def _chain(self) -> list[Attestation]:
-        chain = []
-        for key in self.state.completed:
-            attestation = self.state.records[key].attestation
-            assert attestation is not None
-            chain.append(attestation)
-        return chain
-
-    @staticmethod
-    def _position(chain: Sequence[Attestation], head: bytes) -> int | None:
-        """Index just after the attestation whose hash is `head` (0 for GENESIS)."""
-        if head == GENESIS:
-            return 0
-        for index in range(len(chain) - 1, -1, -1):  # recent heads are the usual question
-            if attestation_hash(chain[index]) == head:
-                return index + 1
-        return None

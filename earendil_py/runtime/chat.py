@@ -15,8 +15,10 @@ RATE_WINDOW_SECS; more are refused with an error it sees, and counted.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import anyio
 import msgspec
@@ -24,13 +26,10 @@ import structlog
 
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError, convert_remote
 from earendil_py.core.identity import short_hex
+from earendil_py.core.neighbor import REFUSED
 from earendil_py.core.rpc import INVALID_PARAMS
-from earendil_py.runtime.accounting import REFUSED, unix_now
-from earendil_py.runtime.rpc import RpcError, RpcTimeout
+from earendil_py.runtime.rpc import GlobalRpc, RpcError, RpcTimeout
 from earendil_py.runtime.store import AsyncLedger
-
-if TYPE_CHECKING:
-    from earendil_py.runtime.node import Node
 
 log = structlog.get_logger("earendil_py.chat")
 
@@ -72,15 +71,25 @@ class ChatParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     text: Annotated[str, msgspec.Meta(max_length=MAX_TEXT_CHARS)]
 
 
-class Chat:
-    """The node's chat with its neighbours."""
+def unix_now() -> int:
+    return int(time.time())
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+
+class Chat:
+    """The node's chat with its neighbours, over `rpc`; `linked(fingerprint)` says whether a
+    link to a neighbour is up. `start(ledger)` before it serves."""
+
+    def __init__(self, rpc: GlobalRpc, linked: Callable[[bytes], bool]) -> None:
+        self.rpc = rpc
+        self.linked = linked
+        self.ledger: AsyncLedger | None = None
         self.refused: Counter[str] = Counter()
         self._histories: dict[bytes, deque[dict[str, Any]]] = {}
         self._received_at: dict[bytes, deque[float]] = {}
-        node.rpc.register("chat", self._on_chat)
+        rpc.register("chat", self._on_chat)
+
+    def start(self, ledger: AsyncLedger) -> None:
+        self.ledger = ledger
 
     async def history(self, neighbor: bytes) -> list[dict[str, Any]]:
         """`neighbor`'s messages, oldest first (the newest HISTORY of them)."""
@@ -90,7 +99,7 @@ class Chat:
         """Send `text` to `neighbor` and return the message with how it ended. Raises
         LocalProtocolError for text we would not send, or with no link to the neighbour."""
         text = check_text(text)
-        if neighbor not in self.node.links:
+        if not self.linked(neighbor):
             raise LocalProtocolError("no link to this neighbour")
         history = await self._history(neighbor)
         message = ChatMessage(os.urandom(ID_SIZE), "out", text, unix_now())
@@ -99,7 +108,7 @@ class Chat:
         history.append(shown)
         try:
             with anyio.fail_after(SEND_TIMEOUT_SECS):
-                await self.node.rpc.call(neighbor, "chat", {"id": message.id.hex(), "text": text})
+                await self.rpc.call(neighbor, "chat", {"id": message.id.hex(), "text": text})
         except (RpcError, RpcTimeout, TimeoutError, LocalProtocolError) as exc:
             status = ChatStatus(message.id, delivered=False, reason=_reason(exc))
         else:
@@ -167,9 +176,8 @@ class Chat:
         return history
 
     def _ledger(self) -> AsyncLedger:
-        ledger = self.node.accounting.ledger
-        assert ledger is not None, "the node opens the ledger before it serves"
-        return ledger
+        assert self.ledger is not None, "Chat.start() gives it the ledger"
+        return self.ledger
 
 
 def check_text(text: str) -> str:

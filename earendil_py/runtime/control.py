@@ -3,7 +3,8 @@
 JSON over HTTP on `control_listen` (loopback), every request authenticated (`http.py` says
 how); binary data travels base64-encoded. docs/control-api.md is the reference for every
 route, field and error. No GET changes the node's state: a page that makes a browser fetch a
-URL (an ``<img>``, a link) can then change nothing.
+URL (an ``<img>``, a link) can then change nothing. It sees the node through
+`views.NodeView`, and does not import the node.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import hashlib
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import msgspec
 
-from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
+from earendil_py.core.errors import EarendilError, LocalProtocolError, RemoteProtocolError
 from earendil_py.core.identity import parse_fingerprint
 from earendil_py.core.packet import MAX_HOPS
 from earendil_py.core.pricing import PriceTerms
@@ -34,10 +35,7 @@ from earendil_py.runtime.http import (
     json_response,
 )
 from earendil_py.runtime.metrics import CONTENT_TYPE, render_metrics
-from earendil_py.runtime.rpc import RpcError
-
-if TYPE_CHECKING:
-    from earendil_py.runtime.node import LinkRunner, Node
+from earendil_py.runtime.views import LinkView, NodeView
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 Dock = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
@@ -56,6 +54,7 @@ class SettleRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     method: str
     pay_umel: Umel = 0  # of our debt to them
     request_umel: Umel = 0  # of their debt to us
+    prepay: bool = False  # paying more than we owe is refused unless asked for
 
 
 class ChatRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -74,7 +73,7 @@ class SendRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     hops: Annotated[int, msgspec.Meta(ge=1, le=MAX_HOPS)] | None = None
 
 
-def link_summary(runner: LinkRunner) -> dict[str, Any]:
+def link_summary(runner: LinkView) -> dict[str, Any]:
     stats = runner.statistics()
     fingerprint = runner.peer_fingerprint
     return {
@@ -94,7 +93,7 @@ def link_summary(runner: LinkRunner) -> dict[str, Any]:
     }
 
 
-def status(node: Node) -> dict[str, Any]:
+def status(node: NodeView) -> dict[str, Any]:
     relay = node.relay
     graph = node.graph.statistics()
     return {
@@ -110,7 +109,7 @@ def status(node: Node) -> dict[str, Any]:
         "graph": {"identities": graph.identities, "adjacencies": graph.adjacencies},
         "links": [link_summary(r) for runners in node.links.values() for r in runners],
         "routes": node.routes.summaries(),
-        "accounts": list(node.accounting.summaries()),
+        "accounts": node.accounts.summaries(),
     }
 
 
@@ -118,10 +117,10 @@ _PREFIX = re.compile(r"[0-9a-f]{4,64}")
 MAX_MATCHES = 16
 
 
-def matching_fingerprints(node: Node, prefix: str) -> list[dict[str, Any]]:
+def matching_fingerprints(node: NodeView, prefix: str) -> list[dict[str, Any]]:
     """The fingerprints the node knows (its neighbours, those its out_routes dial, the relay
     graph's nodes) that start with `prefix`, in order, at most MAX_MATCHES."""
-    neighbors = set(node.links) | set(node.accounting.accounts)
+    neighbors = set(node.links) | set(node.accounts.neighbors)
     neighbors.update(r.neighbor for r in node.routes if r.neighbor is not None)
     known = neighbors | {d.fingerprint for d in node.graph.identities()}
     matches = sorted(fp.hex() for fp in known if fp.hex().startswith(prefix))
@@ -131,7 +130,7 @@ def matching_fingerprints(node: Node, prefix: str) -> list[dict[str, Any]]:
     ]
 
 
-def build_router(node: Node, auth: ControlAuth) -> Router:
+def build_router(node: NodeView, auth: ControlAuth) -> Router:
     router = Router()
     page = dashboard_response()
 
@@ -207,7 +206,7 @@ def build_router(node: Node, auth: ControlAuth) -> Router:
             fingerprint = parse_fingerprint(request.params["fingerprint"])
         except ValueError as exc:
             raise HttpError(400, str(exc)) from None
-        if fingerprint not in node.accounting.accounts:
+        if node.accounts.get(fingerprint) is None:
             raise HttpError(404, "no account with this neighbour")
         return fingerprint
 
@@ -215,16 +214,20 @@ def build_router(node: Node, auth: ControlAuth) -> Router:
     async def reprice(request: Request) -> Response:
         fingerprint = neighbor(request)
         body = request.json(PriceRequest)
-        terms = PriceTerms(body.price_umel, body.debt_limit_umel, node.accounting.methods)
+        methods = tuple(node.accounts.config.settlement.methods)
+        terms = PriceTerms(body.price_umel, body.debt_limit_umel, methods)
         try:
-            reason = await node.accounting.reprice(fingerprint, terms)
-        except RpcError as exc:  # no link to it
-            raise HttpError(409, exc.message) from None
+            reason = await node.accounts.reprice(fingerprint, terms)
+        except LocalProtocolError as exc:  # no link to it
+            raise HttpError(409, str(exc)) from None
         return json_response({"accepted": not reason, "reason": reason})
 
     @router.route("POST", "/api/neighbors/{fingerprint}/unfreeze")
     async def unfreeze(request: Request) -> Response:
-        await node.accounting.unfreeze(neighbor(request))
+        try:
+            await node.accounts.unfreeze(neighbor(request))
+        except EarendilError as exc:
+            raise HttpError(503, str(exc)) from None
         return json_response({"frozen": ""})
 
     @router.route("GET", "/api/chat/{fingerprint}")
@@ -245,7 +248,7 @@ def build_router(node: Node, auth: ControlAuth) -> Router:
 
     @router.route("GET", "/api/settlements")
     async def settlements(request: Request) -> Response:
-        return json_response({"settlements": list(node.settlements.summaries())})
+        return json_response({"settlements": node.accounts.settlements()})
 
     @router.route("POST", "/api/settlements")
     async def settle(request: Request) -> Response:
@@ -257,8 +260,12 @@ def build_router(node: Node, auth: ControlAuth) -> Router:
         if body.pay_umel == body.request_umel == 0:
             raise HttpError(400, "nothing to settle: give pay_umel or request_umel")
         try:
-            record = await node.settlements.propose(
-                neighbor, pay_umel=body.pay_umel, request_umel=body.request_umel, method=body.method
+            record = await node.accounts.propose(
+                neighbor,
+                pay_umel=body.pay_umel,
+                request_umel=body.request_umel,
+                method=body.method,
+                prepay=body.prepay,
             )
         except LocalProtocolError as exc:
             raise HttpError(409, str(exc)) from None
@@ -269,15 +276,17 @@ def build_router(node: Node, auth: ControlAuth) -> Router:
     @router.route("POST", "/api/settlements/{id}/{decision}")
     async def decide(request: Request) -> Response:
         decision = request.params["decision"]
-        if decision not in ("accept", "reject"):
+        if decision not in ("accept", "reject", "cancel"):
             raise HttpError(404, "not found")
         try:
             settlement_id = bytes.fromhex(request.params["id"])
-            record = await node.settlements.operator_decides(
-                settlement_id, approve=decision == "accept"
-            )
         except ValueError:
             raise HttpError(400, "a settlement id is hex") from None
+        try:
+            if decision == "cancel":
+                record = await node.accounts.cancel(settlement_id)
+            else:
+                record = await node.accounts.decide(settlement_id, approve=decision == "accept")
         except LocalProtocolError as exc:
             raise HttpError(409, str(exc)) from None
         return _settlement_response(record)

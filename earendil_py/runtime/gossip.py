@@ -10,8 +10,8 @@ backstop, and expire stale entries.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import anyio
 import structlog
@@ -20,12 +20,14 @@ from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError
 from earendil_py.core.graph import (
     RESIGN_INTERVAL_SECS,
     AdjacencyDescriptor,
+    RelayGraph,
     adjacency_unsigned,
     decode_dump,
     encode_dumps,
     sign_adjacency,
 )
-from earendil_py.core.identity import IdentityDescriptor, short_hex
+from earendil_py.core.identity import Identity, IdentityDescriptor, short_hex
+from earendil_py.core.link import LinkStatistics
 from earendil_py.core.messages import (
     AdjacencyGrant,
     AdjacencyRequest,
@@ -35,8 +37,20 @@ from earendil_py.core.messages import (
     encode_control,
 )
 
-if TYPE_CHECKING:
-    from earendil_py.runtime.node import LinkRunner, Node
+
+class Peer(Protocol):
+    """What gossip needs of a link to a neighbour."""
+
+    @property
+    def peer_fingerprint(self) -> bytes | None: ...
+
+    @property
+    def peer_identity_public(self) -> bytes | None: ...
+
+    def statistics(self) -> LinkStatistics: ...
+
+    def send_control(self, payload: bytes) -> bool: ...
+
 
 log = structlog.get_logger("earendil_py.gossip")
 
@@ -51,10 +65,16 @@ def unix_now() -> int:
 
 
 class Gossip:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.own_descriptor = node.identity.descriptor(unix_now())
-        node.graph.insert_identity(self.own_descriptor, unix_now(), source=None)
+    def __init__(
+        self, identity: Identity, graph: RelayGraph, peers: Callable[[], Sequence[Peer]]
+    ) -> None:
+        """`peers()`: one link to each neighbour, now."""
+        self.identity = identity
+        self.fingerprint = identity.fingerprint
+        self.graph = graph
+        self.peers = peers
+        self.own_descriptor = identity.descriptor(unix_now())
+        graph.insert_identity(self.own_descriptor, unix_now(), source=None)
 
     async def run(self) -> None:
         """Re-sign, pull and expire on their intervals, until cancelled."""
@@ -65,8 +85,8 @@ class Gossip:
     async def _repair(self) -> None:
         while True:
             await anyio.sleep(REPAIR_INTERVAL_SECS)
-            me = self.node.fingerprint
-            adjacent = set(self.node.graph.neighbors(me))
+            me = self.fingerprint
+            adjacent = set(self.graph.neighbors(me))
             for runner in self._runners():
                 if runner.peer_fingerprint not in adjacent:
                     self.on_link_up(runner)
@@ -79,19 +99,19 @@ class Gossip:
             now = unix_now()
             if time.monotonic() >= next_resign:
                 next_resign = time.monotonic() + RESIGN_INTERVAL_SECS
-                self.own_descriptor = self.node.identity.descriptor(now)
-                self.node.graph.insert_identity(self.own_descriptor, now, source=None)
+                self.own_descriptor = self.identity.descriptor(now)
+                self.graph.insert_identity(self.own_descriptor, now, source=None)
                 for runner in self._runners():
                     self._request_adjacency(runner)
-            self.node.graph.expire(now)
+            self.graph.expire(now)
             for runner in self._runners():
                 runner.send_control(encode_control(GraphPull()))
 
-    def on_link_up(self, runner: LinkRunner) -> None:
-        self._push(runner, self.node.graph.identities(), self.node.graph.adjacencies())
+    def on_link_up(self, runner: Peer) -> None:
+        self._push(runner, self.graph.identities(), self.graph.adjacencies())
         self._request_adjacency(runner)
 
-    def on_message(self, runner: LinkRunner, message: ControlMessage) -> None:
+    def on_message(self, runner: Peer, message: ControlMessage) -> None:
         # What a neighbour tells us counts against its share of the graph; None would make
         # it ours, so a link without a proven peer (our bug: control frames need one) stops.
         peer = runner.peer_fingerprint
@@ -100,34 +120,34 @@ class Gossip:
         try:
             match message:
                 case GraphPush(dump=dump):
-                    graph = self.node.graph
+                    graph = self.graph
                     report = graph.insert_dump(decode_dump(dump), unix_now(), source=peer)
                     runner.statistics().drops.update(report.rejected)
                     self._flood(runner, report.identities, report.adjacencies)
                 case GraphPull():
-                    self._push(runner, self.node.graph.identities(), self.node.graph.adjacencies())
+                    self._push(runner, self.graph.identities(), self.graph.adjacencies())
                 case AdjacencyRequest():
                     self._grant_adjacency(runner, message)
                 case AdjacencyGrant(descriptor=descriptor):
-                    if {descriptor.left, descriptor.right} != {self.node.fingerprint, peer}:
+                    if {descriptor.left, descriptor.right} != {self.fingerprint, peer}:
                         raise RemoteProtocolError("grant for another link", "bad_adjacency")
                     # Our own link: it is ours, whoever co-signed it.
-                    if self.node.graph.insert_adjacency(descriptor, unix_now(), source=None):
+                    if self.graph.insert_adjacency(descriptor, unix_now(), source=None):
                         self._flood(runner, [], [descriptor])
         except RemoteProtocolError as exc:
             runner.statistics().drops[exc.reason] += 1
 
-    def _grant_adjacency(self, runner: LinkRunner, request: AdjacencyRequest) -> None:
+    def _grant_adjacency(self, runner: Peer, request: AdjacencyRequest) -> None:
         peer = runner.peer_fingerprint
-        if request.identity.identity_public != runner.link.peer_identity_public or peer is None:
+        if request.identity.identity_public != runner.peer_identity_public or peer is None:
             raise RemoteProtocolError("adjacency request from another identity", "bad_adjacency")
         now = unix_now()
-        graph = self.node.graph
+        graph = self.graph
         if graph.insert_identity(request.identity, now, source=peer):
             self._flood(runner, [request.identity], [])
-        left, right, _ = adjacency_unsigned(self.node.fingerprint, peer, request.timestamp)
-        mine = sign_adjacency(self.node.identity, left, right, request.timestamp)
-        ours_left = left == self.node.fingerprint
+        left, right, _ = adjacency_unsigned(self.fingerprint, peer, request.timestamp)
+        mine = sign_adjacency(self.identity, left, right, request.timestamp)
+        ours_left = left == self.fingerprint
         descriptor = AdjacencyDescriptor(
             left=left,
             right=right,
@@ -140,17 +160,17 @@ class Gossip:
             self._flood(runner, [], [descriptor])
         runner.send_control(encode_control(AdjacencyGrant(descriptor)))
 
-    def _request_adjacency(self, runner: LinkRunner) -> None:
+    def _request_adjacency(self, runner: Peer) -> None:
         peer = runner.peer_fingerprint
         assert peer is not None
         now = unix_now()
-        left, right, _ = adjacency_unsigned(self.node.fingerprint, peer, now)
-        signature = sign_adjacency(self.node.identity, left, right, now)
+        left, right, _ = adjacency_unsigned(self.fingerprint, peer, now)
+        signature = sign_adjacency(self.identity, left, right, now)
         runner.send_control(encode_control(AdjacencyRequest(self.own_descriptor, now, signature)))
 
     def _push(
         self,
-        runner: LinkRunner,
+        runner: Peer,
         identities: Iterable[IdentityDescriptor],
         adjacencies: Iterable[AdjacencyDescriptor],
     ) -> None:
@@ -164,7 +184,7 @@ class Gossip:
 
     def _flood(
         self,
-        source: LinkRunner,
+        source: Peer,
         identities: list[IdentityDescriptor],
         adjacencies: list[AdjacencyDescriptor],
     ) -> None:
@@ -174,5 +194,5 @@ class Gossip:
             if runner is not source:
                 self._push(runner, identities, adjacencies)
 
-    def _runners(self) -> list[LinkRunner]:
-        return [runners[0] for runners in self.node.links.values()]
+    def _runners(self) -> Sequence[Peer]:
+        return self.peers()

@@ -24,15 +24,12 @@ import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from earendil_py import __version__
 from earendil_py.core.errors import LocalProtocolError
 from earendil_py.core.identity import parse_fingerprint
-from earendil_py.core.settlement import METHODS
-
-if TYPE_CHECKING:
-    from earendil_py.runtime.node import LinkRunner, Node
+from earendil_py.runtime.views import LinkView, NodeView
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -189,7 +186,7 @@ class Samples:
         self.values[name][key] = value
 
 
-def render_metrics(node: Node) -> str:
+def render_metrics(node: NodeView) -> str:
     """`node`'s metrics now, as the body of a `/metrics` answer (CONTENT_TYPE)."""
     return render(collect(node))
 
@@ -211,7 +208,7 @@ def render(samples: Samples) -> str:
     return "\n".join(lines) + "\n"
 
 
-def collect(node: Node) -> Samples:
+def collect(node: NodeView) -> Samples:
     """Read every metric from `node`'s own counters and summaries."""
     out = Samples()
     relay = node.relay
@@ -227,7 +224,7 @@ def collect(node: Node) -> Samples:
     out.add("earendil_graph_identities", graph.identities)
     out.add("earendil_graph_adjacencies", graph.adjacencies)
     _collect_rpc(node, out)
-    ledger = node.accounting.ledger
+    ledger = node.ledger
     if ledger is not None:
         stats = ledger.statistics()
         out.add("earendil_ledger_group_commits_total", stats.group_commits)
@@ -237,7 +234,7 @@ def collect(node: Node) -> Samples:
     return out
 
 
-def _collect_rpc(node: Node, out: Samples) -> None:
+def _collect_rpc(node: NodeView, out: Samples) -> None:
     rpc = node.rpc.statistics()
     server, client = rpc.server, rpc.client
     for name, value in [
@@ -271,11 +268,11 @@ def _collect_rpc(node: Node, out: Samples) -> None:
     out.add("earendil_rpc_dropped_not_running_total", rpc.dropped_not_running)
 
 
-def _collect_links(node: Node, out: Samples) -> None:
+def _collect_links(node: NodeView, out: Samples) -> None:
     # Links are labelled by neighbour and route. A neighbour may have two links on one route
     # for a moment (a new session before the old one is closed): their counters are summed
     # and the RTT is the older link's, which the node still sends on.
-    groups: dict[Labels, list[LinkRunner]] = defaultdict(list)
+    groups: dict[Labels, list[LinkView]] = defaultdict(list)
     for fingerprint, runners in node.links.items():
         for runner in runners:
             info = runner.route
@@ -306,8 +303,8 @@ def _collect_links(node: Node, out: Samples) -> None:
             out.add("earendil_link_rtt_seconds", stats[0].rtt, **labels)
 
 
-def _collect_neighbors(node: Node, out: Samples) -> None:
-    for account in node.accounting.summaries():
+def _collect_neighbors(node: NodeView, out: Samples) -> None:
+    for account in node.accounts.summaries():
         neighbor = account["neighbor"]
         out.add("earendil_neighbor_priced", int(account["priced"]), neighbor=neighbor)
         out.add("earendil_neighbor_frozen", int(bool(account["frozen"])), neighbor=neighbor)
@@ -321,23 +318,19 @@ def _collect_neighbors(node: Node, out: Samples) -> None:
         ]:
             if account[field] is not None:  # no offer yet
                 out.add(f"earendil_neighbor_{field}", account[field], neighbor=neighbor)
-    counts: Counter[Labels] = Counter()
-    settled_in: Counter[str] = Counter()
-    settled_out: Counter[str] = Counter()
-    for s in node.settlements.summaries():
-        # A proposal names its method; only ours become label values, whatever a peer sent.
-        method = s["method"] if s["method"] in METHODS else "other"
-        counts[(s["neighbor"], method, s["role"], s["state"])] += 1
-        if s["state"] == "completed":
-            settled_in[s["neighbor"]] += s["paid_in_umel"]
-            settled_out[s["neighbor"]] += s["paid_out_umel"]
-    for (neighbor, method, role, state), count in counts.items():
-        out.add(
-            "earendil_settlements", count, neighbor=neighbor, method=method, role=role, state=state
-        )
-    for neighbor in settled_in.keys() | settled_out.keys():
-        out.add("earendil_settled_in_umel_total", settled_in[neighbor], neighbor=neighbor)
-        out.add("earendil_settled_out_umel_total", settled_out[neighbor], neighbor=neighbor)
+        out.add("earendil_settled_in_umel_total", account["settled_in_umel"], neighbor=neighbor)
+        out.add("earendil_settled_out_umel_total", account["settled_out_umel"], neighbor=neighbor)
+    for fingerprint, neighbor in node.accounts.neighbors.items():
+        # A proposal names its method; only ours become label values (settlement_counts).
+        for (method, role, state), count in neighbor.settlement_counts().items():
+            out.add(
+                "earendil_settlements",
+                count,
+                neighbor=fingerprint.hex(),
+                method=method,
+                role=role,
+                state=state,
+            )
 
 
 def _escape_label(text: str) -> str:

@@ -34,7 +34,6 @@ from anyio.streams.memory import MemoryObjectSendStream
 from anyio.streams.stapled import MultiListener
 
 from earendil_py import __version__
-from earendil_py.core.accounting import UNLIMITED, Account
 from earendil_py.core.errors import ConfigError, RemoteProtocolError
 from earendil_py.core.graph import RelayGraph
 from earendil_py.core.identity import Identity, parse_fingerprint, short_hex
@@ -67,16 +66,17 @@ from earendil_py.core.messages import (
     decode_control,
     encode_control,
 )
+from earendil_py.core.neighbor import Neighbor
 from earendil_py.core.packet import build_packet
 from earendil_py.core.relay import Datagram, Peeler, encode_datagram
 from earendil_py.core.rpc import DEFAULT_MAX_NEIGHBORS
-from earendil_py.runtime.accounting import Accounting
 from earendil_py.runtime.chat import Chat
 from earendil_py.runtime.config import (
     RESTART_FIELDS,
     Config,
     InRoute,
     OutRoute,
+    PriceConfig,
     diff_configs,
     parse_address,
     route_keys,
@@ -85,10 +85,11 @@ from earendil_py.runtime.control import build_router
 from earendil_py.runtime.faults import Faults
 from earendil_py.runtime.gossip import Gossip
 from earendil_py.runtime.http import ControlAuth, HttpServer, token_path, write_token_file
+from earendil_py.runtime.neighbors import Neighbors
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
 from earendil_py.runtime.routes import NO_REPLY, RouteInfo, RouteTable
 from earendil_py.runtime.rpc import GlobalRpc
-from earendil_py.runtime.settlement import Settlements
+from earendil_py.runtime.store import AsyncLedger
 from earendil_py.runtime.timers import TimerQueue
 from earendil_py.runtime.udp import (
     UdpTransport,
@@ -101,12 +102,6 @@ from earendil_py.runtime.udp import (
 
 log = structlog.get_logger("earendil_py.node")
 
-# The per-link packet counters that debt accounting builds on. Only bench/relay.py turns this
-# off, to measure what counting costs; a node never runs without it.
-COUNT_PACKETS = True
-# Debt accounting in the relay loop: price gating, debt limits and the per-neighbour counts.
-# Only bench/accounting.py turns this off, to measure what it costs.
-ACCOUNTING = True
 UDP_BATCH = 64  # datagrams drained per wake-up before yielding (a coalesced read may pass it)
 PEEL_CHUNK = 16  # layers peeled before they are sent on (relay_batch)
 DEFAULT_HOPS = 3  # peelers per route, the destination included
@@ -234,14 +229,12 @@ class LinkRunner:
         "_ending",
         "_refused",
         "_state",
-        "account",
         "boundary",
         "handshake_deadline",
         "link",
+        "neighbor",
         "node",
         "on_finish",
-        "packets_received",
-        "packets_sent",
         "peer_address",
         "pending",
         "route",
@@ -265,10 +258,10 @@ class LinkRunner:
         self.route = route
         self.peer_address = peer_address
         self.was_established = False
-        # The batched counters: onion packets over this link, bumped once per batch.
-        self.packets_sent = 0
-        self.packets_received = 0
-        self.account: Account | None = None  # set at link-up
+        # The neighbour's state machine: its counters are the relay loop's, bumped once per
+        # batch, and its allowance gates every batch. Set once the link is up and the
+        # neighbour restored; until then nothing passes either way.
+        self.neighbor: Neighbor | None = None
         self._closed = False
         self._closed_event: anyio.Event | None = None  # made for whoever waits on `closed`
         # Set by a listener for a link it accepted (`limit_handshake`): closed unless
@@ -311,6 +304,22 @@ class LinkRunner:
     def peer_fingerprint(self) -> bytes | None:
         return self.link.peer_fingerprint
 
+    @property
+    def peer_identity_public(self) -> bytes | None:
+        return self.link.peer_identity_public
+
+    @property
+    def packets_sent(self) -> int:
+        """Onion packets sent to this neighbour (its account's count, on every link to it)."""
+        return self.neighbor.counters.packets_out if self.neighbor is not None else 0
+
+    @property
+    def packets_received(self) -> int:
+        return self.neighbor.counters.packets_in if self.neighbor is not None else 0
+
+    def attach(self, neighbor: Neighbor) -> None:
+        self.neighbor = neighbor
+
     def statistics(self) -> LinkStatistics:
         return self.link.statistics()
 
@@ -340,15 +349,28 @@ class LinkRunner:
             return True
         return False
 
+    def take(self, frames: list[bytes]) -> list[bytes]:
+        """The batch of onion frames that arrived from this neighbour, less what its price
+        agreement and debt limit refuse (dropped and counted, and the neighbour told in
+        time); what is taken is counted in its account."""
+        neighbor = self.neighbor
+        allowed = neighbor.inbound_allowance() if neighbor is not None else 0
+        if allowed < len(frames):
+            self._refuse(neighbor, len(frames) - allowed, outbound=False)
+            frames = frames[:allowed]
+        if neighbor is not None:
+            neighbor.counters.packets_in += len(frames)
+        return frames
+
     def send_onions(self, frames: list[bytes]) -> None:
-        """Send a batch of encrypted onion frames and count them once. Frames beyond what
-        the neighbour's price agreement and debt limit allow are dropped and counted."""
-        account = self.account
-        if ACCOUNTING:
-            allowed = account.outbound_allowance() if account is not None else 0
-            if allowed < len(frames):
-                self.link.statistics().drops[_refusal(account) + "_out"] += len(frames) - allowed
-                frames = frames[:allowed]
+        """Send a batch of encrypted onion frames and count them once, in the neighbour's
+        account. Frames beyond what its price agreement, its debt limit and our outbound
+        lease allow are dropped and counted."""
+        neighbor = self.neighbor
+        allowed = neighbor.outbound_allowance() if neighbor is not None else 0
+        if allowed < len(frames):
+            self._refuse(neighbor, len(frames) - allowed, outbound=True)
+            frames = frames[:allowed]
         transport = self.transport
         if type(transport) is UdpTransport:
             sent = transport.send_many(frames)
@@ -358,18 +380,20 @@ class LinkRunner:
             for frame in frames:
                 if send(frame):
                     sent += 1
-        if COUNT_PACKETS:
-            self.packets_sent += sent
-        if ACCOUNTING and account is not None:
-            account.sent += sent
+        if neighbor is not None and sent:
+            counters = neighbor.counters
+            counters.packets_out += sent
+            if counters.packets_out >= neighbor.wake_mark:  # settle, or raise the lease
+                self.node.accounts.wake(neighbor.fingerprint)
         if sent != len(frames):
             self.link.statistics().drops["queue_full"] += len(frames) - sent
 
-    def inbound_allowance(self) -> int:
-        """How many more packets the relay loop takes from this neighbour."""
-        if not ACCOUNTING:
-            return UNLIMITED
-        return self.account.inbound_allowance() if self.account is not None else 0
+    def _refuse(self, neighbor: Neighbor | None, count: int, *, outbound: bool) -> None:
+        reason = neighbor.refusal(outbound=outbound) if neighbor is not None else "not_priced"
+        self.link.statistics().drops[reason + "_out" if outbound else reason] += count
+        if neighbor is not None and not outbound and not neighbor.refusing:
+            neighbor.refusing = True  # it is told, at most every so often
+            self.node.accounts.wake(neighbor.fingerprint)
 
     def service(self, now: float) -> None:
         """Send what the link queued and act on its events. Its timer may have moved
@@ -543,12 +567,12 @@ class Node:
         self._pending_tcp = PendingHandshakes(MAX_PENDING_TCP, MAX_PENDING_TCP_PER_SOURCE)
         self._tcp_handshake_secs = min(TCP_HANDSHAKE_SECS, timing.dead_after_secs)
         self.max_neighbors = MAX_NEIGHBORS
-        self.gossip = Gossip(self)
+        self.gossip = Gossip(identity, self.graph, self._peers)
         self.rpc = GlobalRpc(self._send_rpc, max_neighbors=self.max_neighbors)
-        self.accounting = Accounting(self)
-        self.settlements = Settlements(self)
-        self.chat = Chat(self)
-        self._accounts_changed = anyio.Event()
+        # Every neighbour's prices, claims, limits and settlements (runtime/neighbors.py).
+        self.accounts = Neighbors(identity, config, self.rpc)
+        self.chat = Chat(self.rpc, self.links.__contains__)
+        self.ledger: AsyncLedger | None = None
         self.listening: dict[str, Address] = {}
         self._links_changed = anyio.Event()
         self._endpoints: list[Endpoint] = []
@@ -569,8 +593,8 @@ class Node:
     def add_link(self, runner: LinkRunner) -> bool:
         """Put a link that just came up in the table. Returns False, counted
         (`too_many_neighbors`), if it would add a neighbour beyond `max_neighbors`."""
-        fingerprint = runner.peer_fingerprint
-        assert fingerprint is not None
+        fingerprint, public = runner.peer_fingerprint, runner.peer_identity_public
+        assert fingerprint is not None and public is not None
         runners = self.links.get(fingerprint)
         if runners is None:
             if len(self.links) >= self.max_neighbors:
@@ -580,20 +604,31 @@ class Node:
         runners.append(runner)
         self._notify()
         self.gossip.on_link_up(runner)
-        self.accounting.on_link_up(runner)
-        self.settlements.on_link_up(runner)
+        self.accounts.on_link_up(
+            fingerprint, public, self._route_price(runner.route), runner.attach
+        )
         return True
 
     def remove_link(self, runner: LinkRunner) -> bool:
         fingerprint = runner.peer_fingerprint
         runners = self.links.get(fingerprint, []) if fingerprint else []
-        if runner not in runners:
+        if runner not in runners or fingerprint is None:
             return False
         runners.remove(runner)
         if not runners:
-            del self.links[fingerprint]  # type: ignore[arg-type]
+            del self.links[fingerprint]
         self._notify()
+        self.accounts.on_link_down(fingerprint)
         return True
+
+    def _route_price(self, route: RouteInfo) -> PriceConfig:
+        routes = self.config.in_routes if route.direction == "in" else self.config.out_routes
+        price: PriceConfig = routes[route.name].price
+        return price
+
+    def _peers(self) -> list[LinkRunner]:
+        """One link to each neighbour (gossip's view)."""
+        return [runners[0] for runners in self.links.values()]
 
     def drop_counts(self) -> Counter[str]:
         """Drops not attributable to a link: probes, unknown sessions, socket errors."""
@@ -614,17 +649,9 @@ class Node:
         self._links_changed.set()
         self._links_changed = anyio.Event()
 
-    def accounts_changed(self) -> None:
-        self._accounts_changed.set()
-        self._accounts_changed = anyio.Event()
-
     async def wait_priced(self, fingerprints: set[bytes]) -> None:
         """Return once links to these neighbours are up with both prices accepted."""
-        while not all(
-            (runners := self.links.get(fp)) and runners[0].account and runners[0].account.priced
-            for fp in fingerprints
-        ):
-            await self._accounts_changed.wait()
+        await self.accounts.wait_priced(fingerprints)
 
     def spawn(self, function: Callable[..., Coroutine[Any, Any, object]], *args: object) -> None:
         """Run `function(*args)` in the node's task group (for work started by upcalls), as
@@ -672,27 +699,20 @@ class Node:
         grouped by link.
 
         Each item is (the link the frames came in on, or None for our own, the frames).
-        Counters are bumped once per item, never per packet. A forwarded frame leaves as it
-        came, re-encrypted for the next link, before any layer is peeled. The layers to peel
-        are peeled PEEL_CHUNK at a time (on two threads when there are two CPUs), and each
-        chunk leaves as soon as it is peeled: a busy link still sends in batches, but a frame
-        does not wait for the peels of a whole batch (~1.5 ms for 64 on two threads here).
+        Each link's allowance is read, and its count bumped, once per item, never per packet
+        (`LinkRunner.take`, `LinkRunner.send_onions`). A forwarded frame leaves as it came,
+        re-encrypted for the next link, before any layer is peeled. The layers to peel are
+        peeled PEEL_CHUNK at a time (on two threads when there are two CPUs), and each chunk
+        leaves as soon as it is peeled: a busy link still sends in batches, but a frame does
+        not wait for the peels of a whole batch (~1.5 ms for 64 on two threads here).
         """
         me = self.fingerprint
         leaving: list[bytes] = []
         to_peel: list[bytes] = []
-        refused: dict[LinkRunner, int] = {}
         forwarded = 0
         for source, frames in batch:
             if source is not None:
-                allowed = max(source.inbound_allowance(), 0)
-                if allowed < len(frames):
-                    refused[source] = refused.get(source, 0) + len(frames) - allowed
-                    frames = frames[:allowed]
-                if COUNT_PACKETS:
-                    source.packets_received += len(frames)
-                if ACCOUNTING and source.account is not None:
-                    source.account.received += len(frames)
+                frames = source.take(frames)
                 forwarded += len(frames)
             for frame in frames:
                 if frame.startswith(me, 1):  # we are its next peeler
@@ -701,8 +721,6 @@ class Node:
                         forwarded -= 1
                 else:
                     leaving.append(frame)
-        if refused:
-            self._refused(refused)
         self.relay.forwarded += forwarded
         if leaving:
             self._send_frames(leaving)
@@ -754,11 +772,6 @@ class Node:
         """This batch's frames for the link toward `next_peeler` (None: no route)."""
         target = self._route_to(next_peeler)
         return None if target is None else outgoing.setdefault(target, [])
-
-    def _refused(self, refused: dict[LinkRunner, int]) -> None:
-        for runner, count in refused.items():
-            runner.statistics().drops[_refusal(runner.account)] += count
-            self.accounting.on_refused(runner)
 
     def _route_to(self, fingerprint: bytes) -> LinkRunner | None:
         """The link toward `fingerprint`: direct if it is a neighbour, else by the graph."""
@@ -827,7 +840,8 @@ class Node:
         """Serve until cancelled. Signals `task_status` once every listener is bound.
 
         On cancellation every link sends its peer a CLOSE frame (best effort) and every
-        account is checkpointed. Raises ConfigError or LedgerCorrupt from `bind()`.
+        account's counts are written (a clean stop). Raises ConfigError or LedgerCorrupt from
+        `bind()`.
         """
         try:
             async with anyio.create_task_group() as tg:
@@ -836,17 +850,20 @@ class Node:
                 self.peeling.start()
                 await tg.start(self.rpc.run)
                 tg.start_soon(self.timer_queue.run)
+                await tg.start(self.accounts.run)
                 for info in self._route_infos.values():
                     self._start_route(info)
                 tg.start_soon(self.gossip.run)
-                tg.start_soon(self.accounting.run)
-                tg.start_soon(self.settlements.run)
                 tg.start_soon(self._serve_control)
                 self._log_start()
                 task_status.started()
         finally:
             self.peeling.close()
-            await self.accounting.aclose()
+            if self.ledger is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.accounts.aclose()
+                    await self.ledger.aclose()
+                self.ledger = None
 
     def _log_start(self) -> None:
         """Where the node can be reached, one line each, then that it started."""
@@ -951,8 +968,8 @@ class Node:
             info = self._route_infos[key]
             for runners in self.links.values():
                 runner = next((r for r in runners if r.route is info), None)
-                if runner is not None and runner.account is not None:
-                    self.spawn(self.accounting.push_price, runner)
+                if runner is not None and runner.peer_fingerprint is not None:
+                    self.accounts.set_price(runner.peer_fingerprint, self._route_price(info))
         self._log.info(
             "reloaded",
             added=[f"{kind}_routes.{name}" for kind, name in changes.added],
@@ -1030,9 +1047,10 @@ class Node:
                 self._bound[name], self.listening[name] = await _bind_route(route)
             except OSError as exc:
                 raise ConfigError(_listen_error(self.config, name, exc)) from None
-        if self.accounting.ledger is None:
-            await self.accounting.start()
-            await self.settlements.start()
+        if self.ledger is None:
+            self.ledger = await AsyncLedger.open(self.config.db_path)
+            self.accounts.start(self.ledger)
+            self.chat.start(self.ledger)
 
     async def _serve_control(self) -> None:
         assert self._control_listener is not None and self.control_auth is not None
@@ -1396,13 +1414,6 @@ class _NoTransport:
 
 
 _NO_TRANSPORT = _NoTransport()
-
-
-def _refusal(account: Account | None) -> str:
-    """Why a neighbour's traffic is refused (a drop reason)."""
-    if account is None or not account.priced:
-        return "not_priced"
-    return "frozen" if account.state.frozen else "debt_limit"
 
 
 def _as_address(value: object) -> Address:

@@ -51,9 +51,21 @@ T = TypeVar("T")
 
 log = structlog.get_logger("earendil_py.store")
 
-SCHEMA_VERSION = 3  # PRAGMA user_version; bump with a migration, never reinterpret old files
+SCHEMA_VERSION = 4  # PRAGMA user_version; bump with a migration, never reinterpret old files
+ID_SINCE_VERSION = 3  # the schema version that gave each ledger its id (the meta table)
 APPLICATION_ID = int.from_bytes(b"EPLg", "big")  # PRAGMA application_id: "this is our ledger"
 MIN_SQLITE = (3, 37, 0)  # STRICT tables
+
+# New files get 16 KiB pages: a settlement proposal's entry (up to ~1.4 KB) packs with the
+# small ones around it with little left over, where a 4 KiB page holds two and wastes a
+# quarter. Files created before keep their page size (changing it rewrites the file).
+PAGE_SIZE = 16384
+# The kinds whose bodies are pruned (core/neighbor.py: claims and counts) are the only rows
+# in the partial index that pruning and `latest` use: the large entries that are never
+# pruned (settlements, chat) cost it nothing. Pruning or `latest` of another kind works too,
+# by a scan of the neighbour's rows. Keep in step with the index in _SCHEMA.
+INDEXED_KINDS = ("claim_sent", "claim_received", "counts")
+_INDEXED = " AND kind IN (" + ", ".join(f"'{kind}'" for kind in INDEXED_KINDS) + ")"
 
 _SCHEMA = """
 CREATE TABLE entries (
@@ -70,7 +82,8 @@ CREATE TABLE entries (
 -- Only the rows that still have a body: pruning and `latest` stay fast however long the
 -- chain of pruned checkpoints grows. The only secondary index: each one costs every append
 -- a page write in a random place (entries of many neighbours interleave).
-CREATE INDEX entries_with_body ON entries (neighbor, kind, seq) WHERE body IS NOT NULL;
+CREATE INDEX entries_with_body ON entries (neighbor, kind, seq) WHERE body IS NOT NULL
+    AND kind IN ('claim_sent', 'claim_received', 'counts');
 CREATE TABLE heads (
     neighbor BLOB PRIMARY KEY,
     seq INTEGER NOT NULL,
@@ -88,6 +101,11 @@ _MIGRATIONS = {
     # The (neighbor, kind, seq) index over every row: entries_with_body serves every query.
     1: "DROP INDEX entries_by_kind",
     2: _META,
+    # The partial index holds only the rows of the kinds that are pruned.
+    3: "DROP INDEX entries_with_body;"
+    + _SCHEMA[
+        _SCHEMA.index("CREATE INDEX entries_with_body") : _SCHEMA.index("CREATE TABLE heads")
+    ],
 }
 _Row = tuple[bytes, int, str, bytes | None, bytes, bytes, bytes, int]
 Item = tuple[bytes, str, bytes]  # (neighbor, kind, body) to append
@@ -302,8 +320,9 @@ class LedgerStore:
             self._connection()
             .execute(
                 "SELECT neighbor, seq, kind, body, body_hash, prev_hash, hash, recorded_at "
-                "FROM entries WHERE neighbor = ? AND kind = ? AND body IS NOT NULL "
-                "ORDER BY seq DESC LIMIT 1",
+                "FROM entries WHERE neighbor = ? AND kind = ? AND body IS NOT NULL"
+                + _indexed(kind)
+                + " ORDER BY seq DESC LIMIT 1",
                 (neighbor, kind),
             )
             .fetchone()
@@ -347,6 +366,7 @@ class LedgerStore:
     def _prepare(self) -> None:
         conn = self._connection()
         version = _schema_version(conn, self._path)
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # takes effect on a new file only
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
             raise ConfigError(f"{self._path}: cannot use WAL journal mode here (got {mode!r})")
@@ -691,27 +711,36 @@ def _check_keep(prunes: Iterable[tuple[bytes, str, int]]) -> None:
 
 def _prune(conn: sqlite3.Connection, neighbor: bytes, kind: str, keep_last: int) -> int:
     """`LedgerStore.prune`'s statements, inside the caller's write transaction."""
+    indexed = _indexed(kind)  # a constant: the statements below format in nothing else
     if keep_last == 0:
         cursor = conn.execute(
-            "UPDATE entries SET body = NULL WHERE neighbor = ? AND kind = ? AND body IS NOT NULL",
+            "UPDATE entries SET body = NULL WHERE neighbor = ? AND kind = ? AND body IS NOT NULL"  # noqa: S608
+            + indexed,
             (neighbor, kind),
         )
         return cursor.rowcount
     oldest_kept = conn.execute(
         # Bodies are only ever dropped oldest first, so the newest `keep_last` entries of a kind
         # are the newest ones that still have a body: the partial index finds them.
-        "SELECT seq FROM entries WHERE neighbor = ? AND kind = ? AND body IS NOT NULL "
-        "ORDER BY seq DESC LIMIT 1 OFFSET ?",
+        "SELECT seq FROM entries WHERE neighbor = ? AND kind = ? AND body IS NOT NULL"  # noqa: S608
+        + indexed
+        + " ORDER BY seq DESC LIMIT 1 OFFSET ?",
         (neighbor, kind, keep_last - 1),
     ).fetchone()
     if oldest_kept is None:
         return 0
     cursor = conn.execute(
-        "UPDATE entries SET body = NULL "
-        "WHERE neighbor = ? AND kind = ? AND seq < ? AND body IS NOT NULL",
+        "UPDATE entries SET body = NULL "  # noqa: S608
+        "WHERE neighbor = ? AND kind = ? AND seq < ? AND body IS NOT NULL" + indexed,
         (neighbor, kind, oldest_kept[0]),
     )
     return cursor.rowcount
+
+
+def _indexed(kind: str) -> str:
+    """The partial index's own condition, for a query on `kind` that it covers: SQLite uses
+    a partial index only for a query whose WHERE repeats the index's."""
+    return _INDEXED if kind in INDEXED_KINDS else ""
 
 
 def _entry_from_row(row: _Row) -> Entry:
@@ -921,7 +950,7 @@ def _peek_ledger_id(path: Path) -> bytes | None:
     with contextlib.closing(conn):
         version = _schema_version(conn, path)
         try:
-            return _read_ledger_id(conn, path) if version == SCHEMA_VERSION else None
+            return _read_ledger_id(conn, path) if version >= ID_SINCE_VERSION else None
         except sqlite3.DatabaseError as exc:
             raise _unreadable(path, exc) from None
 

@@ -8,11 +8,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from earendil_py.core.accounting import (
+    CLAIM_DOMAIN,
     MAX_CLOCK_SKEW_SECS,
     UNLIMITED,
     Account,
     AccountState,
     ClaimApplied,
+    Counters,
+    DebtClaim,
     DebtLimitNotice,
     Dispute,
     EpochCount,
@@ -20,7 +23,8 @@ from earendil_py.core.accounting import (
 from earendil_py.core.errors import RemoteProtocolError, convert_remote
 from earendil_py.core.identity import Identity
 from earendil_py.core.pricing import AcceptanceRule, PriceAccepted, PriceRejected, PriceTerms
-from tests.helpers import seeded_rng
+from earendil_py.core.signed import sign
+from tests.core.neighbor_pair import seeded_rng
 
 NOW = 1_800_000_000
 ALICE = Identity.generate(seeded_rng(1))
@@ -31,7 +35,7 @@ TOLERANCE = 8
 
 
 def account(me: Identity, them: Identity, state: AccountState | None = None) -> Account:
-    return Account(me, them.identity_public, state or AccountState(them.fingerprint))
+    return Account(me, them.identity_public, state or AccountState(them.fingerprint), Counters())
 
 
 def agree(
@@ -53,8 +57,20 @@ def pair(price_a: int = 2, price_b: int = 3, limit: int = 10_000) -> tuple[Accou
 
 def carry(sender: Account, receiver: Account, sent: int, arrived: int | None = None) -> None:
     """`sent` packets leave `sender`; `arrived` of them (default all) reach `receiver`."""
-    sender.sent += sent
-    receiver.received += sent if arrived is None else arrived
+    sender.counters.packets_out += sent
+    receiver.counters.packets_in += sent if arrived is None else arrived
+
+
+def reprice(creditor: Account, debtor: Account, price: int, limit: int = 10_000) -> None:
+    """The creditor offers new terms and the debtor accepts: a new epoch both ways."""
+    offer = creditor.propose(PriceTerms(price, limit, ("pow",)), NOW)
+    assert isinstance(creditor.on_answer(debtor.on_offer(offer, RULE, NOW)), PriceAccepted)
+
+
+def forged_claim(claimant: Identity, counterparty: Identity, **fields: object) -> DebtClaim:
+    """A claim signed by `claimant`, saying whatever `fields` say."""
+    unsigned = DebtClaim(claimant.fingerprint, counterparty.fingerprint, 1, NOW, [], [], b"")
+    return sign(claimant, CLAIM_DOMAIN, msgspec.structs.replace(unsigned, **fields))
 
 
 # --- push_price ------------------------------------------------------------------------
@@ -125,9 +141,10 @@ def test_a_repeated_offer_gets_the_same_answer_and_stale_or_reused_seqs_are_reje
     first = a.state.our_offer
     assert first is not None
     # A retransmission after a reconnect: same answer, nothing reopened.
-    b.sent += 5
-    assert b.on_offer(first, RULE, NOW) == b.state.their_answer
-    assert b.sent == 5
+    carry(b, a, 5)
+    epochs = list(b.state.outbound)
+    assert b.on_offer(first, RULE, NOW) is b.state.their_answer
+    assert b.state.outbound == epochs
     newer = a.propose(PriceTerms(4, 10_000, ("pow",)), NOW)
     assert b.on_offer(newer, RULE, NOW).accepted
     assert b.on_offer(first, RULE, NOW).reason == "stale_seq"
@@ -185,13 +202,18 @@ def test_a_claim_corrects_the_debtor_down_to_what_arrived() -> None:
     assert a.debt_out_umel == b.debt_in_umel == 2_730
 
 
-def test_forged_replayed_and_stale_claims_change_nothing() -> None:
+def test_forged_replayed_malformed_and_stale_claims_change_nothing() -> None:
     a, b = pair()
     carry(a, b, 100, arrived=50)
     claim = b.make_claim(NOW)
     forged = msgspec.structs.replace(claim, received=[EpochCount(1, 0)])
     stale = b.make_claim(NOW - MAX_CLOCK_SKEW_SECS - 1)
-    for bad, reason in [(forged, "bad_signature"), (stale, "stale_claim")]:
+    disordered = forged_claim(BOB, ALICE, seq=9, received=[EpochCount(1, 5), EpochCount(1, 5)])
+    for bad, reason in [
+        (forged, "bad_signature"),
+        (stale, "stale_claim"),
+        (disordered, "malformed_claim"),
+    ]:
         with pytest.raises(RemoteProtocolError) as caught:
             a.on_claim(bad, NOW, TOLERANCE)
         assert caught.value.reason == reason
@@ -210,9 +232,9 @@ def test_forged_replayed_and_stale_claims_change_nothing() -> None:
 def test_an_overclaim_is_a_dispute_that_freezes_the_account() -> None:
     a, b = pair()
     carry(a, b, 100)
-    b.received += 100 + TOLERANCE + 1  # Bob claims packets Alice never sent
+    b.counters.packets_in += TOLERANCE + 1  # Bob claims packets Alice never sent
     outcome = a.on_claim(b.make_claim(NOW), NOW, TOLERANCE)
-    assert outcome == Dispute("overclaim", 1, 209, 100)
+    assert outcome == Dispute("overclaim", 100 + TOLERANCE + 1, 100)
     assert a.state.frozen == "dispute"
     assert a.debt_out_umel == 300  # nothing of it applied
     assert a.inbound_allowance() == a.outbound_allowance() == 0
@@ -223,34 +245,65 @@ def test_an_overclaim_is_a_dispute_that_freezes_the_account() -> None:
 def test_a_claim_within_the_tolerance_is_adopted() -> None:
     a, b = pair(price_b=1)
     carry(a, b, 100)
-    b.received += TOLERANCE  # packets counted at Bob before Alice's batch counted them
+    b.counters.packets_in += TOLERANCE  # counted at Bob before Alice's batch counted them
     assert isinstance(a.on_claim(b.make_claim(NOW), NOW, TOLERANCE), ClaimApplied)
     assert a.debt_out_umel == b.debt_in_umel == 108
 
 
-def test_a_restart_resumes_from_the_snapshot_and_a_claim_recovers_lost_counts() -> None:
+def test_the_tolerance_bounds_the_excess_over_every_epoch_together() -> None:
+    """A claim just under the tolerance in each of many epochs is refused as a whole: the
+    bound is on the total, however many epochs a re-pricing neighbour opens."""
+    a, b = pair(price_b=1)
+    carry(a, b, 100)
+    for price in range(2, 6):
+        reprice(b, a, price)
+        carry(a, b, 10)
+    assert len(a.state.outbound) == 5
+    b.counters.packets_in += TOLERANCE // 2
+    assert isinstance(a.on_claim(b.make_claim(NOW), NOW, TOLERANCE), ClaimApplied)
+    excess = a.charged_out_packets() - a.counters.packets_out
+    assert excess == TOLERANCE // 2
+    b.counters.packets_in += TOLERANCE // 2 + 1  # now over the one tolerance, in all
+    assert isinstance(a.on_claim(b.make_claim(NOW), NOW, TOLERANCE), Dispute)
+    assert a.charged_out_packets() - a.counters.packets_out == excess
+
+
+def test_an_epoch_in_which_nothing_was_carried_holds_no_claimed_debt() -> None:
+    a, b = pair(price_b=1)
+    carry(a, b, 100)
+    reprice(b, a, 9)  # a new epoch, in which Alice sends nothing
+    b.counters.packets_in += 1  # Bob claims a single packet in it
+    outcome = a.on_claim(b.make_claim(NOW), NOW, TOLERANCE)
+    assert outcome == Dispute("empty_epoch", 1, 0)
+    assert a.debt_out_umel == 100
+
+
+def test_packets_counted_in_another_epoch_in_flight_are_charged_as_the_receiver_says() -> None:
+    """Alice accepts Bob's new price and sends at once; Bob has not heard of the acceptance
+    yet and counts those packets in the old epoch. The receiver's per-epoch counts win: the
+    claim is honest, nothing is disputed, both sides agree."""
+    a, b = pair(price_b=1)
+    carry(a, b, 100)
+    offer = b.propose(PriceTerms(4, 10_000, ("pow",)), NOW)
+    answer = a.on_offer(offer, RULE, NOW)  # Alice opens the new epoch...
+    carry(a, b, 30)  # ...and sends; Bob still counts in the old one
+    assert isinstance(a.on_claim(b.make_claim(NOW), NOW, TOLERANCE), ClaimApplied)
+    assert a.debt_out_umel == b.debt_in_umel == 130
+    b.on_answer(answer)  # the acceptance arrives
+    carry(a, b, 10)
+    a.on_claim(b.make_claim(NOW), NOW, TOLERANCE)
+    assert a.debt_out_umel == b.debt_in_umel == 130 + 40
+
+
+def test_a_creditor_that_lost_counts_learns_them_back_from_the_debtors_claim() -> None:
     a, b = pair(price_a=2, price_b=3)
     carry(a, b, 50)
     carry(b, a, 50)
-    checkpoint_a = a.snapshot()
-    carry(a, b, 30)  # counted after the last checkpoint: lost when Alice crashes
-    carry(b, a, 30)
-    restored = Account(ALICE, BOB.identity_public, checkpoint_a, recovering=True)
-    assert (restored.debt_out_umel, restored.debt_in_umel) == (150, 100)
-    assert restored.recovery_packets == 2 * 100
-    assert isinstance(restored.on_claim(b.make_claim(NOW), NOW, TOLERANCE), ClaimApplied)
-    assert restored.debt_out_umel == b.debt_in_umel == 80 * 3
-    assert restored.debt_in_umel == b.debt_out_umel == 80 * 2
-    assert restored.recovery_packets == 0  # once only
-
-
-def test_after_a_clean_shutdown_nothing_extra_is_accepted() -> None:
-    a, b = pair(price_b=1)
-    carry(a, b, 50)
-    restored = Account(ALICE, BOB.identity_public, a.snapshot(clean=True), recovering=True)
-    assert restored.recovery_packets == 0
-    b.received += TOLERANCE + 1
-    assert isinstance(restored.on_claim(b.make_claim(NOW), NOW, TOLERANCE), Dispute)
+    b.counters.packets_in -= 30  # Bob crashed: the counts since his last write are lost
+    restarted = Account(BOB, ALICE.identity_public, b.state, b.counters, recovery_in=100)
+    assert isinstance(restarted.on_claim(a.make_claim(NOW), NOW, TOLERANCE), ClaimApplied)
+    assert restarted.debt_in_umel == a.debt_out_umel == 50 * 3
+    assert restarted.recovery_in == 0  # once only
 
 
 @given(
@@ -268,24 +321,23 @@ def test_after_claims_both_sides_agree_to_the_last_umel(
     a, b = pair(price_a=1, price_b=1)
     expected_a_owes = 0
     price_b = 1
-    for sent, lost_percent, reprice, new_price in rounds:
+    for sent, lost_percent, repriced, new_price in rounds:
         arrived = sent * (100 - lost_percent) // 100
         carry(a, b, sent, arrived)
         expected_a_owes += arrived * price_b
-        if reprice:
-            b.on_answer(
-                a.on_offer(b.propose(PriceTerms(new_price, 10**12, ("pow",)), NOW), RULE, NOW)
-            )
+        if repriced:
+            reprice(b, a, new_price, 10**12)
             price_b = new_price
         a.on_claim(b.make_claim(NOW), NOW, TOLERANCE)
     assert a.debt_out_umel == b.debt_in_umel == expected_a_owes
     assert a.debt_in_umel == b.debt_out_umel == 0
+    assert not a.state.frozen
 
 
 def test_state_round_trips_through_msgpack() -> None:
-    a, _ = pair()
-    carry(a, _, 7)
-    state = a.snapshot()
+    a, b = pair()
+    carry(a, b, 7)
+    state = a.state
     again = msgspec.msgpack.decode(msgspec.msgpack.encode(state), type=AccountState)
     assert again == state
 

@@ -21,8 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from earendil_py.core import settlement
-from earendil_py.core.accounting import Account, AccountState, DebtClaim, DebtLimitNotice
-from earendil_py.core.errors import RemoteProtocolError, convert_remote
+from earendil_py.core.accounting import (
+    Account,
+    AccountState,
+    Counters,
+    DebtClaim,
+    DebtLimitNotice,
+)
+from earendil_py.core.errors import RemoteProtocolError
 from earendil_py.core.graph import (
     AdjacencyDescriptor,
     RelayGraph,
@@ -58,6 +64,7 @@ from earendil_py.core.messages import (
     decode_control,
     encode_control,
 )
+from earendil_py.core.neighbor import unwire, wire
 from earendil_py.core.packet import MAX_PAYLOAD, PACKET_SIZE, build_packet
 from earendil_py.core.pow import (
     ChallengeBook,
@@ -81,11 +88,10 @@ from earendil_py.core.rpc import (
     is_request,
 )
 from earendil_py.core.settlement import (
-    AuditMismatch,
     AuditPage,
+    BookState,
     Proposal,
     SettlementBook,
-    SettlementBookState,
     decode_attestation,
     decode_audit,
     decode_proposal,
@@ -306,11 +312,11 @@ CONTROL = [
 
 
 def alice_account() -> Account:
-    return Account(ALICE, BOB.identity_public, AccountState(BOB.fingerprint))
+    return Account(ALICE, BOB.identity_public, AccountState(BOB.fingerprint), Counters())
 
 
 def bob_account() -> Account:
-    return Account(BOB, ALICE.identity_public, AccountState(ALICE.fingerprint))
+    return Account(BOB, ALICE.identity_public, AccountState(ALICE.fingerprint), Counters())
 
 
 TERMS = PriceTerms(5, 10_000, ("pow",))
@@ -321,7 +327,7 @@ NOTICE = alice_account().make_limit_notice(NOW)
 
 
 def book(me: Identity, them: Identity) -> SettlementBook:
-    return SettlementBook(me, them.identity_public, SettlementBookState(them.fingerprint))
+    return SettlementBook(me, them.identity_public, BookState(them.fingerprint))
 
 
 def propose(proposer: SettlementBook, settlement_id: bytes) -> Proposal:
@@ -333,7 +339,7 @@ def propose(proposer: SettlementBook, settlement_id: bytes) -> Proposal:
         ledger_head=bytes(32),
         now=NOW,
         expiry_secs=3600,
-    )
+    ).proposal
 
 
 def bob_proposing() -> SettlementBook:
@@ -347,7 +353,8 @@ def _settlement_messages() -> dict[str, bytes]:
     bobs = propose(book(BOB, ALICE), BOBS_ID)
     alice = book(ALICE, BOB)
     alice.receive(bobs, NOW, expiry_secs=3600)
-    attestation = alice.approve(BOBS_ID, NOW)
+    attestation = alice.approve(BOBS_ID, NOW).attestation
+    assert attestation is not None
     page = alice.audit_page(GENESIS)
     assert page is not None
     return {
@@ -433,16 +440,16 @@ def receive_rpc(payload: bytes) -> None:
 
 
 def params_of(kind: type[Any], use: Callable[[Any], object]) -> Callable[[Any], None]:
-    """Request params converted to `kind` as runtime/accounting.py does, then used."""
+    """Request params decoded to `kind` as core/neighbor.py does, then used."""
 
     def convert_and_use(request: Any) -> None:
-        use(convert_remote(request.params, kind, "invalid params", "invalid_params"))
+        use(unwire(request.params, kind))
 
     return convert_and_use
 
 
 def use_answer(response: Any) -> None:
-    answer = convert_remote(response.result, PriceAnswer, "price answer", "bad_price_answer")
+    answer = unwire(response.result, PriceAnswer)
     account = alice_account()
     account.propose(TERMS, NOW)
     account.on_answer(answer)
@@ -454,10 +461,9 @@ def use_attestation(attestation: settlement.Attestation) -> None:
     bob_proposing().on_approved(attestation)
 
 
-def use_audit(page: AuditPage) -> AuditMismatch | None:
-    bob = bob_proposing()
-    bob.on_approved(decode_attestation(SETTLEMENT["attestation"]))
-    return bob.verify_audit(page.head, page.attestations, since=page.since)
+def use_audit(page: AuditPage) -> object:
+    """Bob, proposing, audits Alice from his head: her page answers his proposal."""
+    return bob_proposing().judge_audit(page, since=GENESIS)
 
 
 def use_pow_proof(proof: PowProof) -> None:
@@ -483,8 +489,8 @@ class Decoder:
         return self.name
 
 
-def _request(method: str, params: object) -> bytes:
-    return encode_request("9f" * 16, method, msgspec.to_builtins(params))
+def _request(method: str, params: msgspec.Struct) -> bytes:
+    return encode_request("9f" * 16, method, wire(params))
 
 
 RPC_REQUESTS = [
@@ -516,7 +522,7 @@ DECODERS = [
     ),
     Decoder(
         "push_price_answer",
-        [encode_result("1", msgspec.to_builtins(ANSWER))],
+        [encode_result("1", wire(ANSWER))],
         decode_response,
         use_answer,
         "json",
@@ -539,7 +545,7 @@ DECODERS = [
         "proposal",
         [SETTLEMENT["proposal"]],
         decode_proposal,
-        lambda p: book(BOB, ALICE).receive(p, NOW, expiry_secs=3600),
+        lambda p: book(BOB, ALICE).check_proposal(p, NOW),
         "msgpack",
     ),
     Decoder(
@@ -572,7 +578,8 @@ def test_every_valid_sample_decodes_and_is_used_without_error() -> None:
     for decoder in DECODERS:
         for data in decoder.valid:
             decoder.use(decoder.decode(data))
-    assert use_audit(decode_audit(SETTLEMENT["audit"])) is None  # the chains agree
+    attestation = decode_attestation(SETTLEMENT["attestation"])
+    assert use_audit(decode_audit(SETTLEMENT["audit"])) == [attestation]  # Alice approved
 
 
 def decode_and_use(decoder: Decoder, payload: bytes) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from earendil_py.core.accounting import Account, AccountState
+from earendil_py.core.accounting import Account, AccountState, Counters
 from earendil_py.core.errors import RemoteProtocolError
 from earendil_py.core.identity import Identity
 from earendil_py.core.link import (
@@ -57,6 +57,7 @@ from earendil_py.core.messages import (
     decode_control,
     encode_control,
 )
+from earendil_py.core.neighbor import SettlementQuery, unwire, wire
 from earendil_py.core.pricing import AcceptanceRule, PriceAnswer, PriceOffer, PriceTerms
 from earendil_py.core.rpc import (
     INVALID_PARAMS,
@@ -72,7 +73,7 @@ from earendil_py.core.rpc import (
     encode_result,
     is_request,
 )
-from earendil_py.runtime.accounting import unix_now
+from earendil_py.runtime.gossip import unix_now
 
 Address = tuple[str, int]
 Handler = Callable[[Any], Any]
@@ -263,9 +264,9 @@ class HostilePeer:
         with self._cond:
             account = self._account()
             offer = account.propose(terms, unix_now())
-        response = self.call("push_price", msgspec.to_builtins(offer))
+        response = self.call("push_price", wire(offer))
         assert response.error is msgspec.UNSET, response.error
-        answer = msgspec.convert(response.result, PriceAnswer)
+        answer = unwire(response.result, PriceAnswer)
         with self._cond:
             account.on_answer(answer)
         return answer
@@ -291,7 +292,7 @@ class HostilePeer:
             link = self._live()
             assert link.peer_identity_public is not None and link.peer_fingerprint is not None
             state = AccountState(link.peer_fingerprint)
-            self.account = Account(self.identity, link.peer_identity_public, state)
+            self.account = Account(self.identity, link.peer_identity_public, state, Counters())
         return self.account
 
     def _send_now(self, message: bytes) -> None:
@@ -416,9 +417,9 @@ class HostilePeer:
         self._live().send_control(encode_control(DockMessage(GLOBAL_RPC_DOCK, answer)))
 
     def _answer_price(self, params: Any) -> Any:
-        offer = msgspec.convert(params, PriceOffer)
+        offer = unwire(params, PriceOffer)
         answer = self._account().on_offer(offer, ACCEPT_ANY, unix_now())
-        return msgspec.to_builtins(answer)
+        return wire(answer)
 
 
 def flood_calls(count: int) -> list[bytes]:
@@ -428,7 +429,9 @@ def flood_calls(count: int) -> list[bytes]:
     return [
         encode_request(os.urandom(16).hex(), "no_such_method")
         if i % 2
-        else encode_request(os.urandom(16).hex(), "settlement_status", {"id": os.urandom(16).hex()})
+        else encode_request(
+            os.urandom(16).hex(), "settlement_status", wire(SettlementQuery(os.urandom(16)))
+        )
         for i in range(count)
     ]
 

@@ -16,7 +16,7 @@ from earendil_py.core import graph
 from earendil_py.core.graph import AdjacencyDescriptor, encode_dumps, sign_adjacency
 from earendil_py.core.identity import Identity, IdentityDescriptor
 from earendil_py.core.messages import AdjacencyRequest, GraphPush
-from earendil_py.runtime.accounting import unix_now
+from earendil_py.runtime.gossip import unix_now
 from earendil_py.runtime.http import ControlApiError
 from tests.helpers import wait_until
 from tests.hostile.harness import DOCK, START_SECS, Daemon, Pair, api, received

@@ -7,6 +7,7 @@ error: bad input from a peer is expected, dropped and counted, never a bug to re
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 
@@ -26,8 +27,9 @@ from earendil_py.core.messages import (
 )
 from earendil_py.core.packet import PACKET_SIZE
 from earendil_py.core.rpc import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR
-from earendil_py.runtime.accounting import unix_now
+from earendil_py.runtime.gossip import unix_now
 from earendil_py.runtime.keyfile import load_identity_file
+from tests.helpers import wait_until
 from tests.hostile.harness import Pair
 from tests.hostile.peer import HostilePeer, error_code
 
@@ -146,13 +148,13 @@ def test_adjacency_request_with_a_timestamp_out_of_range(pair: Pair, timestamp: 
 
 
 def test_debt_limit_notice_with_a_debt_beyond_the_wire(pair: Pair) -> None:
-    """2**64 µMEL fits no field on the wire: the call is refused as invalid params (-32602),
-    not answered as an internal error."""
+    """2**64 - 1 µMEL is a msgpack integer but fits no debt field (int64): the call is
+    refused as invalid params (-32602), not answered as an internal error."""
     with pair.attacking() as mark, connected(pair, "udp") as peer:
-        notice = DebtLimitNotice(
-            peer.fingerprint, pair.target_fp, 2**64, 1_000_000, unix_now(), bytes(64)
-        )
-        answer = peer.call("debt_limit", msgspec.to_builtins(notice))
+        fields = [peer.fingerprint, pair.target_fp, 2**64 - 1, 1_000_000, unix_now(), bytes(64)]
+        assert len(fields) == len(DebtLimitNotice.__struct_fields__)
+        encoded = base64.b64encode(msgspec.msgpack.encode(fields)).decode()
+        answer = peer.call("debt_limit", {"msg": encoded})
         assert error_code(answer) == INVALID_PARAMS, answer
     pair.check_unharmed()
     pair.assert_no_errors(mark)
@@ -166,6 +168,9 @@ def test_garbage_onion_frames_are_paid_for_and_go_nowhere(pair: Pair, protocol: 
     with pair.attacking() as mark, connected(pair, protocol) as peer:
         peer.push_price()
         peer.wait_for(lambda: peer.account is not None and peer.account.priced)
+        # The target takes the peer's answer to its offer once that is on disk: priced there
+        # a moment after the peer is.
+        wait_until(lambda: pair.books_of(peer.fingerprint)["priced"], 10)
         frames = [(pair.target_fp, rng.randbytes(PACKET_SIZE)) for _ in range(100)]
         frames += [(os.urandom(32), rng.randbytes(PACKET_SIZE)) for _ in range(100)]
         frames += [(pair.target_fp, rng.randbytes(rng.randrange(1, 64))) for _ in range(50)]

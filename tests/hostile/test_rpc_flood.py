@@ -7,12 +7,13 @@ must still be served, and both ledgers keep its claims.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
 
+from earendil_py.core.neighbor import REFUSED as UNKNOWN_SETTLEMENT
 from earendil_py.core.rpc import METHOD_NOT_FOUND, REQUEST_BURST_PER_NEIGHBOR, SERVER_BUSY
-from earendil_py.runtime.settlement import REFUSED as UNKNOWN_SETTLEMENT
 from tests.helpers import wait_until
 from tests.hostile.harness import Pair, api
 from tests.hostile.peer import HostilePeer, error_code, flood_calls
@@ -69,13 +70,14 @@ def test_flood_from_many_identities_on_one_cookie(pair: Pair) -> None:
             # So are its push_debt claims: the target commits each before it answers.
             claims = pair.ledger_kinds(pair.target, pair.honest_fp).count("claim_received")
             honest_mark = pair.honest_daemon.mark()
-            wait_until(
-                lambda: (
-                    pair.ledger_kinds(pair.target, pair.honest_fp).count("claim_received")
-                    >= claims + 2
-                ),
-                10,
-            )
+
+            def claimed_twice() -> bool:
+                pair.exchange(1)  # counts move: there is something to claim (an idle link
+                time.sleep(0.5)  # pushes no claims)
+                kinds = pair.ledger_kinds(pair.target, pair.honest_fp)
+                return kinds.count("claim_received") >= claims + 2
+
+            wait_until(claimed_twice, 15)
             # And none was turned away busy (a claim a loaded machine answers late is not the
             # flood's doing: the next one supersedes it).
             busy = [

@@ -9,7 +9,6 @@ The target logs in console format here, as it does on an operator's terminal.
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import sys
@@ -17,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from earendil_py.core.neighbor import SettlementAnswer, unwire, wire
 from earendil_py.core.rpc import INVALID_PARAMS
-from earendil_py.core.settlement import decode_proposal, encode, make_rejection
-from earendil_py.runtime.accounting import unix_now
+from earendil_py.core.settlement import Proposal, SettlementState, make_rejection
+from earendil_py.runtime.gossip import unix_now
 from tests.helpers import wait_until
 from tests.hostile.harness import Pair, api
 from tests.hostile.peer import HostilePeer, error_code
@@ -35,7 +35,8 @@ MARKER = "hostile-marker"
 # Clear the screen, set the window title (OSC ... BEL), NUL, reverse the text's direction.
 NASTY = ["\x1b[2J", "\x1b]0;pwned\x07", "\x00", "\u202e", "\x07", "\x9b"]
 NASTY_TEXT = f"{NASTY[0]}{NASTY[1]}{NASTY[2]}{NASTY[3]}{MARKER}{NASTY[5]}"
-MANUAL_REQUEST = ["--method", "manual", "--request", "5"]
+# At least settlement.min_settlement_umel (1,000 by default), or the target refuses it itself.
+MANUAL_REQUEST = ["--method", "manual", "--request", "1000"]
 assert len(NASTY_TEXT) <= 64  # a CLOSE reason and a rejection reason are at most 64 chars
 
 
@@ -114,9 +115,9 @@ def test_close_reason_is_logged_escaped(pair: Pair) -> None:
 
 def test_rejection_reason_is_shown_and_logged_escaped(pair: Pair) -> None:
     def reject(params: Any) -> Any:
-        proposal = decode_proposal(base64.b64decode(params["proposal"]))
+        proposal = unwire(params, Proposal)
         rejection = make_rejection(peer.identity, proposal, NASTY_TEXT, unix_now())
-        return {"state": "rejected", "rejection": base64.b64encode(encode(rejection)).decode()}
+        return wire(SettlementAnswer(SettlementState.REJECTED, rejection=rejection))
 
     with pair.attacking() as mark:
         peer = pair.peer("udp", handlers={"start_settlement": reject}).connect()

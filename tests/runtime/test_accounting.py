@@ -1,7 +1,10 @@
-"""Debt accounting between real nodes on loopback: prices, claims, limits, the ledger."""
+"""Debt accounting between real nodes on loopback: prices, claims, limits, the ledger, and a
+neighbour that re-prices to claim packets it never carried."""
 
 from __future__ import annotations
 
+import base64
+import itertools
 import signal
 import sqlite3
 import subprocess
@@ -13,10 +16,13 @@ import anyio
 import msgspec
 import pytest
 
-from earendil_py.core.accounting import EpochCount
-from earendil_py.core.rpc import INVALID_PARAMS
+from earendil_py.core.accounting import CLAIM_DOMAIN, Account, DebtClaim, EpochCount
+from earendil_py.core.link import onion_frame
+from earendil_py.core.neighbor import REFUSED, Neighbor, wire
+from earendil_py.core.pricing import PriceTerms
+from earendil_py.core.rpc import INTERNAL_ERROR, INVALID_PARAMS, RpcServer
+from earendil_py.core.signed import sign
 from earendil_py.netgen import Edge, generate_network
-from earendil_py.runtime.accounting import KEEP_CHECKPOINTS, PRUNE_EVERY, REFUSED, prune_turn
 from earendil_py.runtime.config import load_config
 from earendil_py.runtime.http import call_api
 from earendil_py.runtime.node import Node
@@ -53,12 +59,14 @@ def price_toml(route: str, price: int, limit: int = 1_000_000) -> str:
 
 
 # Node 0 dials node 1: node 1 prices its in_route, node 0 its out_route.
-def priced_pair(tmp_path: Path, price_0: int, price_1: int, limit_1: int = 1_000_000) -> list[Node]:
+def priced_pair(
+    tmp_path: Path, price_0: int, price_1: int, limit_1: int = 1_000_000, extra: str = ""
+) -> list[Node]:
     return make_nodes(
         tmp_path,
         2,
         PAIR,
-        extra_toml=ACCOUNTING,
+        extra_toml=ACCOUNTING + extra,
         node_toml={
             0: price_toml("out_routes.node1_udp", price_0),
             1: price_toml("in_routes.from_node0_udp", price_1, limit_1),
@@ -66,8 +74,28 @@ def priced_pair(tmp_path: Path, price_0: int, price_1: int, limit_1: int = 1_000
     )
 
 
-def account(node: Node, other: Node):  # type: ignore[no-untyped-def]
-    return node.accounting.accounts[other.fingerprint]
+def account(node: Node, other: Node) -> Account:
+    return neighbor(node, other).account
+
+
+def neighbor(node: Node, other: Node) -> Neighbor:
+    found = node.accounts.get(other.fingerprint)
+    assert found is not None
+    return found
+
+
+def claim_of(node: Node, other: Node, **changes: object) -> DebtClaim:
+    """`node`'s claim to `other` now, on a copy of its account (its own claims go on), with
+    `changes` and signed again: what a neighbour can send whenever it likes."""
+    real = neighbor(node, other)
+    state = real.account.state.copy()
+    copy = Account(node.identity, other.identity.identity_public, state, real.counters)
+    copy.state.claim_seq_sent = next(_claim_seqs)
+    claim = msgspec.structs.replace(copy.make_claim(int(time.time())), **changes)
+    return sign(node.identity, CLAIM_DOMAIN, claim)
+
+
+_claim_seqs = itertools.count(10_000)  # above any seq the node's own claims reach in a test
 
 
 async def send_and_wait(sender: Node, receiver: Node, count: int) -> None:
@@ -87,7 +115,9 @@ async def test_a_rejected_price_means_no_traffic_either_way(tmp_path: Path) -> N
         with anyio.fail_after(5):
             await nodes[0].wait_neighbors({nodes[1].fingerprint})
             while (
-                account(nodes[1], nodes[0]).state.proposed is None
+                nodes[1].accounts.get(nodes[0].fingerprint) is None
+                or nodes[0].accounts.get(nodes[1].fingerprint) is None
+                or account(nodes[1], nodes[0]).state.proposed is None
                 or not account(nodes[0], nodes[1]).state.their_answer
             ):
                 await anyio.sleep(0.02)
@@ -140,7 +170,7 @@ async def test_a_reprice_charges_old_packets_at_the_old_price(tmp_path: Path) ->
             while account(a, b).state.claim_seq_received == seq:
                 await anyio.sleep(0.05)
         assert account(a, b).debt_out_umel == expected_a_owes
-        assert not account(a, b).state.frozen and not account(b, a).state.frozen
+        assert not neighbor(a, b).frozen and not neighbor(b, a).frozen
 
 
 @pytest.mark.anyio
@@ -168,24 +198,29 @@ async def test_a_lossy_link_converges_within_one_push_interval(tmp_path: Path) -
             listener.send_datagram(dialer.fingerprint, DOCK, b"b", hops=1)
             if i % 20 == 19:
                 await anyio.sleep(0.01)
-        a, b = account(dialer, listener), account(listener, dialer)
-        assert a.sent == b.sent == 600
-        assert 400 < b.received < 600 and 400 < a.received < 600  # about 10 % lost
+        a, b = neighbor(dialer, listener), neighbor(listener, dialer)
+        assert a.counters.packets_out == b.counters.packets_out == 600
+        assert 400 < b.counters.packets_in < 600 and 400 < a.counters.packets_in < 600
+
         # One push interval later (0.5 s; allow for claims lost and retransmitted) both
         # sides agree to the last uMEL.
+        def views() -> tuple[int, int, int, int]:
+            da, db = a.account, b.account
+            return da.debt_out_umel, db.debt_in_umel, db.debt_out_umel, da.debt_in_umel
+
         with anyio.move_on_after(5):
-            while not (a.debt_out_umel == b.debt_in_umel and b.debt_out_umel == a.debt_in_umel):
+            while not (views()[0] == views()[1] and views()[2] == views()[3]):
                 await anyio.sleep(0.05)
-        views = (a.debt_out_umel, b.debt_in_umel, b.debt_out_umel, a.debt_in_umel)
-        assert views[0] == views[1] and views[2] == views[3], (views, a.state, b.state)
-        assert a.debt_out_umel == b.received and b.debt_out_umel == a.received  # price 1
+        seen = views()
+        assert seen[0] == seen[1] and seen[2] == seen[3], (seen, a.account.state, b.account.state)
+        assert seen[0] == b.counters.packets_in and seen[2] == a.counters.packets_in  # price 1
         tg.cancel_scope.cancel()
 
 
 @pytest.mark.anyio
-async def test_a_neighbour_over_its_limit_is_cut_off(tmp_path: Path) -> None:
+async def test_a_neighbour_over_its_limit_is_cut_off_and_told(tmp_path: Path) -> None:
     # Node 1 charges 100 uMEL a packet with a 10,000 uMEL limit: 100 packets of credit.
-    nodes = priced_pair(tmp_path, price_0=1, price_1=100, limit_1=10_000)
+    nodes = priced_pair(tmp_path, price_0=1, price_1=100, limit_1=10_000, extra=MANUAL_ONLY)
     a, b = nodes
     async with running(nodes):
         with anyio.fail_after(5):
@@ -198,72 +233,55 @@ async def test_a_neighbour_over_its_limit_is_cut_off(tmp_path: Path) -> None:
         assert account(a, b).debt_out_umel == 10_000
         await anyio.sleep(0.2)
         assert account(b, a).debt_in_umel == 10_000
-        # A sender that ignores our limit is cut off by us, and told so.
-        offer = account(a, b).state.their_offer
-        account(a, b).state.their_offer = msgspec.structs.replace(offer, debt_limit_umel=10**9)
-        for _ in range(30):
-            a.send_datagram(b.fingerprint, DOCK, b"x", hops=1)
-        await anyio.sleep(0.3)
-        assert b.links[a.fingerprint][0].statistics().drops["debt_limit"] == 30
+        # A sender that ignores our limit (it puts frames on the link itself) is cut off by
+        # us, and told so.
+        runner = a.links[b.fingerprint][0]
+        frames = [onion_frame(b.fingerprint, bytes(1281)) for _ in range(30)]
+        for frame in runner.link.encrypt_onions(frames):
+            runner.transport.send(frame)
+        with anyio.fail_after(5):
+            while b.links[a.fingerprint][0].statistics().drops["debt_limit"] < 30:
+                await anyio.sleep(0.02)
+            while not neighbor(a, b).statistics().events["debt_limit_notice"]:
+                await anyio.sleep(0.02)
         assert account(b, a).debt_in_umel == 10_000
         assert len(b.receive_datagrams_nowait(DOCK, 1000)) == 100
+        assert neighbor(b, a).statistics().events["debt_limit_reached"] == 1
 
 
-def test_each_account_prunes_its_checkpoints_once_every_prune_every_ticks() -> None:
-    for first in range(256):
-        turns = [t for t in range(1, 3 * PRUNE_EVERY + 1) if prune_turn(bytes([first]), t)]
-        assert len(turns) == 3 and turns[1] - turns[0] == turns[2] - turns[1] == PRUNE_EVERY
+MANUAL_ONLY = '\n[settlement]\nmethods = ["manual"]\n'
 
 
 @pytest.mark.anyio
-async def test_prunes_ride_in_the_claim_and_checkpoint_transactions(tmp_path: Path) -> None:
-    # No periodic work of its own: the test makes every claim and checkpoint.
-    toml = "[accounting]\npush_debt_secs = 1000\ncheckpoint_secs = 1000\nkeep_claims = 3\n"
-    nodes = make_nodes(
-        tmp_path,
-        2,
-        PAIR,
-        extra_toml=toml,
-        node_toml={
-            0: price_toml("out_routes.node1_udp", 1),
-            1: price_toml("in_routes.from_node0_udp", 1),
-        },
-    )
+async def test_claims_and_counts_prune_inside_their_own_transactions(tmp_path: Path) -> None:
+    toml = "[accounting]\npush_debt_secs = 0.5\ncheckpoint_secs = 0.1\nkeep_claims = 3\n"
+    nodes = make_nodes(tmp_path, 2, PAIR, extra_toml=toml)
     a, b = nodes
     async with running(nodes):
         with anyio.fail_after(5):
             await converged(nodes, PAIR)
-        ledgers = [a.accounting._ledger(), b.accounting._ledger()]
+        for ledger in (a.ledger, b.ledger):
 
-        async def no_prune_calls(*args: object) -> int:
-            raise AssertionError("prunes ride in other transactions")
+            async def no_prune_calls(*args: object) -> int:
+                raise AssertionError("prunes ride in other transactions")
 
-        for ledger in ledgers:
-            ledger.prune = no_prune_calls  # type: ignore[method-assign]
-        with anyio.fail_after(10):
-            for i in range(2 * PRUNE_EVERY):
-                if i < PRUNE_EVERY:  # then idle: a's counts stop moving
-                    await send_and_wait(a, b, 3)
-                await a.accounting.push_debts([b.fingerprint])
-                while b.fingerprint in a.accounting._pushing:  # until b acknowledged it
-                    await anyio.sleep(0.01)
-                await a.accounting.checkpoint()
+            ledger.prune = no_prune_calls  # type: ignore[method-assign,union-attr]
+        with anyio.fail_after(20):
+            while neighbor(a, b).account.state.claim_seq_sent < 12:
+                await send_and_wait(a, b, 3)
+                await anyio.sleep(0.05)
 
     def bodies(node: Node, other: Node, kind: str) -> list[bool]:
-        store = LedgerStore.open(node.config.db_path)
-        with store:
+        with LedgerStore.open(node.config.db_path) as store:
             return [e.body is not None for e in store.entries(other.fingerprint, kinds=[kind])]
 
     for node, other, kind in [(a, b, "claim_sent"), (b, a, "claim_received")]:
         kept = bodies(node, other, kind)
-        assert len(kept) == 2 * PRUNE_EVERY and kept == [False] * (len(kept) - 3) + [True] * 3
-    # a pruned its checkpoints at its turns, idle or not (after its turn in the idle half
-    # came at most one checkpoint per idle tick, then the clean one at shutdown); b's claims
-    # pruned none of its checkpoints.
-    kept = bodies(a, b, "checkpoint")
-    assert KEEP_CHECKPOINTS < sum(kept) <= KEEP_CHECKPOINTS + PRUNE_EVERY < len(kept)
-    assert kept == sorted(kept)  # the newest are the ones kept
-    assert all(bodies(b, a, "checkpoint"))
+        assert len(kept) >= 12 and kept == sorted(kept)  # the newest are the ones kept
+        # Pruned at every tenth claim, keeping 3: at most 9 more since.
+        assert 3 <= sum(kept) <= 3 + 9 and sum(kept) < len(kept)
+    kept = bodies(a, b, "counts")
+    assert kept == sorted(kept) and sum(kept) < len(kept)
 
 
 STAR = [Edge(1, 0, "udp"), Edge(2, 0, "udp"), Edge(3, 0, "tcp")]
@@ -279,23 +297,31 @@ async def test_claims_received_together_are_committed_together(tmp_path: Path, f
     async with running(nodes):
         with anyio.fail_after(5):
             await converged(nodes, STAR)
-        ledger = hub.accounting._ledger()
+            # The claims every link-up sends have been taken.
+            while any(account(hub, leaf).state.claim_seq_received < 1 for leaf in leaves):
+                await anyio.sleep(0.02)
+            await anyio.sleep(0.5)  # and their group written
+        ledger = hub.ledger
+        assert ledger is not None
         commits: list[list[str]] = []
         append_many = ledger.append_many
 
         async def spy(items: list[tuple[bytes, str, bytes]], *args: object, **kw: object) -> object:
-            commits.append([kind for _, kind, _ in items])
-            if fail:
-                raise sqlite3.OperationalError("disk I/O error")
+            kinds = [kind for _, kind, _ in items]
+            if "claim_received" in kinds:
+                commits.append(kinds)
+                if fail:
+                    raise sqlite3.OperationalError("disk I/O error")
             return await append_many(items, *args, **kw)  # type: ignore[arg-type]
 
         ledger.append_many = spy  # type: ignore[method-assign]
         answers: dict[int, object] = {}
 
         async def push(index: int, leaf: Node) -> None:
-            claim = msgspec.to_builtins(account(leaf, hub).make_claim(int(time.time())))
             try:
-                answers[index] = await leaf.rpc.call(hub.fingerprint, "push_debt", claim)
+                answers[index] = await leaf.rpc.call(
+                    hub.fingerprint, "push_debt", wire(claim_of(leaf, hub))
+                )
             except RpcError as exc:
                 answers[index] = exc.code
 
@@ -304,11 +330,11 @@ async def test_claims_received_together_are_committed_together(tmp_path: Path, f
                 for index, leaf in enumerate(leaves):
                     tg.start_soon(push, index, leaf)
         ledger.append_many = append_many  # type: ignore[method-assign]
-    assert commits == [["claim_received", "checkpoint"] * 3]
+    assert commits == [["claim_received"] * 3]
     if fail:
-        assert answers == {0: -32603, 1: -32603, 2: -32603}
+        assert answers == dict.fromkeys(range(3), INTERNAL_ERROR)
     else:
-        assert answers == {i: {"debt_umel": 0} for i in range(3)}
+        assert sorted(answers) == [0, 1, 2] and all(isinstance(v, dict) for v in answers.values())
         with LedgerStore.open(hub.config.db_path) as store:
             for leaf in leaves:
                 assert store.latest(leaf.fingerprint, "claim_received") is not None
@@ -322,7 +348,7 @@ async def test_forged_replayed_and_overclaiming_push_debt(tmp_path: Path) -> Non
         with anyio.fail_after(5):
             await converged(nodes, PAIR)
             await send_and_wait(a, b, 20)
-        claim = account(b, a).make_claim(int(time.time()))
+        claim = claim_of(b, a)
 
         async def push(params: object) -> RpcError:
             with pytest.raises(RpcError) as caught:
@@ -330,26 +356,80 @@ async def test_forged_replayed_and_overclaiming_push_debt(tmp_path: Path) -> Non
             return caught.value
 
         forged = msgspec.structs.replace(claim, received=[EpochCount(1, 0)])
-        error = await push(msgspec.to_builtins(forged))
+        error = await push(wire(forged))
         assert (error.code, error.data) == (REFUSED, "bad_signature")
-        await b.rpc.call(a.fingerprint, "push_debt", msgspec.to_builtins(claim))
-        error = await push(msgspec.to_builtins(claim))  # the same claim, a new request
+        await b.rpc.call(a.fingerprint, "push_debt", wire(claim))
+        error = await push(wire(claim))  # the same claim, a new request
         assert (error.code, error.data) == (REFUSED, "replayed_claim")
         error = await push({"not": "a claim"})
-        assert error.code == -32602
+        assert error.code == INVALID_PARAMS
         assert account(a, b).debt_out_umel == 20
 
-        account(b, a).received += 1_000  # node 1 claims packets node 0 never sent
-        error = await push(msgspec.to_builtins(account(b, a).make_claim(int(time.time()))))
+        received = [EpochCount(c.epoch, c.packets + 1_000) for c in claim.received]
+        error = await push(wire(claim_of(b, a, received=received)))  # packets never sent
         assert (error.code, error.data) == (REFUSED, "dispute")
-        assert account(a, b).state.frozen == "dispute"
+        assert neighbor(a, b).frozen == "dispute"
         assert account(a, b).debt_out_umel == 20
         a.send_datagram(b.fingerprint, DOCK, b"x", hops=1)
         assert a.links[b.fingerprint][0].statistics().drops["frozen_out"] == 1
         await anyio.to_thread.run_sync(
             call_api, a.config, "POST", f"/api/neighbors/{b.fingerprint.hex()}/unfreeze", {}
         )
-        assert account(a, b).state.frozen == ""
+        assert neighbor(a, b).frozen == ""
+
+
+@pytest.mark.anyio
+async def test_a_debt_limit_notice_out_of_range_is_refused_as_invalid_params(
+    tmp_path: Path,
+) -> None:
+    """A debt beyond the signed 64-bit range in a notice is refused as invalid params, before
+    anything encodes it again to check its signature."""
+    nodes = priced_pair(tmp_path, price_0=1, price_1=1)
+    a, b = nodes
+    async with running(nodes):
+        with anyio.fail_after(5):
+            await converged(nodes, PAIR)
+            notice = account(b, a).make_limit_notice(int(time.time()))
+            fields = msgspec.to_builtins(notice, builtin_types=(bytes,))
+            fields[2] = 2**63  # msgpack carries it; no signed 64-bit integer does
+            params = {"msg": base64.b64encode(msgspec.msgpack.encode(fields)).decode()}
+            with pytest.raises(RpcError) as caught:
+                await b.rpc.call(a.fingerprint, "debt_limit", params)
+            assert caught.value.code == INVALID_PARAMS
+
+
+@pytest.mark.anyio
+async def test_a_reprice_storm_with_phantom_claims_gets_no_excess(tmp_path: Path) -> None:
+    """Node 1 re-prices (the limit + 1, a new epoch) then claims 256 packets in the new, empty
+    epoch, 40 times over. Node 0 accepts no excess: the first such claim is a dispute."""
+    nodes = priced_pair(tmp_path, price_0=1, price_1=5, limit_1=10_000_000)
+    a, b = nodes
+    # The RPC cache's quota (64 calls a minute from one neighbour) would turn the storm away
+    # after 32 cycles; raised, every cycle reaches the accounting.
+    a.rpc._server = RpcServer(max_entries_per_neighbor=1024)
+    async with running(nodes):
+        with anyio.fail_after(5):
+            await converged(nodes, PAIR)
+        with anyio.fail_after(10):
+            await send_and_wait(a, b, 100)
+        tolerance = a.config.accounting.claim_tolerance_packets
+        methods = tuple(b.config.settlement.methods)
+        with anyio.fail_after(60):
+            for cycle in range(40):
+                terms = PriceTerms(5, 10_000_001 + cycle, methods)
+                await b.accounts.reprice(a.fingerprint, terms)
+                received = [EpochCount(c.epoch, c.packets) for c in claim_of(b, a).received]
+                received[-1] = EpochCount(received[-1].epoch, received[-1].packets + 256)
+                try:
+                    await b.rpc.call(
+                        a.fingerprint, "push_debt", wire(claim_of(b, a, received=received))
+                    )
+                except RpcError as exc:
+                    assert exc.data in ("dispute", "replayed_claim")
+        excess = account(a, b).charged_out_packets() - neighbor(a, b).counters.packets_out
+        assert excess <= tolerance
+        assert neighbor(a, b).frozen == "dispute"
+        assert account(a, b).debt_out_umel == 500  # the 100 packets carried, at 5
 
 
 def test_sigkill_then_restart_resumes_balances_and_a_tampered_ledger_is_refused(
@@ -385,12 +465,8 @@ def test_sigkill_then_restart_resumes_balances_and_a_tampered_ledger_is_refused(
     # Someone edits a row of the receiver's ledger: the daemon refuses to start.
     db = b.config.db_path
     with sqlite3.connect(db) as conn:
-        (seq,) = conn.execute(
-            "SELECT seq FROM entries WHERE kind = 'checkpoint' LIMIT 1"
-        ).fetchone()
-        conn.execute(
-            "UPDATE entries SET body = X'00' WHERE kind = 'checkpoint' AND seq = ?", (seq,)
-        )
+        (seq,) = conn.execute("SELECT seq FROM entries WHERE kind = 'counts' LIMIT 1").fetchone()
+        conn.execute("UPDATE entries SET body = X'00' WHERE kind = 'counts' AND seq = ?", (seq,))
     conn.close()
     result = subprocess.run(
         [sys.executable, "-m", "earendil_py", "daemon", "--config", str(b.config_path)],
@@ -405,20 +481,98 @@ def test_sigkill_then_restart_resumes_balances_and_a_tampered_ledger_is_refused(
     assert "Traceback" not in result.stderr
 
 
+# --- ledgers written before Neighbors ------------------------------------------------------
+
+
+class V1Epoch(msgspec.Struct, array_like=True):
+    """An epoch as the version before wrote it in its checkpoints."""
+
+    epoch: int
+    price_umel: int
+    packets: int = 0
+    claimed: int = -1
+    counted_at_claim: int = 0
+
+
+class V1Account(msgspec.Struct):
+    """A checkpoint of the version before (map-encoded: every field by name)."""
+
+    neighbor: bytes
+    inbound: list[V1Epoch] = msgspec.field(default_factory=list)
+    outbound: list[V1Epoch] = msgspec.field(default_factory=list)
+    folded_in_umel: int = 0
+    folded_out_umel: int = 0
+    settled_in_umel: int = 0
+    settled_out_umel: int = 0
+    claim_seq_sent: int = 0
+    claim_seq_received: int = 0
+    frozen: str = ""
+    peak_packets: int = 0
+    checkpoint_packets: int = 0
+    clean: bool = True
+
+
 @pytest.mark.anyio
-async def test_a_debt_limit_notice_out_of_range_is_refused_as_invalid_params(
-    tmp_path: Path,
-) -> None:
-    """A debt of 2**64 in a notice used to pass the params check, then raise OverflowError
-    when the notice was encoded to check its signature: -32603 and a logged traceback."""
-    nodes = priced_pair(tmp_path, price_0=1, price_1=1)
+async def test_a_ledger_from_before_neighbors_is_carried_over_once(tmp_path: Path) -> None:
+    """Both nodes' ledgers hold what the version before wrote: checkpoints (and a book with
+    an open proposal). At the first link-up each side writes one `migrated` entry: the debts
+    carry over exactly (both sides agree), the claim seqs go on, prices are agreed again and
+    traffic is charged from there. A restart does not migrate again."""
+    nodes = make_nodes(tmp_path, 2, PAIR, extra_toml=ACCOUNTING)
     a, b = nodes
+    # a: b owes 2 x 300 + 50 folded - 20 settled = 630; a owes 3 x (90 claimed + 100 - 95
+    # counted at that claim) - 10 settled = 275. b's checkpoint says the same from its side.
+    old_a = V1Account(
+        b.fingerprint,
+        inbound=[V1Epoch(1, 2, 300)],
+        outbound=[V1Epoch(1, 3, 100, claimed=90, counted_at_claim=95)],
+        folded_in_umel=50,
+        settled_in_umel=20,
+        settled_out_umel=10,
+        claim_seq_sent=7,
+        claim_seq_received=9,
+    )
+    old_b = V1Account(
+        a.fingerprint,
+        inbound=[V1Epoch(1, 3, 95)],
+        outbound=[V1Epoch(1, 2, 300)],
+        folded_out_umel=50,
+        settled_in_umel=10,
+        settled_out_umel=20,
+        claim_seq_sent=9,
+        claim_seq_received=7,
+    )
+    book = {"records": {"00" * 16: {"role": "proposer", "state": "pending", "reason": ""}}}
+    for node, other, old in ((a, b, old_a), (b, a, old_b)):
+        with LedgerStore.open(node.config.db_path) as store:
+            items = [
+                (other.fingerprint, "checkpoint", msgspec.msgpack.encode(old)),
+                (other.fingerprint, "settlements", msgspec.msgpack.encode(book)),
+            ]
+            store.append_many(items, int(time.time()) - 60)
     async with running(nodes):
         with anyio.fail_after(5):
             await converged(nodes, PAIR)
-            notice = msgspec.to_builtins(account(b, a).make_limit_notice(int(time.time())))
-            for debt in (2**64, -(2**63) - 1):
-                notice[2] = debt
-                with pytest.raises(RpcError) as caught:
-                    await b.rpc.call(a.fingerprint, "debt_limit", notice)
-                assert caught.value.code == INVALID_PARAMS
+        assert (account(a, b).debt_in_umel, account(a, b).debt_out_umel) == (630, 275)
+        assert (account(b, a).debt_in_umel, account(b, a).debt_out_umel) == (275, 630)
+        with anyio.fail_after(10):
+            await send_and_wait(a, b, 10)  # charged at the new price, 1
+            while account(b, a).debt_in_umel != 285 or account(a, b).debt_out_umel != 285:
+                await anyio.sleep(0.05)
+        with anyio.fail_after(5):  # its claims go on from the old seq, and are taken
+            while account(b, a).state.claim_seq_received <= 7:
+                await anyio.sleep(0.05)
+            while account(a, b).state.claim_seq_received <= 9:
+                await anyio.sleep(0.05)
+    for node, other in ((a, b), (b, a)):
+        with LedgerStore.open(node.config.db_path) as store:
+            kinds = [e.kind for e in store.entries(other.fingerprint)]
+        assert kinds.count("migrated") == 1
+    nodes = [node_from(a.config), node_from(b.config)]  # restarted: nothing more to migrate
+    async with running(nodes):
+        with anyio.fail_after(5):
+            await converged(nodes, PAIR)
+        assert account(nodes[0], nodes[1]).debt_out_umel == 285
+        assert account(nodes[1], nodes[0]).debt_in_umel == 285
+    with LedgerStore.open(a.config.db_path) as store:
+        assert [e.kind for e in store.entries(b.fingerprint)].count("migrated") == 1

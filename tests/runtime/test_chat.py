@@ -8,10 +8,10 @@ import anyio
 import pytest
 
 from earendil_py.core.errors import LocalProtocolError
+from earendil_py.core.neighbor import REFUSED
 from earendil_py.core.rpc import INVALID_PARAMS
 from earendil_py.netgen import Edge
 from earendil_py.runtime import chat
-from earendil_py.runtime.accounting import REFUSED
 from earendil_py.runtime.node import Node
 from earendil_py.runtime.rpc import RpcError
 from tests.helpers import make_nodes, node_from, running

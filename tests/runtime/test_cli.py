@@ -23,11 +23,11 @@ from structlog.testing import capture_logs
 from earendil_py import __version__
 from earendil_py.cli import _in_flag_words, build_parser, main
 from earendil_py.core.identity import Identity
+from earendil_py.core.neighbor import REFUSED
+from earendil_py.core.settlement import SettlementState
 from earendil_py.netgen import Edge, GeneratedNode, generate_network
-from earendil_py.runtime.accounting import REFUSED
 from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.rpc import RpcError
-from earendil_py.runtime.settlement import SettlementState
 from earendil_py.runtime.store import LedgerStore, ledger_id_file
 from tests.helpers import (
     converged,
@@ -79,7 +79,7 @@ async def test_peer_text_is_shown_escaped(
         (line,) = [line for line in out.splitlines() if line.startswith("settlement ")]
         settlement_id = line.split()[1].rstrip(":")
         record = await record_in(b, a, settlement_id, SettlementState.PENDING)
-        await b.settlements.decide(a.fingerprint, record, approve=False, reason=HOSTILE)
+        await b.accounts.decide(record.settlement_id, approve=False, reason=HOSTILE)
         await record_in(a, b, settlement_id, SettlementState.REJECTED)
         code, out, _ = await cli(capsys, "settlements", "--config", config_path(a))
         assert code == 0
@@ -288,7 +288,8 @@ def test_every_command_and_flag_is_described(capsys: pytest.CaptureFixture[str])
     helps = {choice.dest: choice.help for choice in commands._choices_actions}
     assert set(commands.choices) == {
         "keygen", "fingerprint", "check-config", "daemon", "status", "send", "receive",
-        "reprice", "unfreeze", "settle", "settlements", "accept", "reject", "chat", "dashboard",
+        "reprice", "unfreeze", "settle", "settlements", "accept", "reject", "cancel", "chat",
+        "dashboard",
     }  # fmt: skip
     for name, command in commands.choices.items():
         assert helps[name] and command.description, name

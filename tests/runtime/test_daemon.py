@@ -198,12 +198,12 @@ def test_soft_open_files_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> No
 FAILING_LEDGER = """
 import sqlite3, sys
 from earendil_py.cli import main
-from earendil_py.runtime.accounting import Accounting
+from earendil_py.runtime.neighbors import Neighbors
 
-async def run(self):
+async def run(self, *, task_status):
     raise sqlite3.OperationalError("disk I/O error")
 
-Accounting.run = run
+Neighbors.run = run
 sys.exit(main(["daemon", "--config", sys.argv[1]]))
 """
 
@@ -269,7 +269,8 @@ def test_sighup_applies_added_and_removed_routes_and_prices_and_keeps_the_rest(
 
         # A new price on one route: offered to that neighbour over the link that is up.
         priced = full + "\n[out_routes.node2_tcp.price]\ninbound_price_umel = 7\n"
-        mark, mark_c = reload_with(a, priced), c.mark()
+        mark_c = c.mark()  # before the reload: its effect may be logged before it returns
+        mark = reload_with(a, priced)
         assert a.wait_for("reloaded", 10, after=mark)["repriced"] == ["out_routes.node2_tcp"]
         offer = c.wait_for("price_offer_received", 10, after=mark_c, price_umel=7)
         assert offer["accepted"] is True
@@ -278,7 +279,8 @@ def test_sighup_applies_added_and_removed_routes_and_prices_and_keeps_the_rest(
         )
 
         # Removed: its link is closed and the neighbour told why; the other links stay.
-        mark, mark_b = reload_with(a, without(priced, "out_routes.node1_udp")), b.mark()
+        mark_b = b.mark()
+        mark = reload_with(a, without(priced, "out_routes.node1_udp"))
         assert a.wait_for("reloaded", 10, after=mark)["removed"] == ["out_routes.node1_udp"]
         down = b.wait_for("link_down", 10, after=mark_b)
         assert (down["reason"], down["by_peer"]) == ("route_removed", True)

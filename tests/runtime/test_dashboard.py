@@ -1,7 +1,8 @@
 """The web dashboard in a real browser (Debian's chromium, driven by Playwright), against two
 real nodes on loopback: signing in through the one-time link, counters and debts shown, chat
 both ways, a manual settlement proposed on one dashboard and accepted on the other, one
-rejected; and a page on another origin that tries to use the operator's session.
+rejected, one canceled by its proposer; and a page on another origin that tries to use the
+operator's session.
 
 On a machine without chromium the test is skipped with the reason; under CI (CI=true), where
 .ci/run installs it, a missing browser is a failure instead.
@@ -29,6 +30,7 @@ from tests.runtime.test_settlement import balances, network, owe
 SETTLEMENT = """
 [settlement]
 manual_expiry_secs = 60
+min_settlement_umel = 10
 """
 
 
@@ -148,6 +150,17 @@ async def test_an_operator_sees_chats_and_settles_through_the_dashboard(tmp_path
         await pending.locator(".reject-button").click()
         await expect(page_a.locator('#settlements tr[data-state="rejected"]')).to_have_count(1)
         assert balances(a, b) == (50, 50, 0, 0)
+
+        # And one that a's operator withdraws before b's decides.
+        await page_a.fill("#settle-pay", "40")
+        await page_a.click("#settle-submit")
+        await expect(page_b.locator('#settlements tr[data-state="pending"]')).to_have_count(1)
+        mine = page_a.locator('#settlements tr[data-state="pending"]')
+        await mine.locator(".cancel-button").click()
+        await expect(page_b.locator('#settlements tr[data-state="canceled"]')).to_have_count(1)
+        await expect(page_a.locator('#settlements tr[data-state="canceled"]')).to_have_count(1)
+        await expect(page_a.locator(".cancel-button")).to_have_count(0)
+        assert balances(a, b) == (50, 50, 0, 0)
         assert page_a.errors == page_b.errors == []
 
 
@@ -264,7 +277,7 @@ async def test_a_page_on_another_origin_can_neither_change_nor_read_anything(
         with anyio.fail_after(5):
             while a.relay.delivered < 301:
                 await anyio.sleep(0.02)
-        before = balances(a, b), a.accounting.accounts[b.fingerprint].state.our_offer
+        before = balances(a, b), a.accounts.neighbors[b.fingerprint].account.state.our_offer
 
         # The operator is signed in to a's dashboard; in the same browser, another page.
         dashboard = await open_dashboard(chrome, a)
@@ -306,8 +319,11 @@ async def test_a_page_on_another_origin_can_neither_change_nor_read_anything(
         assert posts == {"/api/settlements", f"/api/chat/{b.fingerprint.hex()}"}
         assert all(status >= 400 for _, _, status in seen), seen
         # And nothing changed: the price, the balances, no settlement, the datagram waits.
-        assert (balances(a, b), a.accounting.accounts[b.fingerprint].state.our_offer) == before
-        assert list(a.settlements.summaries()) == list(b.settlements.summaries()) == []
+        assert (
+            balances(a, b),
+            a.accounts.neighbors[b.fingerprint].account.state.our_offer,
+        ) == before
+        assert a.accounts.settlements() == b.accounts.settlements() == []
         assert await a.chat.history(b.fingerprint) == []
         assert [d.data for d in a.receive_datagrams_nowait(9)] == [b"for the real consumer"]
         # The operator's own page still works with the same session.

@@ -23,7 +23,14 @@ from structlog.testing import capture_logs
 from earendil_py.core.errors import ConfigError, LocalProtocolError
 from earendil_py.core.identity import short_hex
 from earendil_py.core.ledger import GENESIS, LedgerCorrupt, verify_chain
-from earendil_py.runtime.store import AsyncLedger, LedgerStore, claim_ledger, ledger_id_file
+from earendil_py.runtime.store import (
+    PAGE_SIZE,
+    AsyncLedger,
+    LedgerStore,
+    _indexed,
+    claim_ledger,
+    ledger_id_file,
+)
 
 ALICE = bytes([0xA1]) * 32
 BOB = bytes([0xB2]) * 32
@@ -168,8 +175,8 @@ def test_wal_mode_is_persistent_in_the_file(tmp_path: Path) -> None:
 def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     populate(path)
-    raw(path, "PRAGMA user_version=4")
-    with pytest.raises(ConfigError, match=r"schema version 4 is newer .*\(3\); upgrade"):
+    raw(path, "PRAGMA user_version=5")
+    with pytest.raises(ConfigError, match=r"schema version 5 is newer .*\(4\); upgrade"):
         LedgerStore.open(path)
 
 
@@ -185,11 +192,30 @@ def test_a_version_1_ledger_is_migrated_and_keeps_every_entry(tmp_path: Path) ->
         assert store.head(ALICE)[0] == 5
         assert store.append(ALICE, "price", b"after", T0).seq == 6
         ledger_id = store.ledger_id
-    assert raw(path, "PRAGMA user_version") == [(3,)]
+    assert raw(path, "PRAGMA user_version") == [(4,)]
     assert raw(path, "SELECT name FROM sqlite_schema WHERE name = 'entries_by_kind'") == []
+    (index,) = raw(path, "SELECT sql FROM sqlite_schema WHERE name = 'entries_with_body'")
+    assert "kind IN ('claim_sent', 'claim_received', 'counts')" in index[0]
     assert len(ledger_id) == 16 and raw(path, "SELECT value FROM meta") == [(ledger_id,)]
     after = "SELECT * FROM entries WHERE NOT (neighbor = ? AND seq = 6) ORDER BY neighbor, seq"
     assert raw(path, after, (ALICE,)) == before
+
+
+def test_new_ledgers_have_large_pages_and_index_only_the_pruned_kinds(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with LedgerStore.open(path) as store:
+        store.append(ALICE, "claim_sent", b"claim", T0)
+        store.append(ALICE, "settlement_opened", b"proposal", T0)
+    assert raw(path, "PRAGMA page_size") == [(PAGE_SIZE,)]
+    # Only the pruned kinds have rows in the partial index, and their queries use it.
+    indexed = "SELECT count(*) FROM entries INDEXED BY entries_with_body WHERE body IS NOT NULL"
+    assert raw(path, indexed + _indexed("claim_sent")) == [(1,)]
+    prune = "SELECT seq FROM entries WHERE neighbor = ? AND kind = ? AND body IS NOT NULL"
+    plan = raw(path, "EXPLAIN QUERY PLAN " + prune + _indexed("counts"), (ALICE, "counts"))
+    assert "entries_with_body" in str(plan)
+    with LedgerStore.open(path) as store:  # the others are found all the same
+        latest = store.latest(ALICE, "settlement_opened")
+        assert latest is not None and latest.body == b"proposal"
 
 
 @pytest.mark.parametrize("kind", ["garbage", "other-sqlite"])
@@ -729,6 +755,24 @@ def test_a_ledger_from_before_ids_is_upgraded_and_recorded(node_dir: Path) -> No
     with LedgerStore.open(db) as store:
         assert record_of(node_dir)["ledger_id"] == store.ledger_id.hex()
         assert store.head(ALICE)[0] == 5
+
+
+def test_a_ledger_of_the_schema_before_keeps_its_recorded_id(node_dir: Path) -> None:
+    """Version 3 had ids already (only its partial index differs): the identity's record of
+    it still holds after the upgrade."""
+    db, key = node_dir / "node.db", node_dir / "node.key"
+    populate(db)
+    claim_ledger(db, key)
+    recorded = record_of(node_dir)["ledger_id"]
+    raw(db, "DROP INDEX entries_with_body")
+    raw(
+        db, "CREATE INDEX entries_with_body ON entries (neighbor, kind, seq) WHERE body IS NOT NULL"
+    )
+    raw(db, "PRAGMA user_version=3")
+    assert claim_ledger(db, key, dry_run=True) == f"ledger {recorded[:8]}"
+    assert claim_ledger(db, key) == f"ledger {recorded[:8]}"
+    assert raw(db, "PRAGMA user_version") == [(4,)]
+    assert record_of(node_dir)["ledger_id"] == recorded
 
 
 def test_an_unreadable_record_is_refused_unless_a_new_ledger_is_asked_for(node_dir: Path) -> None:
