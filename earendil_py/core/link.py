@@ -285,9 +285,14 @@ class Link:
         self._next_ping = now + self._timers.keepalive_interval
         self._peer_messages_seen = 0  # bit k: a handshake message of kind k came
         self._ping_seq = 0
-        self._ping_sent_at: float | None = None  # only the newest ping is timed
+        # When the message being timed for the RTT left: the newest PING, or during the
+        # handshake our first message (answered by the peer's next one), so the RTT is known
+        # from link-up even on a link too busy ever to PING. A resent message is not timed
+        # (Karn's rule: its answer could be to either copy).
+        self._ping_sent_at: float | None = None
         if initiator:
             self._send_flight([self._handshake_message(HS_INIT, None)], now)
+            self._ping_sent_at = now
 
     # --- public API ---------------------------------------------------------------------
 
@@ -333,6 +338,7 @@ class Link:
                 self._close("handshake_timeout", now, notify=False)
                 return
             self._outbox.extend(self._flight)
+            self._ping_sent_at = None
             self._arm_retransmit(now)
         if self.state is LinkState.ESTABLISHED and now >= self._ping_due():
             self._forget_aeads()  # quiet for an interval: no onions to keep them for
@@ -506,6 +512,7 @@ class Link:
             self._stats.drops["handshake_duplicate"] += 1
             if not self._reliable:
                 self._outbox.extend(self._flight)
+                self._ping_sent_at = None
             return
         if kind != self._expected_handshake_kind():
             raise RemoteProtocolError("unexpected handshake message", "handshake_unexpected")
@@ -527,16 +534,19 @@ class Link:
                 raise
             self.remote_index = int(U32.unpack_from(body, 1)[0])
             self._send_flight([self._handshake_message(HS_RESP, self.remote_index)], now)
+            self._ping_sent_at = now
         elif kind == HS_RESP:
             if len(body) < 9 or U32.unpack_from(body, 5)[0] != self.local_index:
                 raise RemoteProtocolError("handshake for another session", "handshake_malformed")
             self._noise.read_message(body[9:])
             self.remote_index = int(U32.unpack_from(body, 1)[0])
+            self._rtt_sample(now)
             final = self._handshake_message(HS_FINAL, self.remote_index)
             self._start_transport()
             self._send_flight([final, self._encrypt(PROOF, self._proof_body)], now)
         else:
             self._noise.read_message(body[5:])
+            self._rtt_sample(now)
             self._start_transport()
             # The responder's proof is its reply; it is resent if HS_FINAL arrives again.
             self._send_flight([self._encrypt(PROOF, self._proof_body)], now)
@@ -670,7 +680,11 @@ class Link:
         self._events.append(LinkEstablished(fingerprint))
 
     def _receive_pong(self, seq: int, now: float) -> None:
-        if seq != self._ping_seq or self._ping_sent_at is None:
+        if seq == self._ping_seq:
+            self._rtt_sample(now)
+
+    def _rtt_sample(self, now: float) -> None:
+        if self._ping_sent_at is None:
             return
         sample, self._ping_sent_at = now - self._ping_sent_at, None
         rtt = self._stats.rtt

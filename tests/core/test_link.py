@@ -453,6 +453,32 @@ def test_keepalive_measures_rtt_and_detects_a_dead_peer() -> None:
     assert events(pair.a) == [LinkClosed("keepalive_timeout")]
 
 
+def test_the_handshake_times_a_round_trip_each_way_and_a_resent_message_none() -> None:
+    pair = Pair()
+    (init,) = pair.a.datagrams_to_send()
+    pair.now = 0.25
+    pair.deliver_to_b(init)
+    assert pair.b is not None
+    (resp,) = pair.b.datagrams_to_send()
+    pair.now = 0.35
+    pair.deliver_to_a(resp)  # HS_INIT left at 0 and was answered at 0.35
+    assert pair.a.statistics().rtt == pytest.approx(0.35)
+    final = pair.a.datagrams_to_send()
+    pair.now = 0.75
+    for message in final:
+        pair.deliver_to_b(message)  # HS_RESP left at 0.25, answered at 0.75
+    assert pair.b.statistics().rtt == pytest.approx(0.5)
+
+    resent = Pair()
+    resent.drop = {HS_RESP}
+    resent.advance(0.1)  # HS_INIT is retransmitted, so its answer could be to either copy
+    resent.drop = set()
+    resent.advance(0.5)
+    assert resent.a.state is LinkState.ESTABLISHED
+    assert resent.a.statistics().rtt is None
+    assert resent.b is not None and resent.b.statistics().rtt is None  # it resent HS_RESP
+
+
 def test_neighbours_that_hear_from_each_other_do_not_both_ping() -> None:
     pair = established()
     assert pair.b is not None
