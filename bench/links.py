@@ -3,12 +3,14 @@
 One `earendil-py daemon` with one UDP in_route; this process opens LINKS links to it from
 lightweight clients: each is a core `Link` (the same Noise handshake, identity proof and
 keepalives as a node's) with an identity of its own, all on one UDP socket, driven by this
-process without a node around them. A client does what a neighbour must for the daemon to
-leave it alone once the link is up: it asks for its adjacency in the relay graph (so the
-daemon's gossip does not keep asking), answers every RPC call at once with "method not
-found" (so nothing is retransmitted; the daemon logs that it could not price the link) and
-answers keepalives. Clients open their links at most MAX_HANDSHAKING_PER_SOURCE at a time,
-as the daemon admits from one address.
+process without a node around them. A client does what a neighbour does once the link is
+up, so that the daemon has nothing left to do for it: it asks for its adjacency in the relay
+graph (so the daemon's gossip does not keep asking), prices the link with a core `Neighbor`
+of its own (the daemon's offer accepted and its own accepted by the daemon, the RPC answered
+and sent as a node would, with no ledger), and answers keepalives. A link left unpriced
+would not be idle: the daemon pushes its offer again every few seconds until it is answered.
+Clients open their links at most MAX_HANDSHAKING_PER_SOURCE at a time, as the daemon admits
+from one address.
 
 For each size in --links (default 100 and 1,000), cumulatively on the same daemon: open the
 links, wait SETTLE_SECS for the set-up work to end (two keepalive intervals: a link is idle
@@ -43,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import msgspec
 from summary import result
 
 from earendil_py.core.graph import adjacency_unsigned, sign_adjacency
@@ -63,9 +66,19 @@ from earendil_py.core.messages import (
     decode_control,
     encode_control,
 )
-from earendil_py.core.rpc import METHOD_NOT_FOUND, decode_request, encode_error, is_request
+from earendil_py.core.neighbor import Answered, Effect, Neighbor, Policy, Refused
+from earendil_py.core.pricing import AcceptanceRule, PriceTerms
+from earendil_py.core.rpc import (
+    decode_request,
+    decode_response,
+    encode_error,
+    encode_request,
+    encode_result,
+    is_request,
+)
 from earendil_py.netgen import Daemons, Edge, RunningDaemon, generate_network, statuses
-from earendil_py.runtime.config import parse_address
+from earendil_py.runtime.config import Config, parse_address
+from earendil_py.runtime.keyfile import load_identity_file
 
 RSS_TARGET_BYTES = 8 * 1024
 CPU_TARGET = 0.02
@@ -87,15 +100,40 @@ class Client:
     identity: Identity
     up: bool = False
     closed: str | None = None
+    neighbor: Neighbor | None = None  # the daemon, as this client's node would see it
+    calls: dict[int, int] | None = None  # our RPC request id -> the Neighbor's call token
+
+
+def client_policy(config: Config) -> Policy:
+    """What the daemon's peer in the generated network would offer and accept (its only
+    route's price table), as the daemon's `Neighbors.policy_for` builds it."""
+    (route,) = config.out_routes.values()
+    price, methods = route.price, tuple(config.settlement.methods)
+    return Policy(
+        terms=PriceTerms(price.inbound_price_umel, price.inbound_debt_limit_umel, methods),
+        rule=AcceptanceRule(
+            price.outbound_max_price_umel, price.outbound_min_debt_limit_umel, methods
+        ),
+        methods=methods,
+    )
 
 
 class Clients:
     """Lightweight link clients on one UDP socket, toward one daemon's UDP in_route."""
 
-    def __init__(self, target: tuple[str, int], secret: str, fingerprint: bytes) -> None:
+    def __init__(
+        self,
+        target: tuple[str, int],
+        secret: str,
+        daemon: Identity,
+        policy: Policy,
+    ) -> None:
         self.target = target
         self.secret = secret
-        self.fingerprint = fingerprint
+        self.fingerprint = daemon.fingerprint
+        self.daemon_public = daemon.identity_public
+        self.policy = policy
+        self.request_ids = 0
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.sock.bind(("127.0.0.1", 0))
@@ -132,6 +170,11 @@ class Clients:
                     client.up = True
                     self.up += 1
                     self._request_adjacency(client)
+                    client.neighbor = Neighbor(
+                        client.identity, self.daemon_public, self.policy, os.urandom
+                    )
+                    client.calls = {}
+                    self._run(client, client.neighbor.on_link_up(time.time(), self.policy))
                 case ControlReceived(payload=payload):
                     self._control(client, payload)
                 case LinkClosed(reason=reason):
@@ -154,14 +197,47 @@ class Clients:
 
     def _control(self, client: Client, payload: bytes) -> None:
         message = decode_control(payload)
-        if (
-            isinstance(message, DockMessage)
-            and message.dock == GLOBAL_RPC_DOCK
-            and is_request(message.data)
-        ):
+        neighbor, calls = client.neighbor, client.calls
+        if not (isinstance(message, DockMessage) and message.dock == GLOBAL_RPC_DOCK):
+            return
+        if neighbor is None or calls is None:
+            return  # no RPC before the link is up
+        now = time.time()
+        if is_request(message.data):
             request = decode_request(message.data)
-            answer = encode_error(request.id, METHOD_NOT_FOUND, "a bench client")
-            client.link.send_control(encode_control(DockMessage(GLOBAL_RPC_DOCK, answer)))
+            params = None if request.params is msgspec.UNSET else request.params
+            effect = neighbor.receive_call(request.method, params, now)
+            self._run(client, effect)
+            reply = effect.reply
+            if isinstance(reply, Refused):
+                answer = encode_error(request.id, reply.code, reply.message, reply.data)
+            else:
+                answer = encode_result(request.id, reply)
+            self._send_rpc(client, answer)
+            return
+        response = decode_response(message.data)
+        token = calls.pop(response.id, None) if isinstance(response.id, int) else None
+        if token is None:
+            return
+        if isinstance(response.error, msgspec.UnsetType):
+            outcome: Answered | Refused = Answered(response.result)
+        else:
+            error = response.error
+            data = None if error.data is msgspec.UNSET else error.data
+            outcome = Refused(error.code, error.message, data)
+        self._run(client, neighbor.receive_reply(token, outcome, now))
+
+    def _run(self, client: Client, effect: Effect) -> None:
+        """Apply a Neighbor's effect (there is no ledger to write first) and send its calls."""
+        assert client.neighbor is not None and client.calls is not None
+        client.neighbor.apply(effect)
+        for call in effect.calls:
+            self.request_ids += 1
+            client.calls[self.request_ids] = call.token
+            self._send_rpc(client, encode_request(self.request_ids, call.method, call.params))
+
+    def _send_rpc(self, client: Client, payload: bytes) -> None:
+        client.link.send_control(encode_control(DockMessage(GLOBAL_RPC_DOCK, payload)))
 
     async def receive(self) -> None:
         while True:
@@ -187,6 +263,16 @@ class Clients:
                 if deadline is not None and deadline <= now:
                     client.link.handle_timer(now)
                     self.service(client, now)
+                neighbor = client.neighbor
+                if neighbor is not None and (due := neighbor.get_timer()) is not None:
+                    unix = time.time()
+                    if due <= unix and (effect := neighbor.handle_timer(unix)) is not None:
+                        self._run(client, effect)
+                        self.service(client, now)
+
+    def priced(self) -> int:
+        """How many links both sides priced (as this side's Neighbors see it)."""
+        return sum(1 for c in self.by_index.values() if c.up and c.neighbor and c.neighbor.priced)
 
     async def open_many(self, count: int) -> None:
         """Open `count` more links, never more than the daemon admits at once from one
@@ -225,6 +311,9 @@ async def measure(
             await clients.open_many(size - clients.up)
             print(f"  {size} links up in {time.monotonic() - start:.1f}s", flush=True)
             await anyio.sleep(SETTLE_SECS)
+            priced = clients.priced()
+            if priced != clients.up:
+                print(f"  only {priced} of {clients.up} links priced", flush=True)
             status = await anyio.to_thread.run_sync(daemon.call, "GET", "/api/status")
             rss, cpu = await idle(daemon, seconds)
             rows.append((len(status["links"]), rss, cpu))
@@ -241,8 +330,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-links-") as tmp:
         # node0 is the daemon; node1 only gives it an in_route, and is not started.
-        daemon_node, _ = generate_network(Path(tmp), 2, [Edge(1, 0, "udp")], extra_toml=DAEMON_TOML)
+        daemon_node, peer = generate_network(
+            Path(tmp), 2, [Edge(1, 0, "udp")], extra_toml=DAEMON_TOML
+        )
         (route,) = daemon_node.config.in_routes.values()
+        daemon_identity = load_identity_file(daemon_node.directory / "node.key")
         with Daemons([daemon_node]) as (daemon,):
             deadline = time.monotonic() + START_SECS
             while statuses([daemon]) == [None]:
@@ -250,7 +342,10 @@ def main() -> int:
                     raise SystemExit("the daemon did not start; see its log")
                 time.sleep(0.1)
             clients = Clients(
-                parse_address(route.listen), route.secret, bytes.fromhex(daemon_node.fingerprint)
+                parse_address(route.listen),
+                route.secret,
+                daemon_identity,
+                client_policy(peer.config),
             )
             rows = anyio.run(measure, sizes, args.seconds, daemon, clients)
     base_rss = rows[0][1]
