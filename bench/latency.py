@@ -90,8 +90,9 @@ LOAD_BLOCK = 50  # samples of one kind in a row under load, with the load on its
 LOAD_RAMP_SECS = 0.05  # load running before a block's first sample
 BURST = 32  # frames per send while blasting
 # Peeling load is unique packets (a relay peels each once), built before the run: enough for
-# a blast and 1,000 samples at half of a peeling capacity of ~6,000/s. G says if it ran out.
-PEEL_LOAD_PACKETS = 40_000
+# a blast (14,400) and 1,000 samples under load (~15 ms each with their pauses) at half of a
+# peeling capacity of ~6,000/s, ~45,000, with room to spare. G says if it ran out.
+PEEL_LOAD_PACKETS = 100_000
 
 # S=0 R1=1 R2=2 R3=3 D=4 E=5 G=6, linked by PAIRS. Keepalives far apart, so that nothing
 # but the samples and the load wakes the relays (and stopped E is not declared dead).
@@ -267,19 +268,15 @@ def _run_generator(
             await tg.start(node.run)
             r1 = routes["peel"][0][0]
             with anyio.fail_after(START_SECS):
-                while not (
-                    (runners := node.links.get(r1))
-                    and runners[0].account is not None
-                    and runners[0].account.priced
-                ):
-                    await anyio.sleep(0.05)
+                await node.wait_priced({r1})
+            runner = node.links[r1][0]
             conn.send("ready")
             while True:
                 match await anyio.to_thread.run_sync(conn.recv):
                     case ("blast", mode, seconds):
-                        conn.send(await blast(runners[0], mode, seconds))
+                        conn.send(await blast(runner, mode, seconds))
                     case ("pace", mode, rate, bare):
-                        conn.send(await pace(runners[0], mode, rate, bare))
+                        conn.send(await pace(runner, mode, rate, bare))
                     case _:
                         break
             tg.cancel_scope.cancel()
@@ -418,7 +415,7 @@ async def _first_delivery(source: Node, sink: Node, relay: bytes) -> LinkRunner:
     with anyio.fail_after(START_SECS):
         while True:
             runners = source.links.get(relay)
-            if runners and runners[0].account is not None and runners[0].account.priced:
+            if runners and runners[0].neighbor is not None and runners[0].neighbor.priced:
                 first, packet = build_packet(route, encode_datagram(DOCK, b""), os.urandom)
                 runners[0].send_onions([runners[0].link.encrypt_onion(first, packet)])
                 with anyio.move_on_after(0.2):
