@@ -1,4 +1,4 @@
-"""One timer mechanism for the whole node: every sans-IO object's `get_timer()` in one heap.
+"""The node's timer queue: every link's `get_timer()` in one heap, one task sleeping until due.
 
 A protocol object says when it next needs the clock (`get_timer()`: a deadline in the
 `anyio.current_time()` clock, or None) and acts when given it (`handle_timer(now)`), as in
@@ -19,6 +19,13 @@ deadline that only moved later, which is what traffic does to a link's timers.
 
 A fired callback runs inside the queue's task, so it must not raise: the node wraps each in
 the fault boundary of the object it serves (a link's failure closes that link).
+
+Neighbours (`core.neighbor.Neighbor`) keep their own heap of the same kind, in
+`runtime/neighbors.py`: it also sleeps until the earliest deadline and is woken only when one
+moves earlier, but its due neighbours are handled together and their ledger entries committed
+in one transaction, which needs an async step and the wall clock that signed claims carry.
+A link's timer is synchronous and monotonic. So there are two heaps of one design, and no
+object of either kind is ever polled.
 """
 
 from __future__ import annotations
