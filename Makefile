@@ -35,7 +35,7 @@ lint: $(STAMP)
 
 # Every bench script, its output as it comes, then one table of the figures with a target
 # (bench/summary.py); docs/benchmarks.md says what each measures and the latest figures.
-BENCHES := peel link relay accounting hostile links latency network
+BENCHES := peel link relay accounting hostile apps links latency network
 
 bench: $(RUNTIME)
 	$(BIN)/python bench/summary.py $(BENCHES:%=bench/%.py)

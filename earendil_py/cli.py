@@ -7,6 +7,8 @@ import base64
 import json
 import os
 import re
+import select
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +22,16 @@ from earendil_py.core.errors import ConfigError
 from earendil_py.core.ledger import LedgerCorrupt
 from earendil_py.core.packet import MAX_HOPS
 from earendil_py.core.text import printable
-from earendil_py.runtime.config import Config, check_own_routes, load_config
+from earendil_py.runtime.apps import (
+    ANONYMOUS,
+    DESTINATION,
+    FROM_ANONYMOUS,
+    FROM_DESTINATION,
+    HELLO,
+    REPLY,
+    SEND,
+)
+from earendil_py.runtime.config import Config, check_own_routes, load_config, parse_address
 from earendil_py.runtime.daemon import run_daemon
 from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.keyfile import (
@@ -497,6 +508,89 @@ def _dashboard(args: argparse.Namespace) -> None:
     print(f"(open it within {minutes} minutes; it works once)", file=sys.stderr)
 
 
+HELLO_EVERY_SECS = 5.0  # serve-echo says HELLO again this often: a restarted node forgets it
+APP_DATAGRAM_MAX = 65_535
+
+
+def _app_socket(config: Config, dock: int | None) -> socket.socket:
+    """A UDP socket connected to the node's app socket for `dock` (the first one if None).
+    Raises ConfigError if the config has none such."""
+    apps = [app for app in config.apps if dock is None or app.dock == dock]
+    if not apps:
+        which = "an app socket" if dock is None else f"an app socket for dock {dock}"
+        raise ConfigError(f"{config.source}: apps: no {which} ([[apps]], see docs/apps.md)")
+    host, port = parse_address(apps[0].listen)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect((host, port))
+    return sock
+
+
+def _destination(args: argparse.Namespace) -> tuple[bytes, int]:
+    """FINGERPRINT:DOCK, the fingerprint possibly a prefix the node resolves."""
+    text, _, dock = args.destination.rpartition(":")
+    if not text or not re.fullmatch(r"[0-9]{1,10}", dock) or int(dock) > DOCK_MAX:
+        raise UsageError(f"FINGERPRINT:DOCK: expected e.g. 0a1b2c3d:7, got {args.destination!r}")
+    fingerprint = resolve_fingerprint(args, text, "FINGERPRINT:DOCK", neighbors_only=False)
+    return bytes.fromhex(fingerprint), int(dock)
+
+
+def _connect(args: argparse.Namespace) -> None:
+    config = _config(args)
+    fingerprint, dock = _destination(args)
+    head = DESTINATION.pack(SEND, fingerprint, dock)
+    expected = DESTINATION.pack(FROM_DESTINATION, fingerprint, dock)
+    stdin = sys.stdin.fileno()
+    with _app_socket(config, args.via) as sock:
+        sent = answered = 0
+        pending = b""  # stdin read but not yet a whole line
+        deadline = None  # once stdin is done: how long to wait for the last replies
+        sources = [sock.fileno(), stdin]
+        while deadline is None or (answered < sent and time.monotonic() < deadline):
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select(sources, [], [], timeout)
+            if stdin in ready:
+                # Raw reads: a buffered reader could hold lines that select cannot see.
+                chunk = os.read(stdin, APP_DATAGRAM_MAX)
+                *lines, pending = (pending + chunk).split(b"\n")
+                if not chunk:
+                    lines, pending = [pending] if pending else [], b""
+                    sources.remove(stdin)
+                    deadline = time.monotonic() + args.wait
+                for line in lines:
+                    sock.send(head + line.rstrip(b"\r"))
+                    sent += 1
+            if sock.fileno() in ready:
+                data = sock.recv(APP_DATAGRAM_MAX)
+                if data.startswith(expected):
+                    answered += 1
+                    _show(data[DESTINATION.size :].decode("utf-8", "replace"))
+
+
+def _serve_echo(args: argparse.Namespace) -> None:
+    with _app_socket(_config(args), args.dock) as sock:
+        host, port = sock.getsockname()[:2]
+        said_hello = -HELLO_EVERY_SECS
+        while True:
+            if time.monotonic() - said_hello >= HELLO_EVERY_SECS:
+                sock.send(bytes([HELLO]))
+                if said_hello < 0:
+                    print(f"serving dock {args.dock} from {host}:{port}", flush=True)
+                said_hello = time.monotonic()
+            ready, _, _ = select.select([sock], [], [], HELLO_EVERY_SECS)
+            if not ready:
+                continue
+            try:
+                data = sock.recv(APP_DATAGRAM_MAX)
+            except ConnectionRefusedError:  # the node is not up (yet): say HELLO again soon
+                said_hello = time.monotonic() - HELLO_EVERY_SECS + 0.5
+                continue
+            if data[:1] != bytes([FROM_ANONYMOUS]) or len(data) < ANONYMOUS.size:
+                continue  # nowhere to answer
+            endpoint, text = data[1 : ANONYMOUS.size], data[ANONYMOUS.size :]
+            sock.send(ANONYMOUS.pack(REPLY, endpoint) + text)
+            _show(f"{endpoint.hex()[:8]}: {text.decode('utf-8', 'replace')}")
+
+
 # --- the parser --------------------------------------------------------------------------
 
 
@@ -791,6 +885,51 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the neighbour: {fingerprint_help}",
     )
     chat.add_argument("--send", metavar="TEXT", help="send this message first")
+
+    connect = command(
+        "connect",
+        "send lines to a dock from an anonymous endpoint and print the replies",
+        "Send each line of standard input as a datagram to FINGERPRINT:DOCK through one of "
+        "this node's app sockets ([[apps]], docs/apps.md), from an anonymous endpoint with "
+        "reply blocks, and print the replies as they come; stop --wait seconds after the "
+        "input ends, or once every line was answered.",
+        _connect,
+        [config],
+    )
+    connect.add_argument(
+        "destination", metavar="FINGERPRINT:DOCK", help=f"where to: {fingerprint_help}, a dock"
+    )
+    connect.add_argument(
+        "--via",
+        type=_bounded(0, DOCK_MAX),
+        default=None,
+        metavar="DOCK",
+        help="use the app socket of this dock (default: the first [[apps]] entry)",
+    )
+    connect.add_argument(
+        "--wait",
+        type=float,
+        default=5.0,
+        metavar="SECS",
+        help="how long to wait for replies once the input ends (default 5)",
+    )
+
+    serve_echo = command(
+        "serve-echo",
+        "answer every datagram to a dock with itself",
+        "Serve a dock of this node through its app socket ([[apps]], docs/apps.md): answer "
+        "every datagram that can be answered with the same bytes, through the sender's "
+        "reply blocks, and print one line for each (the sender's endpoint id, the text). "
+        "Runs until interrupted.",
+        _serve_echo,
+        [config],
+    )
+    serve_echo.add_argument(
+        "--dock",
+        type=_bounded(0, DOCK_MAX),
+        required=True,
+        help="a dock with an [[apps]] socket in the config",
+    )
 
     command(
         "dashboard",

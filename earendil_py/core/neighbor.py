@@ -793,6 +793,11 @@ class Neighbor:
             "frozen": s.frozen,
             "settled_in_umel": s.settled_in_umel,
             "settled_out_umel": s.settled_out_umel,
+            "auto_settle_at_umel": (
+                None
+                if _auto_method(s, self._volatile.policy) is None
+                else _auto_threshold(s, self._volatile.policy)
+            ),
         }
 
     def settlement_counts(self) -> dict[tuple[str, str, str], int]:

@@ -84,6 +84,7 @@ class Chat:
         self.linked = linked
         self.ledger: AsyncLedger | None = None
         self.refused: Counter[str] = Counter()
+        self.unread: Counter[bytes] = Counter()  # messages in since the operator last read
         self._histories: dict[bytes, deque[dict[str, Any]]] = {}
         self._received_at: dict[bytes, deque[float]] = {}
         rpc.register("chat", self._on_chat)
@@ -137,8 +138,13 @@ class Chat:
         message = ChatMessage(message_id, "in", text, unix_now())
         await self._ledger().append(neighbor, "chat", msgspec.msgpack.encode(message), message.at)
         history.append(_shown(message, "delivered"))
+        self.unread[neighbor] += 1
         log.info("chat_received", neighbor=short_hex(neighbor))
         return {"ok": True}
+
+    def mark_read(self, neighbor: bytes) -> None:
+        """The operator has seen `neighbor`'s messages (the dashboard showed them)."""
+        self.unread.pop(neighbor, None)
 
     def _admit(self, neighbor: bytes) -> bool:
         """Whether `neighbor` is under its rate limit; counts this message if so."""

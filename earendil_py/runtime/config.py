@@ -24,6 +24,7 @@ import msgspec
 
 from earendil_py.core.errors import ConfigError
 from earendil_py.core.identity import Uint, parse_fingerprint
+from earendil_py.core.packet import MAX_HOPS
 from earendil_py.core.settlement import MAX_EXPIRY_SECS
 from earendil_py.runtime.keyfile import read_file
 
@@ -63,6 +64,18 @@ class OutRoute(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     fingerprint: str
     secret: Secret
     price: PriceConfig = PriceConfig()
+
+
+class AppConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A local dock socket for applications (docs/apps.md)."""
+
+    listen: str
+    dock: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+    # Peelers per route, both ways. Two at least: a reply block for a one-peeler route
+    # would name this node as its first peeler.
+    hops: Annotated[int, msgspec.Meta(ge=2, le=MAX_HOPS)] = 3
+    # Any process that can send to the socket speaks for this node: loopback unless asked.
+    allow_remote: bool = False
 
 
 class SettlementConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -110,6 +123,7 @@ class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     control_allow_remote: bool = False
     in_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     out_routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    apps: list[dict[str, Any]] = msgspec.field(default_factory=list)
     settlement: SettlementConfig = SettlementConfig()
     links: LinksConfig = LinksConfig()
     accounting: AccountingConfig = AccountingConfig()
@@ -127,6 +141,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     links: LinksConfig
     accounting: AccountingConfig
     logging: LoggingConfig
+    apps: list[AppConfig] = msgspec.field(default_factory=list)
     control_allow_remote: bool = False
 
 
@@ -255,6 +270,30 @@ def load_config(file: Path, *, private: bool = False) -> Config:
         dialled[fingerprint] = path
         out_routes[name] = out_route
 
+    apps: list[AppConfig] = []
+    docks: dict[int, str] = {}
+    for index, table in enumerate(raw.apps):
+        path = f"apps[{index}]"
+        app = _convert(table, AppConfig, file, path)
+        address = _address(app.listen, file, f"{path}.listen", listen=True)
+        if not (app.allow_remote or ipaddress.ip_address(address[0]).is_loopback):
+            raise ConfigError(
+                f"{file}: {path}.listen: {address[0]} is not a loopback address; whoever "
+                "reaches an app socket sends as this node: keep it on 127.0.0.1 or [::1], or "
+                "set allow_remote = true"
+            )
+        for other_path, other_protocol, other in listeners:
+            if other_protocol == "udp" and _overlaps(address, other):
+                raise ConfigError(
+                    f"{file}: {path}.listen: duplicate udp port {address[1]} "
+                    f"(also used by {other_path})"
+                )
+        if app.dock in docks:
+            raise ConfigError(f"{file}: {path}.dock: dock {app.dock} is also {docks[app.dock]}'s")
+        docks[app.dock] = path
+        listeners.append((path, "udp", address))
+        apps.append(app)
+
     if raw.links.dead_after_secs <= raw.links.keepalive_secs:
         raise ConfigError(f"{file}: links.dead_after_secs: must exceed links.keepalive_secs")
     if raw.links.redial_max_secs < raw.links.redial_min_secs:
@@ -277,6 +316,7 @@ def load_config(file: Path, *, private: bool = False) -> Config:
         links=raw.links,
         accounting=raw.accounting,
         logging=raw.logging,
+        apps=apps,
         control_allow_remote=raw.control_allow_remote,
     )
 
@@ -307,6 +347,7 @@ RESTART_FIELDS = (
     "links",
     "accounting",
     "logging",
+    "apps",
 )
 
 RouteKey = tuple[str, str]  # ("in" or "out", route name)

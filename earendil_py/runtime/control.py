@@ -109,7 +109,11 @@ def status(node: NodeView) -> dict[str, Any]:
         "graph": {"identities": graph.identities, "adjacencies": graph.adjacencies},
         "links": [link_summary(r) for runners in node.links.values() for r in runners],
         "routes": node.routes.summaries(),
-        "accounts": node.accounts.summaries(),
+        "accounts": [
+            {**account, "chat_unread": node.chat.unread[bytes.fromhex(account["neighbor"])]}
+            for account in node.accounts.summaries()
+        ],
+        "apps": node.apps.statistics(),
     }
 
 
@@ -245,6 +249,23 @@ def build_router(node: NodeView, auth: ControlAuth) -> Router:
         if message["status"] != "delivered":
             raise HttpError(502, f"not delivered: {message['reason']}")
         return json_response({"message": message})
+
+    @router.route("POST", "/api/chat/{fingerprint}/read")
+    async def chat_read(request: Request) -> Response:
+        node.chat.mark_read(neighbor(request))
+        return json_response({"unread": 0})
+
+    @router.route("GET", "/api/history/{fingerprint}")
+    async def history(request: Request) -> Response:
+        fingerprint = neighbor(request)
+        return json_response(
+            {
+                "neighbor": fingerprint.hex(),
+                "interval_secs": node.history.interval_secs,
+                "window_secs": node.history.window_secs,
+                "samples": node.history.series(fingerprint),
+            }
+        )
 
     @router.route("GET", "/api/settlements")
     async def settlements(request: Request) -> Response:

@@ -519,6 +519,11 @@ class Neighbors:
     def summaries(self) -> list[dict[str, Any]]:
         return [neighbor.summary() for neighbor in self.neighbors.values()]
 
+    def debts(self) -> list[tuple[bytes, int, int]]:
+        """Per neighbour, what it owes us and what we owe it (µMEL)."""
+        accounts = ((fp, neighbor.account) for fp, neighbor in self.neighbors.items())
+        return [(fp, a.debt_in_umel, a.debt_out_umel) for fp, a in accounts]
+
     def settlements(self) -> list[dict[str, Any]]:
         return [s for neighbor in self.neighbors.values() for s in neighbor.settlements()]
 

@@ -67,9 +67,10 @@ from earendil_py.core.messages import (
     encode_control,
 )
 from earendil_py.core.neighbor import Neighbor
-from earendil_py.core.packet import build_packet
+from earendil_py.core.packet import ReplyArrived, build_packet
 from earendil_py.core.relay import Datagram, Peeler, encode_datagram
 from earendil_py.core.rpc import DEFAULT_MAX_NEIGHBORS
+from earendil_py.runtime.apps import Apps
 from earendil_py.runtime.chat import Chat
 from earendil_py.runtime.config import (
     RESTART_FIELDS,
@@ -84,6 +85,7 @@ from earendil_py.runtime.config import (
 from earendil_py.runtime.control import build_router
 from earendil_py.runtime.faults import Faults
 from earendil_py.runtime.gossip import Gossip
+from earendil_py.runtime.history import History
 from earendil_py.runtime.http import ControlAuth, HttpServer, token_path, write_token_file
 from earendil_py.runtime.neighbors import Neighbors
 from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
@@ -572,7 +574,17 @@ class Node:
         # Every neighbour's prices, claims, limits and settlements (runtime/neighbors.py).
         self.accounts = Neighbors(identity, config, self.rpc)
         self.chat = Chat(self.rpc, self.links.__contains__)
+        self.history = History()  # the dashboard's charts
         self.ledger: AsyncLedger | None = None
+        self.apps = Apps(
+            config.apps,
+            fingerprint=self.fingerprint,
+            graph=self.graph,
+            originate=self._originate,
+            offload=self.peeling.map_all,
+            faults=self.faults,
+            source=config.source,
+        )
         self.listening: dict[str, Address] = {}
         self._links_changed = anyio.Event()
         self._endpoints: list[Endpoint] = []
@@ -635,6 +647,7 @@ class Node:
         total = Counter(self.drops)
         for endpoint in self._endpoints:
             total.update(endpoint.statistics().drops)
+        total.update(self.apps.drop_counts())
         return total
 
     def neighbors(self) -> set[bytes]:
@@ -759,11 +772,19 @@ class Node:
             if result is None:
                 continue
             stats.peeled += 1
-            if isinstance(result, Datagram):
-                self._deliver(result)
-                stats.delivered += 1
-            else:
+            if isinstance(result, tuple):
                 leaving.append(onion_frame(*result))
+                continue
+            if isinstance(result, ReplyArrived):
+                self.apps.on_reply(result, now)
+            elif self.apps.serves(result.dock):
+                self.apps.deliver(result, now)
+            elif isinstance(result, Datagram):
+                self._deliver(result)
+            else:  # reply blocks for a dock no application serves: no one could use them
+                self.drops["no_endpoint"] += 1
+                continue
+            stats.delivered += 1
         return leaving
 
     def _lane(
@@ -797,6 +818,13 @@ class Node:
         self._delivered.set()
 
     # --- sending and receiving datagrams ------------------------------------------------
+
+    def _originate(self, frames: list[bytes], now: float) -> None:
+        """Send onion frames we built (for an application) through the relay path, so that
+        they are counted and priced per link like all traffic."""
+        self.relay.originated += len(frames)
+        with self._relay_boundary:
+            self.relay_batch([(None, frames)], now)
 
     def send_datagram(
         self, destination: bytes, dock: int, data: bytes, hops: int | None = None
@@ -854,7 +882,14 @@ class Node:
                 for info in self._route_infos.values():
                     self._start_route(info)
                 tg.start_soon(self.gossip.run)
+                tg.start_soon(
+                    self.history.run,
+                    self.accounts.debts,
+                    self.links,
+                    self.faults.boundary(self.drops, "history"),
+                )
                 tg.start_soon(self._serve_control)
+                tg.start_soon(self.apps.run)
                 self._log_start()
                 task_status.started()
         finally:
@@ -1047,6 +1082,7 @@ class Node:
                 self._bound[name], self.listening[name] = await _bind_route(route)
             except OSError as exc:
                 raise ConfigError(_listen_error(self.config, name, exc)) from None
+        self.apps.bind()
         if self.ledger is None:
             self.ledger = await AsyncLedger.open(self.config.db_path)
             self.accounts.start(self.ledger)

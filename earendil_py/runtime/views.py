@@ -14,8 +14,10 @@ from typing import Protocol
 from earendil_py.core.graph import RelayGraph
 from earendil_py.core.link import LinkStatistics
 from earendil_py.core.relay import Datagram
+from earendil_py.runtime.apps import Apps
 from earendil_py.runtime.chat import Chat
 from earendil_py.runtime.config import Config
+from earendil_py.runtime.history import History
 from earendil_py.runtime.neighbors import Neighbors
 from earendil_py.runtime.routes import RouteInfo, RouteTable
 from earendil_py.runtime.rpc import GlobalRpc
@@ -88,6 +90,12 @@ class NodeView(Protocol):
 
     @property
     def chat(self) -> Chat: ...
+
+    @property
+    def apps(self) -> Apps: ...
+
+    @property
+    def history(self) -> History: ...
 
     @property
     def rpc(self) -> GlobalRpc: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import blake3
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.bindings import (
@@ -23,6 +24,7 @@ from earendil_py.core.packet import (
     PACKET_SIZE,
     Delivered,
     Forward,
+    ReplyArrived,
     build_packet,
     peel_packet,
 )
@@ -94,7 +96,7 @@ def test_build_is_deterministic_for_a_seed() -> None:
     # Pins the wire format: a change here is a protocol change and needs a new KDF context.
     _, packet = build_packet(_route(3), b"earendil", seeded_rng(7))
     assert packet == build_packet(_route(3), b"earendil", seeded_rng(7))[1]
-    assert blake3.blake3(packet).hexdigest()[:32] == "248a61918fbe6e5d410f6327c6ff4a55"
+    assert blake3.blake3(packet).hexdigest()[:32] == "33399daeea86a5d5ec26af150bacf8d0"
 
 
 @settings(max_examples=400, deadline=None, derandomize=True)
@@ -194,20 +196,29 @@ def test_wrong_size_onion_secret_is_our_bug() -> None:
 # This also re-derives the format from docs/packet-format.md independently of build_packet.
 
 
-def _one_hop_packet(final_body: bytes, onion_public: bytes, seed: int) -> bytes:
+def _independent_gamma(header_key: bytes, body_key: bytes, beta: bytes, body: bytes) -> bytes:
+    routing = b"".join(beta[i : i + 64] for i in range(0, pk.BETA_SIZE, 80))
+    slots = b"".join(beta[i + 64 : i + 80] for i in range(0, pk.BETA_SIZE, 80))
+    digest = blake3.blake3(routing, key=header_key).digest(16)
+    return AESGCM(body_key).encrypt(bytes(12), b"", digest + slots + body)
+
+
+def _one_hop_packet(
+    final_body: bytes, onion_public: bytes, seed: int, final_block: bytes = bytes(80)
+) -> bytes:
     rng = seeded_rng(seed)
     ephemeral = rng(32)
     shared = crypto_scalarmult(ephemeral, onion_public)
-    keys = blake3.blake3(shared, derive_key_context=pk.KDF_CONTEXT).digest(80)
-    mac_key, stream_key = keys[:32], keys[32:64]
-    plain = bytes(pk.HOP_SIZE) + rng(pk.BETA_SIZE - pk.HOP_SIZE) + final_body
+    keys = blake3.blake3(shared, derive_key_context=pk.KDF_CONTEXT).digest(96)
+    header_key, body_key, stream_key = keys[:32], keys[32:48], keys[48:80]
+    plain = final_block + rng(pk.BETA_SIZE - pk.HOP_SIZE) + final_body
     assert len(plain) == pk.BETA_SIZE + pk.BODY_SIZE
     # Encrypting the zero slot too keeps the keystream offsets as the peeler sees them.
     stream_in = plain[: pk.BETA_SIZE] + bytes(pk.HOP_SIZE) + plain[pk.BETA_SIZE :]
     ciphertext = crypto_aead_chacha20poly1305_ietf_encrypt(stream_in, None, bytes(12), stream_key)
     beta = ciphertext[: pk.BETA_SIZE]
     body = ciphertext[pk.BETA_SIZE + pk.HOP_SIZE : pk.BETA_SIZE + pk.HOP_SIZE + pk.BODY_SIZE]
-    gamma = blake3.blake3(beta + body, key=mac_key).digest(16)
+    gamma = _independent_gamma(header_key, body_key, beta, body)
     return crypto_scalarmult_base(ephemeral) + gamma + beta + body
 
 
@@ -228,6 +239,26 @@ def test_final_body_with_impossible_length_is_bad_packet(length_field: int) -> N
     with pytest.raises(RemoteProtocolError) as caught:
         peel_packet(packet, SECRETS[0])
     assert caught.value.reason == "bad_packet"
+
+
+def _final_block(kind: int, filler: int = 0) -> bytes:
+    return bytes(32) + bytes([kind]) + bytes([filler]) * 31 + bytes(16)
+
+
+@pytest.mark.parametrize(("kind", "filler"), [(2, 0), (255, 0), (0, 1), (1, 7)])
+def test_final_routing_block_must_say_datagram_or_reply(kind: int, filler: int) -> None:
+    final_block = _final_block(kind, filler)
+    packet = _one_hop_packet(_final_body(1, b"x"), PUBLICS[0], seed=12, final_block=final_block)
+    with pytest.raises(RemoteProtocolError) as caught:
+        peel_packet(packet, SECRETS[0])
+    assert caught.value.reason == "bad_packet"
+
+
+def test_final_routing_block_saying_reply_gives_the_raw_body() -> None:
+    body = _final_body(1, b"x", padding_byte=9)  # a reply's body is not framed in the clear
+    packet = _one_hop_packet(body, PUBLICS[0], seed=13, final_block=_final_block(1))
+    result = peel_packet(packet, SECRETS[0])
+    assert result == ReplyArrived(body, result.replay_tag)
 
 
 def test_final_body_with_nonzero_padding_is_bad_packet() -> None:

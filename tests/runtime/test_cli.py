@@ -289,7 +289,7 @@ def test_every_command_and_flag_is_described(capsys: pytest.CaptureFixture[str])
     assert set(commands.choices) == {
         "keygen", "fingerprint", "check-config", "daemon", "status", "send", "receive",
         "reprice", "unfreeze", "settle", "settlements", "accept", "reject", "cancel", "chat",
-        "dashboard",
+        "dashboard", "connect", "serve-echo",
     }  # fmt: skip
     for name, command in commands.choices.items():
         assert helps[name] and command.description, name

@@ -8,7 +8,7 @@ import pytest
 
 from earendil_py.cli import main
 from earendil_py.core.errors import ConfigError
-from earendil_py.runtime.config import check_own_routes, load_config
+from earendil_py.runtime.config import check_own_routes, diff_configs, load_config
 from earendil_py.runtime.keyfile import create_identity_file, write_private_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -330,3 +330,59 @@ def test_check_config_on_a_good_config_creates_nothing(
     assert f"  identity     {tmp_path}/node.key (will be created on first start)\n" in out
     assert f"  ledger       {tmp_path}/node.db (will be created on first start)\n" in out
     assert [p.name for p in tmp_path.iterdir()] == ["node.toml"]
+
+
+APP = '\n[[apps]]\nlisten = "127.0.0.1:9000"\ndock = 7\n'
+APP_CASES = [
+    (GOOD + APP + "colour = 1\n", "node.toml: apps[0].colour: unknown field"),
+    (GOOD + APP.replace("dock = 7", ""), "node.toml: apps[0].dock: missing required field"),
+    (GOOD + APP + "hops = 1\n", "node.toml: apps[0].hops: expected int >= 2"),
+    (GOOD + APP + "hops = 6\n", "node.toml: apps[0].hops: expected int <= 5"),
+    (GOOD + APP.replace("dock = 7", "dock = -1"), "node.toml: apps[0].dock: expected int >= 0"),
+    (
+        GOOD + APP.replace("127.0.0.1:9000", "10.1.2.3:9000"),
+        "node.toml: apps[0].listen: 10.1.2.3 is not a loopback address; whoever reaches an "
+        "app socket sends as this node: keep it on 127.0.0.1 or [::1], or set allow_remote = true",
+    ),
+    (
+        GOOD + APP.replace("127.0.0.1:9000", "localhost:9000"),
+        "node.toml: apps[0].listen: bad address: 'localhost' does not appear to be an IPv4 or "
+        "IPv6 address",
+    ),
+    (
+        GOOD + APP.replace(":9000", ":5000"),
+        "node.toml: apps[0].listen: duplicate udp port 5000 (also used by in_routes.a)",
+    ),
+    (
+        GOOD + APP + APP.replace(":9000", ":9001"),
+        "node.toml: apps[1].dock: dock 7 is also apps[0]'s",
+    ),
+    (GOOD + '\n[apps]\nlisten = "127.0.0.1:9000"\n', "node.toml: apps: expected array, got object"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), APP_CASES)
+def test_a_bad_app_socket_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    assert main(["check-config", "--config", str(write(tmp_path, text))]) == 2
+    assert capsys.readouterr().err == f"earendil-py: error: {tmp_path}/{message}\n"
+
+
+def test_app_sockets_take_loopback_of_either_family_or_any_address_when_allowed(
+    tmp_path: Path,
+) -> None:
+    second = APP.replace("127.0.0.1:9000", "[::1]:9001").replace("dock = 7", "dock = 8")
+    third = APP.replace("127.0.0.1:9000", "10.1.2.3:9002").replace("dock = 7", "dock = 9")
+    config = load_config(write(tmp_path, GOOD + APP + second + third + "allow_remote = true\n"))
+    assert [(app.listen, app.dock, app.hops) for app in config.apps] == [
+        ("127.0.0.1:9000", 7, 3),
+        ("[::1]:9001", 8, 3),
+        ("10.1.2.3:9002", 9, 3),
+    ]
+
+
+def test_a_reload_leaves_app_sockets_to_the_next_start(tmp_path: Path) -> None:
+    old = load_config(write(tmp_path, GOOD + APP))
+    new = load_config(write(tmp_path, GOOD + APP.replace("dock = 7", "dock = 8")))
+    assert diff_configs(old, new).skipped == ["apps"]

@@ -123,3 +123,22 @@ def test_a_batch_the_caller_finished_does_not_wait_for_a_busy_second_thread() ->
         release.set()
         batch_a.join(5)
         parallel.close()
+
+
+def test_other_work_shares_the_second_thread_in_order() -> None:
+    # Building onions for applications goes through `map_all`, on the same two threads.
+    threads: set[int] = set()
+
+    def square(n: int) -> int:
+        threads.add(threading.get_ident())
+        time.sleep(0.001)  # long enough for the second thread to take some
+        return n * n
+
+    parallel = ParallelPeeler(lambda packet: RemoteProtocolError("unused", "unused"), threads=2)
+    parallel.start()
+    try:
+        assert parallel.map_all(square, list(range(64))) == [n * n for n in range(64)]
+    finally:
+        parallel.close()
+    assert len(threads) == 2
+    assert parallel.map_all(square, [3]) == [9]  # after close: this thread alone
