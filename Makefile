@@ -33,13 +33,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check earendil_py tests bench
 	$(BIN)/mypy --strict earendil_py
 
+# Every bench script, its output as it comes, then one table of the figures with a target
+# (bench/summary.py); docs/benchmarks.md says what each measures and the latest figures.
+BENCHES := peel link relay accounting hostile apps links latency network
+
 bench: $(RUNTIME)
-	$(BIN)/python bench/peel.py
-	$(BIN)/python bench/link.py
-	$(BIN)/python bench/relay.py
-	$(BIN)/python bench/accounting.py
-	$(BIN)/python bench/hostile.py
-	$(BIN)/python bench/apps.py
+	$(BIN)/python bench/summary.py $(BENCHES:%=bench/%.py)
 
 clean:
 	rm -rf $(VENV) demo-net

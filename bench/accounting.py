@@ -81,6 +81,7 @@ from typing import Any
 
 import anyio
 import msgspec
+from summary import result
 
 from earendil_py.core.identity import Identity
 from earendil_py.core.link import Link, LinkState, onion_frame
@@ -439,6 +440,13 @@ def _bench_relay(args: argparse.Namespace, root: Path) -> list[str]:
                 if label == "accounting off":
                     verdict = "PASS" if overhead <= OVERHEAD_TARGET else "MISS"
                     note += f"  {verdict} (target <= {OVERHEAD_TARGET:.0%})"
+                    result(
+                        f"relay loop with / without accounting - 1, {mix}",
+                        overhead * 100,
+                        "%",
+                        f"<= {OVERHEAD_TARGET:.0%}",
+                        overhead <= OVERHEAD_TARGET,
+                    )
             name = f"{mix} ({peeled}/{UDP_BATCH} peeled)" if label == "default" else ""
             lines.append(
                 f"   {name:24} {label:15} {best[label] / packets * 1e9:9,.0f} "
@@ -704,10 +712,14 @@ async def _receive_work(setup: Service, now: float, groups: list[int], fps: list
     return done
 
 
-def _share(cpu: float, target: float = CORE_SHARE_TARGET, verdict: bool = True) -> str:
+def _share(
+    cpu: float, target: float = CORE_SHARE_TARGET, verdict: bool = True, *, figure: str = ""
+) -> str:
     share = cpu / CONFIGURED.push_debt_secs
     if not verdict:
         return f"{share:6.2%} of a core"
+    if figure:
+        result(figure, share * 100, "% of a core", f"<= {target:.0%}", share <= target)
     mark = "PASS" if share <= target else "MISS"
     return f"{share:6.2%} of a core  {mark} (target <= {target:.0%})"
 
@@ -776,6 +788,7 @@ async def _push_debt(args: argparse.Namespace, root: Path, ledger_dir: Path) -> 
         return f"     {label:<58} {work.cpu:7.3f} {work.wall:7.2f}   {split} {note}".rstrip()
 
     group = CONFIGURED.claim_commit_delay_secs
+    work_share = _share(work_total, figure=f"push_debt CPU, {links:,} links")
     return [
         f"2. push_debt, one interval ({interval:g} s) of one node with {links:,} neighbours "
         f"(ledger {ledger_dir}, {size / 1e6:.1f} MB after the run); best of "
@@ -795,7 +808,7 @@ async def _push_debt(args: argparse.Namespace, root: Path, ledger_dir: Path) -> 
             f"{work_receive.cpu * per_link:.0f} us a link; "
             f"{links / work_receive.transactions:.1f} claims a group",
         ),
-        f"     {'total':<58} {work_total:7.3f} {'':7}   -> {_share(work_total)}",
+        f"     {'total':<58} {work_total:7.3f} {'':7}   -> {work_share}",
         f"   {'the whole Neighbors service (its tasks, locks and waits too)':<60}",
         row(
             "sending: every claim due at one tick, 1 transaction",
@@ -840,6 +853,13 @@ async def _idle_cost(args: argparse.Namespace, root: Path, ledger_dir: Path) -> 
         await ledger.aclose()
     share = cpu / wall / SPEEDUP
     mark = "PASS" if share <= IDLE_TARGET else "MISS"
+    result(
+        f"idle timers of {links:,} neighbours",
+        share * 100,
+        "% of a core",
+        f"<= {IDLE_TARGET:.0%}",
+        share <= IDLE_TARGET,
+    )
     return [
         f"3. idle: {links:,} neighbours linked and priced, no traffic; the timer loop for "
         f"{wall:.1f} s with every interval {SPEEDUP}x shorter (push {push:g} s, checkpoint "

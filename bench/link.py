@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from summary import result
 
 from earendil_py.core.identity import Identity
 from earendil_py.core.link import (
@@ -219,6 +220,7 @@ def main() -> int:
     )
     verdict = "ok" if ratio >= TARGET_RATIO else "MISSED"
     print(f"ratio b / a          {ratio:10.2f}  (target >= {TARGET_RATIO}: {verdict})")
+    result("link frames/s / plain UDP", ratio, "", f">= {TARGET_RATIO}", ratio >= TARGET_RATIO)
     print(f"      b / a2         {rates['b'] / rates['a2']:10.2f}  (no target)")
     return 0
 

@@ -29,6 +29,7 @@ from nacl.bindings import (
     crypto_scalarmult,
     crypto_scalarmult_base,
 )
+from summary import result
 
 from earendil_py.core.packet import (
     BODY_SIZE,
@@ -149,6 +150,8 @@ def main() -> int:
         ratio = peel / floor_us
         verdict = "ok" if ratio <= TARGET_RATIO else "over target"
         print(f"peel / floor, {name:<8} {ratio:8.3f}   (target <= {TARGET_RATIO}: {verdict})")
+        met = ratio <= TARGET_RATIO
+        result(f"peel / crypto floor, {name}", ratio, "", f"<= {TARGET_RATIO}", met)
     return 0
 
 

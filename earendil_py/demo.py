@@ -18,16 +18,12 @@ import argparse
 import base64
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from earendil_py.netgen import Edge, GeneratedNode, generate_network
-from earendil_py.runtime.http import ControlApiError, call_api
+from earendil_py.netgen import Daemons, Edge, GeneratedNode, RunningDaemon, generate_network
+from earendil_py.runtime.http import ControlApiError
 
 DEMO_EDGES = [
     Edge(dialer=0, listener=1, protocol="udp"),
@@ -56,15 +52,7 @@ DEBT_LIMIT_UMEL = 4000  # small on purpose: auto-settlement (pow) starts at half
 AUTO_SETTLE_UMEL = DEBT_LIMIT_UMEL * 50 // 100  # [settlement] auto_settle_percent's default
 # (source, destination) pairs: every flow crosses at least two links.
 FLOWS = [(0, 2), (1, 3), (2, 4), (3, 0), (4, 1)]
-
-
-@dataclass
-class RunningNode:
-    generated: GeneratedNode
-    process: subprocess.Popen[bytes]
-
-    def call(self, method: str, path: str, body: object | None = None) -> Any:
-        return call_api(self.generated.config, method, path, body, timeout=5.0)
+RunningNode = RunningDaemon
 
 
 def price_tables() -> dict[int, str]:
@@ -86,21 +74,10 @@ def price_tables() -> dict[int, str]:
     return {node: "\n".join(lines) for node, lines in tables.items()}
 
 
-def start_nodes(root: Path) -> list[RunningNode]:
-    nodes = generate_network(
+def generate(root: Path) -> list[GeneratedNode]:
+    return generate_network(
         root, NODE_COUNT, DEMO_EDGES, extra_toml=DEMO_TOML, node_toml=price_tables()
     )
-    running = []
-    for node in nodes:
-        log = (node.directory / "daemon.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "earendil_py", "daemon", "--config", str(node.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
-        running.append(RunningNode(node, process))
-    return running
 
 
 class DemoFailed(Exception):
@@ -249,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dir.exists():
         shutil.rmtree(args.dir)
     print(f"Starting {NODE_COUNT} nodes on loopback in {args.dir}/ (ring of UDP and TCP links)")
-    nodes = start_nodes(args.dir)
+    daemons = Daemons(generate(args.dir))
+    nodes = daemons.start()
     try:
         wait_converged(nodes, timeout=args.timeout)
         print("Relay graphs converged: every node knows every node and link.")
@@ -290,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        stop(nodes)
+        daemons.stop()
+        print("All nodes stopped.")
 
 
 def drain(node: RunningNode) -> int:
@@ -342,20 +321,6 @@ def largest_debt(nodes: list[RunningNode]) -> int:
         ),
         default=0,
     )
-
-
-def stop(nodes: list[RunningNode]) -> None:
-    for node in nodes:
-        if node.process.poll() is None:
-            node.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10.0
-    for node in nodes:
-        try:
-            node.process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
-    print("All nodes stopped.")
 
 
 if __name__ == "__main__":

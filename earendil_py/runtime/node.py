@@ -92,8 +92,10 @@ from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
 from earendil_py.runtime.routes import NO_REPLY, RouteInfo, RouteTable
 from earendil_py.runtime.rpc import GlobalRpc
 from earendil_py.runtime.store import AsyncLedger
+from earendil_py.runtime.timers import TimerQueue
 from earendil_py.runtime.udp import (
     UdpTransport,
+    call_when_readable,
     datagram_reader,
     new_udp_socket,
     read_batch,
@@ -103,11 +105,11 @@ from earendil_py.runtime.udp import (
 log = structlog.get_logger("earendil_py.node")
 
 UDP_BATCH = 64  # datagrams drained per wake-up before yielding (a coalesced read may pass it)
+PEEL_CHUNK = 16  # layers peeled before they are sent on (relay_batch)
 DEFAULT_HOPS = 3  # peelers per route, the destination included
 MAX_DOCKS = 256  # docks holding undelivered datagrams
 DOCK_QUEUE = 4096  # undelivered datagrams kept per dock; more are dropped and counted
 TCP_QUEUE = 256  # messages queued per TCP connection before new ones are dropped
-TIMER_SLACK = 0.1  # a link's timer task re-checks at least this often (s)
 SHUTDOWN_GRACE = 1.0  # seconds to flush CLOSE frames on shutdown
 # TCP connections that have not completed a handshake, in all and from one source
 # (`source_key`); one more is closed at once and counted (`tcp_pending_full`).
@@ -215,10 +217,34 @@ class PendingSlot:
 class LinkRunner:
     """Drives one `Link`: feeds it input, fires its timers, sends its output, logs events.
 
-    Its entry points (`receive`, `run_timers`, `send_control`) are the link's fault boundary:
+    Its entry points (`receive`, its timer, `send_control`) are the link's fault boundary:
     any exception in them, or in what they call up into (link-up, control messages), closes
     this link with the reason counted (`internal_error` for a bug) and nothing else.
+
+    The link's timers are served by the node's `TimerQueue`, not by a task of the link's own:
+    a UDP session costs no task at all (docs/benchmarks.md, bench/links.py).
     """
+
+    __slots__ = (
+        "_closed",
+        "_closed_event",
+        "_ending",
+        "_refused",
+        "_state",
+        "boundary",
+        "handshake_deadline",
+        "link",
+        "neighbor",
+        "node",
+        "on_finish",
+        "peer_address",
+        "pending",
+        "route",
+        "timer",
+        "transport",
+        "unanswered",
+        "was_established",
+    )
 
     def __init__(
         self,
@@ -238,24 +264,43 @@ class LinkRunner:
         # batch, and its allowance gates every batch. Set once the link is up and the
         # neighbour restored; until then nothing passes either way.
         self.neighbor: Neighbor | None = None
-        self.closed = anyio.Event()
-        # Set by a listener for a link it accepted: closed unless established by then, and
-        # its place among the connections still handshaking, freed at link-up.
+        self._closed = False
+        self._closed_event: anyio.Event | None = None  # made for whoever waits on `closed`
+        # Set by a listener for a link it accepted (`limit_handshake`): closed unless
+        # established by then, and its place among the connections still handshaking,
+        # freed at link-up.
         self.handshake_deadline = math.inf
         self.pending: PendingSlot | None = None
+        # Called once when the link is finished (a UDP listener forgets its session).
+        self.on_finish: Callable[[LinkRunner], None] | None = None
         self._ending = False
         # A UDP dial's handshake unanswered so far: why (`NO_REPLY`, or `connection_refused`
         # when the neighbour's host said its port is closed since the last retransmission).
         self.unanswered: str | None = None
         self._refused = False
         self._state = link.state
-        self._log = log.bind(route=route.name, protocol=route.protocol)
         self.boundary = node.faults.boundary(link.statistics().drops, "link", self.fail)
-        self._log.debug(
+        self.timer = node.timer_queue.add(self._deadline, self._on_timer)
+        self._logger().debug(
             "handshake_started",
             peer=f"{peer_address[0]}:{peer_address[1]}",
             initiator=link.initiator,
         )
+
+    @property
+    def closed(self) -> anyio.Event:
+        """Set once the link is finished."""
+        if self._closed_event is None:
+            self._closed_event = anyio.Event()
+            if self._closed:
+                self._closed_event.set()
+        return self._closed_event
+
+    def limit_handshake(self, deadline: float, slot: PendingSlot) -> None:
+        """Close the link unless it is established by `deadline`; `slot` is released at
+        link-up or close."""
+        self.handshake_deadline, self.pending = deadline, slot
+        self.timer.update()
 
     @property
     def peer_fingerprint(self) -> bytes | None:
@@ -353,17 +398,19 @@ class LinkRunner:
             self.node.accounts.wake(neighbor.fingerprint)
 
     def service(self, now: float) -> None:
-        """Send what the link queued and act on its events."""
+        """Send what the link queued and act on its events. Its timer may have moved
+        earlier only then (a handshake flight armed a retransmission, the link came up and
+        keeps alive from now on), so it is looked at here."""
         for message in self.link.datagrams_to_send():
             self.send(message)
+        self.timer.update()
         if self.link.state is not self._state:
             self._state = self.link.state
             if self._state is LinkState.PROVING:  # Noise done; identities are proven next
-                self._log.debug("handshake_keys_agreed")
+                self._logger().debug("handshake_keys_agreed")
         while (event := self.link.next_event()) is not None:
             match event:
-                case LinkEstablished(peer_fingerprint=fingerprint):
-                    self._log = self._log.bind(link=short_hex(fingerprint))
+                case LinkEstablished():
                     if self.pending is not None:
                         self.pending.release()
                     if not self.node.add_link(self):
@@ -371,7 +418,8 @@ class LinkRunner:
                         continue
                     self.was_established = True
                     self.node.routes.link_up(self.route)
-                    self._log.info("link_up", peer=f"{self.peer_address[0]}:{self.peer_address[1]}")
+                    peer = f"{self.peer_address[0]}:{self.peer_address[1]}"
+                    self._logger().info("link_up", peer=peer)
                 case LinkClosed(reason=reason, by_peer=by_peer):
                     self._finish(reason, by_peer)
                 case ControlReceived(payload=payload):
@@ -381,7 +429,7 @@ class LinkRunner:
         """Close the link: its transport is gone (EOF, reset), the node stops, or a fault in
         its path. Tells the peer if the link still can. Never raises: a fault while closing
         (the one that ended it, recurring) is counted and the link is forgotten all the same."""
-        if self._ending or self.closed.is_set():
+        if self._ending or self._closed:
             return
         self._ending = True
         with self.node.faults.boundary(self.link.statistics().drops, "link"):
@@ -391,21 +439,26 @@ class LinkRunner:
         self._finish(reason, False)
 
     def _finish(self, reason: str, by_peer: bool) -> None:
-        if self.closed.is_set():
+        if self._closed:
             return
-        self.closed.set()
+        self._closed = True
+        if self._closed_event is not None:
+            self._closed_event.set()
+        self.timer.cancel()
         if self.pending is not None:
             self.pending.release()
+        if self.on_finish is not None:
+            self.on_finish(self)
         routes = self.node.routes
         if self.node.remove_link(self):
-            self._log.info("link_down", reason=reason, by_peer=by_peer)
+            self._logger().info("link_down", reason=reason, by_peer=by_peer)
             routes.link_down(self.route, *self._failure(reason, by_peer))
         elif self.link.peer_fingerprint is not None and reason in _REFUSALS:
             proven = self.link.peer_fingerprint.hex()
-            self._log.warning("link_refused", reason=reason, proven=proven)
+            self._logger().warning("link_refused", reason=reason, proven=proven)
             routes.failed(self.route, reason, proven)
         else:
-            self._log.info("handshake_failed", reason=reason)
+            self._logger().info("handshake_failed", reason=reason)
             routes.failed(self.route, *self._failure(reason, by_peer))
 
     def _failure(self, reason: str, by_peer: bool) -> tuple[str, str]:
@@ -445,31 +498,38 @@ class LinkRunner:
         routes.failed(self.route, code)
         after = routes.failure_of(self.route)
         if after is not None and (before is None or before.code != code):
-            self._log.warning("dial_failing", failure=after.message)
+            self._logger().warning("dial_failing", failure=after.message)
 
-    async def run_timers(self) -> None:
-        """Fire the link's timers until it closes. Cancelled, it closes the link (telling
-        the peer, best effort) so the neighbour need not wait for a keepalive timeout."""
+    def _logger(self) -> Any:
+        """The link's logger, bound when something is logged: a bound logger kept per link
+        would cost ~300 bytes for the few lines a link ever logs."""
+        bound = log.bind(route=self.route.name, protocol=self.route.protocol)
+        if self.link.peer_identity_public is None:  # not established (yet)
+            return bound
+        assert self.link.peer_fingerprint is not None
+        return bound.bind(link=short_hex(self.link.peer_fingerprint))
+
+    def _deadline(self) -> float | None:
+        deadline = self.link.get_timer()
+        if deadline is None or self.was_established:
+            return deadline
+        return min(deadline, self.handshake_deadline)
+
+    def _on_timer(self, now: float) -> None:
+        if not self.was_established and now >= self.handshake_deadline:
+            self.fail("handshake_timeout")
+            return
+        with self.boundary:
+            self.link.handle_timer(now)
+            self.service(now)
+        if self.link.initiator and not self.was_established:
+            self.check_reply()
+
+    async def wait_closed(self) -> None:
+        """Return once the link is finished. Cancelled, it closes the link (telling the
+        peer, best effort) so the neighbour need not wait for a keepalive timeout."""
         try:
-            while not self.closed.is_set():
-                now = anyio.current_time()
-                deadline = self.link.get_timer()
-                if deadline is None:
-                    return
-                if not self.was_established:
-                    if now >= self.handshake_deadline:
-                        self.fail("handshake_timeout")
-                        return
-                    deadline = min(deadline, self.handshake_deadline)
-                if now >= deadline:
-                    with self.boundary:
-                        self.link.handle_timer(now)
-                        self.service(now)
-                    if self.link.initiator and not self.was_established:
-                        self.check_reply()
-                    continue
-                with anyio.move_on_after(min(deadline - now, TIMER_SLACK)):
-                    await self.closed.wait()
+            await self.closed.wait()
         finally:
             self.fail("shutdown")
 
@@ -493,6 +553,7 @@ class Node:
             keepalive_interval=timing.keepalive_secs,
             dead_after=timing.dead_after_secs,
         )
+        self.timer_queue = TimerQueue()
         self.links: dict[bytes, list[LinkRunner]] = {}
         self.drops: Counter[str] = Counter()
         self.relay = RelayStatistics()
@@ -653,8 +714,10 @@ class Node:
         Each item is (the link the frames came in on, or None for our own, the frames).
         Each link's allowance is read, and its count bumped, once per item, never per packet
         (`LinkRunner.take`, `LinkRunner.send_onions`). A forwarded frame leaves as it came,
-        re-encrypted for the next link. The layers to peel are peeled together (on two
-        threads when there are two CPUs), so they leave after the batch's plain forwards.
+        re-encrypted for the next link, before any layer is peeled. The layers to peel are
+        peeled PEEL_CHUNK at a time (on two threads when there are two CPUs), and each chunk
+        leaves as soon as it is peeled: a busy link still sends in batches, but a frame does
+        not wait for the peels of a whole batch (~1.5 ms for 64 on two threads here).
         """
         me = self.fingerprint
         leaving: list[bytes] = []
@@ -671,12 +734,19 @@ class Node:
                         forwarded -= 1
                 else:
                     leaving.append(frame)
-        if to_peel:
-            leaving += self._peel_batch(to_peel, now)
+        self.relay.forwarded += forwarded
+        if leaving:
+            self._send_frames(leaving)
+        for start in range(0, len(to_peel), PEEL_CHUNK):
+            if leaving := self._peel_batch(to_peel[start : start + PEEL_CHUNK], now):
+                self._send_frames(leaving)
+
+    def _send_frames(self, frames: list[bytes]) -> None:
+        """Send onion frames, each on the link toward its next peeler, grouped by link."""
         outgoing: dict[LinkRunner, list[bytes]] = {}
         lanes: dict[bytes, list[bytes] | None] = {}  # next peeler -> its link's frames
         no_route = 0
-        for frame in leaving:
+        for frame in frames:
             next_peeler = frame[1:_NEXT_PEELER_END]
             lane = lanes.get(next_peeler, _NO_LANE)
             if lane is _NO_LANE:
@@ -686,12 +756,9 @@ class Node:
                 continue
             lane.append(frame)
         # Every link's frames are encrypted before any is sent (an error then sends nothing).
-        encrypted = [
-            (runner, runner.link.encrypt_onions(frames)) for runner, frames in outgoing.items()
-        ]
-        for runner, frames in encrypted:
-            runner.send_onions(frames)
-        self.relay.forwarded += forwarded
+        encrypted = [(runner, runner.link.encrypt_onions(out)) for runner, out in outgoing.items()]
+        for runner, sealed in encrypted:
+            runner.send_onions(sealed)
         if no_route:
             self.drops["no_route"] += no_route
 
@@ -810,6 +877,7 @@ class Node:
                 await self.bind()
                 self.peeling.start()
                 await tg.start(self.rpc.run)
+                tg.start_soon(self.timer_queue.run)
                 await tg.start(self.accounts.run)
                 for info in self._route_infos.values():
                     self._start_route(info)
@@ -1096,13 +1164,6 @@ class Node:
         # Opening a session runs core code on a stranger's datagram: a boundary of its own.
         opening = self.faults.boundary(self.drops, "udp_session")
 
-        async def run_session(runner: LinkRunner) -> None:
-            try:
-                await runner.run_timers()
-            finally:
-                endpoint.remove(runner.link)
-                runners.pop(runner.link.local_index, None)
-
         def open_session(data: bytes, address: Address, now: float) -> LinkRunner | None:
             link = find_session(data, address, now)
             if link is None:
@@ -1110,64 +1171,71 @@ class Node:
             runner = find_runner(link.local_index)
             if runner is None:
                 runner = LinkRunner(self, link, UdpTransport(sock, address), info, address)
+                runner.on_finish = forget
                 runners[link.local_index] = runner
-                sessions.start_soon(run_session, runner)
             return runner
+
+        def forget(runner: LinkRunner) -> None:
+            endpoint.remove(runner.link)
+            runners.pop(runner.link.local_index, None)
 
         read, find_session, find_runner = datagram_reader(sock), endpoint.route, runners.get
         unpack_index = U32.unpack_from
-        # The sessions' tasks end before the socket closes: stopping, each sends its CLOSE.
-        with sock:
-            async with anyio.create_task_group() as sessions:
-                while True:
-                    await anyio.wait_readable(sock)
-                    now = anyio.current_time()
-                    arrived: dict[LinkRunner, list[bytes]] = {}
-                    last: LinkRunner | None = None
-                    messages: list[bytes] = []
-                    count = 0
-                    while count < UDP_BATCH:
-                        try:
-                            datagrams, address = read()
-                        except BlockingIOError:
-                            break
-                        except OSError as exc:
-                            if exc.errno in _SOCKET_GONE:
-                                raise
-                            self.drops["udp_error"] += 1
-                            count += 1
-                            continue
-                        count += len(datagrams)
-                        address = address[:2]
-                        for data in datagrams:
+
+        def on_readable() -> bool:
+            now = anyio.current_time()
+            arrived: dict[LinkRunner, list[bytes]] = {}
+            last: LinkRunner | None = None
+            messages: list[bytes] = []
+            count = 0
+            while count < UDP_BATCH:
+                try:
+                    datagrams, address = read()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _SOCKET_GONE:
+                        raise
+                    self.drops["udp_error"] += 1
+                    count += 1
+                    continue
+                count += len(datagrams)
+                address = address[:2]
+                for data in datagrams:
+                    runner = None
+                    # DATA for a known session from the address that opened it: what
+                    # `endpoint.route` would find (runners and sessions come and go
+                    # together). Anything else takes the full route, which counts the drops.
+                    if len(data) >= _DATA_MIN_SIZE and data[0] == DATA:
+                        runner = find_runner(unpack_index(data, 1)[0])
+                        if runner is not None and runner.peer_address != address:
                             runner = None
-                            # DATA for a known session from the address that opened it: what
-                            # `endpoint.route` would find (runners and sessions come and go
-                            # together). Anything else takes the full route, which counts the
-                            # drops.
-                            if len(data) >= _DATA_MIN_SIZE and data[0] == DATA:
-                                runner = find_runner(unpack_index(data, 1)[0])
-                                if runner is not None and runner.peer_address != address:
-                                    runner = None
-                            if runner is None:
-                                with opening:
-                                    runner = open_session(data, address, now)
-                                if runner is None:
-                                    continue
-                            if runner is not last:  # a wake-up's datagrams mostly share a link
-                                last = runner
-                                messages = arrived.setdefault(runner, [])
-                            messages.append(data)
-                    # Each link takes its messages at once: the hot path runs per link, not
-                    # per frame. A link that fails on them is closed; the others' go on.
-                    batch = [
-                        (runner, runner.receive(messages, now))
-                        for runner, messages in arrived.items()
-                    ]
-                    if batch:
-                        with self._relay_boundary:
-                            self.relay_batch(batch, now)
-                    await anyio.lowlevel.checkpoint()
+                    if runner is None:
+                        with opening:
+                            runner = open_session(data, address, now)
+                        if runner is None:
+                            continue
+                    if runner is not last:  # a wake-up's datagrams mostly share a link
+                        last = runner
+                        messages = arrived.setdefault(runner, [])
+                    messages.append(data)
+            # Each link takes its messages at once: the hot path runs per link, not per
+            # frame. A link that fails on them is closed; the others' go on.
+            batch = [
+                (runner, runner.receive(messages, now)) for runner, messages in arrived.items()
+            ]
+            if batch:
+                with self._relay_boundary:
+                    self.relay_batch(batch, now)
+            return True
+
+        # Stopping, every session sends its CLOSE before the socket closes.
+        with sock:
+            try:
+                await call_when_readable(sock, on_readable)
+            finally:
+                for runner in list(runners.values()):
+                    runner.fail("shutdown")
 
     async def _serve_tcp(self, stream: SocketStream, route: InRoute, info: RouteInfo) -> None:
         """One accepted connection: admitted among those still handshaking (or closed at
@@ -1200,7 +1268,7 @@ class Node:
                 return
             link = self._new_link(initiator=False, secret=route.secret, reliable=True)
             runner = LinkRunner(self, link, _NO_TRANSPORT, info, address)
-            runner.handshake_deadline, runner.pending = deadline, slot
+            runner.limit_handshake(deadline, slot)
             await self._run_stream_link(stream, decoder, runner, first)
         finally:
             slot.release()
@@ -1262,7 +1330,7 @@ class Node:
                 runner.service(anyio.current_time())
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._read_connected_udp, sock, runner)
-                    await runner.run_timers()
+                    await runner.wait_closed()
                     tg.cancel_scope.cancel()
         return runner.was_established
 
@@ -1276,18 +1344,19 @@ class Node:
                 runner.connection_refused()
                 raise
 
-        while True:
-            await anyio.wait_readable(sock)
+        def on_readable() -> bool:
             now = anyio.current_time()
             try:
                 messages = read_batch(read_refused, UDP_BATCH)
             except OSError:  # an ICMP error other than a closed port: the path is gone
                 runner.fail("connection_closed")
-                return
+                return False
             if frames := runner.receive(messages, now):
                 with self._relay_boundary:
                     self.relay_batch([(runner, frames)], now)
-            await anyio.lowlevel.checkpoint()
+            return True
+
+        await call_when_readable(sock, on_readable)
 
     # --- shared stream (TCP) plumbing ---------------------------------------------------
 
@@ -1355,7 +1424,7 @@ class Node:
                 tg.start_soon(read)
                 try:
                     runner.service(anyio.current_time())
-                    await runner.run_timers()
+                    await runner.wait_closed()
                 finally:
                     send_queue.close()
                     with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):

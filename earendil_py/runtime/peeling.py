@@ -8,10 +8,13 @@ the relay with and without the second thread.
 
 The relay loop hands a batch to `peel_all` and waits for it: both threads take layers from
 one shared iterator (each `next` is atomic under the GIL), so neither idles while the other
-has work, and the results come back in the batch's order. A batch of fewer than
-PARALLEL_MIN layers is peeled on the calling thread alone: waking the other thread costs
-tens of µs. The second thread exists only when this process may run on two CPUs or more
-(its affinity, e.g. as set by `taskset`); with one there is nothing to gain.
+has work, and the results come back in the batch's order. The relay loop waits only for
+layers the second thread is still peeling: once every layer is done it goes on, even if the
+second thread has not woken up yet (on a busy machine that can take milliseconds; the
+thread then finds nothing left). A batch of fewer than PARALLEL_MIN layers is peeled on the
+calling thread alone: waking the other thread costs tens of µs. The second thread exists
+only when this process may run on two CPUs or more (its affinity, e.g. as set by
+`taskset`); with one there is nothing to gain.
 
 Building onions for local applications (runtime/apps.py) is the same kind of work, two
 X25519 per hop, and shares the second thread through `map_all`.
@@ -46,7 +49,9 @@ class _Batch:
     packets: list[Any]
     layers: list[Any]
     todo: Iterator[int]  # indices into packets, shared by both threads
-    done: threading.Event = field(default_factory=threading.Event)
+    left: int  # layers not peeled yet, under `lock`
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: threading.Event = field(default_factory=threading.Event)  # set when `left` is 0
     error: BaseException | None = None
 
 
@@ -75,10 +80,11 @@ class ParallelPeeler:
         is. `function` must be safe to call from two threads at once."""
         if not self.parallel or len(items) < PARALLEL_MIN:
             return [function(item) for item in items]
-        batch = _Batch(function, items, [None] * len(items), iter(range(len(items))))
+        count = len(items)
+        batch = _Batch(function, items, [None] * count, iter(range(count)), count)
         self._batches.put(batch)
         self._work(batch)
-        batch.done.wait()
+        batch.done.wait()  # at once unless the second thread is amid a layer
         if batch.error is not None:
             raise batch.error
         return batch.layers  # every index was taken
@@ -91,14 +97,17 @@ class ParallelPeeler:
 
     def _work(self, batch: _Batch) -> None:
         function, packets, layers = batch.function, batch.packets, batch.layers
+        lock = batch.lock
         for index in batch.todo:
-            layers[index] = function(packets[index])
+            try:
+                layers[index] = function(packets[index])
+            except BaseException as exc:  # a bug: raised in the caller, not lost
+                batch.error = exc
+            with lock:
+                batch.left -= 1
+                if batch.left == 0:
+                    batch.done.set()
 
     def _serve(self) -> None:
         while (batch := self._batches.get()) is not None:
-            try:
-                self._work(batch)
-            except BaseException as exc:  # a bug: raised in the relay loop, not lost here
-                batch.error = exc
-            finally:
-                batch.done.set()
+            self._work(batch)

@@ -453,6 +453,76 @@ def test_keepalive_measures_rtt_and_detects_a_dead_peer() -> None:
     assert events(pair.a) == [LinkClosed("keepalive_timeout")]
 
 
+def test_the_handshake_times_a_round_trip_each_way_and_a_resent_message_none() -> None:
+    pair = Pair()
+    (init,) = pair.a.datagrams_to_send()
+    pair.now = 0.25
+    pair.deliver_to_b(init)
+    assert pair.b is not None
+    (resp,) = pair.b.datagrams_to_send()
+    pair.now = 0.35
+    pair.deliver_to_a(resp)  # HS_INIT left at 0 and was answered at 0.35
+    assert pair.a.statistics().rtt == pytest.approx(0.35)
+    final = pair.a.datagrams_to_send()
+    pair.now = 0.75
+    for message in final:
+        pair.deliver_to_b(message)  # HS_RESP left at 0.25, answered at 0.75
+    assert pair.b.statistics().rtt == pytest.approx(0.5)
+
+    resent = Pair()
+    resent.drop = {HS_RESP}
+    resent.advance(0.1)  # HS_INIT is retransmitted, so its answer could be to either copy
+    resent.drop = set()
+    resent.advance(0.5)
+    assert resent.a.state is LinkState.ESTABLISHED
+    assert resent.a.statistics().rtt is None
+    assert resent.b is not None and resent.b.statistics().rtt is None  # it resent HS_RESP
+
+
+def test_neighbours_that_hear_from_each_other_do_not_both_ping() -> None:
+    pair = established()
+    assert pair.b is not None
+    peeler, packet = b"\x11" * 32, bytes(range(256)) * 5
+    pings = 0
+    for _ in range(int(5 * TIMERS.keepalive_interval / 0.05)):
+        # Traffic both ways: each side hears the other all the time, so neither pings.
+        pair.deliver_to_b(pair.a.encrypt_onion(peeler, packet))
+        pair.deliver_to_a(pair.b.encrypt_onion(peeler, packet))
+        before = len(pair.sent_to_a) + len(pair.sent_to_b)
+        pair.advance(0.05)
+        pings += len(pair.sent_to_a) + len(pair.sent_to_b) - before
+    assert pings == 0
+    assert pair.a.state is LinkState.ESTABLISHED and pair.b.state is LinkState.ESTABLISHED
+
+
+def test_an_idle_link_lets_its_ciphers_go_and_still_carries_frames_both_ways() -> None:
+    pair = established()
+    assert pair.b is not None
+    pair.advance(3 * TIMERS.keepalive_interval)  # keepalives only
+    assert pair.a.state is LinkState.ESTABLISHED and pair.b.state is LinkState.ESTABLISHED
+    # Idle: the OpenSSL contexts (about 5 KB a link) are made for each frame, not kept.
+    for link in (pair.a, pair.b):
+        assert link._send_aead is None and link._recv_aead is None
+        assert link._send is not None and link._send._aead is None
+    peeler, packet = b"\x11" * 32, bytes(range(256)) * 5
+    pair.deliver_to_b(pair.a.encrypt_onion(peeler, packet))
+    pair.deliver_to_a(pair.b.encrypt_onion(peeler, packet[::-1]))
+    assert pair.onions_at_b == [(peeler, packet)]
+    assert pair.onions_at_a == [(peeler, packet[::-1])]
+
+
+def test_a_busy_link_keeps_its_ciphers() -> None:
+    pair = established()
+    assert pair.b is not None
+    peeler, packet = b"\x11" * 32, bytes(range(256)) * 5
+    for _ in range(int(3 * TIMERS.keepalive_interval / 0.05)):
+        for _ in range(4):
+            pair.deliver_to_b(pair.a.encrypt_onion(peeler, packet))
+        pair.advance(0.05)
+    assert pair.a.state is LinkState.ESTABLISHED
+    assert pair.a._send_aead is not None and pair.b._recv_aead is not None
+
+
 def test_close_tells_the_peer() -> None:
     pair = established()
     assert pair.b is not None

@@ -96,6 +96,35 @@ def test_a_bug_on_either_thread_reaches_the_caller() -> None:
     parallel.close()
 
 
+def test_a_batch_the_caller_finished_does_not_wait_for_a_busy_second_thread() -> None:
+    both_in_a = threading.Barrier(3, timeout=10)  # the two peeling threads and this test
+    release = threading.Event()
+
+    def peel(packet: bytes) -> Layer:
+        if packet == b"a":  # one layer of batch A on each thread, then the second one sticks
+            both_in_a.wait()
+            if threading.current_thread().name == "peel":
+                release.wait(10)
+        return RemoteProtocolError("test", "bad_packet")
+
+    parallel = ParallelPeeler(peel, threads=2)
+    parallel.start()
+    batch_a = threading.Thread(target=parallel.peel_all, args=([b"a", b"a", b"x", b"x"],))
+    batch_a.start()
+    try:
+        both_in_a.wait()
+        # The second thread is stuck in batch A (as when another process has its CPU): the
+        # caller peels all of batch B itself and goes on without waiting for it.
+        batch_b = threading.Thread(target=parallel.peel_all, args=([b"x"] * 8,))
+        batch_b.start()
+        batch_b.join(5)
+        assert not batch_b.is_alive()
+    finally:
+        release.set()
+        batch_a.join(5)
+        parallel.close()
+
+
 def test_other_work_shares_the_second_thread_in_order() -> None:
     # Building onions for applications goes through `map_all`, on the same two threads.
     threads: set[int] = set()

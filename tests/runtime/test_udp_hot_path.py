@@ -12,7 +12,7 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from earendil_py.core.link import DATA_HEADER
+from earendil_py.core.link import DATA_HEADER, Link
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime import udp
 from earendil_py.runtime.keyfile import load_identity_file
@@ -187,10 +187,13 @@ async def test_a_link_failing_on_its_share_of_a_batch_leaves_the_others_share(
                 await node.wait_priced({other.fingerprint})
         broken, healthy = hub.links[a.fingerprint][0], hub.links[c.fingerprint][0]
 
-        def bug(*args: object) -> list[bytes]:
-            raise AssertionError("a bug")
+        class BuggyLink(Link):  # a Link has no __dict__: its class is swapped instead
+            __slots__ = ()
 
-        broken.link.receive_datagrams = bug  # type: ignore[method-assign]
+            def receive_datagrams(self, *args: object, **kwargs: object) -> list[bytes]:
+                raise AssertionError("a bug")
+
+        broken.link.__class__ = BuggyLink
         # Both sent before the hub's loop runs again: they reach it in one batch.
         for sender in (a, c):
             runner = sender.links[hub.fingerprint][0]
@@ -201,3 +204,55 @@ async def test_a_link_failing_on_its_share_of_a_batch_leaves_the_others_share(
         assert hub.drop_counts()["no_route"] == 1  # c's frame went on through the relay loop
         assert broken.statistics().drops["internal_error"] == 1
         assert hub.links[c.fingerprint] == [healthy]
+
+
+def _socket_pair() -> tuple[socket.socket, socket.socket]:
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.connect(receiver.getsockname())
+    return receiver, sender
+
+
+@pytest.mark.anyio
+async def test_a_readable_socket_calls_back_until_told_to_stop() -> None:
+    receiver, sender = _socket_pair()
+    got: list[bytes] = []
+    with receiver, sender:
+
+        def read() -> bool:
+            while True:
+                try:
+                    got.append(receiver.recv(100))
+                except BlockingIOError:
+                    return got[-1] != b"stop"
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(udp.call_when_readable, receiver, read)
+                for message in (b"one", b"two", b"stop"):
+                    await anyio.sleep(0)
+                    sender.send(message)
+        assert got == [b"one", b"two", b"stop"]
+
+
+@pytest.mark.anyio
+async def test_what_the_callback_raises_is_raised_and_cancelling_lets_the_socket_go() -> None:
+    receiver, sender = _socket_pair()
+    with receiver, sender:
+
+        def bug() -> bool:
+            raise KeyError("a bug")
+
+        sender.send(b"x")
+        with anyio.fail_after(5), pytest.raises(KeyError):
+            await udp.call_when_readable(receiver, bug)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(udp.call_when_readable, receiver, lambda: True)
+                await anyio.sleep(0)
+                tg.cancel_scope.cancel()
+        # Unregistered either way: the same socket can be waited on again.
+        with anyio.fail_after(5):
+            await anyio.wait_readable(receiver)

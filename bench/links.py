@@ -1,0 +1,378 @@
+"""Idle links: what one daemon spends, in memory and CPU, on links that carry no traffic.
+
+One `earendil-py daemon` with one UDP in_route; this process opens LINKS links to it from
+lightweight clients: each is a core `Link` (the same Noise handshake, identity proof and
+keepalives as a node's) with an identity of its own, all on one UDP socket, driven by this
+process without a node around them. A client does what a neighbour does once the link is
+up, so that the daemon has nothing left to do for it: it asks for its adjacency in the relay
+graph (so the daemon's gossip does not keep asking), prices the link with a core `Neighbor`
+of its own (the daemon's offer accepted and its own accepted by the daemon, the RPC answered
+and sent as a node would, with no ledger), and answers keepalives. A link left unpriced
+would not be idle: the daemon pushes its offer again every few seconds until it is answered.
+Clients open their links at most MAX_HANDSHAKING_PER_SOURCE at a time, as the daemon admits
+from one address.
+
+For each size in --links (default 100 and 1,000), cumulatively on the same daemon: open the
+links, wait SETTLE_SECS for the set-up work to end (two keepalive intervals: a link is idle
+from the first keepalive after an interval that carried only keepalives), then read the
+daemon's resident set (VmRSS) and its CPU time (user + system, every thread) over
+--seconds. Printed: RSS per link against the daemon with no link (measured the same way
+before the first), and the idle CPU as a share of one core. Targets at 1,000 links:
+<= 8 KiB per link, <= 2 % of a core.
+
+The keepalives are real work that an idle link still costs: every `keepalive_secs` (5 s by
+default) each side sends a PING and answers the other's. So is what the daemon does for
+each neighbour on its own timers (gossip, accounting, settlement), which is measured too.
+
+RSS counts what the set-up left behind as well as what the links hold: memory freed after
+a thousand handshakes and graph floods stays in the allocator's pools, which Python and
+malloc do not hand back to the system.
+
+Run: .venv/bin/python bench/links.py [--links 100,1000] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import msgspec
+from summary import result
+
+from earendil_py.core.graph import adjacency_unsigned, sign_adjacency
+from earendil_py.core.identity import Identity
+from earendil_py.core.link import (
+    MAX_HANDSHAKING_PER_SOURCE,
+    ControlReceived,
+    Link,
+    LinkClosed,
+    LinkEstablished,
+    LinkTimers,
+    receiver_index,
+)
+from earendil_py.core.messages import (
+    GLOBAL_RPC_DOCK,
+    AdjacencyRequest,
+    DockMessage,
+    decode_control,
+    encode_control,
+)
+from earendil_py.core.neighbor import Answered, Effect, Neighbor, Policy, Refused
+from earendil_py.core.pricing import AcceptanceRule, PriceTerms
+from earendil_py.core.rpc import (
+    decode_request,
+    decode_response,
+    encode_error,
+    encode_request,
+    encode_result,
+    is_request,
+)
+from earendil_py.netgen import Daemons, Edge, RunningDaemon, generate_network, statuses
+from earendil_py.runtime.config import Config, parse_address
+from earendil_py.runtime.keyfile import load_identity_file
+
+RSS_TARGET_BYTES = 8 * 1024
+CPU_TARGET = 0.02
+SETTLE_SECS = 12.0
+SWEEP_SECS = 0.05  # the clients' timers are looked at this often
+START_SECS = 30.0
+SEED = 2026
+
+DAEMON_TOML = """
+[logging]
+level = "error"
+format = "json"
+"""
+
+
+@dataclass(slots=True)
+class Client:
+    link: Link
+    identity: Identity
+    up: bool = False
+    closed: str | None = None
+    neighbor: Neighbor | None = None  # the daemon, as this client's node would see it
+    calls: dict[int, int] | None = None  # our RPC request id -> the Neighbor's call token
+
+
+def client_policy(config: Config) -> Policy:
+    """What the daemon's peer in the generated network would offer and accept (its only
+    route's price table), as the daemon's `Neighbors.policy_for` builds it."""
+    (route,) = config.out_routes.values()
+    price, methods = route.price, tuple(config.settlement.methods)
+    return Policy(
+        terms=PriceTerms(price.inbound_price_umel, price.inbound_debt_limit_umel, methods),
+        rule=AcceptanceRule(
+            price.outbound_max_price_umel, price.outbound_min_debt_limit_umel, methods
+        ),
+        methods=methods,
+    )
+
+
+class Clients:
+    """Lightweight link clients on one UDP socket, toward one daemon's UDP in_route."""
+
+    def __init__(
+        self,
+        target: tuple[str, int],
+        secret: str,
+        daemon: Identity,
+        policy: Policy,
+    ) -> None:
+        self.target = target
+        self.secret = secret
+        self.fingerprint = daemon.fingerprint
+        self.daemon_public = daemon.identity_public
+        self.policy = policy
+        self.request_ids = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.by_index: dict[int, Client] = {}
+        self.timers = LinkTimers()  # the daemon's defaults: the same keepalives
+        self.rng = random.Random(SEED)
+        self.up = 0
+
+    def open(self) -> Client:
+        identity = Identity.generate(self.rng.randbytes)
+        while (index := self.rng.getrandbits(32)) in self.by_index:
+            pass
+        link = Link(
+            initiator=True,
+            identity=identity,
+            static_private=os.urandom(32),
+            secret=self.secret,
+            local_index=index,
+            now=anyio.current_time(),
+            rng=os.urandom,
+            expected_fingerprint=self.fingerprint,
+            timers=self.timers,
+        )
+        client = self.by_index[index] = Client(link, identity)
+        self.service(client, anyio.current_time())
+        return client
+
+    def service(self, client: Client, now: float) -> None:
+        link = client.link
+        while (event := link.next_event()) is not None:
+            match event:
+                case LinkEstablished():
+                    client.up = True
+                    self.up += 1
+                    self._request_adjacency(client)
+                    client.neighbor = Neighbor(
+                        client.identity, self.daemon_public, self.policy, os.urandom
+                    )
+                    client.calls = {}
+                    self._run(client, client.neighbor.on_link_up(time.time(), self.policy))
+                case ControlReceived(payload=payload):
+                    self._control(client, payload)
+                case LinkClosed(reason=reason):
+                    client.closed = reason
+                    if client.up:
+                        self.up -= 1
+                    client.up = False
+        for message in link.datagrams_to_send():
+            # A full buffer loses it, as a wire would: the link retransmits, or its
+            # keepalive notices.
+            with contextlib.suppress(BlockingIOError):
+                self.sock.sendto(message, self.target)
+
+    def _request_adjacency(self, client: Client) -> None:
+        now = int(time.time())
+        left, right, _ = adjacency_unsigned(client.identity.fingerprint, self.fingerprint, now)
+        signature = sign_adjacency(client.identity, left, right, now)
+        request = AdjacencyRequest(client.identity.descriptor(now), now, signature)
+        client.link.send_control(encode_control(request))
+
+    def _control(self, client: Client, payload: bytes) -> None:
+        message = decode_control(payload)
+        neighbor, calls = client.neighbor, client.calls
+        if not (isinstance(message, DockMessage) and message.dock == GLOBAL_RPC_DOCK):
+            return
+        if neighbor is None or calls is None:
+            return  # no RPC before the link is up
+        now = time.time()
+        if is_request(message.data):
+            request = decode_request(message.data)
+            params = None if request.params is msgspec.UNSET else request.params
+            effect = neighbor.receive_call(request.method, params, now)
+            self._run(client, effect)
+            reply = effect.reply
+            if isinstance(reply, Refused):
+                answer = encode_error(request.id, reply.code, reply.message, reply.data)
+            else:
+                answer = encode_result(request.id, reply)
+            self._send_rpc(client, answer)
+            return
+        response = decode_response(message.data)
+        token = calls.pop(response.id, None) if isinstance(response.id, int) else None
+        if token is None:
+            return
+        if isinstance(response.error, msgspec.UnsetType):
+            outcome: Answered | Refused = Answered(response.result)
+        else:
+            error = response.error
+            data = None if error.data is msgspec.UNSET else error.data
+            outcome = Refused(error.code, error.message, data)
+        self._run(client, neighbor.receive_reply(token, outcome, now))
+
+    def _run(self, client: Client, effect: Effect) -> None:
+        """Apply a Neighbor's effect (there is no ledger to write first) and send its calls."""
+        assert client.neighbor is not None and client.calls is not None
+        client.neighbor.apply(effect)
+        for call in effect.calls:
+            self.request_ids += 1
+            client.calls[self.request_ids] = call.token
+            self._send_rpc(client, encode_request(self.request_ids, call.method, call.params))
+
+    def _send_rpc(self, client: Client, payload: bytes) -> None:
+        client.link.send_control(encode_control(DockMessage(GLOBAL_RPC_DOCK, payload)))
+
+    async def receive(self) -> None:
+        while True:
+            await anyio.wait_readable(self.sock)
+            now = anyio.current_time()
+            while True:
+                try:
+                    data = self.sock.recv(65536)
+                except BlockingIOError:
+                    break
+                index = receiver_index(data)
+                client = self.by_index.get(index) if index is not None else None
+                if client is not None:
+                    client.link.receive_datagrams([data], now)
+                    self.service(client, now)
+
+    async def keep_timers(self) -> None:
+        while True:
+            await anyio.sleep(SWEEP_SECS)
+            now = anyio.current_time()
+            for client in list(self.by_index.values()):
+                deadline = client.link.get_timer()
+                if deadline is not None and deadline <= now:
+                    client.link.handle_timer(now)
+                    self.service(client, now)
+                neighbor = client.neighbor
+                if neighbor is not None and (due := neighbor.get_timer()) is not None:
+                    unix = time.time()
+                    if due <= unix and (effect := neighbor.handle_timer(unix)) is not None:
+                        self._run(client, effect)
+                        self.service(client, now)
+
+    def priced(self) -> int:
+        """How many links both sides priced (as this side's Neighbors see it)."""
+        return sum(1 for c in self.by_index.values() if c.up and c.neighbor and c.neighbor.priced)
+
+    async def open_many(self, count: int) -> None:
+        """Open `count` more links, never more than the daemon admits at once from one
+        address still handshaking; returns once they are all up."""
+        want = self.up + count
+        opened = 0
+        while self.up < want:
+            handshaking = sum(1 for c in self.by_index.values() if not c.up and not c.closed)
+            while opened < count and handshaking < MAX_HANDSHAKING_PER_SOURCE:
+                self.open()
+                opened += 1
+                handshaking += 1
+            await anyio.sleep(0.01)
+
+
+async def idle(daemon: RunningDaemon, seconds: float) -> tuple[int, float]:
+    """(RSS at the end, CPU share of one core) of the daemon over `seconds`."""
+    start_cpu, start = daemon.cpu_secs(), time.monotonic()
+    await anyio.sleep(seconds)
+    cpu, elapsed = daemon.cpu_secs() - start_cpu, time.monotonic() - start
+    return daemon.rss_bytes(), cpu / elapsed
+
+
+async def measure(
+    sizes: list[int], seconds: float, daemon: RunningDaemon, clients: Clients
+) -> list[tuple[int, int, float]]:
+    rows = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(clients.receive)
+        tg.start_soon(clients.keep_timers)
+        await anyio.sleep(SETTLE_SECS)
+        rss, cpu = await idle(daemon, seconds)
+        rows.append((0, rss, cpu))
+        for size in sizes:
+            start = time.monotonic()
+            await clients.open_many(size - clients.up)
+            print(f"  {size} links up in {time.monotonic() - start:.1f}s", flush=True)
+            await anyio.sleep(SETTLE_SECS)
+            priced = clients.priced()
+            if priced != clients.up:
+                print(f"  only {priced} of {clients.up} links priced", flush=True)
+            status = await anyio.to_thread.run_sync(daemon.call, "GET", "/api/status")
+            rss, cpu = await idle(daemon, seconds)
+            rows.append((len(status["links"]), rss, cpu))
+        tg.cancel_scope.cancel()
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--links", default="100,1000", help="sizes, comma-separated")
+    parser.add_argument("--seconds", type=float, default=20.0, help="idle window per size")
+    args = parser.parse_args()
+    sizes = sorted(int(size) for size in args.links.split(","))
+
+    with tempfile.TemporaryDirectory(prefix="bench-links-") as tmp:
+        # node0 is the daemon; node1 only gives it an in_route, and is not started.
+        daemon_node, peer = generate_network(
+            Path(tmp), 2, [Edge(1, 0, "udp")], extra_toml=DAEMON_TOML
+        )
+        (route,) = daemon_node.config.in_routes.values()
+        daemon_identity = load_identity_file(daemon_node.directory / "node.key")
+        with Daemons([daemon_node]) as (daemon,):
+            deadline = time.monotonic() + START_SECS
+            while statuses([daemon]) == [None]:
+                if time.monotonic() > deadline or daemon.process.poll() is not None:
+                    raise SystemExit("the daemon did not start; see its log")
+                time.sleep(0.1)
+            clients = Clients(
+                parse_address(route.listen),
+                route.secret,
+                daemon_identity,
+                client_policy(peer.config),
+            )
+            rows = anyio.run(measure, sizes, args.seconds, daemon, clients)
+    base_rss = rows[0][1]
+    print(f"python {sys.version.split()[0]}; idle windows of {args.seconds:g}s")
+    print(f"{'links':>6} {'RSS MiB':>8} {'per link':>12} {'idle cpu':>9}")
+    for links, rss, cpu in rows:
+        per_link = (rss - base_rss) / links if links else 0
+        print(f"{links:>6} {rss / 2**20:8.1f} {per_link / 1024:8.1f} KiB {cpu:8.2%}")
+    links, rss, cpu = rows[-1]
+    if links >= 1000:
+        per_link = (rss - base_rss) / links
+        result(
+            f"RSS per idle link at {links}",
+            per_link / 1024,
+            "KiB",
+            f"<= {RSS_TARGET_BYTES // 1024} KiB",
+            per_link <= RSS_TARGET_BYTES,
+        )
+        result(
+            f"idle CPU at {links} links",
+            cpu * 100,
+            "% of a core",
+            f"<= {CPU_TARGET:.0%}",
+            cpu <= CPU_TARGET,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
