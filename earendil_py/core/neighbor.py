@@ -154,7 +154,8 @@ REFUSED = APPLICATION_ERROR_MIN
 UNKNOWN_SINCE = APPLICATION_ERROR_MIN + 2
 
 AUTOMATIC_METHODS = frozenset({METHOD_POW})  # approved without the operator
-PRICE_RETRY_SECS = 5.0  # an offer the neighbour has not answered is pushed again this often
+PRICE_RETRY_SECS = 5.0  # an offer the neighbour has not answered is pushed again after this,
+PRICE_RETRY_MAX_SECS = 300.0  # doubling up to this: a neighbour that never answers costs little
 POLL_SECS = 5.0  # ask about our open proposal this often while linked
 NOTICE_INTERVAL_SECS = 10.0  # a debt-limit notice at most this often
 LEASE_GROWTH = 1024  # the largest outbound lease, in units of the policy's smallest
@@ -449,6 +450,7 @@ class _Volatile:
     acked: tuple[object, ...] | None = None  # the counts of the last claim the neighbour took
     price_token: int = 0
     price_retry_at: float | None = None
+    price_backoff: float = PRICE_RETRY_SECS  # the next retry's delay; reset by an answer
     poll_token: int = 0
     poll_at: float = 0.0
     audit_token: int = 0
@@ -929,6 +931,7 @@ class Neighbor:
         # back counts it lost, or to correct a lease it counted as sent).
         volatile.acked = None
         volatile.next_claim_at = now
+        volatile.price_backoff = PRICE_RETRY_SECS
         self._push_price(w, volatile.override or w.policy.terms, operator=False)
         self._expire(w)
         if (record := w.book.outgoing_open()) is not None:
@@ -1332,7 +1335,8 @@ class Neighbor:
             if getattr(volatile, name) == token:
                 setattr(volatile, name, 0)
         if pending.method == "push_price" and volatile.linked:
-            volatile.price_retry_at = w.now + PRICE_RETRY_SECS
+            volatile.price_retry_at = w.now + volatile.price_backoff
+            volatile.price_backoff = min(2 * volatile.price_backoff, PRICE_RETRY_MAX_SECS)
         if pending.method == "settlement_status":
             volatile.poll_at = w.now + POLL_SECS
         if pending.method in ("pow_challenge", "solve") and (proposing := volatile.proposing):
@@ -1365,6 +1369,7 @@ class Neighbor:
         in_force = w.account.state.our_offer
         outcome = w.account.on_answer(answer)
         volatile.price_retry_at = None
+        volatile.price_backoff = PRICE_RETRY_SECS
         accepted = isinstance(outcome, PriceAccepted)
         if w.account.state.our_offer is not in_force:
             w.account_entry("price_answer_received", _encoder.encode(answer))

@@ -4,6 +4,7 @@ claims, limits, settlements, audits, failed commits and crashes (tests/core/neig
 from __future__ import annotations
 
 import base64
+import itertools
 
 import msgspec
 import pytest
@@ -14,6 +15,7 @@ from earendil_py.core.accounting import DebtClaim
 from earendil_py.core.errors import LocalProtocolError
 from earendil_py.core.neighbor import (
     CALLS,
+    PRICE_RETRY_MAX_SECS,
     REFUSED,
     AccountEntry,
     Neighbor,
@@ -29,7 +31,7 @@ from earendil_py.core.settlement import (
     SettlementState,
     make_proposal,
 )
-from tests.core.neighbor_pair import TOLERANCE, Pair, Side, policy
+from tests.core.neighbor_pair import TOLERANCE, Message, Pair, Side, policy
 
 COMPLETED = SettlementState.COMPLETED
 
@@ -129,6 +131,41 @@ def test_an_unanswered_offer_is_pushed_again_until_answered() -> None:
     pair.pump(lose=lambda m: m.method == "push_price")  # every first push is lost
     assert not pair.a.neighbor.priced
     pair.advance(6)
+    assert pair.a.neighbor.priced and pair.b.neighbor.priced
+
+
+def test_an_offer_never_answered_is_pushed_less_and_less_often() -> None:
+    pair = Pair()
+    pair.linked = True
+    for side in (pair.a, pair.b):
+        pair.execute(side, side.neighbor.on_link_up(pair.now))
+    pushes: list[float] = []
+
+    def lose_a_s_offers(message: Message) -> bool:
+        if message.is_call and message.method == "push_price" and message.caller is pair.a:
+            pushes.append(pair.now)
+            return True
+        return False
+
+    for _ in range(3_600):  # an hour, a second at a time
+        pair.pump(lose=lose_a_s_offers)
+        pair.now += 1
+    assert not pair.a.neighbor.priced
+    gaps = [later - earlier for earlier, later in itertools.pairwise(pushes)]
+    assert gaps[:4] == pytest.approx([5, 10, 20, 40], abs=1)
+    assert max(gaps) == pytest.approx(PRICE_RETRY_MAX_SECS, abs=1)
+    assert len(pushes) < 20  # every 5 s, it would have been 720
+    # A new link starts again from the shortest gap.
+    for side in (pair.a, pair.b):
+        pair.execute(side, side.neighbor.on_link_down(pair.now))
+        pair.execute(side, side.neighbor.on_link_up(pair.now))
+    pushes.clear()
+    for _ in range(12):
+        pair.pump(lose=lose_a_s_offers)
+        pair.now += 1
+    assert len(pushes) == 2, pushes
+    # The next push that arrives is answered.
+    pair.advance(11)
     assert pair.a.neighbor.priced and pair.b.neighbor.priced
 
 
