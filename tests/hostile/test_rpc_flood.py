@@ -22,12 +22,6 @@ pytestmark = pytest.mark.timeout(60)
 
 IDENTITIES = 8
 CALLS_EACH = 256
-FAST_CLAIMS = """
-[accounting]
-push_debt_secs = 1.0
-checkpoint_secs = 0.5
-"""
-PAIR = {"extra_toml": FAST_CLAIMS}
 
 
 def flood(peers: list[HostilePeer]) -> Counter[int | None]:
