@@ -600,9 +600,8 @@ async def _send(setup: Service, now: float, fps: set[bytes]) -> Work:
     return Work(time.process_time() - cpu, time.perf_counter() - wall, 1, time.thread_time() - loop)
 
 
-async def _receive(setup: Service, now: float, groups: list[int], fps: list[bytes]) -> Work:
-    """Every neighbour's claim, signed by its Neighbor (untimed), handed to the service in
-    arrival groups; each group commits in one transaction before its claims are answered."""
+def _claims_due(setup: Service, now: float, fps: list[bytes]) -> list[tuple[bytes, int, Any]]:
+    """Every neighbour's claim, signed by its own Neighbor (untimed): (fp, token, params)."""
     claims: list[tuple[bytes, int, Any]] = []
     for fp in fps:
         theirs = setup.peers[fp]
@@ -612,6 +611,13 @@ async def _receive(setup: Service, now: float, groups: list[int], fps: list[byte
         theirs.apply(effect)
         (call,) = [c for c in effect.calls if c.method == "push_debt"]
         claims.append((fp, call.token, call.params))
+    return claims
+
+
+async def _receive(setup: Service, now: float, groups: list[int], fps: list[bytes]) -> Work:
+    """Every neighbour's claim, signed by its Neighbor (untimed), handed to the service in
+    arrival groups; each group commits in one transaction before its claims are answered."""
+    claims = _claims_due(setup, now, fps)
     service = setup.service
     answers: dict[bytes, Any] = {}
 
@@ -678,15 +684,7 @@ async def _receive_work(setup: Service, now: float, groups: list[int], fps: list
     group, every claim's `receive_call`, one transaction, `apply` (`loop`: the Neighbors'
     own work)."""
     neighbors = setup.service.neighbors
-    claims: list[tuple[bytes, int, Any]] = []
-    for fp in fps:
-        theirs = setup.peers[fp]
-        effect = theirs.handle_timer(now)
-        if effect is None:
-            raise SystemExit("a neighbour had no claim due")
-        theirs.apply(effect)
-        (call,) = [c for c in effect.calls if c.method == "push_debt"]
-        claims.append((fp, call.token, call.params))
+    claims = _claims_due(setup, now, fps)
     answers: dict[bytes, Any] = {}
     gc.collect()
     wall, cpu, work = time.perf_counter(), time.process_time(), 0.0

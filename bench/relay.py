@@ -103,6 +103,7 @@ from typing import Any
 
 import anyio
 import blake3
+from accounting import _accounting
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from nacl.bindings import crypto_scalarmult
 from summary import result
@@ -215,22 +216,6 @@ def _profile_rows(profiler: cProfile.Profile) -> list[tuple[float, int, str, str
     return rows
 
 
-def _take_all(runner: LinkRunner, frames: list[bytes]) -> list[bytes]:
-    """`LinkRunner.take` without accounting: every frame, uncounted."""
-    return frames
-
-
-def _send_uncounted(runner: LinkRunner, frames: list[bytes]) -> None:
-    """`LinkRunner.send_onions` without the neighbour's allowance and count."""
-    transport = runner.transport
-    if type(transport) is UdpTransport:
-        sent = transport.send_many(frames)
-    else:
-        sent = sum(transport.send(frame) for frame in frames)
-    if sent != len(frames):
-        runner.link.statistics().drops["queue_full"] += len(frames) - sent
-
-
 def _run_relay(config_path: str, cpu: int | None, conn: Connection) -> None:
     """A relay process: the node from `config_path`. Its event loop's thread is pinned to
     `cpu` once the node runs; the threads the node started (its peel thread) keep every CPU."""
@@ -259,13 +244,7 @@ def _run_relay(config_path: str, cpu: int | None, conn: Connection) -> None:
         return lambda: setattr(target, name, value)
 
     def accounting(on: bool) -> Callable[[], None]:
-        take, send_onions = (
-            (LinkRunner.take, LinkRunner.send_onions) if on else (_take_all, _send_uncounted)
-        )
-        return lambda: (
-            setattr(LinkRunner, "take", take),
-            setattr(LinkRunner, "send_onions", send_onions),
-        )
+        return lambda: _accounting(on=on)
 
     settings = {
         "one_peel_thread": setting(node.peeling, "parallel", False),
