@@ -40,3 +40,21 @@ def test_the_settlement_transitions_in_the_docs_are_the_code_s() -> None:
         for (role, before, step), after in TRANSITIONS.items()
     ]
     assert rows == in_code
+
+
+def test_every_test_the_docs_cite_exists() -> None:
+    """docs/ cite tests as `dir/test_file.py::test_name` (the threat model's "shown by"
+    column above all): each must name a test function that exists."""
+    tests = DOCS.parent / "tests"
+    cited = {
+        (doc.name, tests / path.removeprefix("tests/"), name)
+        for doc in DOCS.glob("*.md")
+        for path, name in re.findall(r"`([\w/]+\.py)::(test_\w+)", doc.read_text())
+    }
+    assert len(cited) >= 60  # the threat model alone cites more
+    missing = [
+        (doc, str(file), name)
+        for doc, file, name in sorted(cited)
+        if not file.is_file() or not re.search(rf"^(async )?def {name}\b", file.read_text(), re.M)
+    ]
+    assert missing == []
