@@ -333,6 +333,10 @@ async def test_the_neighbour_view_the_proposal_banner_and_a_phone_sized_screen(
                 re.compile(r"down for \d+ s: (closed by the neighbour|connection refused)")
             )
 
+            # An up route's failures from before its link came up are shown as history.
+            up_failure = page.locator('#routes tr[data-state="up"] .rfailure').first
+            await expect(up_failure).to_have_text(re.compile(r"^none( since it came up; .*)?$"))
+
             # Notifications are asked for on a click only; then b proposes a manual
             # settlement, and the banner and a notification come without a reload.
             assert await page.evaluate("window.__permissionRequests") == 0
