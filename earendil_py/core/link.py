@@ -179,13 +179,16 @@ class Link:
 
     A node holds one per neighbour, most of them idle, so an idle link keeps little and does
     little. It has slots and no Noise state once the handshake is done. It sends a keepalive
-    PING only after a keepalive interval in which it heard nothing from its peer, so two idle
-    neighbours exchange one PING and PONG per interval between them, not one each, and a
-    link with traffic both ways sends none. And it holds its AEADs (OpenSSL keeps ~2.4 KB of
-    cipher contexts per AEAD object, more than the rest of the link) only while it carries
-    onions: relaying them keeps them (`encrypt_onions`, a received batch with onions), a
-    PING lets them go (`CipherState.forget_aead`), and other frames on an idle link use an
-    AEAD made for the call (~1.5 us).
+    PING only after a keepalive interval in which it heard nothing from its peer but the
+    answer to its last PING, so two idle neighbours exchange one PING and PONG per interval
+    between them, not one each, the side that PINGs keeps a period of its own (its deadline
+    does not move by the round trip when the answer comes, which would wake the node once
+    more per interval only to find it later), and a link with traffic both ways sends none.
+    And it holds its AEADs (OpenSSL keeps ~2.4 KB of cipher contexts per AEAD object, more
+    than the rest of the link) only while it carries onions: relaying them keeps them
+    (`encrypt_onions`, a received batch with onions), a PING lets them go
+    (`CipherState.forget_aead`), and other frames on an idle link use an AEAD made for the
+    call (~1.5 us).
     """
 
     __slots__ = (
@@ -195,6 +198,7 @@ class Link:
         "_flight",
         "_handshake_hash",
         "_identity",
+        "_last_heard",
         "_last_received",
         "_mac_key",
         "_next_ping",
@@ -282,6 +286,8 @@ class Link:
         self._attempts = 0
         self._retransmit_at: float | None = None
         self._last_received = now
+        # When a frame other than the answer to our newest PING came: the keepalive's clock.
+        self._last_heard = now
         self._next_ping = now + self._timers.keepalive_interval
         self._peer_messages_seen = 0  # bit k: a handshake message of kind k came
         self._ping_seq = 0
@@ -415,7 +421,7 @@ class Link:
         local_index = self.local_index
         unpack, pack_nonce = DATA_HEADER.unpack_from, NONCE.pack
         header_size = DATA_HEADER.size
-        size = opened = 0
+        size = opened = answers = 0
         for data in datagrams:
             length = len(data)
             size += length
@@ -461,7 +467,7 @@ class Link:
                 frames.append(frame)
                 continue
             try:
-                self._receive_frame(frame, now)
+                answers += self._receive_frame(frame, now)
             except RemoteProtocolError as exc:
                 drops[exc.reason] += 1
             aead, established = self._transport_state()  # a PROOF or a CLOSE changes it
@@ -475,6 +481,8 @@ class Link:
         if opened:
             self._stats.frames_in += opened
             self._last_received = now
+            if opened > answers:
+                self._last_heard = now
         return frames
 
     # --- internals ----------------------------------------------------------------------
@@ -551,7 +559,7 @@ class Link:
             # The responder's proof is its reply; it is resent if HS_FINAL arrives again.
             self._send_flight([self._encrypt(PROOF, self._proof_body)], now)
         self._peer_messages_seen |= 1 << kind
-        self._last_received = now
+        self._last_received = self._last_heard = now
 
     def _expected_handshake_kind(self) -> int:
         if self._send:
@@ -578,8 +586,9 @@ class Link:
 
     def _ping_due(self) -> float:
         """When to send a PING: a keepalive interval after the last one, and after the last
-        frame heard from the peer (its frames, PINGs included, show it alive already)."""
-        return max(self._next_ping, self._last_received + self._timers.keepalive_interval)
+        frame heard from the peer but the answer to it (its frames, PINGs included, show it
+        alive already)."""
+        return max(self._next_ping, self._last_heard + self._timers.keepalive_interval)
 
     def _forget_aeads(self) -> None:
         send, recv = self._send, self._recv
@@ -626,8 +635,9 @@ class Link:
             aead = self._recv.transport_aead()
         return aead, self.state is LinkState.ESTABLISHED
 
-    def _receive_frame(self, frame: bytes, now: float) -> None:
-        """A decrypted frame that is not an onion for an established link."""
+    def _receive_frame(self, frame: bytes, now: float) -> bool:
+        """A decrypted frame that is not an onion for an established link. True if it was
+        the answer to our newest PING."""
         kind = frame[0]
         body = frame[1:]
         if kind == ONION and self.state is LinkState.ESTABLISHED:
@@ -645,13 +655,14 @@ class Link:
         elif kind == PING and len(body) == U64.size:
             self._queue_frame(PONG, body)
         elif kind == PONG and len(body) == U64.size:
-            self._receive_pong(int(U64.unpack(body)[0]), now)
+            return self._receive_pong(int(U64.unpack(body)[0]), now)
         elif kind == CLOSE:
             self.state = LinkState.CLOSED
             reason = body.decode("utf-8", "replace")[:64]
             self._events.append(LinkClosed(reason or "peer_closed", by_peer=True))
         else:
             raise RemoteProtocolError("unknown frame kind", "malformed")
+        return False
 
     def _receive_proof(self, body: bytes, now: float) -> None:
         if self.state is LinkState.ESTABLISHED:
@@ -679,9 +690,11 @@ class Link:
         self._next_ping = now + self._timers.keepalive_interval
         self._events.append(LinkEstablished(fingerprint))
 
-    def _receive_pong(self, seq: int, now: float) -> None:
-        if seq == self._ping_seq:
-            self._rtt_sample(now)
+    def _receive_pong(self, seq: int, now: float) -> bool:
+        if seq != self._ping_seq:
+            return False
+        self._rtt_sample(now)
+        return True
 
     def _rtt_sample(self, now: float) -> None:
         if self._ping_sent_at is None:

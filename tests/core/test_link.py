@@ -495,6 +495,29 @@ def test_neighbours_that_hear_from_each_other_do_not_both_ping() -> None:
     assert pair.a.state is LinkState.ESTABLISHED and pair.b.state is LinkState.ESTABLISHED
 
 
+def test_the_answer_to_a_ping_does_not_move_the_next_one() -> None:
+    # The side that PINGs keeps its period when the PONG comes a round trip later: were its
+    # deadline moved by the round trip, its node would wake once more per interval only to
+    # find it later. Anything else from the peer still puts the next PING an interval off.
+    pair = established()
+    assert pair.b is not None
+    due = pair.a.get_timer()
+    assert due is not None
+    pair.now = due
+    pair.a.handle_timer(pair.now)
+    (ping,) = pair.a.datagrams_to_send()
+    assert pair.a.get_timer() == due + TIMERS.keepalive_interval
+    pair.now += 0.2
+    pair.deliver_to_b(ping)
+    (pong,) = pair.b.datagrams_to_send()
+    pair.now += 0.2
+    pair.deliver_to_a(pong)
+    assert pair.a.get_timer() == due + TIMERS.keepalive_interval
+    assert pair.b.get_timer() == due + 0.2 + TIMERS.keepalive_interval  # a PINGs again first
+    pair.deliver_to_a(pair.b.encrypt_onion(b"\x11" * 32, b"packet"))
+    assert pair.a.get_timer() == pair.now + TIMERS.keepalive_interval
+
+
 def test_an_idle_link_lets_its_ciphers_go_and_still_carries_frames_both_ways() -> None:
     pair = established()
     assert pair.b is not None
