@@ -78,6 +78,7 @@ from typing import Any
 import blake3
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
+from summary import result
 
 from earendil_py.core.packet import KDF_CONTEXT, PACKET_SIZE
 from earendil_py.netgen import Edge, free_port, generate_network
@@ -416,6 +417,14 @@ def main() -> int:
     print(
         f"(a) / (b)            {app_rate / api_rate:9.2f}   (target >= {TARGET_RATE:g}: {verdict})"
     )
+    met = app_rate / api_rate >= TARGET_RATE
+    result(
+        "app socket / control API, datagrams/s",
+        app_rate / api_rate,
+        "x",
+        f">= {TARGET_RATE:g}",
+        met,
+    )
     print(f"(c) S's CPU, app     {app_cpu:9.1f} us/datagram")
     print(f"    S's CPU, API     {api_cpu:9.1f} us/datagram")
     print(
@@ -427,6 +436,7 @@ def main() -> int:
         f"(c) / floor          {ratio:9.2f}   (median of the rounds; "
         f"target <= {TARGET_CPU}: {verdict})"
     )
+    result("sender's CPU / crypto floor", ratio, "x", f"<= {TARGET_CPU}", ratio <= TARGET_CPU)
     for i, ((rate_a, cpu_a), (rate_b, cpu_b)) in enumerate(zip(app, api, strict=True)):
         print(
             f"  round {i + 1}: (a) {rate_a:,.0f}/s {cpu_a:.0f} us, (b) {rate_b:,.0f}/s "

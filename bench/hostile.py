@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from summary import result
 
 # The hostile neighbour and the probes are the test suite's (tests/hostile/peer.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -452,11 +453,19 @@ def report(args: argparse.Namespace, results: Results, cpus: list[int]) -> None:
         print("  T's drops: " + ", ".join(f"{k}={v:,}" for k, v in sorted(results.drops.items())))
     how = "" if results.alive else f" (exit code {results.exit_code})"
     print(f"T alive after the attacks{how}: {verdict(results.alive)}")
+    result("target alive after the attacks", int(results.alive), "", "1", results.alive)
     quiet_delivery = best_delivery(results.quiet)
     delivery = best_delivery(results.attack) / quiet_delivery if quiet_delivery else 0.0
     print(
         f"honest delivery, attack / quiet   {delivery:8.4f}  best of rounds "
         f"(target >= {DELIVERY_TARGET}: {verdict(delivery >= DELIVERY_TARGET)})"
+    )
+    result(
+        "honest delivery, attack / quiet",
+        delivery,
+        "",
+        f">= {DELIVERY_TARGET}",
+        delivery >= DELIVERY_TARGET,
     )
     best = best_p99(results.attack) / best_p99(results.quiet)
     rounds = zip(results.quiet, results.attack, strict=True)
@@ -469,11 +478,25 @@ def report(args: argparse.Namespace, results: Results, cpus: list[int]) -> None:
         f"({', '.join(f'{r:.2f}' for r in paired)}; best/best {best:.2f}) "
         f"(target <= {P99_TARGET:g}: {verdict(median <= P99_TARGET)})"
     )
+    result(
+        "honest p99, attack / quiet (median of rounds)",
+        median,
+        "x",
+        f"<= {P99_TARGET:g}",
+        median <= P99_TARGET,
+    )
     growth = results.rss_peak - results.rss_before
     print(
         f"T's RSS {results.rss_before:.1f} MB before, {results.rss_peak:.1f} MB at most from "
         f"the first attack on: {growth:+.1f} MB (target <= {RSS_TARGET_MB:g} MB: "
         f"{verdict(growth <= RSS_TARGET_MB)})"
+    )
+    result(
+        "target's RSS growth under attack",
+        growth,
+        "MB",
+        f"<= {RSS_TARGET_MB:g}",
+        growth <= RSS_TARGET_MB,
     )
 
 
