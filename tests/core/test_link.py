@@ -165,32 +165,25 @@ def test_onion_and_control_frames_flow_both_ways() -> None:
     assert events(pair.b) == [ControlReceived(b"hello")]
 
 
-def test_stream_framing_byte_by_byte() -> None:
-    """Two links over a TCP-like byte stream, fed one byte at a time in both directions."""
+def stream_pair() -> tuple[Link, Link]:
+    """Alice dialling Bob over a TCP-like stream (`reliable`): nothing exchanged yet."""
     rng = seeded_rng(11)
+    common = {"secret": SECRET, "now": 0.0, "rng": rng, "reliable": True, "timers": TIMERS}
     a = Link(
         initiator=True,
         identity=ALICE,
         static_private=rng(32),
-        secret=SECRET,
-        local_index=5,
-        now=0.0,
-        rng=rng,
+        local_index=1,
         expected_fingerprint=BOB.fingerprint,
-        reliable=True,
-        timers=TIMERS,
+        **common,
     )
-    b = Link(
-        initiator=False,
-        identity=BOB,
-        static_private=rng(32),
-        secret=SECRET,
-        local_index=6,
-        now=0.0,
-        rng=rng,
-        reliable=True,
-        timers=TIMERS,
-    )
+    b = Link(initiator=False, identity=BOB, static_private=rng(32), local_index=2, **common)
+    return a, b
+
+
+def test_stream_framing_byte_by_byte() -> None:
+    """Two links over a TCP-like byte stream, fed one byte at a time in both directions."""
+    a, b = stream_pair()
     decoders = {id(a): StreamDecoder(), id(b): StreamDecoder()}
     for _ in range(6):
         for sender, receiver in ((a, b), (b, a)):
@@ -317,28 +310,7 @@ BAD_NOISE = [
 def test_a_forged_hs_init_leaves_a_stream_responder_unchanged(noise: bytes) -> None:
     """On TCP one responder takes whatever the connection brings: a forged HS_INIT ahead of
     the genuine one must not spoil it."""
-    rng = seeded_rng(11)
-    a = Link(
-        initiator=True,
-        identity=ALICE,
-        static_private=rng(32),
-        secret=SECRET,
-        local_index=1,
-        now=0.0,
-        rng=rng,
-        expected_fingerprint=BOB.fingerprint,
-        reliable=True,
-    )
-    b = Link(
-        initiator=False,
-        identity=BOB,
-        static_private=rng(32),
-        secret=SECRET,
-        local_index=2,
-        now=0.0,
-        rng=rng,
-        reliable=True,
-    )
+    a, b = stream_pair()
     b.receive_datagram(with_mac1(bytes([HS_INIT]) + U32.pack(99) + noise), 0.0)
     assert sum(b.statistics().drops.values()) == 1
     assert b.state is LinkState.HANDSHAKING
