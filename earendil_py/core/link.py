@@ -85,7 +85,7 @@ class LinkTimers:
 
     handshake_rto: float = 0.5  # first handshake retransmission; doubles each time
     handshake_attempts: int = 6  # initial send plus retransmissions, then give up
-    keepalive_interval: float = 5.0
+    keepalive_interval: float = 5.0  # the responder's: twice this (see Link)
     dead_after: float = 20.0  # no authenticated frame for this long: the link is dead
 
 
@@ -181,12 +181,17 @@ class Link:
     little. It has slots and no Noise state once the handshake is done. It sends a keepalive
     PING only after a keepalive interval in which it heard nothing from its peer but the
     answer to its last PING, so two idle neighbours exchange one PING and PONG per interval
-    between them, not one each, the side that PINGs keeps a period of its own (its deadline
-    does not move by the round trip when the answer comes, which would wake the node once
-    more per interval only to find it later), and a link with traffic both ways sends none.
+    between them, not one each, and a link with traffic both ways sends none. The side that
+    dialled PINGs (as WireGuard's persistent keepalive, it is the side a NAT would forget);
+    the side that answered waits twice the interval, so it PINGs only when the dialler has
+    gone quiet (traffic flowing toward the dialler alone, or a dialler that is gone), and a
+    node with many neighbours that dialled it wakes once per interval and neighbour, for
+    their PING, not also for its own timer. The side that PINGs keeps a period of its own
+    (its deadline does not move by the round trip when the answer comes, which would wake
+    the node once more per interval only to find it later).
     And it holds its AEADs (OpenSSL keeps ~2.4 KB of cipher contexts per AEAD object, more
     than the rest of the link) only while it carries onions: relaying them keeps them
-    (`encrypt_onions`, a received batch with onions), a PING lets them go
+    (`encrypt_onions`, a received batch with onions), a PING sent or received lets them go
     (`CipherState.forget_aead`), and other frames on an idle link use an AEAD made for the
     call (~1.5 us).
     """
@@ -588,7 +593,8 @@ class Link:
         """When to send a PING: a keepalive interval after the last one, and after the last
         frame heard from the peer but the answer to it (its frames, PINGs included, show it
         alive already)."""
-        return max(self._next_ping, self._last_heard + self._timers.keepalive_interval)
+        quiet = self._timers.keepalive_interval * (1 if self.initiator else 2)
+        return max(self._next_ping, self._last_heard + quiet)
 
     def _forget_aeads(self) -> None:
         send, recv = self._send, self._recv
@@ -653,6 +659,7 @@ class Link:
         elif kind == CONTROL:
             self._events.append(ControlReceived(body))
         elif kind == PING and len(body) == U64.size:
+            self._forget_aeads()  # the peer heard nothing from us for an interval
             self._queue_frame(PONG, body)
         elif kind == PONG and len(body) == U64.size:
             return self._receive_pong(int(U64.unpack(body)[0]), now)

@@ -294,8 +294,11 @@ def load_config(file: Path, *, private: bool = False) -> Config:
         listeners.append((path, "udp", address))
         apps.append(app)
 
-    if raw.links.dead_after_secs <= raw.links.keepalive_secs:
-        raise ConfigError(f"{file}: links.dead_after_secs: must exceed links.keepalive_secs")
+    if raw.links.dead_after_secs <= 2 * raw.links.keepalive_secs:
+        raise ConfigError(
+            f"{file}: links.dead_after_secs: must exceed twice links.keepalive_secs "
+            "(a neighbour that dialled us is PINGed after that long without a word)"
+        )
     if raw.links.redial_max_secs < raw.links.redial_min_secs:
         raise ConfigError(f"{file}: links.redial_max_secs: must be >= links.redial_min_secs")
     if raw.accounting.checkpoint_secs > raw.accounting.push_debt_secs:

@@ -467,6 +467,32 @@ def test_neighbours_that_hear_from_each_other_do_not_both_ping() -> None:
     assert pair.a.state is LinkState.ESTABLISHED and pair.b.state is LinkState.ESTABLISHED
 
 
+def test_on_an_idle_link_only_the_dialler_pings() -> None:
+    pair = established()
+    assert pair.b is not None
+    pings_before = pair.a._ping_seq
+    sent_before = len(pair.sent_to_a), len(pair.sent_to_b)
+    pair.advance(10 * TIMERS.keepalive_interval)
+    assert pair.a.state is LinkState.ESTABLISHED and pair.b.state is LinkState.ESTABLISHED
+    assert pair.a._ping_seq - pings_before == 10  # one PING an interval
+    assert pair.b._ping_seq == 0  # the PINGs keep the answering side quiet
+    # One PING and one PONG an interval between them, nothing else.
+    assert len(pair.sent_to_b) - sent_before[1] == 10
+    assert len(pair.sent_to_a) - sent_before[0] == 10
+
+
+def test_traffic_toward_the_dialler_alone_keeps_the_link_up() -> None:
+    # The dialler hears onions, so it does not PING; the side that sends them hears nothing
+    # and PINGs after twice the interval, before its dead_after runs out.
+    pair = established()
+    assert pair.b is not None
+    for _ in range(int(2 * TIMERS.dead_after / 0.05)):
+        pair.deliver_to_a(pair.b.encrypt_onion(b"\x11" * 32, b"packet"))
+        pair.advance(0.05)
+    assert pair.a.state is LinkState.ESTABLISHED and pair.b.state is LinkState.ESTABLISHED
+    assert pair.b._ping_seq > 0
+
+
 def test_the_answer_to_a_ping_does_not_move_the_next_one() -> None:
     # The side that PINGs keeps its period when the PONG comes a round trip later: were its
     # deadline moved by the round trip, its node would wake once more per interval only to
@@ -485,7 +511,7 @@ def test_the_answer_to_a_ping_does_not_move_the_next_one() -> None:
     pair.now += 0.2
     pair.deliver_to_a(pong)
     assert pair.a.get_timer() == due + TIMERS.keepalive_interval
-    assert pair.b.get_timer() == due + 0.2 + TIMERS.keepalive_interval  # a PINGs again first
+    assert pair.b.get_timer() == due + 0.2 + 2 * TIMERS.keepalive_interval  # a PINGs first
     pair.deliver_to_a(pair.b.encrypt_onion(b"\x11" * 32, b"packet"))
     assert pair.a.get_timer() == pair.now + TIMERS.keepalive_interval
 
