@@ -2,8 +2,9 @@
 
 Each link is a sans-IO `core.link.Link` driven by a `LinkRunner`: datagrams in, timers fired,
 datagrams out, events logged. UDP uses non-blocking sockets drained in batches on each
-wake-up (the hot path reads many datagrams per await); TCP uses anyio streams with a u16
-length prefix per message and a bounded outgoing queue per connection.
+wake-up (the hot path reads many datagrams per await); TCP uses non-blocking sockets too
+(`runtime/tcp.py`), with a u16 length prefix per message and a bounded outgoing queue per
+connection.
 
 Fault boundaries (`runtime/faults.py`): whatever a peer's input makes fail ends at most its
 connection or link. A link's entry points (`LinkRunner.receive`, its timers, `send_control`)
@@ -24,13 +25,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import msgspec
 import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectSendStream
 from anyio.streams.stapled import MultiListener
 
 from earendil_py import __version__
@@ -55,7 +56,6 @@ from earendil_py.core.link import (
     StreamDecoder,
     check_mac1,
     derive_cookie_keys,
-    frame_for_stream,
     message_type,
     onion_frame,
     source_key,
@@ -92,6 +92,7 @@ from earendil_py.runtime.peeling import ParallelPeeler, usable_cpus
 from earendil_py.runtime.routes import NO_REPLY, RouteInfo, RouteTable
 from earendil_py.runtime.rpc import GlobalRpc
 from earendil_py.runtime.store import AsyncLedger
+from earendil_py.runtime.tcp import READ_SIZE, TcpTransport, accept_tcp, connect_tcp
 from earendil_py.runtime.timers import TimerQueue
 from earendil_py.runtime.udp import (
     UdpTransport,
@@ -104,12 +105,13 @@ from earendil_py.runtime.udp import (
 
 log = structlog.get_logger("earendil_py.node")
 
+T = TypeVar("T")
+
 UDP_BATCH = 64  # datagrams drained per wake-up before yielding (a coalesced read may pass it)
 PEEL_CHUNK = 16  # layers peeled before they are sent on (relay_batch)
 DEFAULT_HOPS = 3  # peelers per route, the destination included
 MAX_DOCKS = 256  # docks holding undelivered datagrams
 DOCK_QUEUE = 4096  # undelivered datagrams kept per dock; more are dropped and counted
-TCP_QUEUE = 256  # messages queued per TCP connection before new ones are dropped
 SHUTDOWN_GRACE = 1.0  # seconds to flush CLOSE frames on shutdown
 # TCP connections that have not completed a handshake, in all and from one source
 # (`source_key`); one more is closed at once and counted (`tcp_pending_full`).
@@ -146,28 +148,14 @@ class RelayStatistics:
 
 
 class Transport(Protocol):
-    """Where a link's outgoing messages go. `send` never blocks: it returns False on a drop."""
+    """Where a link's outgoing messages go. Sending never blocks: `send` returns False on a
+    drop, `send_many` how many of its messages, in order, were not dropped."""
 
     def send(self, message: bytes) -> bool: ...
 
+    def send_many(self, messages: list[bytes]) -> int: ...
+
     def close(self) -> None: ...
-
-
-class TcpTransport:
-    def __init__(self, queue: MemoryObjectSendStream[bytes]) -> None:
-        self._queue = queue
-
-    def send(self, message: bytes) -> bool:
-        try:
-            self._queue.send_nowait(frame_for_stream(message))
-        except anyio.WouldBlock:
-            return False
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return False
-        return True
-
-    def close(self) -> None:
-        self._queue.close()
 
 
 class PendingHandshakes:
@@ -373,15 +361,7 @@ class LinkRunner:
         if allowed < len(frames):
             self._refuse(neighbor, len(frames) - allowed, outbound=True)
             frames = frames[:allowed]
-        transport = self.transport
-        if type(transport) is UdpTransport:
-            sent = transport.send_many(frames)
-        else:
-            send = transport.send
-            sent = 0
-            for frame in frames:
-                if send(frame):
-                    sent += 1
+        sent = self.transport.send_many(frames)
         if neighbor is not None and sent:
             counters = neighbor.counters
             counters.packets_out += sent
@@ -1095,37 +1075,56 @@ class Node:
             self.control_auth,
             allow_remote=self.config.control_allow_remote,
         )
-        await self._serve_listener(self._control_listener, server.serve_connection, "control")
+        listener = self._control_listener
+
+        async def serve(stream: SocketStream) -> None:
+            async with stream:
+                await server.serve_connection(stream)
+
+        await self._serve_listener(
+            [one.accept for one in _socket_listeners(listener)],
+            serve,
+            "control",
+            listener,
+        )
 
     async def _listen(self, info: RouteInfo) -> None:
         route = self.config.in_routes[info.name]
         bound = self._bound[info.name]
         if isinstance(bound, socket.socket):
             await self._serve_udp(bound, route, info)
-        else:
-            await self._serve_listener(
-                bound, lambda stream: self._serve_tcp(stream, route, info), "tcp"
-            )
+            return
+        # Links read and write their sockets themselves (`runtime/tcp.py`): accepted raw.
+        listening = [
+            partial(accept_tcp, one.extra(SocketAttribute.raw_socket))
+            for one in _socket_listeners(bound)
+        ]
+
+        async def serve(connection: tuple[socket.socket, Address]) -> None:
+            with connection[0]:
+                await self._serve_tcp(*connection, route, info)
+
+        await self._serve_listener(listening, serve, "tcp", bound)
 
     async def _serve_listener(
         self,
-        listener: MultiListener[SocketStream],
-        handle: Callable[[SocketStream], Awaitable[None]],
+        accepts: Sequence[Callable[[], Awaitable[T]]],
+        handle: Callable[[T], Awaitable[None]],
         where: str,
+        listener: MultiListener[SocketStream],
     ) -> None:
-        """Accept connections on each of `listener`'s sockets until cancelled, and close them
-        after the connections they accepted ended. Each connection is handled in a task of its
-        own, as a fault boundary (`where` names it in the log). Raises OSError if a listening
-        socket is gone."""
+        """Accept connections with each of `accepts` (one per listening socket of `listener`)
+        until cancelled, and close `listener` after the connections they accepted ended.
+        Each connection is handled in a task of its own, as a fault boundary (`where` names
+        it in the log); `handle` closes it. Raises OSError if a listening socket is gone."""
         async with listener, anyio.create_task_group() as connections:
-            for socket_listener in listener.listeners:
-                assert isinstance(socket_listener, SocketListener)
-                connections.start_soon(self._accept, socket_listener, handle, where, connections)
+            for accept in accepts:
+                connections.start_soon(self._accept, accept, handle, where, connections)
 
     async def _accept(
         self,
-        listener: SocketListener,
-        handle: Callable[[SocketStream], Awaitable[None]],
+        accept: Callable[[], Awaitable[T]],
+        handle: Callable[[T], Awaitable[None]],
         where: str,
         connections: TaskGroup,
     ) -> None:
@@ -1136,7 +1135,7 @@ class Node:
         backoff = ACCEPT_BACKOFF_MIN
         while True:
             try:
-                stream = await listener.accept()
+                connection = await accept()
             except OSError as exc:
                 if exc.errno in _SOCKET_GONE:
                     raise
@@ -1149,7 +1148,7 @@ class Node:
                 backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
                 continue
             backoff = ACCEPT_BACKOFF_MIN
-            connections.start_soon(self._contained, self.drops, where, _closing, stream, handle)
+            connections.start_soon(self._contained, self.drops, where, handle, connection)
 
     async def _serve_udp(self, sock: socket.socket, route: InRoute, info: RouteInfo) -> None:
         endpoint = Endpoint(
@@ -1237,15 +1236,12 @@ class Node:
                 for runner in list(runners.values()):
                     runner.fail("shutdown")
 
-    async def _serve_tcp(self, stream: SocketStream, route: InRoute, info: RouteInfo) -> None:
+    async def _serve_tcp(
+        self, sock: socket.socket, address: Address, route: InRoute, info: RouteInfo
+    ) -> None:
         """One accepted connection: admitted among those still handshaking (or closed at
         once, `tcp_pending_full`), closed unless a valid HS_INIT comes (`tcp_probe`, without a
         byte sent) and the link is established within the handshake deadline."""
-        remote = stream.extra(SocketAttribute.remote_address, None)
-        if remote is None:  # reset before we got to it: the kernel no longer knows the peer
-            self.drops["tcp_probe"] += 1
-            return
-        address = _as_address(remote)
         slot = self._pending_tcp.admit(address[0])
         if slot is None:
             self.drops["tcp_pending_full"] += 1
@@ -1256,12 +1252,18 @@ class Node:
             first: bytes | None = None
             mac_key = derive_cookie_keys(route.secret)[1]
             with anyio.CancelScope(deadline=deadline):
-                try:
-                    while first is None:
-                        decoder.receive_bytes(await stream.receive())
-                        first = decoder.next_message()
-                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                    pass  # closed or reset before a handshake: a probe
+                while first is None:
+                    await anyio.wait_readable(sock)
+                    try:
+                        data = sock.recv(READ_SIZE)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        break  # reset before a handshake: a probe
+                    if not data:
+                        break  # closed before a handshake: a probe
+                    decoder.receive_bytes(data)
+                    first = decoder.next_message()
             # Without the cookie MAC the connection is closed without a single byte back.
             if first is None or message_type(first) != HS_INIT or not check_mac1(mac_key, first):
                 self.drops["tcp_probe"] += 1
@@ -1269,7 +1271,7 @@ class Node:
             link = self._new_link(initiator=False, secret=route.secret, reliable=True)
             runner = LinkRunner(self, link, _NO_TRANSPORT, info, address)
             runner.limit_handshake(deadline, slot)
-            await self._run_stream_link(stream, decoder, runner, first)
+            await self._run_stream_link(sock, decoder, runner, first)
         finally:
             slot.release()
 
@@ -1317,10 +1319,10 @@ class Node:
         )
         if route.protocol == "tcp":
             with anyio.fail_after(self.timers.dead_after):
-                stream = await anyio.connect_tcp(host, port)
-            async with stream:
+                sock = await connect_tcp(host, port)
+            with sock:
                 runner = LinkRunner(self, link, _NO_TRANSPORT, info, (host, port))
-                await self._run_stream_link(stream, StreamDecoder(), runner, None)
+                await self._run_stream_link(sock, StreamDecoder(), runner, None)
         else:
             infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             family, _, _, _, address = infos[0]
@@ -1362,94 +1364,94 @@ class Node:
 
     async def _run_stream_link(
         self,
-        stream: SocketStream,
+        sock: socket.socket,
         decoder: StreamDecoder,
         runner: LinkRunner,
         first: bytes | None,
     ) -> None:
-        """Run `runner` over a TCP stream until its link closes or the stream ends."""
-        send_queue, receive_queue = anyio.create_memory_object_stream[bytes](TCP_QUEUE)
-        runner.transport = TcpTransport(send_queue)
-        flushed = anyio.Event()
-        # The writer outlives a shutdown's cancellation until it has sent what was queued
-        # (the CLOSE frame last), for at most SHUTDOWN_GRACE.
+        """Run `runner` over a TCP socket until its link closes or the connection ends."""
+        transport = runner.transport = TcpTransport(sock)
+
+        def read(messages: list[bytes]) -> bool:
+            """Take `messages` and what the decoder holds; False once the link is over."""
+            now = anyio.current_time()
+            try:
+                while (message := decoder.next_message()) is not None:
+                    messages.append(message)
+            except RemoteProtocolError as exc:
+                runner.statistics().drops[exc.reason] += 1
+                runner.fail(exc.reason)
+            if frames := runner.receive(messages, now):
+                with self._relay_boundary:
+                    self.relay_batch([(runner, frames)], now)
+            return not runner.closed.is_set()
+
+        def on_readable() -> bool:
+            try:
+                data = sock.recv(READ_SIZE)
+            except BlockingIOError:
+                return True
+            except OSError:
+                data = b""
+            if not data:
+                runner.fail("connection_closed")
+                return False
+            decoder.receive_bytes(data)
+            return read([])
+
+        # The writer outlives a shutdown's cancellation until it has sent what waits (the
+        # CLOSE frame last), for at most SHUTDOWN_GRACE.
         writing = anyio.CancelScope(shield=True)
+        written = anyio.Event()
 
         async def write() -> None:
             try:
                 with writing:
-                    await write_queued()
+                    await transport.run()
+            except OSError:
+                runner.fail("connection_closed")
             finally:
-                flushed.set()  # also when cancelled, so shutdown never waits for a dead writer
+                written.set()  # also when cancelled, so shutdown never waits for a dead writer
 
-        async def write_queued() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write)
+            # What came in the same read as the first message is taken with it: a peer may
+            # pipeline its handshake, and nothing more may arrive to wake us.
+            runner.service(anyio.current_time())
+            if read([] if first is None else [first]):
+                tg.start_soon(call_when_readable, sock, on_readable)
             try:
-                async with receive_queue:
-                    async for frame in receive_queue:
-                        # Everything queued meanwhile goes in the same write: one syscall
-                        # per wake-up, so the writer keeps up with a batch of relayed frames.
-                        frames = [frame]
-                        while len(frames) < TCP_QUEUE:
-                            try:
-                                frames.append(receive_queue.receive_nowait())
-                            except (anyio.WouldBlock, anyio.EndOfStream):
-                                break
-                        await stream.send(b"".join(frames))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                runner.fail("connection_closed")
-
-        async def read() -> None:
-            try:
-                # What came in the same read as the first message is taken with it: a peer
-                # may pipeline its handshake, and nothing more may arrive to wake us.
-                messages = [] if first is None else [first]
-                while True:
-                    now = anyio.current_time()
-                    while (message := decoder.next_message()) is not None:
-                        messages.append(message)
-                    if frames := runner.receive(messages, now):
-                        with self._relay_boundary:
-                            self.relay_batch([(runner, frames)], now)
-                    messages = []
-                    decoder.receive_bytes(await stream.receive())
-            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                runner.fail("connection_closed")
-            except RemoteProtocolError as exc:
-                runner.statistics().drops[exc.reason] += 1
-                runner.fail(exc.reason)
-
-        with send_queue:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(write)
-                tg.start_soon(read)
-                try:
-                    runner.service(anyio.current_time())
-                    await runner.wait_closed()
-                finally:
-                    send_queue.close()
-                    with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
-                        await flushed.wait()  # a CLOSE frame may still be queued
-                    writing.cancel()
+                await runner.wait_closed()
+            finally:
+                transport.close()
+                with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
+                    await written.wait()
+                writing.cancel()
                 tg.cancel_scope.cancel()
 
 
-async def _closing(stream: SocketStream, handle: Callable[[SocketStream], Awaitable[None]]) -> None:
-    """`handle(stream)`, then close the stream, whatever happened."""
-    async with stream:
-        await handle(stream)
-
-
 class _NoTransport:
-    """Placeholder until a stream link's queue exists; nothing is sent before that."""
+    """Placeholder until a stream link's transport exists; nothing is sent before that."""
 
     def send(self, message: bytes) -> bool:
         return False
+
+    def send_many(self, messages: list[bytes]) -> int:
+        return 0
 
     def close(self) -> None:
         """Nothing to close."""
 
 
 _NO_TRANSPORT = _NoTransport()
+
+
+def _socket_listeners(listener: MultiListener[SocketStream]) -> list[SocketListener]:
+    found = []
+    for one in listener.listeners:
+        assert isinstance(one, SocketListener), "anyio.create_tcp_listener makes these"
+        found.append(one)
+    return found
 
 
 def _as_address(value: object) -> Address:

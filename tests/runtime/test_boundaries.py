@@ -191,21 +191,22 @@ def test_udp_endpoint_bounds_handshaking_sessions_per_source() -> None:
 
 
 @pytest.mark.anyio
-async def test_accept_survives_running_out_of_descriptors(tmp_path: Path) -> None:
+async def test_accept_survives_running_out_of_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dialer, listener = make_nodes(tmp_path, 2, [Edge(0, 1, "tcp")])
     await listener.bind()
-    (socket_listener,) = listener._bound["from_node0_tcp"].listeners  # type: ignore[union-attr]
-    accept = socket_listener.accept
+    accept = node_module.accept_tcp
     failures = 6
 
-    async def out_of_descriptors() -> Any:
+    async def out_of_descriptors(listening: Any) -> Any:
         nonlocal failures
         if failures:
             failures -= 1
             raise OSError(errno.EMFILE, "Too many open files")
-        return await accept()
+        return await accept(listening)
 
-    socket_listener.accept = out_of_descriptors  # type: ignore[method-assign]
+    monkeypatch.setattr(node_module, "accept_tcp", out_of_descriptors)
     with capture_logs() as logs:
         async with running([listener, dialer]):
             with anyio.fail_after(5):
@@ -216,15 +217,16 @@ async def test_accept_survives_running_out_of_descriptors(tmp_path: Path) -> Non
 
 
 @pytest.mark.anyio
-async def test_a_listening_socket_gone_stops_the_node(tmp_path: Path) -> None:
+async def test_a_listening_socket_gone_stops_the_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (listener,) = make_nodes(tmp_path, 2, [Edge(1, 0, "tcp")])[:1]
     await listener.bind()
-    (socket_listener,) = listener._bound["from_node1_tcp"].listeners  # type: ignore[union-attr]
 
-    async def gone() -> Any:
+    async def gone(listening: Any) -> Any:
         raise OSError(errno.EBADF, "Bad file descriptor")
 
-    socket_listener.accept = gone  # type: ignore[method-assign]
+    monkeypatch.setattr(node_module, "accept_tcp", gone)
     with anyio.fail_after(5), pytest.raises(ExceptionGroup) as caught:
         async with running([listener]):
             await anyio.sleep_forever()
