@@ -101,7 +101,7 @@ S, R1, R2, R3, D, E, G = range(7)
 BENCH_TOML = """
 [links]
 keepalive_secs = 300.0
-dead_after_secs = 600.0
+dead_after_secs = 900.0
 
 [logging]
 level = "warning"

@@ -21,7 +21,7 @@ before the first), and the idle CPU as a share of one core. Targets at 1,000 lin
 <= 8 KiB per link, <= 2 % of a core.
 
 The keepalives are real work that an idle link still costs: every `keepalive_secs` (5 s by
-default) each side sends a PING and answers the other's. So is what the daemon does for
+default) each client, the side that dialled, sends a PING and the daemon answers it. So is what the daemon does for
 each neighbour on its own timers (gossip, accounting, settlement), which is measured too.
 
 RSS counts what the set-up left behind as well as what the links hold: memory freed after

@@ -148,7 +148,7 @@ EDGES = [Edge(0, 1, "udp"), Edge(2, 1, "udp")]
 BENCH_TOML = """
 [links]
 keepalive_secs = 300.0
-dead_after_secs = 600.0
+dead_after_secs = 900.0
 
 [logging]
 level = "warning"

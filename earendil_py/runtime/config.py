@@ -91,7 +91,7 @@ class LinksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     """Link timing in seconds (time, unlike money, may be fractional)."""
 
     keepalive_secs: Seconds = 5.0
-    dead_after_secs: Seconds = 20.0  # and above keepalive_secs
+    dead_after_secs: Seconds = 20.0  # and above twice keepalive_secs
     handshake_retry_secs: RetrySeconds = 0.5
     redial_min_secs: RetrySeconds = 0.5
     redial_max_secs: RetrySeconds = 30.0  # and at least redial_min_secs
