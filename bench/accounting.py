@@ -190,6 +190,10 @@ class CountingTransport:
         self.frames += 1
         return True
 
+    def send_many(self, messages: list[bytes]) -> int:
+        self.frames += len(messages)
+        return len(messages)
+
     def close(self) -> None:
         """Nothing to close."""
 
