@@ -28,19 +28,33 @@ RSS counts what the set-up left behind as well as what the links hold: memory fr
 a thousand handshakes and graph floods stays in the allocator's pools, which Python and
 malloc do not hand back to the system.
 
-Run: .venv/bin/python bench/links.py [--links 100,1000] [--seconds S]
+Where the bytes go: with --trace, the daemon runs under `tracemalloc` (this script, as
+`--traced-daemon`, starts it and runs the daemon in its own process) and takes a snapshot
+when told to, before the first link and after the last size settled; printed then are the
+bytes per link that the difference holds, by the line of our code that allocated them (the
+innermost frame in earendil_py), by source line and by object type (a census of the
+collector's objects, shallow sizes). tracemalloc costs memory and time, so the RSS figures
+of a traced run are not the daemon's.
+
+Run: .venv/bin/python bench/links.py [--links 100,1000] [--seconds S] [--trace]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import gc
+import json
 import os
 import random
+import signal
 import socket
 import sys
 import tempfile
 import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +90,14 @@ from earendil_py.core.rpc import (
     encode_result,
     is_request,
 )
-from earendil_py.netgen import Daemons, Edge, RunningDaemon, generate_network, statuses
+from earendil_py.netgen import (
+    Daemons,
+    Edge,
+    GeneratedNode,
+    RunningDaemon,
+    generate_network,
+    statuses,
+)
 from earendil_py.runtime.config import Config, parse_address
 from earendil_py.runtime.keyfile import load_identity_file
 
@@ -86,6 +107,9 @@ SETTLE_SECS = 12.0
 SWEEP_SECS = 0.05  # the clients' timers are looked at this often
 START_SECS = 30.0
 SEED = 2026
+TRACE_FRAMES = 8  # deep enough to reach our code from inside msgspec, pynacl, the stdlib
+TRACE_TOP = 30  # rows printed per grouping
+SNAPSHOT_SIGNAL = signal.SIGUSR2
 
 DAEMON_TOML = """
 [logging]
@@ -264,7 +288,9 @@ class Clients:
                     client.link.handle_timer(now)
                     self.service(client, now)
                 neighbor = client.neighbor
-                if neighbor is not None and (due := neighbor.get_timer()) is not None:
+                if not client.up or neighbor is None:
+                    continue  # nothing to push on a link that closed
+                if (due := neighbor.get_timer()) is not None:
                     unix = time.time()
                     if due <= unix and (effect := neighbor.handle_timer(unix)) is not None:
                         self._run(client, effect)
@@ -297,8 +323,14 @@ async def idle(daemon: RunningDaemon, seconds: float) -> tuple[int, float]:
 
 
 async def measure(
-    sizes: list[int], seconds: float, daemon: RunningDaemon, clients: Clients
+    sizes: list[int],
+    seconds: float,
+    daemon: RunningDaemon,
+    clients: Clients,
+    snapshot: Callable[[], Awaitable[None]] | None = None,
 ) -> list[tuple[int, int, float]]:
+    """Rows of (links, RSS, CPU share); `snapshot` is awaited once with no link and once
+    after the last size settled."""
     rows = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(clients.receive)
@@ -306,6 +338,8 @@ async def measure(
         await anyio.sleep(SETTLE_SECS)
         rss, cpu = await idle(daemon, seconds)
         rows.append((0, rss, cpu))
+        if snapshot is not None:
+            await snapshot()
         for size in sizes:
             start = time.monotonic()
             await clients.open_many(size - clients.up)
@@ -317,15 +351,126 @@ async def measure(
             status = await anyio.to_thread.run_sync(daemon.call, "GET", "/api/status")
             rss, cpu = await idle(daemon, seconds)
             rows.append((len(status["links"]), rss, cpu))
+        if snapshot is not None:
+            await snapshot()
         tg.cancel_scope.cancel()
     return rows
+
+
+# --- --trace: where the bytes go ------------------------------------------------------------
+
+
+def serve_traced(directory: Path, config: Path) -> int:
+    """The daemon, under tracemalloc from the first SNAPSHOT_SIGNAL on: on each it writes
+    snapshot N (`N.snap`), a census of the collector's objects by type (`N.json`: name ->
+    [count, bytes]), then an empty `N.done`."""
+    from earendil_py.cli import main as cli_main
+
+    taken = 0
+
+    def take(signum: int, frame: object) -> None:
+        nonlocal taken
+        if not tracemalloc.is_tracing():  # the start-up is not traced: it would be slow
+            tracemalloc.start(TRACE_FRAMES)
+        census: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+        for obj in gc.get_objects():
+            entry = census[type(obj).__qualname__]
+            entry[0] += 1
+            entry[1] += sys.getsizeof(obj)
+        tracemalloc.take_snapshot().dump(str(directory / f"{taken}.snap"))
+        (directory / f"{taken}.json").write_text(json.dumps(census))
+        (directory / f"{taken}.done").touch()
+        taken += 1
+
+    signal.signal(SNAPSHOT_SIGNAL, take)
+    return cli_main(["daemon", "--config", str(config)])
+
+
+class TracedDaemons(Daemons):
+    """Daemons run by `serve_traced`, their snapshots in `directory`."""
+
+    def __init__(self, nodes: list[GeneratedNode], directory: Path) -> None:
+        super().__init__(nodes)
+        self.directory = directory
+
+    def command(self, node: GeneratedNode) -> list[str]:
+        script = str(Path(__file__).resolve())
+        directory, config = str(self.directory), str(node.config_path)
+        return [sys.executable, script, "--traced-daemon", directory, "--config", config]
+
+
+def snapshotter(daemon: RunningDaemon, directory: Path) -> Callable[[], Awaitable[None]]:
+    taken = 0
+
+    async def snapshot() -> None:
+        nonlocal taken
+        daemon.process.send_signal(SNAPSHOT_SIGNAL)
+        with anyio.fail_after(START_SECS):
+            while not (directory / f"{taken}.done").exists():
+                await anyio.sleep(0.1)
+        taken += 1
+
+    return snapshot
+
+
+def _ours(trace: tracemalloc.Traceback) -> str:
+    """The innermost frame of a traceback in our package (else its innermost frame)."""
+    for frame in reversed(trace):  # oldest first: look from the innermost
+        if "earendil_py" in frame.filename:
+            return f"{frame.filename.rsplit('earendil_py/', 1)[-1]}:{frame.lineno}"
+    frame = trace[-1]
+    return f"{frame.filename}:{frame.lineno}"
+
+
+def print_breakdown(directory: Path, links: int) -> None:
+    """Bytes per link between the two snapshots, by our line, by source line, by type."""
+    before = tracemalloc.Snapshot.load(str(directory / "0.snap"))
+    after = tracemalloc.Snapshot.load(str(directory / "1.snap"))
+    keep = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    before, after = before.filter_traces(keep), after.filter_traces(keep)
+    total = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    print(f"traced Python allocations: {total / links:,.0f} bytes per link")
+    by_ours: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
+    for stat in after.compare_to(before, "traceback"):
+        by_ours[_ours(stat.traceback)] += stat.size_diff
+        counts[_ours(stat.traceback)] += stat.count_diff
+    print(f"\nby the line of ours that allocated (bytes/link, objects/link), top {TRACE_TOP}:")
+    for where, size in by_ours.most_common(TRACE_TOP):
+        print(f"  {size / links:8,.0f} {counts[where] / links:6.1f}  {where}")
+    print(f"\nby source line (bytes/link, objects/link), top {TRACE_TOP}:")
+    for stat in after.compare_to(before, "lineno")[:TRACE_TOP]:
+        frame = stat.traceback[0]
+        where = f"{frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno}"
+        print(f"  {stat.size_diff / links:8,.0f} {stat.count_diff / links:6.1f}  {where}")
+    census_before = json.loads((directory / "0.json").read_text())
+    census_after = json.loads((directory / "1.json").read_text())
+    grown = {
+        name: (
+            count - census_before.get(name, [0, 0])[0],
+            size - census_before.get(name, [0, 0])[1],
+        )
+        for name, (count, size) in census_after.items()
+    }
+    print(
+        f"\nby type, collector-tracked objects (shallow bytes/link, count/link), top {TRACE_TOP}:"
+    )
+    for name, (count, size) in sorted(grown.items(), key=lambda kv: -kv[1][1])[:TRACE_TOP]:
+        print(f"  {size / links:8,.0f} {count / links:6.1f}  {name}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--links", default="100,1000", help="sizes, comma-separated")
     parser.add_argument("--seconds", type=float, default=20.0, help="idle window per size")
+    parser.add_argument(
+        "--trace", action="store_true", help="print where the bytes per link go (tracemalloc)"
+    )
+    parser.add_argument("--traced-daemon", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.traced_daemon is not None:
+        return serve_traced(args.traced_daemon, args.config)
     sizes = sorted(int(size) for size in args.links.split(","))
 
     with tempfile.TemporaryDirectory(prefix="bench-links-") as tmp:
@@ -335,7 +480,10 @@ def main() -> int:
         )
         (route,) = daemon_node.config.in_routes.values()
         daemon_identity = load_identity_file(daemon_node.directory / "node.key")
-        with Daemons([daemon_node]) as (daemon,):
+        traces = Path(tmp) / "traces"
+        traces.mkdir()
+        daemons = TracedDaemons([daemon_node], traces) if args.trace else Daemons([daemon_node])
+        with daemons as (daemon,):
             deadline = time.monotonic() + START_SECS
             while statuses([daemon]) == [None]:
                 if time.monotonic() > deadline or daemon.process.poll() is not None:
@@ -347,7 +495,10 @@ def main() -> int:
                 daemon_identity,
                 client_policy(peer.config),
             )
-            rows = anyio.run(measure, sizes, args.seconds, daemon, clients)
+            snapshot = snapshotter(daemon, traces) if args.trace else None
+            rows = anyio.run(measure, sizes, args.seconds, daemon, clients, snapshot)
+        if args.trace:
+            print_breakdown(traces, rows[-1][0])
     base_rss = rows[0][1]
     print(f"python {sys.version.split()[0]}; idle windows of {args.seconds:g}s")
     print(f"{'links':>6} {'RSS MiB':>8} {'per link':>12} {'idle cpu':>9}")
