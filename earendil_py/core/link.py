@@ -35,6 +35,7 @@ to judge. The header is authenticated as associated data. Frame kinds inside DAT
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
 import ipaddress
 import struct
@@ -89,6 +90,7 @@ class LinkTimers:
     dead_after: float = 20.0  # no authenticated frame for this long: the link is dead
 
 
+@functools.lru_cache(maxsize=64)  # a few routes: their links share the keys' bytes
 def derive_cookie_keys(secret: str) -> tuple[bytes, bytes]:
     """(psk, mac1 key) for a route cookie. Domain-separated so neither reveals the other."""
     raw = secret.encode()
@@ -516,9 +518,12 @@ class Link:
     def _receive_handshake(self, kind: int, data: bytes, now: float) -> None:
         body = data[:-MAC_SIZE]
         if self._peer_messages_seen >> kind & 1:
-            # The peer retransmitted: our reply to this message was lost, so resend it.
+            # The peer retransmitted: our reply to this message was lost, so resend it. Once
+            # established, what the peer can lack is our proof (see `_receive_proof`).
             self._stats.drops["handshake_duplicate"] += 1
             if not self._reliable:
+                if self.state is LinkState.ESTABLISHED:
+                    self._outbox.append(self._encrypt(PROOF, self._proof_body))
                 self._outbox.extend(self._flight)
                 self._ping_sent_at = None
             return
@@ -686,6 +691,10 @@ class Link:
         self.peer_fingerprint = fingerprint
         self.peer_identity_public = identity_public
         self.state = LinkState.ESTABLISHED
+        # Nothing of the handshake is kept for the link's life but our proof: a duplicate
+        # handshake message from a peer that lacks it gets it sealed anew, not the flight.
+        self._flight = []
+        self._handshake_hash = b""
         self._retransmit_at = None
         self._next_ping = now + self._timers.keepalive_interval
         self._events.append(LinkEstablished(fingerprint))
