@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -360,16 +361,70 @@ async def measure(
 # --- --trace: where the bytes go ------------------------------------------------------------
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def heap_figures(directory: Path) -> dict[str, int]:
+    """Where this process's memory is, in bytes: its resident set by kind (/proc), Python's
+    small-object allocator (blocks in use, and what its arenas hold unused), and glibc's
+    malloc (what the C libraries and Python's larger objects use, and what its heap holds
+    free), tracemalloc's own memory aside."""
+    figures: dict[str, int] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            figures[name] = int(value.split()[0]) * 1024
+    stats = directory / "pymalloc.txt"
+    with stats.open("w") as out:  # sys._debugmallocstats writes to the C stderr
+        saved = os.dup(2)
+        os.dup2(out.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    for line in stats.read_text().splitlines():
+        name, _, value = line.rpartition("=")
+        if name.startswith("# bytes in allocated blocks"):
+            figures["pymalloc_used"] = int(value.replace(",", ""))
+        elif " arenas * " in name:
+            arenas = int(value.replace(",", ""))
+    figures["pymalloc_unused"] = arenas - figures["pymalloc_used"]
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _Mallinfo2
+    info = mallinfo2()
+    tracing = tracemalloc.get_tracemalloc_memory()
+    figures["malloc_used"] = info.uordblks + info.hblkhd - tracing
+    figures["malloc_free"] = info.fordblks
+    return figures
+
+
 def serve_traced(directory: Path, config: Path) -> int:
     """The daemon, under tracemalloc from the first SNAPSHOT_SIGNAL on: on each it writes
-    snapshot N (`N.snap`), a census of the collector's objects by type (`N.json`: name ->
-    [count, bytes]), then an empty `N.done`."""
+    snapshot N (`N.snap`), a census of the collector's objects by type and `heap_figures`
+    (`N.json`: {"census": {name: [count, bytes]}, "heap": {...}}), then an empty `N.done`."""
     from earendil_py.cli import main as cli_main
 
     taken = 0
 
     def take(signum: int, frame: object) -> None:
         nonlocal taken
+        heap = heap_figures(directory)  # first: the census and the snapshot take memory
         if not tracemalloc.is_tracing():  # the start-up is not traced: it would be slow
             tracemalloc.start(TRACE_FRAMES)
         census: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
@@ -378,7 +433,7 @@ def serve_traced(directory: Path, config: Path) -> int:
             entry[0] += 1
             entry[1] += sys.getsizeof(obj)
         tracemalloc.take_snapshot().dump(str(directory / f"{taken}.snap"))
-        (directory / f"{taken}.json").write_text(json.dumps(census))
+        (directory / f"{taken}.json").write_text(json.dumps({"census": census, "heap": heap}))
         (directory / f"{taken}.done").touch()
         taken += 1
 
@@ -443,8 +498,20 @@ def print_breakdown(directory: Path, links: int) -> None:
         frame = stat.traceback[0]
         where = f"{frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno}"
         print(f"  {stat.size_diff / links:8,.0f} {stat.count_diff / links:6.1f}  {where}")
-    census_before = json.loads((directory / "0.json").read_text())
-    census_after = json.loads((directory / "1.json").read_text())
+    figures_before = json.loads((directory / "0.json").read_text())
+    figures_after = json.loads((directory / "1.json").read_text())
+    heap = {k: (v - figures_before["heap"][k]) / links for k, v in figures_after["heap"].items()}
+    print(
+        "\nwhere the resident set grew, bytes per link (traced: tracemalloc's own memory "
+        "is left out of malloc, not of RSS):\n"
+        f"  RSS {heap['VmRSS']:,.0f} (anonymous {heap['RssAnon']:,.0f}, file "
+        f"{heap['RssFile']:,.0f}, shared {heap['RssShmem']:,.0f})\n"
+        f"  Python's small-object allocator: in use {heap['pymalloc_used']:,.0f}, "
+        f"held unused in its arenas {heap['pymalloc_unused']:,.0f}\n"
+        f"  malloc (C libraries, larger objects): in use {heap['malloc_used']:,.0f}, "
+        f"free in its heap {heap['malloc_free']:,.0f}"
+    )
+    census_before, census_after = figures_before["census"], figures_after["census"]
     grown = {
         name: (
             count - census_before.get(name, [0, 0])[0],
