@@ -28,19 +28,23 @@ RSS counts what the set-up left behind as well as what the links hold: memory fr
 a thousand handshakes and graph floods stays in the allocator's pools, which Python and
 malloc do not hand back to the system.
 
-Where the bytes go: with --trace, the daemon runs under `tracemalloc` (this script, as
-`--traced-daemon`, starts it and runs the daemon in its own process) and takes a snapshot
-when told to, before the first link and after the last size settled; printed then are the
-bytes per link that the difference holds, by the line of our code that allocated them (the
-innermost frame in earendil_py), by source line and by object type (a census of the
-collector's objects, shallow sizes). tracemalloc costs memory and time, so the RSS figures
-of a traced run are not the daemon's.
+Where the bytes go: with --heap, the daemon is run by this script (as `--serve-daemon`, in
+its own process), which takes figures of its allocators when told to, before the first link
+and after the last size settled, and prints what grew per link: the resident set by kind,
+Python's small-object allocator (blocks in use, and what its arenas hold unused) and
+malloc's (in use by the C libraries and larger objects, and free in its heap). --trace adds
+`tracemalloc` snapshots at the same two points: the bytes per link that their difference
+holds, by the line of our code that allocated them (the innermost frame in earendil_py), by
+source line, and by object type (a census of the collector's objects, shallow sizes).
+tracemalloc costs memory and time (the set-up of 1,000 links takes minutes), so the RSS
+figures of a traced run are not the daemon's.
 
-Run: .venv/bin/python bench/links.py [--links 100,1000] [--seconds S] [--trace]
+Run: .venv/bin/python bench/links.py [--links 100,1000] [--seconds S] [--heap | --trace]
 """
 
 from __future__ import annotations
 
+import _sqlite3
 import argparse
 import collections
 import contextlib
@@ -358,7 +362,7 @@ async def measure(
     return rows
 
 
-# --- --trace: where the bytes go ------------------------------------------------------------
+# --- --heap and --trace: where the bytes go -------------------------------------------------
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -411,13 +415,18 @@ def heap_figures(directory: Path) -> dict[str, int]:
     tracing = tracemalloc.get_tracemalloc_memory()
     figures["malloc_used"] = info.uordblks + info.hblkhd - tracing
     figures["malloc_free"] = info.fordblks
+    sqlite = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used  # the ledger's, through malloc
+    sqlite.restype = ctypes.c_int64
+    figures["sqlite_used"] = sqlite()
     return figures
 
 
-def serve_traced(directory: Path, config: Path) -> int:
-    """The daemon, under tracemalloc from the first SNAPSHOT_SIGNAL on: on each it writes
-    snapshot N (`N.snap`), a census of the collector's objects by type and `heap_figures`
-    (`N.json`: {"census": {name: [count, bytes]}, "heap": {...}}), then an empty `N.done`."""
+def serve_daemon(directory: Path, config: Path, *, trace: bool) -> int:
+    """The daemon. On each SNAPSHOT_SIGNAL it writes `heap_figures` (`N.json`) and, if
+    `trace`, a census of the collector's objects by type (`N.census.json`: {name: [count,
+    bytes]}) and a tracemalloc snapshot (`N.snap`, tracing from the first signal on); from
+    the second on, `heap_figures` again after a full collection (`N.collected.json`); then
+    an empty `N.done`."""
     from earendil_py.cli import main as cli_main
 
     taken = 0
@@ -425,15 +434,20 @@ def serve_traced(directory: Path, config: Path) -> int:
     def take(signum: int, frame: object) -> None:
         nonlocal taken
         heap = heap_figures(directory)  # first: the census and the snapshot take memory
-        if not tracemalloc.is_tracing():  # the start-up is not traced: it would be slow
-            tracemalloc.start(TRACE_FRAMES)
-        census: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-        for obj in gc.get_objects():
-            entry = census[type(obj).__qualname__]
-            entry[0] += 1
-            entry[1] += sys.getsizeof(obj)
-        tracemalloc.take_snapshot().dump(str(directory / f"{taken}.snap"))
-        (directory / f"{taken}.json").write_text(json.dumps({"census": census, "heap": heap}))
+        (directory / f"{taken}.json").write_text(json.dumps(heap))
+        if trace:
+            if not tracemalloc.is_tracing():  # the start-up is not traced: it would be slow
+                tracemalloc.start(TRACE_FRAMES)
+            census: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+            for obj in gc.get_objects():
+                entry = census[type(obj).__qualname__]
+                entry[0] += 1
+                entry[1] += sys.getsizeof(obj)
+            tracemalloc.take_snapshot().dump(str(directory / f"{taken}.snap"))
+            (directory / f"{taken}.census.json").write_text(json.dumps(census))
+        if taken:  # the last one (the RSS was read before): what a collection would free
+            gc.collect()
+            (directory / f"{taken}.collected.json").write_text(json.dumps(heap_figures(directory)))
         (directory / f"{taken}.done").touch()
         taken += 1
 
@@ -441,17 +455,19 @@ def serve_traced(directory: Path, config: Path) -> int:
     return cli_main(["daemon", "--config", str(config)])
 
 
-class TracedDaemons(Daemons):
-    """Daemons run by `serve_traced`, their snapshots in `directory`."""
+class ServedDaemons(Daemons):
+    """Daemons run by `serve_daemon`, their figures in `directory`."""
 
-    def __init__(self, nodes: list[GeneratedNode], directory: Path) -> None:
+    def __init__(self, nodes: list[GeneratedNode], directory: Path, *, trace: bool) -> None:
         super().__init__(nodes)
         self.directory = directory
+        self.trace = trace
 
     def command(self, node: GeneratedNode) -> list[str]:
         script = str(Path(__file__).resolve())
         directory, config = str(self.directory), str(node.config_path)
-        return [sys.executable, script, "--traced-daemon", directory, "--config", config]
+        traced = ["--trace"] if self.trace else []
+        return [sys.executable, script, "--serve-daemon", directory, "--config", config, *traced]
 
 
 def snapshotter(daemon: RunningDaemon, directory: Path) -> Callable[[], Awaitable[None]]:
@@ -477,14 +493,34 @@ def _ours(trace: tracemalloc.Traceback) -> str:
     return f"{frame.filename}:{frame.lineno}"
 
 
-def print_breakdown(directory: Path, links: int) -> None:
+def print_heap(directory: Path, links: int) -> None:
+    """What grew per link between the two `heap_figures`."""
+    before = json.loads((directory / "0.json").read_text())
+    after = json.loads((directory / "1.json").read_text())
+    heap = {name: (value - before[name]) / links for name, value in after.items()}
+    collected = json.loads((directory / "1.collected.json").read_text())
+    garbage = (after["pymalloc_used"] - collected["pymalloc_used"]) / links
+    print(
+        "where the resident set grew, bytes per link (tracemalloc's own memory is left out "
+        "of malloc's, not of RSS):\n"
+        f"  RSS {heap['VmRSS']:,.0f} (anonymous {heap['RssAnon']:,.0f}, file "
+        f"{heap['RssFile']:,.0f}, shared {heap['RssShmem']:,.0f})\n"
+        f"  Python's small-object allocator: in use {heap['pymalloc_used']:,.0f}, "
+        f"held unused in its arenas {heap['pymalloc_unused']:,.0f}; a full collection "
+        f"would free {garbage:,.0f} of what is in use (unreachable cycles)\n"
+        f"  malloc (C libraries, larger objects): in use {heap['malloc_used']:,.0f} (SQLite "
+        f"{heap['sqlite_used']:,.0f}), free in its heap {heap['malloc_free']:,.0f}"
+    )
+
+
+def print_trace(directory: Path, links: int) -> None:
     """Bytes per link between the two snapshots, by our line, by source line, by type."""
     before = tracemalloc.Snapshot.load(str(directory / "0.snap"))
     after = tracemalloc.Snapshot.load(str(directory / "1.snap"))
     keep = [tracemalloc.Filter(False, tracemalloc.__file__)]
     before, after = before.filter_traces(keep), after.filter_traces(keep)
     total = sum(s.size_diff for s in after.compare_to(before, "filename"))
-    print(f"traced Python allocations: {total / links:,.0f} bytes per link")
+    print(f"\ntraced Python allocations: {total / links:,.0f} bytes per link")
     by_ours: collections.Counter[str] = collections.Counter()
     counts: collections.Counter[str] = collections.Counter()
     for stat in after.compare_to(before, "traceback"):
@@ -498,20 +534,8 @@ def print_breakdown(directory: Path, links: int) -> None:
         frame = stat.traceback[0]
         where = f"{frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno}"
         print(f"  {stat.size_diff / links:8,.0f} {stat.count_diff / links:6.1f}  {where}")
-    figures_before = json.loads((directory / "0.json").read_text())
-    figures_after = json.loads((directory / "1.json").read_text())
-    heap = {k: (v - figures_before["heap"][k]) / links for k, v in figures_after["heap"].items()}
-    print(
-        "\nwhere the resident set grew, bytes per link (traced: tracemalloc's own memory "
-        "is left out of malloc, not of RSS):\n"
-        f"  RSS {heap['VmRSS']:,.0f} (anonymous {heap['RssAnon']:,.0f}, file "
-        f"{heap['RssFile']:,.0f}, shared {heap['RssShmem']:,.0f})\n"
-        f"  Python's small-object allocator: in use {heap['pymalloc_used']:,.0f}, "
-        f"held unused in its arenas {heap['pymalloc_unused']:,.0f}\n"
-        f"  malloc (C libraries, larger objects): in use {heap['malloc_used']:,.0f}, "
-        f"free in its heap {heap['malloc_free']:,.0f}"
-    )
-    census_before, census_after = figures_before["census"], figures_after["census"]
+    census_before = json.loads((directory / "0.census.json").read_text())
+    census_after = json.loads((directory / "1.census.json").read_text())
     grown = {
         name: (
             count - census_before.get(name, [0, 0])[0],
@@ -531,13 +555,17 @@ def main() -> int:
     parser.add_argument("--links", default="100,1000", help="sizes, comma-separated")
     parser.add_argument("--seconds", type=float, default=20.0, help="idle window per size")
     parser.add_argument(
-        "--trace", action="store_true", help="print where the bytes per link go (tracemalloc)"
+        "--heap", action="store_true", help="print where the RSS per link goes, by allocator"
     )
-    parser.add_argument("--traced-daemon", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--trace", action="store_true", help="--heap, and the objects per link (tracemalloc)"
+    )
+    parser.add_argument("--serve-daemon", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.traced_daemon is not None:
-        return serve_traced(args.traced_daemon, args.config)
+    if args.serve_daemon is not None:
+        return serve_daemon(args.serve_daemon, args.config, trace=args.trace)
+    served = args.heap or args.trace
     sizes = sorted(int(size) for size in args.links.split(","))
 
     with tempfile.TemporaryDirectory(prefix="bench-links-") as tmp:
@@ -549,7 +577,11 @@ def main() -> int:
         daemon_identity = load_identity_file(daemon_node.directory / "node.key")
         traces = Path(tmp) / "traces"
         traces.mkdir()
-        daemons = TracedDaemons([daemon_node], traces) if args.trace else Daemons([daemon_node])
+        daemons = (
+            ServedDaemons([daemon_node], traces, trace=args.trace)
+            if served
+            else Daemons([daemon_node])
+        )
         with daemons as (daemon,):
             deadline = time.monotonic() + START_SECS
             while statuses([daemon]) == [None]:
@@ -562,10 +594,12 @@ def main() -> int:
                 daemon_identity,
                 client_policy(peer.config),
             )
-            snapshot = snapshotter(daemon, traces) if args.trace else None
+            snapshot = snapshotter(daemon, traces) if served else None
             rows = anyio.run(measure, sizes, args.seconds, daemon, clients, snapshot)
+        if served:
+            print_heap(traces, rows[-1][0])
         if args.trace:
-            print_breakdown(traces, rows[-1][0])
+            print_trace(traces, rows[-1][0])
     base_rss = rows[0][1]
     print(f"python {sys.version.split()[0]}; idle windows of {args.seconds:g}s")
     print(f"{'links':>6} {'RSS MiB':>8} {'per link':>12} {'idle cpu':>9}")
