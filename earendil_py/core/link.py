@@ -283,7 +283,7 @@ class Link:
         self._outbox: list[bytes] = []
         self._events: list[LinkEvent] = []  # a deque would cost ~700 bytes more per link
         # Retransmission: the last flight we sent and when to resend it.
-        self._flight: list[bytes] = []
+        self._flight: tuple[bytes, ...] = ()
         self._rto = self._timers.handshake_rto
         self._attempts = 0
         self._retransmit_at: float | None = None
@@ -299,7 +299,7 @@ class Link:
         # (Karn's rule: its answer could be to either copy).
         self._ping_sent_at: float | None = None
         if initiator:
-            self._send_flight([self._handshake_message(HS_INIT, None)], now)
+            self._send_flight((self._handshake_message(HS_INIT, None),), now)
             self._ping_sent_at = now
 
     # --- public API ---------------------------------------------------------------------
@@ -546,7 +546,7 @@ class Link:
                     self._close("handshake_failed", now, notify=False)
                 raise
             self.remote_index = int(U32.unpack_from(body, 1)[0])
-            self._send_flight([self._handshake_message(HS_RESP, self.remote_index)], now)
+            self._send_flight((self._handshake_message(HS_RESP, self.remote_index),), now)
             self._ping_sent_at = now
         elif kind == HS_RESP:
             if len(body) < 9 or U32.unpack_from(body, 5)[0] != self.local_index:
@@ -556,13 +556,13 @@ class Link:
             self._rtt_sample(now)
             final = self._handshake_message(HS_FINAL, self.remote_index)
             self._start_transport()
-            self._send_flight([final, self._encrypt(PROOF, self._proof_body)], now)
+            self._send_flight((final, self._encrypt(PROOF, self._proof_body)), now)
         else:
             self._noise.read_message(body[5:])
             self._rtt_sample(now)
             self._start_transport()
             # The responder's proof is its reply; it is resent if HS_FINAL arrives again.
-            self._send_flight([self._encrypt(PROOF, self._proof_body)], now)
+            self._send_flight((self._encrypt(PROOF, self._proof_body),), now)
         self._peer_messages_seen |= 1 << kind
         self._last_received = self._last_heard = now
 
@@ -602,7 +602,7 @@ class Link:
         recv.forget_aead()
         self._send_aead = self._recv_aead = None
 
-    def _send_flight(self, messages: list[bytes], now: float) -> None:
+    def _send_flight(self, messages: tuple[bytes, ...], now: float) -> None:
         self._flight = messages
         self._outbox.extend(messages)
         self._attempts = 0
@@ -693,7 +693,7 @@ class Link:
         self.state = LinkState.ESTABLISHED
         # Nothing of the handshake is kept for the link's life but our proof: a duplicate
         # handshake message from a peer that lacks it gets it sealed anew, not the flight.
-        self._flight = []
+        self._flight = ()
         self._handshake_hash = b""
         self._retransmit_at = None
         self._next_ping = now + self._timers.keepalive_interval
