@@ -485,10 +485,15 @@ def snapshotter(daemon: RunningDaemon, directory: Path) -> Callable[[], Awaitabl
 
 
 def _ours(trace: tracemalloc.Traceback) -> str:
-    """The innermost frame of a traceback in our package (else its innermost frame)."""
-    for frame in reversed(trace):  # oldest first: look from the innermost
-        if "earendil_py" in frame.filename:
-            return f"{frame.filename.rsplit('earendil_py/', 1)[-1]}:{frame.lineno}"
+    """The innermost frames of a traceback in our package, up to three, innermost first
+    (else its innermost frame)."""
+    ours = [
+        f"{frame.filename.rsplit('earendil_py/', 1)[-1]}:{frame.lineno}"
+        for frame in reversed(trace)  # oldest first: look from the innermost
+        if "earendil_py" in frame.filename
+    ]
+    if ours:
+        return " <- ".join(ours[:3])
     frame = trace[-1]
     return f"{frame.filename}:{frame.lineno}"
 
