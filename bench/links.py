@@ -115,6 +115,7 @@ SEED = 2026
 TRACE_FRAMES = 8  # deep enough to reach our code from inside msgspec, pynacl, the stdlib
 TRACE_TOP = 30  # rows printed per grouping
 SNAPSHOT_SIGNAL = signal.SIGUSR2
+SNAPSHOT_SECS = 600.0  # a traced daemon's last snapshot (census, collection, dump) is slow
 
 DAEMON_TOML = """
 [logging]
@@ -476,7 +477,7 @@ def snapshotter(daemon: RunningDaemon, directory: Path) -> Callable[[], Awaitabl
     async def snapshot() -> None:
         nonlocal taken
         daemon.process.send_signal(SNAPSHOT_SIGNAL)
-        with anyio.fail_after(START_SECS):
+        with anyio.fail_after(SNAPSHOT_SECS):
             while not (directory / f"{taken}.done").exists():
                 await anyio.sleep(0.1)
         taken += 1
