@@ -32,10 +32,11 @@ Where the bytes go: with --heap, the daemon is run by this script (as `--serve-d
 its own process), which takes figures of its allocators when told to, before the first link
 and after the last size settled, and prints what grew per link: the resident set by kind,
 Python's small-object allocator (blocks in use, and what its arenas hold unused) and
-malloc's (in use by the C libraries and larger objects, and free in its heap). --trace adds
-`tracemalloc` snapshots at the same two points: the bytes per link that their difference
-holds, by the line of our code that allocated them (the innermost frame in earendil_py), by
-source line, and by object type (a census of the collector's objects, shallow sizes).
+malloc's (in use by the C libraries and larger objects, and free in its heap). --trace takes
+`tracemalloc` snapshots at the same two points instead: the bytes per link that their
+difference holds, by the lines of our code that allocated them (the innermost frames in
+earendil_py), by source line, and by object type (a census of the collector's objects,
+shallow sizes).
 tracemalloc costs memory and time (the set-up of 1,000 links takes minutes), so the RSS
 figures of a traced run are not the daemon's.
 
@@ -423,19 +424,17 @@ def heap_figures(directory: Path) -> dict[str, int]:
 
 
 def serve_daemon(directory: Path, config: Path, *, trace: bool) -> int:
-    """The daemon. On each SNAPSHOT_SIGNAL it writes `heap_figures` (`N.json`) and, if
-    `trace`, a census of the collector's objects by type (`N.census.json`: {name: [count,
-    bytes]}) and a tracemalloc snapshot (`N.snap`, tracing from the first signal on); from
-    the second on, `heap_figures` again after a full collection (`N.collected.json`); then
-    an empty `N.done`."""
+    """The daemon. On each SNAPSHOT_SIGNAL it writes, if `trace`, a census of the collector's
+    objects by type (`N.census.json`: {name: [count, bytes]}) and a tracemalloc snapshot
+    (`N.snap`, tracing from the first signal on), else `heap_figures` (`N.json`) and from the
+    second signal on the same after a full collection (`N.collected.json`); then an empty
+    `N.done`."""
     from earendil_py.cli import main as cli_main
 
     taken = 0
 
     def take(signum: int, frame: object) -> None:
         nonlocal taken
-        heap = heap_figures(directory)  # first: the census and the snapshot take memory
-        (directory / f"{taken}.json").write_text(json.dumps(heap))
         if trace:
             if not tracemalloc.is_tracing():  # the start-up is not traced: it would be slow
                 tracemalloc.start(TRACE_FRAMES)
@@ -446,9 +445,12 @@ def serve_daemon(directory: Path, config: Path, *, trace: bool) -> int:
                 entry[1] += sys.getsizeof(obj)
             tracemalloc.take_snapshot().dump(str(directory / f"{taken}.snap"))
             (directory / f"{taken}.census.json").write_text(json.dumps(census))
-        if taken:  # the last one (the RSS was read before): what a collection would free
-            gc.collect()
-            (directory / f"{taken}.collected.json").write_text(json.dumps(heap_figures(directory)))
+        else:  # tracemalloc would hide Python's allocator, whose figures these read
+            (directory / f"{taken}.json").write_text(json.dumps(heap_figures(directory)))
+            if taken:  # the last one (RSS was read before): what a collection would free
+                gc.collect()
+                after = heap_figures(directory)
+                (directory / f"{taken}.collected.json").write_text(json.dumps(after))
         (directory / f"{taken}.done").touch()
         taken += 1
 
@@ -564,7 +566,7 @@ def main() -> int:
         "--heap", action="store_true", help="print where the RSS per link goes, by allocator"
     )
     parser.add_argument(
-        "--trace", action="store_true", help="--heap, and the objects per link (tracemalloc)"
+        "--trace", action="store_true", help="print the objects per link (tracemalloc)"
     )
     parser.add_argument("--serve-daemon", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
@@ -602,7 +604,7 @@ def main() -> int:
             )
             snapshot = snapshotter(daemon, traces) if served else None
             rows = anyio.run(measure, sizes, args.seconds, daemon, clients, snapshot)
-        if served:
+        if args.heap and not args.trace:
             print_heap(traces, rows[-1][0])
         if args.trace:
             print_trace(traces, rows[-1][0])
