@@ -32,7 +32,7 @@ WINDOW_SECS = 3600.0
 MAX_NEIGHBORS = 1024
 FIELDS = ("at", "debt_in_umel", "debt_out_umel", "packets_in", "packets_out")
 _WIDTH = len(FIELDS) - 1  # the values of a neighbour's sample; the time is shared
-_IDLE = (0,) * _WIDTH  # no debt, no packet: one tuple for every neighbour so
+_IDLE = (0,) * _WIDTH  # no debt, no packet: the one tuple all such neighbours hold
 _INT64 = (-(2**63), 2**63 - 1)
 
 
