@@ -21,26 +21,47 @@ before the first), and the idle CPU as a share of one core. Targets at 1,000 lin
 <= 8 KiB per link, <= 2 % of a core.
 
 The keepalives are real work that an idle link still costs: every `keepalive_secs` (5 s by
-default) each client, the side that dialled, sends a PING and the daemon answers it. So is what the daemon does for
-each neighbour on its own timers (gossip, accounting, settlement), which is measured too.
+default) each client, the side that dialled, sends a PING and the daemon answers it. So is
+what the daemon does for each neighbour on its own timers (gossip, accounting, settlement),
+which is measured too.
 
 RSS counts what the set-up left behind as well as what the links hold: memory freed after
 a thousand handshakes and graph floods stays in the allocator's pools, which Python and
 malloc do not hand back to the system.
 
-Run: .venv/bin/python bench/links.py [--links 100,1000] [--seconds S]
+Where the bytes go: with --heap, the daemon is run by this script (as `--serve-daemon`, in
+its own process), which takes figures of its allocators when told to, before the first link
+and after the last size settled, and prints what grew per link: the resident set by kind,
+Python's small-object allocator (blocks in use, and what its arenas hold unused) and
+malloc's (in use by the C libraries and larger objects, and free in its heap). --trace takes
+`tracemalloc` snapshots at the same two points instead: the bytes per link that their
+difference holds, by the lines of our code that allocated them (the innermost frames in
+earendil_py), by source line, and by object type (a census of the collector's objects,
+shallow sizes).
+tracemalloc costs memory and time (the set-up of 1,000 links takes minutes), so the RSS
+figures of a traced run are not the daemon's.
+
+Run: .venv/bin/python bench/links.py [--links 100,1000] [--seconds S] [--heap | --trace]
 """
 
 from __future__ import annotations
 
+import _sqlite3
 import argparse
+import collections
 import contextlib
+import ctypes
+import gc
+import json
 import os
 import random
+import signal
 import socket
 import sys
 import tempfile
 import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +97,14 @@ from earendil_py.core.rpc import (
     encode_result,
     is_request,
 )
-from earendil_py.netgen import Daemons, Edge, RunningDaemon, generate_network, statuses
+from earendil_py.netgen import (
+    Daemons,
+    Edge,
+    GeneratedNode,
+    RunningDaemon,
+    generate_network,
+    statuses,
+)
 from earendil_py.runtime.config import Config, parse_address
 from earendil_py.runtime.keyfile import load_identity_file
 
@@ -86,6 +114,10 @@ SETTLE_SECS = 12.0
 SWEEP_SECS = 0.05  # the clients' timers are looked at this often
 START_SECS = 30.0
 SEED = 2026
+TRACE_FRAMES = 8  # deep enough to reach our code from inside msgspec, pynacl, the stdlib
+TRACE_TOP = 30  # rows printed per grouping
+SNAPSHOT_SIGNAL = signal.SIGUSR2
+SNAPSHOT_SECS = 600.0  # a traced daemon's last snapshot (census, collection, dump) is slow
 
 DAEMON_TOML = """
 [logging]
@@ -264,7 +296,9 @@ class Clients:
                     client.link.handle_timer(now)
                     self.service(client, now)
                 neighbor = client.neighbor
-                if neighbor is not None and (due := neighbor.get_timer()) is not None:
+                if not client.up or neighbor is None:
+                    continue  # nothing to push on a link that closed
+                if (due := neighbor.get_timer()) is not None:
                     unix = time.time()
                     if due <= unix and (effect := neighbor.handle_timer(unix)) is not None:
                         self._run(client, effect)
@@ -297,8 +331,14 @@ async def idle(daemon: RunningDaemon, seconds: float) -> tuple[int, float]:
 
 
 async def measure(
-    sizes: list[int], seconds: float, daemon: RunningDaemon, clients: Clients
+    sizes: list[int],
+    seconds: float,
+    daemon: RunningDaemon,
+    clients: Clients,
+    snapshot: Callable[[], Awaitable[None]] | None = None,
 ) -> list[tuple[int, int, float]]:
+    """Rows of (links, RSS, CPU share); `snapshot` is awaited once with no link and once
+    after the last size settled."""
     rows = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(clients.receive)
@@ -306,6 +346,8 @@ async def measure(
         await anyio.sleep(SETTLE_SECS)
         rss, cpu = await idle(daemon, seconds)
         rows.append((0, rss, cpu))
+        if snapshot is not None:
+            await snapshot()
         for size in sizes:
             start = time.monotonic()
             await clients.open_many(size - clients.up)
@@ -317,15 +359,222 @@ async def measure(
             status = await anyio.to_thread.run_sync(daemon.call, "GET", "/api/status")
             rss, cpu = await idle(daemon, seconds)
             rows.append((len(status["links"]), rss, cpu))
+        if snapshot is not None:
+            await snapshot()
         tg.cancel_scope.cancel()
     return rows
+
+
+# --- --heap and --trace: where the bytes go -------------------------------------------------
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def heap_figures(directory: Path) -> dict[str, int]:
+    """Where this process's memory is, in bytes: its resident set by kind (/proc), Python's
+    small-object allocator (blocks in use, and what its arenas hold unused), and glibc's
+    malloc (what the C libraries and Python's larger objects use, and what its heap holds
+    free), tracemalloc's own memory aside."""
+    figures: dict[str, int] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            figures[name] = int(value.split()[0]) * 1024
+    stats = directory / "pymalloc.txt"
+    with stats.open("w") as out:  # sys._debugmallocstats writes to the C stderr
+        saved = os.dup(2)
+        os.dup2(out.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    for line in stats.read_text().splitlines():
+        name, _, value = line.rpartition("=")
+        if name.startswith("# bytes in allocated blocks"):
+            figures["pymalloc_used"] = int(value.replace(",", ""))
+        elif " arenas * " in name:
+            arenas = int(value.replace(",", ""))
+    figures["pymalloc_unused"] = arenas - figures["pymalloc_used"]
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _Mallinfo2
+    info = mallinfo2()
+    tracing = tracemalloc.get_tracemalloc_memory()
+    figures["malloc_used"] = info.uordblks + info.hblkhd - tracing
+    figures["malloc_free"] = info.fordblks
+    sqlite = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used  # the ledger's, through malloc
+    sqlite.restype = ctypes.c_int64
+    figures["sqlite_used"] = sqlite()
+    return figures
+
+
+def serve_daemon(directory: Path, config: Path, *, trace: bool) -> int:
+    """The daemon. On each SNAPSHOT_SIGNAL it writes, if `trace`, a census of the collector's
+    objects by type (`N.census.json`: {name: [count, bytes]}) and a tracemalloc snapshot
+    (`N.snap`, tracing from the first signal on), else `heap_figures` (`N.json`) and from the
+    second signal on the same after a full collection (`N.collected.json`); then an empty
+    `N.done`."""
+    from earendil_py.cli import main as cli_main
+
+    taken = 0
+
+    def take(signum: int, frame: object) -> None:
+        nonlocal taken
+        if trace:
+            if not tracemalloc.is_tracing():  # the start-up is not traced: it would be slow
+                tracemalloc.start(TRACE_FRAMES)
+            census: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+            for obj in gc.get_objects():
+                entry = census[type(obj).__qualname__]
+                entry[0] += 1
+                entry[1] += sys.getsizeof(obj)
+            tracemalloc.take_snapshot().dump(str(directory / f"{taken}.snap"))
+            (directory / f"{taken}.census.json").write_text(json.dumps(census))
+        else:  # tracemalloc would hide Python's allocator, whose figures these read
+            (directory / f"{taken}.json").write_text(json.dumps(heap_figures(directory)))
+            if taken:  # the last one (RSS was read before): what a collection would free
+                gc.collect()
+                after = heap_figures(directory)
+                (directory / f"{taken}.collected.json").write_text(json.dumps(after))
+        (directory / f"{taken}.done").touch()
+        taken += 1
+
+    signal.signal(SNAPSHOT_SIGNAL, take)
+    return cli_main(["daemon", "--config", str(config)])
+
+
+class ServedDaemons(Daemons):
+    """Daemons run by `serve_daemon`, their figures in `directory`."""
+
+    def __init__(self, nodes: list[GeneratedNode], directory: Path, *, trace: bool) -> None:
+        super().__init__(nodes)
+        self.directory = directory
+        self.trace = trace
+
+    def command(self, node: GeneratedNode) -> list[str]:
+        script = str(Path(__file__).resolve())
+        directory, config = str(self.directory), str(node.config_path)
+        traced = ["--trace"] if self.trace else []
+        return [sys.executable, script, "--serve-daemon", directory, "--config", config, *traced]
+
+
+def snapshotter(daemon: RunningDaemon, directory: Path) -> Callable[[], Awaitable[None]]:
+    taken = 0
+
+    async def snapshot() -> None:
+        nonlocal taken
+        daemon.process.send_signal(SNAPSHOT_SIGNAL)
+        with anyio.fail_after(SNAPSHOT_SECS):
+            while not (directory / f"{taken}.done").exists():
+                await anyio.sleep(0.1)
+        taken += 1
+
+    return snapshot
+
+
+def _ours(trace: tracemalloc.Traceback) -> str:
+    """The innermost frames of a traceback in our package, up to three, innermost first
+    (else its innermost frame)."""
+    ours = [
+        f"{frame.filename.rsplit('earendil_py/', 1)[-1]}:{frame.lineno}"
+        for frame in reversed(trace)  # oldest first: look from the innermost
+        if "earendil_py" in frame.filename
+    ]
+    if ours:
+        return " <- ".join(ours[:3])
+    frame = trace[-1]
+    return f"{frame.filename}:{frame.lineno}"
+
+
+def print_heap(directory: Path, links: int) -> None:
+    """What grew per link between the two `heap_figures`."""
+    before = json.loads((directory / "0.json").read_text())
+    after = json.loads((directory / "1.json").read_text())
+    heap = {name: (value - before[name]) / links for name, value in after.items()}
+    collected = json.loads((directory / "1.collected.json").read_text())
+    garbage = (after["pymalloc_used"] - collected["pymalloc_used"]) / links
+    print(
+        "where the resident set grew, bytes per link (tracemalloc's own memory is left out "
+        "of malloc's, not of RSS):\n"
+        f"  RSS {heap['VmRSS']:,.0f} (anonymous {heap['RssAnon']:,.0f}, file "
+        f"{heap['RssFile']:,.0f}, shared {heap['RssShmem']:,.0f})\n"
+        f"  Python's small-object allocator: in use {heap['pymalloc_used']:,.0f}, "
+        f"held unused in its arenas {heap['pymalloc_unused']:,.0f}; a full collection "
+        f"would free {garbage:,.0f} of what is in use (unreachable cycles)\n"
+        f"  malloc (C libraries, larger objects): in use {heap['malloc_used']:,.0f} (SQLite "
+        f"{heap['sqlite_used']:,.0f}), free in its heap {heap['malloc_free']:,.0f}"
+    )
+
+
+def print_trace(directory: Path, links: int) -> None:
+    """Bytes per link between the two snapshots, by our line, by source line, by type."""
+    before = tracemalloc.Snapshot.load(str(directory / "0.snap"))
+    after = tracemalloc.Snapshot.load(str(directory / "1.snap"))
+    keep = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    before, after = before.filter_traces(keep), after.filter_traces(keep)
+    total = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    print(f"\ntraced Python allocations: {total / links:,.0f} bytes per link")
+    by_ours: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
+    for stat in after.compare_to(before, "traceback"):
+        by_ours[_ours(stat.traceback)] += stat.size_diff
+        counts[_ours(stat.traceback)] += stat.count_diff
+    print(f"\nby the line of ours that allocated (bytes/link, objects/link), top {TRACE_TOP}:")
+    for where, size in by_ours.most_common(TRACE_TOP):
+        print(f"  {size / links:8,.0f} {counts[where] / links:6.1f}  {where}")
+    print(f"\nby source line (bytes/link, objects/link), top {TRACE_TOP}:")
+    for stat in after.compare_to(before, "lineno")[:TRACE_TOP]:
+        frame = stat.traceback[0]
+        where = f"{frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno}"
+        print(f"  {stat.size_diff / links:8,.0f} {stat.count_diff / links:6.1f}  {where}")
+    census_before = json.loads((directory / "0.census.json").read_text())
+    census_after = json.loads((directory / "1.census.json").read_text())
+    grown = {
+        name: (
+            count - census_before.get(name, [0, 0])[0],
+            size - census_before.get(name, [0, 0])[1],
+        )
+        for name, (count, size) in census_after.items()
+    }
+    print(
+        f"\nby type, collector-tracked objects (shallow bytes/link, count/link), top {TRACE_TOP}:"
+    )
+    for name, (count, size) in sorted(grown.items(), key=lambda kv: -kv[1][1])[:TRACE_TOP]:
+        print(f"  {size / links:8,.0f} {count / links:6.1f}  {name}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--links", default="100,1000", help="sizes, comma-separated")
     parser.add_argument("--seconds", type=float, default=20.0, help="idle window per size")
+    parser.add_argument(
+        "--heap", action="store_true", help="print where the RSS per link goes, by allocator"
+    )
+    parser.add_argument(
+        "--trace", action="store_true", help="print the objects per link (tracemalloc)"
+    )
+    parser.add_argument("--serve-daemon", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_daemon is not None:
+        return serve_daemon(args.serve_daemon, args.config, trace=args.trace)
+    served = args.heap or args.trace
     sizes = sorted(int(size) for size in args.links.split(","))
 
     with tempfile.TemporaryDirectory(prefix="bench-links-") as tmp:
@@ -335,7 +584,14 @@ def main() -> int:
         )
         (route,) = daemon_node.config.in_routes.values()
         daemon_identity = load_identity_file(daemon_node.directory / "node.key")
-        with Daemons([daemon_node]) as (daemon,):
+        traces = Path(tmp) / "traces"
+        traces.mkdir()
+        daemons = (
+            ServedDaemons([daemon_node], traces, trace=args.trace)
+            if served
+            else Daemons([daemon_node])
+        )
+        with daemons as (daemon,):
             deadline = time.monotonic() + START_SECS
             while statuses([daemon]) == [None]:
                 if time.monotonic() > deadline or daemon.process.poll() is not None:
@@ -347,7 +603,12 @@ def main() -> int:
                 daemon_identity,
                 client_policy(peer.config),
             )
-            rows = anyio.run(measure, sizes, args.seconds, daemon, clients)
+            snapshot = snapshotter(daemon, traces) if served else None
+            rows = anyio.run(measure, sizes, args.seconds, daemon, clients, snapshot)
+        if args.heap and not args.trace:
+            print_heap(traces, rows[-1][0])
+        if args.trace:
+            print_trace(traces, rows[-1][0])
     base_rss = rows[0][1]
     print(f"python {sys.version.split()[0]}; idle windows of {args.seconds:g}s")
     print(f"{'links':>6} {'RSS MiB':>8} {'per link':>12} {'idle cpu':>9}")

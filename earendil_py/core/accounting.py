@@ -330,6 +330,11 @@ class Account:
                 return last
             reason = "seq_reused" if offer.seq == last.seq else "stale_seq"
             return make_answer(self.identity, offer, reason, now)
+        # The offer and our answer are kept: their parties as the objects the account holds
+        # already, not the copies decoding made (130 bytes a neighbour).
+        offer = msgspec.structs.replace(
+            offer, offerer=self.neighbor, payer=self.identity.fingerprint
+        )
         reason = rule.evaluate(offer.terms())
         s.their_answer = make_answer(self.identity, offer, reason, now)
         if not reason:

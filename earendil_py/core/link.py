@@ -35,6 +35,7 @@ to judge. The header is authenticated as associated data. Frame kinds inside DAT
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
 import ipaddress
 import struct
@@ -89,6 +90,7 @@ class LinkTimers:
     dead_after: float = 20.0  # no authenticated frame for this long: the link is dead
 
 
+@functools.lru_cache(maxsize=64)  # a few routes: their links share the keys' bytes
 def derive_cookie_keys(secret: str) -> tuple[bytes, bytes]:
     """(psk, mac1 key) for a route cookie. Domain-separated so neither reveals the other."""
     raw = secret.encode()
@@ -286,7 +288,7 @@ class Link:
         self._outbox: list[bytes] = []
         self._events: list[LinkEvent] = []  # a deque would cost ~700 bytes more per link
         # Retransmission: the last flight we sent and when to resend it.
-        self._flight: list[bytes] = []
+        self._flight: tuple[bytes, ...] = ()
         self._rto = self._timers.handshake_rto
         self._attempts = 0
         self._retransmit_at: float | None = None
@@ -302,7 +304,7 @@ class Link:
         # (Karn's rule: its answer could be to either copy).
         self._ping_sent_at: float | None = None
         if initiator:
-            self._send_flight([self._handshake_message(HS_INIT, None)], now)
+            self._send_flight((self._handshake_message(HS_INIT, None),), now)
             self._ping_sent_at = now
 
     # --- public API ---------------------------------------------------------------------
@@ -521,9 +523,12 @@ class Link:
     def _receive_handshake(self, kind: int, data: bytes, now: float) -> None:
         body = data[:-MAC_SIZE]
         if self._peer_messages_seen >> kind & 1:
-            # The peer retransmitted: our reply to this message was lost, so resend it.
+            # The peer retransmitted: our reply to this message was lost, so resend it. Once
+            # established, what the peer can lack is our proof (see `_receive_proof`).
             self._stats.drops["handshake_duplicate"] += 1
             if not self._reliable:
+                if self.state is LinkState.ESTABLISHED:
+                    self._outbox.append(self._encrypt(PROOF, self._proof_body))
                 self._outbox.extend(self._flight)
                 self._ping_sent_at = None
             return
@@ -546,7 +551,7 @@ class Link:
                     self._close("handshake_failed", now, notify=False)
                 raise
             self.remote_index = int(U32.unpack_from(body, 1)[0])
-            self._send_flight([self._handshake_message(HS_RESP, self.remote_index)], now)
+            self._send_flight((self._handshake_message(HS_RESP, self.remote_index),), now)
             self._ping_sent_at = now
         elif kind == HS_RESP:
             if len(body) < 9 or U32.unpack_from(body, 5)[0] != self.local_index:
@@ -556,13 +561,13 @@ class Link:
             self._rtt_sample(now)
             final = self._handshake_message(HS_FINAL, self.remote_index)
             self._start_transport()
-            self._send_flight([final, self._encrypt(PROOF, self._proof_body)], now)
+            self._send_flight((final, self._encrypt(PROOF, self._proof_body)), now)
         else:
             self._noise.read_message(body[5:])
             self._rtt_sample(now)
             self._start_transport()
             # The responder's proof is its reply; it is resent if HS_FINAL arrives again.
-            self._send_flight([self._encrypt(PROOF, self._proof_body)], now)
+            self._send_flight((self._encrypt(PROOF, self._proof_body),), now)
         self._peer_messages_seen |= 1 << kind
         self._last_received = self._last_heard = now
 
@@ -603,7 +608,7 @@ class Link:
         recv.forget_aead()
         self._send_aead = self._recv_aead = None
 
-    def _send_flight(self, messages: list[bytes], now: float) -> None:
+    def _send_flight(self, messages: tuple[bytes, ...], now: float) -> None:
         self._flight = messages
         self._outbox.extend(messages)
         self._attempts = 0
@@ -693,6 +698,10 @@ class Link:
         self.peer_fingerprint = fingerprint
         self.peer_identity_public = identity_public
         self.state = LinkState.ESTABLISHED
+        # Nothing of the handshake is kept for the link's life but our proof: a duplicate
+        # handshake message from a peer that lacks it gets it sealed anew, not the flight.
+        self._flight = ()
+        self._handshake_hash = b""
         self._retransmit_at = None
         self._next_ping = now + self._timers.keepalive_interval
         self._events.append(LinkEstablished(fingerprint))

@@ -603,6 +603,38 @@ class Neighbor:
     (an operator request that cannot be honoured, an effect applied out of order); nothing
     the neighbour sends raises: it is refused and counted."""
 
+    # A node holds one per neighbour, most of them idle: no __dict__.
+    __slots__ = (
+        "_account",
+        "_book",
+        "_ceiling",
+        "_flowing",
+        "_in_base",
+        "_in_cap",
+        "_in_limit",
+        "_in_price",
+        "_in_start",
+        "_lease_mark",
+        "_out_at",
+        "_out_base",
+        "_out_cap",
+        "_out_claimed",
+        "_out_limit",
+        "_out_price",
+        "_out_start",
+        "_settle_mark",
+        "_stats",
+        "_version",
+        "_volatile",
+        "counters",
+        "fingerprint",
+        "identity",
+        "neighbor_public",
+        "refusing",
+        "rng",
+        "wake_mark",
+    )
+
     def __init__(
         self,
         identity: Identity,

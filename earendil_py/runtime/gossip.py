@@ -108,7 +108,7 @@ class Gossip:
                 runner.send_control(encode_control(GraphPull()))
 
     def on_link_up(self, runner: Peer) -> None:
-        self._push(runner, self.graph.identities(), self.graph.adjacencies())
+        self._push(runner, self._pushes(self.graph.identities(), self.graph.adjacencies()))
         self._request_adjacency(runner)
 
     def on_message(self, runner: Peer, message: ControlMessage) -> None:
@@ -125,7 +125,8 @@ class Gossip:
                     runner.statistics().drops.update(report.rejected)
                     self._flood(runner, report.identities, report.adjacencies)
                 case GraphPull():
-                    self._push(runner, self.graph.identities(), self.graph.adjacencies())
+                    graph = self.graph
+                    self._push(runner, self._pushes(graph.identities(), graph.adjacencies()))
                 case AdjacencyRequest():
                     self._grant_adjacency(runner, message)
                 case AdjacencyGrant(descriptor=descriptor):
@@ -168,18 +169,19 @@ class Gossip:
         signature = sign_adjacency(self.identity, left, right, now)
         runner.send_control(encode_control(AdjacencyRequest(self.own_descriptor, now, signature)))
 
-    def _push(
-        self,
-        runner: Peer,
-        identities: Iterable[IdentityDescriptor],
-        adjacencies: Iterable[AdjacencyDescriptor],
-    ) -> None:
-        dumps = encode_dumps(identities, adjacencies)
-        for dump in dumps:
-            runner.send_control(encode_control(GraphPush(dump)))
+    @staticmethod
+    def _pushes(
+        identities: Iterable[IdentityDescriptor], adjacencies: Iterable[AdjacencyDescriptor]
+    ) -> list[bytes]:
+        """The control messages that carry these descriptors."""
+        return [encode_control(GraphPush(dump)) for dump in encode_dumps(identities, adjacencies)]
+
+    def _push(self, runner: Peer, pushes: list[bytes]) -> None:
+        for payload in pushes:
+            runner.send_control(payload)
         if runner.peer_fingerprint is not None:
             log.debug(
-                "gossip_pushed", neighbor=short_hex(runner.peer_fingerprint), pushes=len(dumps)
+                "gossip_pushed", neighbor=short_hex(runner.peer_fingerprint), pushes=len(pushes)
             )
 
     def _flood(
@@ -190,9 +192,10 @@ class Gossip:
     ) -> None:
         if not identities and not adjacencies:
             return
+        pushes = self._pushes(identities, adjacencies)  # once for every neighbour
         for runner in self._runners():
             if runner is not source:
-                self._push(runner, identities, adjacencies)
+                self._push(runner, pushes)
 
     def _runners(self) -> Sequence[Peer]:
         return self.peers()

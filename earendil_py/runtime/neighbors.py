@@ -30,12 +30,13 @@ it, and tells it when links come and go.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,9 +107,11 @@ class Neighbors:
         self.rpc = rpc
         self.neighbors: dict[bytes, Neighbor] = {}
         self.ledger: AsyncLedger | None = None
+        # A neighbour's lock, only while one of its steps holds it or waits for it (`_release`).
         self._locks: dict[bytes, anyio.Lock] = {}
         self._links: dict[bytes, int] = {}  # links up per neighbour
-        self._restored: dict[bytes, anyio.Event] = {}  # set once restored
+        self._restoring: dict[bytes, anyio.Event] = {}  # set, and dropped, once restored
+        self._policies: dict[PriceConfig, Policy] = {}  # one per price table (`policy_for`)
         self._timers: list[tuple[float, bytes]] = []  # a heap; stale entries are skipped
         self._scheduled: dict[bytes, float] = {}  # the deadline last pushed, per neighbour
         self._sleep_until = math.inf
@@ -168,10 +171,11 @@ class Neighbors:
         """A link to `neighbor` is up: `attach(neighbor)` gets its Neighbor (the relay loop's
         reference) once it is restored; the first link starts it (offers, status, audit)."""
         self._links[neighbor] = self._links.get(neighbor, 0) + 1
-        self._restored.setdefault(neighbor, anyio.Event())
         first = self._links[neighbor] == 1
         if (known := self.neighbors.get(neighbor)) is not None:
             attach(known)  # at once: its traffic flows as soon as the link does
+        elif neighbor not in self._restoring:
+            self._restoring[neighbor] = anyio.Event()
         self._spawn(self._link_up, neighbor, neighbor_public, self.policy_for(price), attach, first)
 
     def on_link_down(self, neighbor: bytes) -> None:
@@ -184,12 +188,12 @@ class Neighbors:
     async def _link_up(
         self, fp: bytes, neighbor_public: bytes, policy: Policy, attach: Attach, first: bool
     ) -> None:
-        async with self._lock(fp):
+        async with self._locked(fp):
             neighbor = self.neighbors.get(fp)
             if neighbor is None:
                 neighbor = await self._restore(fp, neighbor_public, policy)
                 self.neighbors[fp] = neighbor
-                self._restored[fp].set()
+                self._restoring.pop(fp).set()
             attach(neighbor)
             if first and fp in self._links:
                 await self._run_effects(fp, [neighbor.on_link_up(time.time(), policy)])
@@ -200,13 +204,13 @@ class Neighbors:
         self._spawn(self._set_policy, neighbor, self.policy_for(price))
 
     async def _set_policy(self, fp: bytes, policy: Policy) -> None:
-        async with self._lock(fp):
+        async with self._locked(fp):
             neighbor = self.neighbors.get(fp)
             if neighbor is not None:
                 await self._run_effects(fp, [neighbor.set_policy(policy, time.time())])
 
     async def _link_down(self, fp: bytes) -> None:
-        async with self._lock(fp):
+        async with self._locked(fp):
             neighbor = self.neighbors.get(fp)
             if neighbor is not None and fp not in self._links:
                 await self._run_effects(fp, [neighbor.on_link_down(time.time())])
@@ -221,10 +225,13 @@ class Neighbors:
         return Neighbor.restore(self.identity, neighbor_public, policy, os.urandom, entries)
 
     def policy_for(self, price: PriceConfig) -> Policy:
-        """A route's price table, with the node's settlement and accounting config."""
+        """A route's price table, with the node's settlement and accounting config: one
+        (immutable) Policy per price table, shared by every neighbour it applies to."""
+        if (policy := self._policies.get(price)) is not None:
+            return policy
         settlement, accounting = self.config.settlement, self.config.accounting
         methods = tuple(settlement.methods)
-        return Policy(
+        policy = self._policies[price] = Policy(
             terms=PriceTerms(price.inbound_price_umel, price.inbound_debt_limit_umel, methods),
             rule=AcceptanceRule(
                 price.outbound_max_price_umel, price.outbound_min_debt_limit_umel, methods
@@ -237,6 +244,7 @@ class Neighbors:
             min_settlement_umel=settlement.min_settlement_umel,
             expiry_secs=settlement.manual_expiry_secs,
         )
+        return policy
 
     # --- the relay loop's wake-up -------------------------------------------------------
 
@@ -255,19 +263,16 @@ class Neighbors:
         return handle
 
     async def _on_call(self, fp: bytes, method: str, params: Any) -> Any:
-        restored = self._restored.get(fp)
-        if restored is not None and not restored.is_set():
-            await restored.wait()  # a call right after the link-up waits for the restore
-        lock = await self._acquire(fp)
-        try:
+        restoring = self._restoring.get(fp)
+        if restoring is not None:
+            await restoring.wait()  # a call right after the link-up waits for the restore
+        async with self._locked(fp):
             neighbor = self.neighbors.get(fp)
             if neighbor is None:
                 raise RpcError(REFUSED, "no link to this neighbour", "not_linked")
             effect = neighbor.receive_call(method, params, time.time())
             if not await self._run_effects(fp, [effect]):
                 raise EarendilError("the ledger commit failed")  # answered INTERNAL_ERROR
-        finally:
-            lock.release()
         reply = effect.reply
         if isinstance(reply, Refused):
             raise RpcError(reply.code, reply.message, reply.data)
@@ -390,31 +395,45 @@ class Neighbors:
     ) -> None:
         """Hand the Neighbor what came of its call or work `token`. If that cannot be
         written, it is as if nothing came: the Neighbor retries or gives up as it would."""
-        lock = await self._acquire(fp)
-        try:
+        async with self._locked(fp):
             if self.neighbors.get(fp) is not neighbor:
                 return
             if not await self._run_effects(fp, [make(time.time())]):
                 lost = neighbor.receive_reply(token, NoAnswer(), time.time())
                 await self._run_effects(fp, [lost])
-        finally:
-            lock.release()
 
-    async def _acquire(self, fp: bytes) -> anyio.Lock:
-        """`fp`'s lock, acquired: at once if it is free (anyio's `acquire` would yield twice
+    @contextlib.asynccontextmanager
+    async def _locked(self, fp: bytes) -> AsyncIterator[None]:
+        """Hold `fp`'s lock: at once if it is free (anyio's `acquire` would yield twice
         even then, which the calls of a thousand neighbours feel), else in turn."""
         lock = self._lock(fp)
         if lock.locked():
             await lock.acquire()
         else:
             lock.acquire_nowait()
-        return lock
+        try:
+            yield
+        finally:
+            self._release(fp, lock)
+
+    def _busy(self, fp: bytes) -> bool:
+        """Whether `fp`'s lock is held (without making one)."""
+        lock = self._locks.get(fp)
+        return lock is not None and lock.locked()
 
     def _lock(self, fp: bytes) -> anyio.Lock:
         lock = self._locks.get(fp)
         if lock is None:
             lock = self._locks[fp] = anyio.Lock()
         return lock
+
+    def _release(self, fp: bytes, lock: anyio.Lock) -> None:
+        """Release `fp`'s lock, and forget it unless a waiter took it over: an idle neighbour
+        keeps none (anyio's costs ~0.8 KB), its next step makes one. anyio hands a released
+        lock straight to its first waiter, so one still free after `release` has none."""
+        lock.release()
+        if not lock.locked() and self._locks.get(fp) is lock:
+            del self._locks[fp]
 
     # --- timers -------------------------------------------------------------------------
 
@@ -456,9 +475,10 @@ class Neighbors:
         batch: list[tuple[bytes, Effect]] = []
         try:
             for fp in due:
-                neighbor, lock = self.neighbors.get(fp), self._lock(fp)
-                if neighbor is None or lock.locked() or now < self._hold.get(fp, 0.0):
+                neighbor = self.neighbors.get(fp)
+                if neighbor is None or self._busy(fp) or now < self._hold.get(fp, 0.0):
                     continue
+                lock = self._lock(fp)
                 lock.acquire_nowait()
                 taken.append((fp, lock))
                 effect = neighbor.handle_timer(now)
@@ -468,27 +488,27 @@ class Neighbors:
                     self._schedule(fp, deadline)
             await self._commit_and_finish(batch)
         finally:
-            for _, lock in taken:
-                lock.release()
+            for fp, lock in taken:
+                self._release(fp, lock)
 
     async def _checkpoint(self, now: float) -> None:
         """A `counts` entry for every neighbour whose counts moved, in one transaction."""
-        taken: list[anyio.Lock] = []
+        taken: list[tuple[bytes, anyio.Lock]] = []
         batch: list[tuple[bytes, Effect]] = []
         try:
             for fp, neighbor in self.neighbors.items():
-                lock = self._lock(fp)
-                if lock.locked():
-                    continue  # busy: its counts go in the next tick
+                if self._busy(fp):
+                    continue  # its counts go in the next tick
                 effect = neighbor.checkpoint(now)
                 if effect is not None:
+                    lock = self._lock(fp)
                     lock.acquire_nowait()
-                    taken.append(lock)
+                    taken.append((fp, lock))
                     batch.append((fp, effect))
             await self._commit_and_finish(batch)
         finally:
-            for lock in taken:
-                lock.release()
+            for fp, lock in taken:
+                self._release(fp, lock)
 
     async def _commit_and_finish(self, batch: list[tuple[bytes, Effect]]) -> None:
         if not batch:
@@ -540,7 +560,7 @@ class Neighbors:
         """Lift a freeze. Raises LocalProtocolError (no such neighbour), EarendilError (the
         ledger commit failed)."""
         neighbor = self._known(fingerprint)
-        async with self._lock(fingerprint):
+        async with self._locked(fingerprint):
             if not await self._run_effects(fingerprint, [neighbor.unfreeze(time.time())]):
                 raise EarendilError("the ledger commit failed")
 
@@ -581,7 +601,7 @@ class Neighbors:
         LocalProtocolError unless it is an incoming proposal still pending."""
         fingerprint = self._holder(settlement_id)
         neighbor = self._known(fingerprint)
-        async with self._lock(fingerprint):
+        async with self._locked(fingerprint):
             now = time.time()
             effect = neighbor.decide(settlement_id, approve=approve, now=now, reason=reason)
             if not await self._run_effects(fingerprint, [effect]):
@@ -604,7 +624,7 @@ class Neighbors:
     ) -> object:
         """An operator request: run its effect, then wait for the outcome it announces."""
         neighbor = self._known(fingerprint)
-        async with self._lock(fingerprint):
+        async with self._locked(fingerprint):
             effect = make(neighbor, time.time())
             key = (kind, effect.reply)  # what the outcome will be announced under
             waiter = self._waiters[(fingerprint, key)] = _Waiter()

@@ -180,6 +180,8 @@ class UdpTransport:
     the wire (a full buffer, an ICMP error, a closed socket); the link's counters say so.
     """
 
+    __slots__ = ("_address", "_gso", "_sock")  # one per link
+
     def __init__(self, sock: socket.socket, address: Address | None) -> None:
         self._sock = sock
         self._address = address

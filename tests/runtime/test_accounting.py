@@ -140,6 +140,26 @@ async def test_a_rejected_price_means_no_traffic_either_way(tmp_path: Path) -> N
 
 
 @pytest.mark.anyio
+async def test_idle_neighbours_hold_no_lock_and_share_their_policy(tmp_path: Path) -> None:
+    # Nodes 0 and 2 dial node 1 on two routes with the same price table.
+    edges = [Edge(0, 1, "udp"), Edge(2, 1, "udp")]
+    nodes = make_nodes(tmp_path, 3, edges)
+    hub = nodes[1].accounts
+    async with running(nodes):
+        with anyio.fail_after(10):
+            await converged(nodes, edges)
+            while hub._locks:  # until the link-up's calls are answered
+                await anyio.sleep(0.02)
+        assert not hub._restoring
+        first, second = (hub.get(node.fingerprint) for node in (nodes[0], nodes[2]))
+        assert first is not None and second is not None
+        assert first.policy is second.policy
+        # A step still takes the lock and lets it go.
+        await hub.unfreeze(nodes[0].fingerprint)
+        assert not hub._locks
+
+
+@pytest.mark.anyio
 async def test_a_reprice_charges_old_packets_at_the_old_price(tmp_path: Path) -> None:
     nodes = priced_pair(tmp_path, price_0=2, price_1=3)
     a, b = nodes

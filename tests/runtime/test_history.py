@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,49 @@ def test_the_ring_keeps_the_newest_samples_in_order(size: int, debts: list[int])
     assert series["debt_in_umel"] == clamped
     assert set(series) == set(FIELDS)
     assert all(len(column) == len(kept) for column in series.values())
+
+
+@given(
+    size=st.integers(1, 6),
+    samples=st.lists(
+        st.dictionaries(st.sampled_from([A, B, C]), st.tuples(*[st.integers(0, 2)] * 4)),
+        max_size=20,
+    ),
+)
+def test_each_neighbour_gets_back_its_newest_samples_steady_or_not(
+    size: int, samples: list[dict[bytes, tuple[int, int, int, int]]]
+) -> None:
+    # Few distinct values: neighbours stay steady for a while, change, come and go.
+    history = History(interval_secs=1, window_secs=size)
+    given: dict[bytes, list[tuple[float, int, int, int, int]]] = {}
+    for at, sample in enumerate(samples):
+        links = {fp: [FakeLink(sent, received)] for fp, (_, _, received, sent) in sample.items()}
+        history.sample(float(at), [(fp, v[0], v[1]) for fp, v in sample.items()], links)
+        given = {fp: [*given.get(fp, []), (float(at), *v)] for fp, v in sample.items()}
+    for fp in (A, B, C):
+        kept = given.get(fp, [])[-size:]
+        series = history.series(fp)
+        assert list(zip(*(series[name] for name in FIELDS), strict=True)) == kept
+
+
+def test_an_idle_neighbour_holds_no_ring_however_long_it_stays() -> None:
+    history = History(interval_secs=1, window_secs=360)
+    neighbors = [i.to_bytes(32, "big") for i in range(200)]
+    links = {fp: [FakeLink()] for fp in neighbors}
+    for at in range(10):  # and the interpreter's free lists hold what a sample needs
+        history.sample(float(at), [(fp, 5, 0) for fp in neighbors], links)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for at in range(10, 360):
+            history.sample(float(at), [(fp, 5, 0) for fp in neighbors], links)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # The shared ring of times grew: under 100 bytes a neighbour, where a ring each would
+    # have taken 11.5 KB apiece.
+    assert grown < 100 * len(neighbors)
+    assert history.series(neighbors[0])["debt_in_umel"] == [5] * 360
 
 
 def test_neighbours_are_bounded_and_forgotten_without_an_account() -> None:
