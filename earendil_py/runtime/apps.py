@@ -83,7 +83,7 @@ from earendil_py.core.relay import (
 )
 from earendil_py.runtime.config import AppConfig, parse_address
 from earendil_py.runtime.faults import Faults
-from earendil_py.runtime.udp import datagram_reader, udp_socket
+from earendil_py.runtime.udp import datagram_reader, read_runs, udp_socket
 
 log = structlog.get_logger("earendil_py.apps")
 
@@ -98,8 +98,6 @@ RANDOM_DRAW = 4096  # bytes read from the OS's CSPRNG at a time, per thread
 # by someone else gets looked up again within this time.
 OWNER_CHECK_SECS = 10.0
 _PROC_TABLES = {socket.AF_INET: Path("/proc/net/udp"), socket.AF_INET6: Path("/proc/net/udp6")}
-# Errors that say the socket itself is gone: the node's own failure, which stops it.
-_SOCKET_GONE = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 
 Address = tuple[str, int]
 Route = list[tuple[bytes, bytes]]
@@ -262,21 +260,7 @@ class Apps:
         while True:
             await anyio.wait_readable(app.sock)
             now = anyio.current_time()
-            # What each read returned: a run of datagrams from one address (runtime/udp.py).
-            runs: list[tuple[Address, Sequence[bytes]]] = []
-            count = 0
-            while count < APP_BATCH:
-                try:
-                    datagrams, address = read()
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in _SOCKET_GONE:
-                        raise
-                    self.drops["app_error"] += 1
-                    continue
-                runs.append(((address[0], address[1]), datagrams))
-                count += len(datagrams)
+            runs = read_runs(read, APP_BATCH, self.drops, "app_error")
             # One application's bad batch (a bug it triggers) costs that batch alone.
             with self._boundary:
                 self._receive(app, runs, now)

@@ -95,11 +95,13 @@ from earendil_py.runtime.store import AsyncLedger
 from earendil_py.runtime.tcp import READ_SIZE, TcpTransport, accept_tcp, connect_tcp
 from earendil_py.runtime.timers import TimerQueue
 from earendil_py.runtime.udp import (
+    SOCKET_GONE,
     UdpTransport,
     call_when_readable,
     datagram_reader,
     new_udp_socket,
     read_batch,
+    read_runs,
     udp_socket,
 )
 
@@ -127,10 +129,6 @@ MAX_NEIGHBORS = DEFAULT_MAX_NEIGHBORS
 # doubling up to ACCEPT_BACKOFF_MAX, rather than spin; a success resets it.
 ACCEPT_BACKOFF_MIN = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
-# Errors that say the socket itself is gone or unusable: the node's own failure, which stops
-# it. Every other accept()/recvfrom() error concerns one connection or datagram, or a
-# resource that frees up again.
-_SOCKET_GONE = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 
 Address = tuple[str, int]
 _NEXT_PEELER_END = 1 + FINGERPRINT_SIZE  # an onion frame: kind byte, next peeler, packet
@@ -1137,7 +1135,7 @@ class Node:
             try:
                 connection = await accept()
             except OSError as exc:
-                if exc.errno in _SOCKET_GONE:
+                if exc.errno in SOCKET_GONE:
                     raise
                 self.drops["accept_failed"] += 1
                 name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
@@ -1186,20 +1184,7 @@ class Node:
             arrived: dict[LinkRunner, list[bytes]] = {}
             last: LinkRunner | None = None
             messages: list[bytes] = []
-            count = 0
-            while count < UDP_BATCH:
-                try:
-                    datagrams, address = read()
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in _SOCKET_GONE:
-                        raise
-                    self.drops["udp_error"] += 1
-                    count += 1
-                    continue
-                count += len(datagrams)
-                address = address[:2]
+            for address, datagrams in read_runs(read, UDP_BATCH, self.drops, "udp_error"):
                 for data in datagrams:
                     runner = None
                     # DATA for a known session from the address that opened it: what

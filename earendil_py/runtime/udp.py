@@ -24,6 +24,7 @@ import errno
 import socket
 import struct
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import cache
 
@@ -51,6 +52,10 @@ _GSO_REFUSED = frozenset({errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPR
 _SEGMENT_SIZE = struct.Struct("=H")
 
 Address = tuple[str, int]
+# Errors that say the socket itself is gone or unusable: the node's own failure, which stops
+# it. Every other accept()/recvfrom() error concerns one connection or datagram, or a
+# resource that frees up again.
+SOCKET_GONE = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 
 
 @cache
@@ -129,6 +134,34 @@ async def call_when_readable(sock: socket.socket, callback: Callable[[], bool]) 
         await ended
     finally:
         loop.remove_reader(sock)
+
+
+def read_runs(
+    read: Callable[[], tuple[Sequence[bytes], Address]],
+    limit: int,
+    drops: Counter[str],
+    reason: str,
+) -> list[tuple[Address, Sequence[bytes]]]:
+    """What `read` (a `datagram_reader` of an unconnected socket) returns, run by run with
+    the (host, port) it came from, until there is nothing left to read or at least `limit`
+    datagrams came. A failed read counts toward `limit` and as a drop of `reason`; a socket
+    that is gone raises."""
+    runs: list[tuple[Address, Sequence[bytes]]] = []
+    count = 0
+    while count < limit:
+        try:
+            datagrams, address = read()
+        except BlockingIOError:
+            break
+        except OSError as exc:
+            if exc.errno in SOCKET_GONE:
+                raise
+            drops[reason] += 1
+            count += 1
+            continue
+        runs.append(((address[0], address[1]), datagrams))
+        count += len(datagrams)
+    return runs
 
 
 def read_batch(read: Callable[[], tuple[Sequence[bytes], Address]], limit: int) -> list[bytes]:

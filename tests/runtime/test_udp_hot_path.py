@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import struct
+from collections import Counter
 from pathlib import Path
 
 import anyio
@@ -256,3 +257,36 @@ async def test_what_the_callback_raises_is_raised_and_cancelling_lets_the_socket
         # Unregistered either way: the same socket can be waited on again.
         with anyio.fail_after(5):
             await anyio.wait_readable(receiver)
+
+
+def test_reading_runs_counts_failed_reads_in_the_batch_and_stops_if_the_socket_is_gone() -> None:
+    results: list[object] = [
+        ([b"a", b"b"], ("127.0.0.1", 7000, 0, 0)),  # an IPv6-style address: host and port kept
+        OSError(errno.ENOBUFS, "no buffer space"),
+        ([b"c"], ("127.0.0.1", 7001)),
+        BlockingIOError(),
+    ]
+
+    def read() -> tuple[list[bytes], tuple[object, ...]]:
+        result = results.pop(0)
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[return-value]
+
+    drops: Counter[str] = Counter()
+    runs = udp.read_runs(read, 64, drops, "udp_error")
+    assert runs == [(("127.0.0.1", 7000), [b"a", b"b"]), (("127.0.0.1", 7001), [b"c"])]
+    assert drops == {"udp_error": 1}
+
+    # Failing reads end the batch at its limit like datagrams do: no endless loop.
+    def failing() -> tuple[list[bytes], tuple[object, ...]]:
+        raise OSError(errno.ENOBUFS, "no buffer space")
+
+    assert udp.read_runs(failing, 5, drops, "udp_error") == []
+    assert drops["udp_error"] == 6
+
+    def gone() -> tuple[list[bytes], tuple[object, ...]]:
+        raise OSError(errno.EBADF, "bad file descriptor")
+
+    with pytest.raises(OSError):
+        udp.read_runs(gone, 5, drops, "udp_error")
