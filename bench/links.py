@@ -13,8 +13,10 @@ Clients open their links at most MAX_HANDSHAKING_PER_SOURCE at a time, as the da
 from one address.
 
 For each size in --links (default 100 and 1,000), cumulatively on the same daemon: open the
-links, wait SETTLE_SECS for the set-up work to end (two keepalive intervals: a link is idle
-from the first keepalive after an interval that carried only keepalives), then read the
+links, wait --settle seconds for the set-up work to end (default SETTLE_SECS, two keepalive
+intervals: a link is idle from the first keepalive after an interval that carried only
+keepalives; each neighbour's first claim, one of zero packets each way, comes later, one
+`push_debt_secs` (60 s) after its link was priced: `--settle 75` waits for those), then read the
 daemon's resident set (VmRSS) and its CPU time (user + system, every thread) over
 --seconds. Printed: RSS per link against the daemon with no link (measured the same way
 before the first), and the idle CPU as a share of one core. Targets at 1,000 links:
@@ -332,13 +334,14 @@ async def idle(daemon: RunningDaemon, seconds: float) -> tuple[int, float]:
 
 async def measure(
     sizes: list[int],
-    seconds: float,
+    timing: tuple[float, float],
     daemon: RunningDaemon,
     clients: Clients,
     snapshot: Callable[[], Awaitable[None]] | None = None,
 ) -> list[tuple[int, int, float]]:
-    """Rows of (links, RSS, CPU share); `snapshot` is awaited once with no link and once
-    after the last size settled."""
+    """Rows of (links, RSS, CPU share), each after (settle, window) seconds; `snapshot` is
+    awaited once with no link and once after the last size settled."""
+    settle, seconds = timing
     rows = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(clients.receive)
@@ -352,7 +355,7 @@ async def measure(
             start = time.monotonic()
             await clients.open_many(size - clients.up)
             print(f"  {size} links up in {time.monotonic() - start:.1f}s", flush=True)
-            await anyio.sleep(SETTLE_SECS)
+            await anyio.sleep(settle)
             priced = clients.priced()
             if priced != clients.up:
                 print(f"  only {priced} of {clients.up} links priced", flush=True)
@@ -564,6 +567,9 @@ def main() -> int:
     parser.add_argument("--links", default="100,1000", help="sizes, comma-separated")
     parser.add_argument("--seconds", type=float, default=20.0, help="idle window per size")
     parser.add_argument(
+        "--settle", type=float, default=SETTLE_SECS, help="wait after the links are up"
+    )
+    parser.add_argument(
         "--heap", action="store_true", help="print where the RSS per link goes, by allocator"
     )
     parser.add_argument(
@@ -604,7 +610,7 @@ def main() -> int:
                 client_policy(peer.config),
             )
             snapshot = snapshotter(daemon, traces) if served else None
-            rows = anyio.run(measure, sizes, args.seconds, daemon, clients, snapshot)
+            rows = anyio.run(measure, sizes, (args.settle, args.seconds), daemon, clients, snapshot)
         if args.heap and not args.trace:
             print_heap(traces, rows[-1][0])
         if args.trace:
