@@ -1363,9 +1363,10 @@ class Node:
             try:
                 while (message := decoder.next_message()) is not None:
                     messages.append(message)
-            except RemoteProtocolError as exc:
+            except RemoteProtocolError as exc:  # a bad length: the stream is out of step
                 runner.statistics().drops[exc.reason] += 1
                 runner.fail(exc.reason)
+                return False
             if frames := runner.receive(messages, now):
                 with self._relay_boundary:
                     self.relay_batch([(runner, frames)], now)

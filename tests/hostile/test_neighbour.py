@@ -101,6 +101,15 @@ def test_deeply_nested_control_message(pair: Pair, protocol: str) -> None:
     pair.assert_no_errors(mark)
 
 
+def test_a_bad_length_on_an_established_tcp_link_closes_that_link_alone(pair: Pair) -> None:
+    with pair.attacking() as mark, connected(pair, "tcp") as peer:
+        assert error_code(peer.call("no_such_method")) == -32601  # up, and answering
+        peer._writes.put(b"\x00\x00")  # a length of 0: the stream cannot be resynchronised
+        peer.wait_for(lambda: not peer.up)  # told by a CLOSE, the connection closed
+    pair.check_unharmed()
+    pair.assert_no_errors(mark)
+
+
 class Impostor:
     """Claims another node's identity key in the link's identity proof, and signs with its
     own: all a cookie holder can do without that node's secret key."""
