@@ -81,7 +81,7 @@ from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 from summary import result
 
 from earendil_py.core.packet import KDF_CONTEXT, PACKET_SIZE
-from earendil_py.netgen import Edge, free_port, generate_network
+from earendil_py.netgen import Edge, debt_limits_toml, free_port, generate_network
 from earendil_py.runtime.apps import DESTINATION, HELLO, SEND
 from earendil_py.runtime.config import load_config
 from earendil_py.runtime.http import ControlApiError, call_api, read_token_file, token_path
@@ -144,15 +144,7 @@ class Network:
             node_toml={0: _apps_toml(self.s_port, 1), 2: _apps_toml(self.d_port, DOCK)},
         )
         for node in generated:
-            text = node.config_path.read_text()
-            for kind, routes in (
-                ("in_routes", node.config.in_routes),
-                ("out_routes", node.config.out_routes),
-            ):
-                for name in routes:
-                    text += (
-                        f"\n[{kind}.{name}.price]\ninbound_debt_limit_umel = {DEBT_LIMIT_UMEL}\n"
-                    )
+            text = node.config_path.read_text() + debt_limits_toml(node.config, DEBT_LIMIT_UMEL)
             node.config_path.write_text(text)
         self.configs = [load_config(node.config_path) for node in generated]
         self.d_fingerprint = bytes.fromhex(generated[2].fingerprint)

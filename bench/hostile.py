@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from earendil_py.core.link import onion_frame
 from earendil_py.core.packet import build_packet
 from earendil_py.core.relay import encode_datagram
-from earendil_py.netgen import Edge, free_port, generate_network
+from earendil_py.netgen import Edge, debt_limits_toml, free_port, generate_network
 from earendil_py.runtime.config import Config, load_config, parse_address
 from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.keyfile import load_identity_file
@@ -296,13 +296,7 @@ def network(root: Path) -> tuple[Any, Any, dict[str, Route]]:
     routes = "".join(route_toml(f"hostile_{p}", p, port, secrets_[p]) for p, port in ports.items())
     for node, extra in ((target, routes), (honest, "")):
         text = node.config_path.read_text() + "\n" + extra
-        for kind, names in (
-            ("in_routes", node.config.in_routes),
-            ("out_routes", node.config.out_routes),
-        ):
-            for name in names:
-                text += f"\n[{kind}.{name}.price]\ninbound_debt_limit_umel = {DEBT_LIMIT_UMEL}\n"
-        node.config_path.write_text(text)
+        node.config_path.write_text(text + debt_limits_toml(node.config, DEBT_LIMIT_UMEL))
     attack_routes = {p: Route(p, ("127.0.0.1", port), secrets_[p]) for p, port in ports.items()}
     return target, honest, attack_routes
 

@@ -112,7 +112,7 @@ from earendil_py.core.identity import Identity
 from earendil_py.core.link import MAX_MESSAGE_SIZE, onion_frame
 from earendil_py.core.packet import BODY_SIZE, PACKET_SIZE, build_packet, peel_packet
 from earendil_py.core.relay import encode_datagram
-from earendil_py.netgen import Edge, GeneratedNode, generate_network
+from earendil_py.netgen import Edge, GeneratedNode, debt_limits_toml, generate_network
 from earendil_py.runtime.config import InRoute, load_config
 from earendil_py.runtime.keyfile import load_identity_file
 from earendil_py.runtime.logs import configure_logging
@@ -386,13 +386,7 @@ def _network(root: Path) -> list[GeneratedNode]:
     if "price" not in InRoute.__struct_fields__:
         return generated
     for node in generated:
-        text = node.config_path.read_text()
-        for kind, routes in (
-            ("in_routes", node.config.in_routes),
-            ("out_routes", node.config.out_routes),
-        ):
-            for name in routes:
-                text += f"\n[{kind}.{name}.price]\ninbound_debt_limit_umel = {DEBT_LIMIT_UMEL}\n"
+        text = node.config_path.read_text() + debt_limits_toml(node.config, DEBT_LIMIT_UMEL)
         node.config_path.write_text(text)
     return generated
 

@@ -341,6 +341,16 @@ format = "json"
 """
 
 
+def debt_limits_toml(config: Config, limit_umel: int) -> str:
+    """TOML giving every route of `config` the debt limit `limit_umel` (benches use one no run
+    reaches), to append to its file."""
+    return "".join(
+        f"\n[{kind}.{name}.price]\ninbound_debt_limit_umel = {limit_umel}\n"
+        for kind, routes in (("in_routes", config.in_routes), ("out_routes", config.out_routes))
+        for name in routes
+    )
+
+
 def random_edges(
     node_count: int, degree: float, seed: int, protocols: Sequence[str] = ("udp", "tcp")
 ) -> list[Edge]:
