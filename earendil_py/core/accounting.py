@@ -85,8 +85,10 @@ class DebtClaim(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fie
     """`push_debt`: the claimant's cumulative counts, per price epoch, oldest first.
 
     `received`: packets the claimant received from the counterparty (epochs of the claimant's
-    offers) — what the counterparty owes. `sent`: packets the claimant sent (epochs of the
-    counterparty's offers), which lets a counterparty that lost counts in a crash recover them.
+    offers) — what the counterparty owes. `sent`: packets the claimant admits it sent (epochs
+    of the counterparty's offers), which lets a counterparty that lost counts in a crash
+    recover them: what the counterparty last claimed plus what the claimant sent since, never
+    packets a crash of the claimant's only assumed sent (`Account.unsure_out`).
     """
 
     claimant: Fingerprint
@@ -208,9 +210,20 @@ class Account:
     applied re-learns up to `recovery_in` of them from what the neighbour says it sent (its
     own admission). Outbound counts are never lost: the relay loop sends nothing a written
     lease does not cover, and after a crash we count the whole lease as sent (core/neighbor.py).
+    Those outbound totals, `unsure_out` = [low, high), are not admitted as sent in our claims
+    until a claim of the neighbour has corrected our count: a neighbour that crashed too must
+    not re-learn packets we never sent from our own upper bound.
     """
 
-    __slots__ = ("counters", "identity", "neighbor", "neighbor_public", "recovery_in", "state")
+    __slots__ = (
+        "counters",
+        "identity",
+        "neighbor",
+        "neighbor_public",
+        "recovery_in",
+        "state",
+        "unsure_out",
+    )
 
     def __init__(
         self,
@@ -220,6 +233,7 @@ class Account:
         counters: Counters,
         *,
         recovery_in: int = 0,
+        unsure_out: tuple[int, int] = (0, 0),
     ) -> None:
         self.identity = identity
         self.neighbor_public = neighbor_public
@@ -227,6 +241,7 @@ class Account:
         self.state = state
         self.counters = counters
         self.recovery_in = recovery_in
+        self.unsure_out = unsure_out
 
     # --- balances -----------------------------------------------------------------------
 
@@ -345,12 +360,17 @@ class Account:
     # --- push_debt ----------------------------------------------------------------------
 
     def claim_counts(self) -> tuple[list[EpochCount], list[EpochCount]]:
-        """Our cumulative counts per epoch, (received, sent): what a claim now would say."""
-        s, counters = self.state, self.counters
-        return (
-            [EpochCount(e.epoch, e.count(counters.packets_in)) for e in s.inbound],
-            [EpochCount(e.epoch, e.count(counters.packets_out)) for e in s.outbound],
-        )
+        """Our cumulative counts per epoch, (received, sent): what a claim now would say.
+        Sent is what we admit: the neighbour's last claim plus our count since (the packets
+        lost in flight before it are not), less any total in `unsure_out`."""
+        s, total = self.state, self.counters.packets_out
+        low, high = self.unsure_out
+        sent = []
+        for e in s.outbound:
+            count = e.count(total)
+            unsure = max(0, min(e.start + count, high) - max(e.start, low))
+            sent.append(EpochCount(e.epoch, max(0, e.charged(count) - unsure)))
+        return [EpochCount(e.epoch, e.count(self.counters.packets_in)) for e in s.inbound], sent
 
     def make_claim(self, now: int) -> DebtClaim:
         """Our signed cumulative counts for the neighbour (the next claim seq)."""
@@ -422,6 +442,7 @@ class Account:
                     relearn -= extra
                     s.inbound[index] = epoch.relearned(extra)
             self.recovery_in = 0
+        self.unsure_out = (0, 0)  # adopted: our count of each epoch is theirs plus ours since
         return ClaimApplied(before, self.debt_out_umel)
 
     # --- debt limit notices -------------------------------------------------------------

@@ -258,13 +258,15 @@ class CountsEntry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     """The packet totals, and the outbound lease: the relay loop sends nothing past
     `ceiling_out` before a higher one is written. `peak`: the most packets counted between
     two of these, either way (how many inbound counts a crash may lose); `clean`: written at
-    a clean shutdown, nothing was counted after."""
+    a clean shutdown, nothing was counted after; `unsure_out`: outbound totals a crash
+    counted as sent that no claim of the neighbour has corrected yet (`Account.unsure_out`)."""
 
     packets_in: int
     packets_out: int
     ceiling_out: int
     peak: int
     clean: bool = False
+    unsure_out: tuple[int, int] = (0, 0)
 
 
 class OpenedEntry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
@@ -459,9 +461,10 @@ class _Volatile:
     settle_backoff: float = RETRY_MIN_SECS / 2
     last_notice_at: float = float("-inf")
     recovery_in: int = 0  # inbound counts a crash may have lost: re-learned once, from a claim
-    # Our outbound count includes a lease a crash may not have used: no automatic settlement
-    # pays that estimate before a claim from the neighbour has corrected it.
-    unconfirmed: bool = False
+    # Outbound totals [low, high) a crash counted as sent, perhaps unused: no claim of ours
+    # admits them, and no automatic settlement pays them, before a claim from the neighbour
+    # has corrected our count.
+    unsure_out: tuple[int, int] = (0, 0)
     ceiling: int = 0  # the outbound lease written: the relay loop sends nothing past it
     lease: int = 0  # its size now
     leased_from: int = 0  # the outbound count when the lease was last topped up
@@ -531,6 +534,7 @@ class _Work:
                 neighbor._account.copy(),
                 neighbor.counters,
                 recovery_in=self.volatile.recovery_in,
+                unsure_out=self.volatile.unsure_out,
             )
         return self._account
 
@@ -574,12 +578,13 @@ class _Work:
 
     def effect(self, reply: Any = None) -> Effect:
         counters = self.neighbor.counters
+        if self._account is not None:
+            self.volatile.recovery_in = self._account.recovery_in
+            self.volatile.unsure_out = self._account.unsure_out
         if self.entries and (counters.packets_in, counters.packets_out) != (
             self.volatile.checkpointed
         ):  # the totals ride along, in the same transaction: a crash then loses less
             self.neighbor._write_counts(self)
-        if self._account is not None:
-            self.volatile.recovery_in = self._account.recovery_in
         neighbor = self.neighbor
         return Effect(
             tuple(self.entries),
@@ -679,7 +684,7 @@ class Neighbor:
         me = identity.fingerprint
         account = Account(identity, neighbor_public, neighbor._account, neighbor.counters)
         book = SettlementBook(identity, neighbor_public, neighbor._book)
-        totals, ceiling, peak, clean = (0, 0), 0, 0, False
+        totals, ceiling, peak, clean, unsure = (0, 0), 0, 0, False, (0, 0)
         ledger_head = entries[-1].hash if entries else GENESIS
         start = max((i for i, e in enumerate(entries) if e.kind == MIGRATED), default=0)
         for entry in entries[start:]:
@@ -691,11 +696,13 @@ class Neighbor:
                 changed = _account_entry.decode(body)
                 account.state = changed.account
                 totals = max(totals[0], changed.packets_in), max(totals[1], changed.packets_out)
+                if kind == "claim_received":
+                    unsure = (0, 0)
             elif kind == COUNTS:
                 counts = _counts_entry.decode(body)
                 totals = max(totals[0], counts.packets_in), max(totals[1], counts.packets_out)
                 ceiling = max(ceiling, counts.ceiling_out)
-                peak, clean = counts.peak, counts.clean
+                peak, clean, unsure = counts.peak, counts.clean, counts.unsure_out
             elif kind == SETTLEMENT_OPENED:
                 book.restore(_opened_entry.decode(body).record(me, entry.recorded_at))
             elif kind == SETTLEMENT_COMPLETED:
@@ -724,13 +731,17 @@ class Neighbor:
         neighbor._book = book.state
         # After an unclean stop, what was counted since the totals were last written is
         # lost. Outbound, we count the whole lease as sent: an upper bound, as our estimate
-        # always is, which the neighbour's next claim corrects down. Inbound, we re-learn
-        # from the neighbour's next claim what it says it sent, up to twice the busiest
-        # interval between two counts entries (never less than one tolerance).
+        # always is, which the neighbour's next claim corrects down; until then our claims
+        # do not admit it as sent (nor what an earlier crash added, if no claim came between).
+        # Inbound, we re-learn from the neighbour's next claim what it says it sent, up to
+        # twice the busiest interval between two counts entries (never less than one
+        # tolerance).
         packets_in, packets_out = totals
         volatile = neighbor._volatile
+        volatile.unsure_out = unsure
         if not clean:
-            volatile.unconfirmed = packets_out < ceiling
+            if packets_out < ceiling:
+                volatile.unsure_out = (unsure[0] if unsure[1] else packets_out, ceiling)
             packets_out = max(packets_out, ceiling)
             volatile.recovery_in = max(2 * peak, policy.claim_tolerance_packets)
         neighbor.counters.packets_in, neighbor.counters.packets_out = packets_in, packets_out
@@ -776,9 +787,14 @@ class Neighbor:
     @property
     def account(self) -> Account:
         """A view of the account (read it; change it through the methods here)."""
-        recovery = self._volatile.recovery_in
+        volatile = self._volatile
         return Account(
-            self.identity, self.neighbor_public, self._account, self.counters, recovery_in=recovery
+            self.identity,
+            self.neighbor_public,
+            self._account,
+            self.counters,
+            recovery_in=volatile.recovery_in,
+            unsure_out=volatile.unsure_out,
         )
 
     @property
@@ -931,7 +947,7 @@ class Neighbor:
             not volatile.linked
             or not price
             or volatile.proposing is not None
-            or volatile.unconfirmed
+            or volatile.unsure_out[1]
             or self._book.open
             or _auto_method(self._account, volatile.policy) is None
         ):
@@ -1069,7 +1085,9 @@ class Neighbor:
         volatile.ceiling = max(volatile.ceiling, totals[1] + size)
         w.counted(totals)
         volatile.counts_written += 1
-        entry = CountsEntry(totals[0], totals[1], volatile.ceiling, volatile.peak, clean)
+        entry = CountsEntry(
+            totals[0], totals[1], volatile.ceiling, volatile.peak, clean, volatile.unsure_out
+        )
         w.entries.append((COUNTS, _encoder.encode(entry)))
         # Each neighbour prunes at a turn of its own, so a tick's transaction holds few.
         if (volatile.counts_written + self.fingerprint[0]) % PRUNE_EVERY == 0:
@@ -1235,7 +1253,6 @@ class Neighbor:
             )
             return Refused(REFUSED, "claim disputed: account frozen", "dispute")
         w.account_entry("claim_received", _encoder.encode(claim))
-        w.volatile.unconfirmed = False
         if claim.seq % PRUNE_EVERY == 0:
             w.prunes.append(("claim_received", w.policy.keep_claims))
         w.batch = True
@@ -1662,7 +1679,7 @@ class Neighbor:
         if (
             method is None
             or volatile.proposing is not None
-            or volatile.unconfirmed
+            or volatile.unsure_out[1]
             or w.now < volatile.settle_retry_at
             or w.book.state.open
         ):

@@ -241,6 +241,52 @@ def test_a_crash_loses_counts_and_the_next_claim_recovers_them() -> None:
     assert not pair.a.neighbor.frozen and not pair.b.neighbor.frozen
 
 
+def test_crashes_on_both_sides_within_one_claim_interval_charge_nothing_unsent() -> None:
+    """Alice restarts counting her unused lease as sent; Bob restarts before her estimate was
+    corrected. Bob must not re-learn the lease from Alice's claim: her claims admit only what
+    she knows she sent until one of his corrects her count."""
+    pair = Pair(policy(2), policy(3))
+    pair.link_up()
+    pair.carry(pair.a, 200)
+    pair.checkpoint()
+    pair.carry(pair.a, 20)  # counted after the last checkpoint: lost in both crashes
+    pair.link_down()  # no claim crosses until the end
+    pair.crash(pair.a)
+    assert pair.a.neighbor.counters.packets_out > pair.a.sent  # the lease, counted as sent
+    pair.crash(pair.b)
+    pair.crash(pair.a)  # and Alice again, before any claim of Bob's corrected her
+    pair.link_up()
+    pair.advance(3)
+    assert pair.a.neighbor.account.charged_out_packets() <= pair.a.sent
+    # Neither knows of the last 20 any more: Bob re-learns only what Alice knows she sent.
+    assert views(pair)[:2] == (3 * 200, 3 * 200)
+    pair.carry(pair.a, 10)
+    pair.advance(3)
+    assert views(pair)[:2] == (3 * 210, 3 * 210)
+
+
+def test_what_a_crash_counted_as_sent_stays_unadmitted_across_restarts_until_corrected() -> None:
+    pair = Pair(policy(2), policy(3))
+    pair.link_up()
+    pair.carry(pair.a, 200)
+    pair.checkpoint()
+    pair.link_down()
+    pair.crash(pair.a)
+    pair.linked = True  # up again, but every claim is lost: Alice's estimate stays uncorrected
+    for side in (pair.a, pair.b):
+        pair.execute(side, side.neighbor.on_link_up(pair.now))
+    pair.pump(lose=lambda message: message.method == "push_debt")
+    pair.carry(pair.a, 10)
+    pair.checkpoint()  # written with the totals: what the crash counted is still unsure
+    pair.link_down()
+    pair.crash(pair.b)
+    pair.crash(pair.a)
+    pair.link_up()
+    pair.advance(3)
+    assert pair.a.neighbor.account.charged_out_packets() <= pair.a.sent == 210
+    assert views(pair)[:2] == (3 * 210, 3 * 210)
+
+
 def test_after_a_clean_shutdown_nothing_extra_is_accepted() -> None:
     pair = Pair()
     pair.link_up()
@@ -696,6 +742,8 @@ def test_any_interleaving_ends_in_agreement_to_the_umel(actions: list[tuple[obje
     a, b = pair.a.neighbor, pair.b.neighbor
     if not lied:
         assert not a.frozen and not b.frozen
+        for side in (pair.a, pair.b):  # claims corrected every crash's estimate
+            assert side.neighbor.account.charged_out_packets() <= side.sent
     if not a.frozen and not b.frozen:
         assert views(pair)[0] == views(pair)[1] and views(pair)[2] == views(pair)[3]
     # Every settlement applied once, on both sides or neither.

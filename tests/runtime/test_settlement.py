@@ -657,11 +657,8 @@ def test_sigkilled_daemons_around_a_manual_settlement_converge(tmp_path: Path) -
         proposer = DaemonProcess(a.config_path)
         wait_until(lambda: daemon_priced(a.config_path, b.fingerprint), 10)
         # Restarted, the proposer counts its whole outbound lease as sent until the
-        # responder's next claim corrects it. Killing the responder before that claim lands
-        # is another case, open: the recovering responder then relearns the proposer's
-        # upper bound as packets it lost (bounded by its recovery window).
-        wait_until(lambda: summary_of(a.config_path, b.fingerprint)["debt_out_umel"] == 300, 10)
-
+        # responder's next claim corrects it; the responder may be killed before or after
+        # that claim lands, and must not re-learn the lease as packets it lost either way.
         decided = daemon_api(b.config_path, "POST", f"/api/settlements/{answer['id']}/accept", {})
         assert decided["state"] == "completed"
         responder.stop(signal.SIGKILL)
