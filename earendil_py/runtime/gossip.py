@@ -2,9 +2,11 @@
 
 At link-up each side pushes its whole graph and asks the neighbour to countersign an
 adjacency descriptor for the link. Whatever changes our graph is forwarded to the other
-neighbours at once (an unchanged descriptor stops the flood), so a fresh node routes within
-seconds. Periodically we re-sign our own descriptors, pull each neighbour's graph as a
-backstop, and expire stale entries.
+neighbours (an unchanged descriptor stops the flood) within FLOOD_DELAY_SECS, so a fresh
+node routes within seconds: the changes of that delay share their frames, so a node that
+many neighbours join at once sends each of them a few frames per delay, not three per
+neighbour that joined. Periodically we re-sign our own descriptors, pull each neighbour's
+graph as a backstop, and expire stale entries.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ PULL_INTERVAL_SECS = 60.0
 # Control frames may be lost (UDP): until a neighbour's adjacency with us is in our graph we
 # ask again this often, and push and pull whole graphs, so a lossy link joins in seconds.
 REPAIR_INTERVAL_SECS = 1.0
+# Changes to our graph wait this long to be flooded together.
+FLOOD_DELAY_SECS = 0.05
 
 
 def unix_now() -> int:
@@ -75,12 +79,24 @@ class Gossip:
         self.peers = peers
         self.own_descriptor = identity.descriptor(unix_now())
         graph.insert_identity(self.own_descriptor, unix_now(), source=None)
+        # Changes waiting to be flooded, each with the neighbour it came from (not told).
+        self._identities: dict[bytes, tuple[IdentityDescriptor, Peer]] = {}
+        self._adjacencies: dict[tuple[bytes, bytes], tuple[AdjacencyDescriptor, Peer]] = {}
+        self._flood_wanted = anyio.Event()
 
     async def run(self) -> None:
-        """Re-sign, pull and expire on their intervals, until cancelled."""
+        """Flood, re-sign, pull and expire on their intervals, until cancelled."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._repair)
+            tg.start_soon(self._flood_loop)
             await self._refresh()
+
+    async def _flood_loop(self) -> None:
+        while True:
+            await self._flood_wanted.wait()
+            await anyio.sleep(FLOOD_DELAY_SECS)
+            self._flood_wanted = anyio.Event()
+            self.flood_now()
 
     async def _repair(self) -> None:
         while True:
@@ -190,12 +206,35 @@ class Gossip:
         identities: list[IdentityDescriptor],
         adjacencies: list[AdjacencyDescriptor],
     ) -> None:
+        """Flood these changes within FLOOD_DELAY_SECS to every neighbour but `source`; a
+        newer descriptor of the same relay or link replaces one still waiting."""
+        for identity in identities:
+            self._identities[identity.identity_public] = identity, source
+        for adjacency in adjacencies:
+            self._adjacencies[adjacency.left, adjacency.right] = adjacency, source
+        if identities or adjacencies:
+            self._flood_wanted.set()
+
+    def flood_now(self) -> None:
+        """Send the changes waiting: encoded once for the neighbours that told us none of
+        them, once more for each that did (without its own)."""
+        identities, self._identities = self._identities, {}
+        adjacencies, self._adjacencies = self._adjacencies, {}
         if not identities and not adjacencies:
             return
-        pushes = self._pushes(identities, adjacencies)  # once for every neighbour
+        sources = {id(s): s for _, s in (*identities.values(), *adjacencies.values())}
+        pushes = self._pushes(
+            (d for d, _ in identities.values()), (d for d, _ in adjacencies.values())
+        )
         for runner in self._runners():
-            if runner is not source:
+            if id(runner) not in sources:
                 self._push(runner, pushes)
+            else:
+                own = self._pushes(
+                    (d for d, s in identities.values() if s is not runner),
+                    (d for d, s in adjacencies.values() if s is not runner),
+                )
+                self._push(runner, own)
 
     def _runners(self) -> Sequence[Peer]:
         return self.peers()
