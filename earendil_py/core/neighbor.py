@@ -807,6 +807,19 @@ class Neighbor:
         return self._account.our_offer is not None and self._account.their_offer is not None
 
     @property
+    def pricing(self) -> bool:
+        """Not priced yet, but we accepted the neighbour's offer and ours is asked: the
+        neighbour may be priced already, its answer on the way or being written, and send
+        (the shell holds such packets until this ends, rather than dropping them)."""
+        account = self._account
+        return (
+            account.our_offer is None
+            and account.their_offer is not None
+            and not account.frozen
+            and self._volatile.price_token != 0
+        )
+
+    @property
     def frozen(self) -> str:
         return self._account.frozen
 

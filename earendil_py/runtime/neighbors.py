@@ -122,6 +122,8 @@ class Neighbors:
         self._group: _Group | None = None
         self._changed: anyio.Event | None = None  # made by the first to wait for a change
         self._task_group: TaskGroup | None = None
+        # Called with the neighbour's fingerprint after each of its steps is applied.
+        self.on_applied: Callable[[bytes], None] | None = None
         for method in CALLS:
             rpc.register(method, self._handler(method))
 
@@ -355,6 +357,8 @@ class Neighbors:
         if self._changed is not None:
             self._changed.set()
             self._changed = None
+        if self.on_applied is not None:
+            self.on_applied(fp)
         deadline = neighbor.get_timer()
         if deadline is not None:
             self._schedule(fp, deadline)

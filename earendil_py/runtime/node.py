@@ -129,6 +129,10 @@ MAX_NEIGHBORS = DEFAULT_MAX_NEIGHBORS
 # doubling up to ACCEPT_BACKOFF_MAX, rather than spin; a success resets it.
 ACCEPT_BACKOFF_MIN = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
+# Onion frames held from a neighbour that is being priced (`Neighbor.pricing`), from one link
+# and in all: its first packets may overtake our acceptance's commit. More are dropped.
+HELD_PER_LINK = 64
+HELD_FRAMES = 512
 
 Address = tuple[str, int]
 _NEXT_PEELER_END = 1 + FINGERPRINT_SIZE  # an onion frame: kind byte, next peeler, packet
@@ -344,7 +348,11 @@ class LinkRunner:
         neighbor = self.neighbor
         allowed = neighbor.inbound_allowance() if neighbor is not None else 0
         if allowed < len(frames):
-            self._refuse(neighbor, len(frames) - allowed, outbound=False)
+            refused = len(frames) - allowed
+            if neighbor is not None and neighbor.pricing:  # priced within milliseconds
+                refused -= self.node.hold(self, frames[allowed:])
+            if refused:
+                self._refuse(neighbor, refused, outbound=False)
             frames = frames[:allowed]
         if neighbor is not None:
             neighbor.counters.packets_in += len(frames)
@@ -423,6 +431,8 @@ class LinkRunner:
         if self._closed_event is not None:
             self._closed_event.set()
         self.timer.cancel()
+        if held := self.node.release_held(self):  # its neighbour was never priced
+            self.link.statistics().drops["not_priced"] += len(held)
         if self.pending is not None:
             self.pending.release()
         if self.on_finish is not None:
@@ -551,6 +561,9 @@ class Node:
         self.rpc = GlobalRpc(self._send_rpc, max_neighbors=self.max_neighbors)
         # Every neighbour's prices, claims, limits and settlements (runtime/neighbors.py).
         self.accounts = Neighbors(identity, config, self.rpc)
+        self.accounts.on_applied = self._on_neighbor_applied
+        self._held: dict[LinkRunner, list[bytes]] = {}  # `hold`
+        self._held_count = 0
         self.chat = Chat(self.rpc, self.links.__contains__)
         self.history = History()  # the dashboard's charts
         self.ledger: AsyncLedger | None = None
@@ -718,6 +731,37 @@ class Node:
         for start in range(0, len(to_peel), PEEL_CHUNK):
             if leaving := self._peel_batch(to_peel[start : start + PEEL_CHUNK], now):
                 self._send_frames(leaving)
+
+    def hold(self, runner: LinkRunner, frames: list[bytes]) -> int:
+        """Keep frames from a neighbour being priced, until that ends (`_on_neighbor_applied`
+        or the link's end); returns how many were kept (HELD_PER_LINK, HELD_FRAMES)."""
+        held = self._held.setdefault(runner, [])
+        room = min(len(frames), HELD_PER_LINK - len(held), HELD_FRAMES - self._held_count)
+        held += frames[:room]
+        self._held_count += room
+        if not held:
+            del self._held[runner]
+        return room
+
+    def release_held(self, runner: LinkRunner) -> list[bytes]:
+        """Forget the frames held from this link; returns them."""
+        frames = self._held.pop(runner, [])
+        self._held_count -= len(frames)
+        return frames
+
+    def _on_neighbor_applied(self, fingerprint: bytes) -> None:
+        """A step of the neighbour's is applied: once it is no longer being priced, the
+        frames held from it go through the relay path again (taken if priced, else dropped
+        and counted as any refused frame)."""
+        if not self._held:
+            return
+        runners = [r for r in self.links.get(fingerprint, ()) if r in self._held]
+        neighbor = self.accounts.get(fingerprint)
+        if not runners or (neighbor is not None and neighbor.pricing):
+            return
+        batch = [(runner, self.release_held(runner)) for runner in runners]
+        with self._relay_boundary:
+            self.relay_batch(batch, anyio.current_time())
 
     def _send_frames(self, frames: list[bytes]) -> None:
         """Send onion frames, each on the link toward its next peeler, grouped by link."""

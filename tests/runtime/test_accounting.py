@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -25,7 +26,7 @@ from earendil_py.core.signed import sign
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.config import load_config
 from earendil_py.runtime.http import call_api
-from earendil_py.runtime.node import Node
+from earendil_py.runtime.node import HELD_PER_LINK, Node
 from earendil_py.runtime.rpc import RpcError
 from earendil_py.runtime.store import LedgerStore
 from tests.helpers import (
@@ -105,6 +106,41 @@ async def send_and_wait(sender: Node, receiver: Node, count: int) -> None:
             await anyio.sleep(0.01)
     for _ in range(count):
         await receiver.receive_datagram(DOCK)
+
+
+@pytest.mark.anyio
+async def test_packets_that_overtake_our_acceptance_on_disk_are_held_not_dropped(
+    tmp_path: Path,
+) -> None:
+    """Node 0 is priced as soon as node 1's answer arrives, and sends; node 1 is priced only
+    once node 0's answer is on its disk (here slowed to 0.5 s). What comes meanwhile waits,
+    up to HELD_PER_LINK frames; the rest is dropped and counted."""
+    nodes = priced_pair(tmp_path, price_0=1, price_1=2)
+    sender, receiver = nodes
+    commit = receiver.accounts._commit
+
+    async def slow_acceptance(batch: Any) -> Any:
+        if any(kind == "price_answer_received" for _, e in batch for kind, _ in e.entries):
+            await anyio.sleep(0.5)
+        return await commit(batch)
+
+    receiver.accounts._commit = slow_acceptance  # type: ignore[method-assign]
+    async with running(nodes):
+        with anyio.fail_after(10):
+            while not (
+                sender.accounts.get(receiver.fingerprint) is not None
+                and account(sender, receiver).priced
+            ):
+                await anyio.sleep(0.01)
+            assert neighbor(receiver, sender).pricing  # its acceptance is being written
+            for i in range(HELD_PER_LINK + 10):
+                sender.send_datagram(receiver.fingerprint, DOCK, bytes([i]), hops=1)
+            got = [(await receiver.receive_datagram(DOCK)).data for _ in range(HELD_PER_LINK)]
+        assert got == [bytes([i]) for i in range(HELD_PER_LINK)]
+        drops = receiver.links[sender.fingerprint][0].statistics().drops
+        assert drops["not_priced"] == 10
+        assert account(receiver, sender).debt_in_umel == HELD_PER_LINK * 2
+        assert receiver._held == {} and receiver._held_count == 0
 
 
 @pytest.mark.anyio
@@ -287,7 +323,7 @@ async def test_claims_and_counts_prune_inside_their_own_transactions(tmp_path: P
 
             ledger.prune = no_prune_calls  # type: ignore[method-assign,union-attr]
         with anyio.fail_after(20):
-            while neighbor(a, b).account.state.claim_seq_sent < 12:
+            while neighbor(b, a).account.state.claim_seq_received < 12:  # taken, not sent
                 await send_and_wait(a, b, 3)
                 await anyio.sleep(0.05)
 

@@ -144,8 +144,8 @@ async def test_restarted_node_is_routed_through_again(tmp_path: Path) -> None:
         with anyio.fail_after(5):
             await nodes[1].wait_neighbors({nodes[0].fingerprint, restarted.fingerprint})
             await nodes[3].wait_neighbors({nodes[4].fingerprint, restarted.fingerprint})
-            # And both ends of each new link priced: the one that accepts last drops what
-            # comes before its acceptance is on disk (`not_priced`).
+            # And both ends of each new link priced: a node sends nothing to a neighbour
+            # before it is priced itself (`not_priced_out`).
             await converged(nodes, RING)
         payloads = [i.to_bytes(4, "big") for i in range(200)]
         with anyio.fail_after(20):
