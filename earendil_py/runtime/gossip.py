@@ -1,12 +1,13 @@
 """Keeps the relay graph converged with the neighbours'.
 
 At link-up each side pushes its whole graph and asks the neighbour to countersign an
-adjacency descriptor for the link. Whatever changes our graph is forwarded to the other
+adjacency descriptor for the link. Whatever changes our graph is forwarded to the
 neighbours (an unchanged descriptor stops the flood) within FLOOD_DELAY_SECS, so a fresh
 node routes within seconds: the changes of that delay share their frames, so a node that
 many neighbours join at once sends each of them a few frames per delay, not three per
-neighbour that joined. Periodically we re-sign our own descriptors, pull each neighbour's
-graph as a backstop, and expire stale entries.
+neighbour that joined. They go to every neighbour, the ones they came from too (to which
+they are no change): encoded once, whatever the number of sources. Periodically we re-sign
+our own descriptors, pull each neighbour's graph as a backstop, and expire stale entries.
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ class Gossip:
         self.peers = peers
         self.own_descriptor = identity.descriptor(unix_now())
         graph.insert_identity(self.own_descriptor, unix_now(), source=None)
-        # Changes waiting to be flooded, each with the neighbour it came from (not told).
-        self._identities: dict[bytes, tuple[IdentityDescriptor, Peer]] = {}
-        self._adjacencies: dict[tuple[bytes, bytes], tuple[AdjacencyDescriptor, Peer]] = {}
+        # Changes waiting to be flooded: the newest descriptor of each relay and link.
+        self._identities: dict[bytes, IdentityDescriptor] = {}
+        self._adjacencies: dict[tuple[bytes, bytes], AdjacencyDescriptor] = {}
         self._flood_wanted = anyio.Event()
 
     async def run(self) -> None:
@@ -139,7 +140,7 @@ class Gossip:
                     graph = self.graph
                     report = graph.insert_dump(decode_dump(dump), unix_now(), source=peer)
                     runner.statistics().drops.update(report.rejected)
-                    self._flood(runner, report.identities, report.adjacencies)
+                    self._flood(report.identities, report.adjacencies)
                 case GraphPull():
                     graph = self.graph
                     self._push(runner, self._pushes(graph.identities(), graph.adjacencies()))
@@ -150,7 +151,7 @@ class Gossip:
                         raise RemoteProtocolError("grant for another link", "bad_adjacency")
                     # Our own link: it is ours, whoever co-signed it.
                     if self.graph.insert_adjacency(descriptor, unix_now(), source=None):
-                        self._flood(runner, [], [descriptor])
+                        self._flood([], [descriptor])
         except RemoteProtocolError as exc:
             runner.statistics().drops[exc.reason] += 1
 
@@ -161,7 +162,7 @@ class Gossip:
         now = unix_now()
         graph = self.graph
         if graph.insert_identity(request.identity, now, source=peer):
-            self._flood(runner, [request.identity], [])
+            self._flood([request.identity], [])
         left, right, _ = adjacency_unsigned(self.fingerprint, peer, request.timestamp)
         mine = sign_adjacency(self.identity, left, right, request.timestamp)
         ours_left = left == self.fingerprint
@@ -174,7 +175,7 @@ class Gossip:
         )
         # Verifies the peer's signature; a link of ours, so ours in the graph.
         if graph.insert_adjacency(descriptor, now, source=None):
-            self._flood(runner, [], [descriptor])
+            self._flood([], [descriptor])
         runner.send_control(encode_control(AdjacencyGrant(descriptor)))
 
     def _request_adjacency(self, runner: Peer) -> None:
@@ -201,40 +202,25 @@ class Gossip:
             )
 
     def _flood(
-        self,
-        source: Peer,
-        identities: list[IdentityDescriptor],
-        adjacencies: list[AdjacencyDescriptor],
+        self, identities: list[IdentityDescriptor], adjacencies: list[AdjacencyDescriptor]
     ) -> None:
-        """Flood these changes within FLOOD_DELAY_SECS to every neighbour but `source`; a
-        newer descriptor of the same relay or link replaces one still waiting."""
+        """Flood these changes within FLOOD_DELAY_SECS; a newer descriptor of the same relay
+        or link replaces one still waiting."""
         for identity in identities:
-            self._identities[identity.identity_public] = identity, source
+            self._identities[identity.identity_public] = identity
         for adjacency in adjacencies:
-            self._adjacencies[adjacency.left, adjacency.right] = adjacency, source
+            self._adjacencies[adjacency.left, adjacency.right] = adjacency
         if identities or adjacencies:
             self._flood_wanted.set()
 
     def flood_now(self) -> None:
-        """Send the changes waiting: encoded once for the neighbours that told us none of
-        them, once more for each that did (without its own)."""
+        """Send every neighbour the changes waiting."""
         identities, self._identities = self._identities, {}
         adjacencies, self._adjacencies = self._adjacencies, {}
-        if not identities and not adjacencies:
-            return
-        sources = {id(s): s for _, s in (*identities.values(), *adjacencies.values())}
-        pushes = self._pushes(
-            (d for d, _ in identities.values()), (d for d, _ in adjacencies.values())
-        )
-        for runner in self._runners():
-            if id(runner) not in sources:
+        if identities or adjacencies:
+            pushes = self._pushes(identities.values(), adjacencies.values())
+            for runner in self._runners():
                 self._push(runner, pushes)
-            else:
-                own = self._pushes(
-                    (d for d, s in identities.values() if s is not runner),
-                    (d for d, s in adjacencies.values() if s is not runner),
-                )
-                self._push(runner, own)
 
     def _runners(self) -> Sequence[Peer]:
         return self.peers()
