@@ -124,6 +124,7 @@ class HostilePeer:
         self.identity = identity or Identity.generate(os.urandom)
         self.fingerprint = self.identity.fingerprint
         self.handlers: dict[str, Handler] = {"push_price": self._answer_price, **(handlers or {})}
+        self.silent: set[str] = set()  # methods whose calls get no answer at all
         self.calls = Calls()
         self.account: Account | None = None
         self.closed: LinkClosed | None = None
@@ -404,6 +405,8 @@ class HostilePeer:
             return
         params = None if request.params is msgspec.UNSET else request.params
         self.calls.requests.append((request.method, params))
+        if request.method in self.silent:
+            return
         handler = self.handlers.get(request.method)
         if handler is None:
             answer = encode_error(request.id, METHOD_NOT_FOUND, STANDARD_MESSAGES[METHOD_NOT_FOUND])

@@ -29,6 +29,7 @@ from earendil_py.core.packet import PACKET_SIZE
 from earendil_py.core.rpc import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR
 from earendil_py.runtime.gossip import unix_now
 from earendil_py.runtime.keyfile import load_identity_file
+from earendil_py.runtime.node import HELD_PER_LINK
 from tests.helpers import wait_until
 from tests.hostile.harness import Pair
 from tests.hostile.peer import HostilePeer, error_code
@@ -189,6 +190,33 @@ def test_garbage_onion_frames_are_paid_for_and_go_nowhere(pair: Pair, protocol: 
         status = pair.books_of(peer.fingerprint)
         assert status["packets_in"] > 0
         assert status["debt_in_umel"] == status["packets_in"] * status["our_price_umel"]
+    pair.check_unharmed()
+    pair.assert_no_errors(mark)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_frames_sent_while_our_price_goes_unanswered_are_held_within_a_bound(
+    pair: Pair, protocol: str
+) -> None:
+    """The target accepted the peer's price; the peer never answers the target's, but sends
+    onion frames as if priced. The target holds at most HELD_PER_LINK of them (its acceptance
+    might just be on its way to disk), drops and counts the rest, and charges nothing."""
+    rng = random.Random(9)
+    peer = pair.peer(protocol)
+    peer.silent.add("push_price")
+    with pair.attacking() as mark, peer.connect():
+        peer.push_price()
+        peer.wait_for(lambda: any(method == "push_price" for method, _ in peer.calls.requests))
+        frames = [(pair.target_fp, rng.randbytes(PACKET_SIZE)) for _ in range(200)]
+        for start in range(0, len(frames), 25):
+            peer.send_onions(frames[start : start + 25])
+        assert error_code(peer.call("no_such_method")) == -32601  # all of them arrived
+        (link,) = [
+            link for link in pair.status()["links"] if link["neighbor"] == peer.fingerprint.hex()
+        ]
+        assert link["drops"]["not_priced"] == len(frames) - HELD_PER_LINK
+        books = pair.books_of(peer.fingerprint)
+        assert not books["priced"] and books["packets_in"] == 0
     pair.check_unharmed()
     pair.assert_no_errors(mark)
 
