@@ -115,6 +115,7 @@ from earendil_py.core.accounting import (
     DebtClaim,
     DebtLimitNotice,
     Dispute,
+    EpochCount,
 )
 from earendil_py.core.errors import LocalProtocolError, RemoteProtocolError, decode_remote
 from earendil_py.core.identity import Identity, Int, fingerprint_of
@@ -450,6 +451,9 @@ class _Volatile:
     claim_deadline: float = 0.0  # abandoned then: the next claim supersedes it
     next_claim_at: float = 0.0
     acked: tuple[object, ...] | None = None  # the counts of the last claim the neighbour took
+    # Bumped when a claim of the neighbour's shows other counts than ours; part of a claim's
+    # counts, so the next claim goes out even if our counts did not move.
+    resync: int = 0
     price_token: int = 0
     price_retry_at: float | None = None
     price_backoff: float = PRICE_RETRY_SECS  # the next retry's delay; reset by an answer
@@ -1266,6 +1270,10 @@ class Neighbor:
             )
             return Refused(REFUSED, "claim disputed: account frozen", "dispute")
         w.account_entry("claim_received", _encoder.encode(claim))
+        if _counts_differ(w.account.claim_counts()[0], claim.sent):
+            # It thinks it sent us other than we counted (lost packets): its estimate of what
+            # it owes is off. Our next claim tells it, even if our own counts did not move.
+            w.volatile.resync += 1
         if claim.seq % PRUNE_EVERY == 0:
             w.prunes.append(("claim_received", w.policy.keep_claims))
         w.batch = True
@@ -1592,7 +1600,7 @@ class Neighbor:
         volatile = w.volatile
         volatile.next_claim_at = w.now + w.policy.push_debt_secs
         received, sent = w.account.claim_counts()
-        counts = (*received, None, *sent)
+        counts = (volatile.resync, *received, None, *sent)
         if counts == volatile.acked or not (received or sent):
             return  # nothing changed since the neighbour took our last claim
         claim = w.account.make_claim(w.unix)
@@ -1789,6 +1797,13 @@ REPLIES: dict[str, Callable[[Neighbor, _Work, int, _Pending, Reply], None]] = {
     "settlement_answer": Neighbor._reply_settlement_answer,
     "settlement_audit": Neighbor._reply_audit,
 }
+
+
+def _counts_differ(ours: list[EpochCount], theirs: list[EpochCount]) -> bool:
+    """Whether two cumulative counts differ in an epoch both list (the oldest may have been
+    folded on one side and not yet on the other)."""
+    counted = {c.epoch: c.packets for c in ours}
+    return any(counted.get(c.epoch, c.packets) != c.packets for c in theirs)
 
 
 def _auto_method(account: AccountState, policy: Policy) -> str | None:

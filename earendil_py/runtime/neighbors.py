@@ -197,8 +197,22 @@ class Neighbors:
                 self.neighbors[fp] = neighbor
                 self._restoring.pop(fp).set()
             attach(neighbor)
-            if first and fp in self._links:
-                await self._run_effects(fp, [neighbor.on_link_up(time.time(), policy)])
+            if not first or await self._linked(fp, neighbor, policy):
+                return
+        # Until its link-up is written the neighbour is not linked in its own eyes (no offer,
+        # claim or status question would go out): a failed commit is tried again.
+        while True:
+            await anyio.sleep(COMMIT_RETRY_SECS)
+            async with self._locked(fp):
+                if await self._linked(fp, neighbor, policy):
+                    return
+
+    async def _linked(self, fp: bytes, neighbor: Neighbor, policy: Policy) -> bool:
+        """Run the neighbour's link-up, unless its link is gone or it is linked already;
+        False if that commit failed."""
+        if fp not in self._links or self.neighbors.get(fp) is not neighbor or neighbor.linked:
+            return True
+        return await self._run_effects(fp, [neighbor.on_link_up(time.time(), policy)])
 
     def set_price(self, neighbor: bytes, price: PriceConfig) -> None:
         """The price table of the neighbour's route changed (a config reload): its terms are

@@ -268,9 +268,12 @@ class Pair:
     # --- the link and the traffic -------------------------------------------------------
 
     def link_up(self) -> None:
+        """Both sides' link-ups; one whose commit failed is tried again until it is written
+        (as runtime/neighbors.py does)."""
         self.linked = True
         for side in (self.a, self.b):
-            self.execute(side, side.neighbor.on_link_up(self.now))
+            while not self.execute(side, side.neighbor.on_link_up(self.now)):
+                pass
         self.pump()
 
     def link_down(self) -> None:

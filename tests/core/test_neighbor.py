@@ -226,6 +226,21 @@ def test_forged_replayed_and_malformed_claims_change_nothing() -> None:
     }
 
 
+def test_packets_lost_after_the_last_claim_are_corrected_by_the_next_one() -> None:
+    """The creditor's counts do not move (everything since its last claim was lost), yet the
+    debtor's claim shows it thinks it sent more: the creditor's next claim corrects it."""
+    pair = Pair(policy(2), policy(3))
+    pair.link_up()
+    pair.carry(pair.a, 50)
+    pair.advance(3)
+    assert views(pair) == (150, 150, 0, 0)
+    pair.carry(pair.a, 30, lost=30)
+    pair.advance(1)
+    assert views(pair)[0] == 80 * 3  # Alice's estimate: an upper bound
+    pair.advance(3)
+    assert views(pair) == (150, 150, 0, 0)
+
+
 def test_a_crash_loses_counts_and_the_next_claim_recovers_them() -> None:
     pair = Pair(policy(2), policy(3))
     pair.link_up()
@@ -767,11 +782,13 @@ def run_interleaving(actions: list[tuple[object, ...]]) -> None:
             lied += int(args[0])  # type: ignore[call-overload]
         bound()
     pair.quiesce()
+    a, b = pair.a.neighbor, pair.b.neighbor
+    if not (a.frozen or b.frozen):  # claims alone, no reconnect, made both books agree
+        assert views(pair)[0] == views(pair)[1] and views(pair)[2] == views(pair)[3]
     pair.link_down()
     pair.link_up()  # the audits after a reconnect
     pair.quiesce()
     bound()
-    a, b = pair.a.neighbor, pair.b.neighbor
     if not lied:
         assert not a.frozen and not b.frozen
         for side in (pair.a, pair.b):  # claims corrected every crash's estimate

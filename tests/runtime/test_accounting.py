@@ -144,6 +144,30 @@ async def test_packets_that_overtake_our_acceptance_on_disk_are_held_not_dropped
 
 
 @pytest.mark.anyio
+async def test_a_link_up_whose_commit_failed_is_written_again(tmp_path: Path) -> None:
+    """Node 1's first link-up step (its offer, written before it is pushed) fails to commit:
+    tried again a second later, so the link is priced both ways without a reconnect."""
+    nodes = priced_pair(tmp_path, price_0=1, price_1=2)
+    commit = nodes[1].accounts._commit
+    failed: list[bool] = []
+
+    async def fail_the_first_offer(batch: Any) -> Any:
+        if not failed and any(
+            kind == "price_offer_sent" for _, e in batch for kind, _ in e.entries
+        ):
+            failed.append(True)
+            raise sqlite3.OperationalError("disk I/O error")
+        return await commit(batch)
+
+    nodes[1].accounts._commit = fail_the_first_offer  # type: ignore[method-assign]
+    async with running(nodes):
+        with anyio.fail_after(10):
+            await converged(nodes, PAIR)
+        assert failed == [True]
+        assert neighbor(nodes[1], nodes[0]).linked
+
+
+@pytest.mark.anyio
 async def test_a_rejected_price_means_no_traffic_either_way(tmp_path: Path) -> None:
     # Node 1 asks 101 uMEL a packet; node 0 pays at most 100.
     nodes = priced_pair(tmp_path, price_0=1, price_1=101)
