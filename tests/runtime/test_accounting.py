@@ -113,15 +113,15 @@ async def test_packets_that_overtake_our_acceptance_on_disk_are_held_not_dropped
     tmp_path: Path,
 ) -> None:
     """Node 0 is priced as soon as node 1's answer arrives, and sends; node 1 is priced only
-    once node 0's answer is on its disk (here slowed to 0.5 s). What comes meanwhile waits,
-    up to HELD_PER_LINK frames; the rest is dropped and counted."""
+    once node 0's answer is on its disk (here slowed to 2 s: a margin for a busy machine).
+    What comes meanwhile waits, up to HELD_PER_LINK frames; the rest is dropped and counted."""
     nodes = priced_pair(tmp_path, price_0=1, price_1=2)
     sender, receiver = nodes
     commit = receiver.accounts._commit
 
     async def slow_acceptance(batch: Any) -> Any:
         if any(kind == "price_answer_received" for _, e in batch for kind, _ in e.entries):
-            await anyio.sleep(0.5)
+            await anyio.sleep(2)
         return await commit(batch)
 
     receiver.accounts._commit = slow_acceptance  # type: ignore[method-assign]
