@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import anyio
@@ -85,44 +86,55 @@ class Gossip:
         self._adjacencies: dict[tuple[bytes, bytes], AdjacencyDescriptor] = {}
         self._flood_wanted = anyio.Event()
 
-    async def run(self) -> None:
-        """Flood, re-sign, pull and expire on their intervals, until cancelled."""
+    async def run(self, boundary: AbstractContextManager[object]) -> None:
+        """Flood, re-sign, pull and expire on their intervals, until cancelled; each round
+        inside `boundary` (a fault there loses that round, not the node)."""
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._repair)
-            tg.start_soon(self._flood_loop)
-            await self._refresh()
+            tg.start_soon(self._repair, boundary)
+            tg.start_soon(self._flood_loop, boundary)
+            await self._refresh(boundary)
 
-    async def _flood_loop(self) -> None:
+    async def _flood_loop(self, boundary: AbstractContextManager[object]) -> None:
         while True:
             await self._flood_wanted.wait()
             await anyio.sleep(FLOOD_DELAY_SECS)
             self._flood_wanted = anyio.Event()
-            self.flood_now()
+            with boundary:
+                self.flood_now()
 
-    async def _repair(self) -> None:
+    async def _repair(self, boundary: AbstractContextManager[object]) -> None:
         while True:
             await anyio.sleep(REPAIR_INTERVAL_SECS)
-            me = self.fingerprint
-            adjacent = set(self.graph.neighbors(me))
-            for runner in self._runners():
-                if runner.peer_fingerprint not in adjacent:
-                    self.on_link_up(runner)
-                    runner.send_control(encode_control(GraphPull()))
+            with boundary:
+                self._repair_now()
 
-    async def _refresh(self) -> None:
+    def _repair_now(self) -> None:
+        adjacent = set(self.graph.neighbors(self.fingerprint))
+        for runner in self._runners():
+            if runner.peer_fingerprint not in adjacent:
+                self.on_link_up(runner)
+                runner.send_control(encode_control(GraphPull()))
+
+    async def _refresh(self, boundary: AbstractContextManager[object]) -> None:
         next_resign = time.monotonic() + RESIGN_INTERVAL_SECS
         while True:
             await anyio.sleep(PULL_INTERVAL_SECS)
-            now = unix_now()
-            if time.monotonic() >= next_resign:
-                next_resign = time.monotonic() + RESIGN_INTERVAL_SECS
-                self.own_descriptor = self.identity.descriptor(now)
-                self.graph.insert_identity(self.own_descriptor, now, source=None)
-                for runner in self._runners():
-                    self._request_adjacency(runner)
-            self.graph.expire(now)
+            with boundary:
+                next_resign = self._refresh_now(next_resign)
+
+    def _refresh_now(self, next_resign: float) -> float:
+        """Re-sign if due, expire, pull; returns when the next re-signing is due."""
+        now = unix_now()
+        if time.monotonic() >= next_resign:
+            next_resign = time.monotonic() + RESIGN_INTERVAL_SECS
+            self.own_descriptor = self.identity.descriptor(now)
+            self.graph.insert_identity(self.own_descriptor, now, source=None)
             for runner in self._runners():
-                runner.send_control(encode_control(GraphPull()))
+                self._request_adjacency(runner)
+        self.graph.expire(now)
+        for runner in self._runners():
+            runner.send_control(encode_control(GraphPull()))
+        return next_resign
 
     def on_link_up(self, runner: Peer) -> None:
         self._push(runner, self._pushes(self.graph.identities(), self.graph.adjacencies()))

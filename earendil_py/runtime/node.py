@@ -903,7 +903,7 @@ class Node:
                 await tg.start(self.accounts.run)
                 for info in self._route_infos.values():
                     self._start_route(info)
-                tg.start_soon(self.gossip.run)
+                tg.start_soon(self.gossip.run, self.faults.boundary(self.drops, "gossip"))
                 tg.start_soon(
                     self.history.run,
                     self.accounts.debts,

@@ -417,7 +417,9 @@ class HostilePeer:
                 answer = encode_error(request.id, exc.code, exc.message, exc.data)
             except (msgspec.ValidationError, RemoteProtocolError) as exc:
                 answer = encode_error(request.id, INVALID_PARAMS, str(exc)[:200])
-        self._live().send_control(encode_control(DockMessage(GLOBAL_RPC_DOCK, answer)))
+        link = self._live()
+        if link.state is LinkState.ESTABLISHED:  # not closed since the request came
+            link.send_control(encode_control(DockMessage(GLOBAL_RPC_DOCK, answer)))
 
     def _answer_price(self, params: Any) -> Any:
         offer = unwire(params, PriceOffer)

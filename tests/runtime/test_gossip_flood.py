@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections import Counter
 
 import anyio
 import pytest
+import structlog
 
 from earendil_py.core.graph import RelayGraph, adjacency_unsigned, decode_dump, sign_adjacency
 from earendil_py.core.identity import Identity
 from earendil_py.core.link import LinkStatistics
 from earendil_py.core.messages import AdjacencyRequest, GraphPush, decode_control
 from earendil_py.runtime import gossip as gossip_module
+from earendil_py.runtime.faults import INTERNAL_ERROR, Faults
 from earendil_py.runtime.gossip import Gossip
 
 
@@ -89,10 +93,38 @@ async def test_the_flood_goes_out_by_itself_after_the_delay() -> None:
     gossip = Gossip(me, RelayGraph(), lambda: peers)
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(gossip.run)
+            tg.start_soon(gossip.run, contextlib.nullcontext())
             now = gossip_module.unix_now()
             gossip.on_message(peers[0], request_from(peers[0], me.fingerprint, now))
             while not peers[1].frames:
                 await anyio.sleep(gossip_module.FLOOD_DELAY_SECS / 5)
             assert peers[1].pushed()[0] == [peers[0].identity.fingerprint]
+            tg.cancel_scope.cancel()
+
+
+class FailingPeer(Peer):
+    def send_control(self, payload: bytes) -> bool:
+        raise RuntimeError("a bug in a link's send path")
+
+
+@pytest.mark.anyio
+async def test_a_fault_in_a_flood_loses_that_flood_not_the_gossip() -> None:
+    me = identity(1)
+    peers = [Peer(identity(seed)) for seed in (2, 3)]
+    failing = FailingPeer(identity(4))
+    drops: Counter[str] = Counter()
+    boundary = Faults(structlog.get_logger()).boundary(drops, "gossip")
+    gossip = Gossip(me, RelayGraph(), lambda: [failing, *peers])
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gossip.run, boundary)
+            now = gossip_module.unix_now()
+            gossip.on_message(peers[0], request_from(peers[0], me.fingerprint, now))
+            while not drops:
+                await anyio.sleep(gossip_module.FLOOD_DELAY_SECS / 5)
+            assert drops == {INTERNAL_ERROR: 1}
+            peers[1].frames.clear()
+            gossip.on_message(peers[1], request_from(peers[1], me.fingerprint, now))
+            while drops[INTERNAL_ERROR] < 2:  # the next flood ran, and failed the same way
+                await anyio.sleep(gossip_module.FLOOD_DELAY_SECS / 5)
             tg.cancel_scope.cancel()
