@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +19,9 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import pytest
 
+from earendil_py.cli import main
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.config import Config, load_config
 from earendil_py.runtime.http import ControlApiError, call_api
@@ -224,6 +227,24 @@ async def converged(nodes: list[Node], edges: list[Edge]) -> None:
 
 
 # --- daemons seen through their control API -------------------------------------------
+
+
+# A line that a node in this process logged (structlog's console renderer), not a CLI's.
+_NODE_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
+
+
+async def cli_beside_nodes(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run the CLI in a thread while nodes run in this process: its exit code, stdout and
+    stderr. The nodes log to the same stdout meanwhile; their lines are left out."""
+    capsys.readouterr()
+
+    def own(text: str) -> str:
+        lines = text.splitlines(keepends=True)
+        return "".join(line for line in lines if not _NODE_LOG_LINE.match(line))
+
+    code = await anyio.to_thread.run_sync(main, list(argv))
+    out, err = capsys.readouterr()
+    return code, own(out), own(err)
 
 
 def daemon_api(config_path: Path, method: str, path: str, body: object | None = None) -> Any:

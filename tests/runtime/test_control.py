@@ -15,7 +15,6 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from earendil_py.cli import main
 from earendil_py.core.errors import ConfigError
 from earendil_py.netgen import Edge, generate_network
 from earendil_py.runtime.config import load_config
@@ -29,7 +28,14 @@ from earendil_py.runtime.http import (
     token_path,
 )
 from earendil_py.runtime.node import Node
-from tests.helpers import converged, make_nodes, node_from, run_cli, running
+from tests.helpers import (
+    cli_beside_nodes,
+    converged,
+    make_nodes,
+    node_from,
+    run_cli,
+    running,
+)
 
 LINE3 = [Edge(0, 1, "udp"), Edge(1, 2, "tcp")]
 DOCS = Path(__file__).parents[2] / "docs" / "control-api.md"
@@ -37,12 +43,6 @@ DOCS = Path(__file__).parents[2] / "docs" / "control-api.md"
 
 def config_path(node: Node) -> str:
     return str(node.config.source)
-
-
-async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = await anyio.to_thread.run_sync(main, list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.anyio
@@ -55,7 +55,7 @@ async def test_send_status_and_receive_through_the_cli(
             await converged(nodes, LINE3)
         destination = nodes[2].fingerprint.hex()
         for text in ["hello", "world"]:
-            code, _, err = await cli(
+            code, _, err = await cli_beside_nodes(
                 capsys, "send", "--config", config_path(nodes[0]), "--to", destination,
                 "--dock", "9", "--hops", "2", text,
             )  # fmt: skip
@@ -63,7 +63,7 @@ async def test_send_status_and_receive_through_the_cli(
         received: list[str] = []
         with anyio.fail_after(5):
             while len(received) < 2:
-                code, out, _ = await cli(
+                code, out, _ = await cli_beside_nodes(
                     capsys, "receive", "--config", config_path(nodes[2]), "--dock", "9"
                 )
                 assert code == 0
@@ -71,7 +71,7 @@ async def test_send_status_and_receive_through_the_cli(
                 await anyio.sleep(0.05)
         assert sorted(received) == ["hello", "world"]
 
-        code, out, _ = await cli(capsys, "status", "--config", config_path(nodes[1]))
+        code, out, _ = await cli_beside_nodes(capsys, "status", "--config", config_path(nodes[1]))
         assert code == 0
         assert nodes[1].fingerprint.hex() in out
         assert "peeled 2" in out  # the middle node was the first of the two peelers
@@ -90,14 +90,14 @@ async def test_bad_requests_get_clear_errors(
     nodes = make_nodes(tmp_path, 2, [Edge(0, 1, "udp")])
     host, port = nodes[0].config.control_listen
     async with running(nodes):
-        code, _, err = await cli(
+        code, _, err = await cli_beside_nodes(
             capsys, "send", "--config", config_path(nodes[0]), "--to", "abc", "--dock", "1", "x"
         )
         assert code == 2
         assert err.startswith("earendil-py: error: ") and "fingerprint" in err
 
         unknown = "ab" * 32
-        code, _, err = await cli(
+        code, _, err = await cli_beside_nodes(
             capsys, "send", "--config", config_path(nodes[0]), "--to", unknown, "--dock", "1", "x"
         )
         assert code == 1
@@ -123,7 +123,7 @@ async def test_bad_requests_get_clear_errors(
         assert status_now["fingerprint"] == nodes[0].fingerprint.hex()
 
     # Once the node is gone the CLI says so in one line.
-    code, _, err = await cli(capsys, "status", "--config", config_path(nodes[0]))
+    code, _, err = await cli_beside_nodes(capsys, "status", "--config", config_path(nodes[0]))
     assert code == 1
     assert f"cannot reach the node's control API at {host}:{port}" in err
 
@@ -193,7 +193,7 @@ async def test_the_cli_says_in_one_line_when_it_cannot_read_the_token(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (node,) = make_nodes(tmp_path, 1, [])
-    code, _, err = await cli(capsys, "status", "--config", config_path(node))
+    code, _, err = await cli_beside_nodes(capsys, "status", "--config", config_path(node))
     assert code == 1
     assert err.count("\n") == 1
     assert f"{token_path(node.config)}: cannot read control token" in err
@@ -207,7 +207,7 @@ async def test_the_dashboard_command_prints_a_link_that_works_once(
     (node,) = make_nodes(tmp_path, 1, [])
     host, port = node.config.control_listen
     async with running([node]):
-        code, out, err = await cli(capsys, "dashboard", "--config", config_path(node))
+        code, out, err = await cli_beside_nodes(capsys, "dashboard", "--config", config_path(node))
         assert code == 0
         link = out.splitlines()[-1]  # the lines before are the node's own log
         assert link.startswith(f"http://{host}:{port}/login?code=")

@@ -19,7 +19,6 @@ import anyio.abc
 import msgspec
 import pytest
 
-from earendil_py.cli import main
 from earendil_py.core.errors import EarendilError
 from earendil_py.core.ledger import GENESIS
 from earendil_py.core.neighbor import (
@@ -47,6 +46,7 @@ from earendil_py.runtime.rpc import RpcError
 from tests.helpers import (
     FAST,
     DaemonProcess,
+    cli_beside_nodes,
     converged,
     daemon_api,
     daemon_priced,
@@ -604,9 +604,7 @@ async def test_the_cli_settles_lists_rejects_and_cancels(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async def cli(*argv: str) -> tuple[int, str, str]:
-        code = await anyio.to_thread.run_sync(main, list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
+        return await cli_beside_nodes(capsys, *argv)
 
     def settlement_of(out: str) -> str:
         (line,) = [line for line in out.splitlines() if line.startswith("settlement ")]
