@@ -14,8 +14,8 @@ from earendil_py.netgen import Edge
 from earendil_py.runtime import chat
 from earendil_py.runtime.node import Node
 from earendil_py.runtime.rpc import RpcError
-from tests.helpers import make_nodes, node_from, running
-from tests.runtime.test_control import cli, config_path
+from tests.helpers import cli_beside_nodes, make_nodes, node_from, running
+from tests.runtime.test_control import config_path
 
 PAIR = [Edge(0, 1, "udp")]
 
@@ -133,18 +133,18 @@ async def test_chat_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
     a, b = nodes
     async with running(nodes):
         await linked(nodes)
-        code, out, err = await cli(
+        code, out, err = await cli_beside_nodes(
             capsys, "chat", "--config", config_path(a), "--neighbor", b.fingerprint.hex(),
             "--send", "from the command line",
         )  # fmt: skip
         assert (code, err) == (0, "")
         assert out.rstrip().endswith("-> from the command line")
-        code, out, _ = await cli(
+        code, out, _ = await cli_beside_nodes(
             capsys, "chat", "--config", config_path(b), "--neighbor", a.fingerprint.hex()
         )
         assert code == 0
         assert out.rstrip().endswith("<- from the command line")
-        code, _, err = await cli(
+        code, _, err = await cli_beside_nodes(
             capsys, "chat", "--config", config_path(a), "--neighbor", "00" * 32, "--send", "hi"
         )
         assert code != 0

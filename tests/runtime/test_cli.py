@@ -30,6 +30,7 @@ from earendil_py.runtime.http import ControlApiError, call_api
 from earendil_py.runtime.rpc import RpcError
 from earendil_py.runtime.store import LedgerStore, ledger_id_file
 from tests.helpers import (
+    cli_beside_nodes,
     converged,
     daemon_api,
     make_nodes,
@@ -38,7 +39,7 @@ from tests.helpers import (
     seeded_rng,
     wait_until,
 )
-from tests.runtime.test_control import LINE3, cli, config_path
+from tests.runtime.test_control import LINE3, config_path
 from tests.runtime.test_settlement import network, owe, record_in
 
 # What a hostile neighbour puts in its text: clear the screen, retitle the window, reverse the
@@ -63,7 +64,7 @@ async def test_peer_text_is_shown_escaped(
     async with network(tmp_path) as (a, b):
         # The neighbour's chat message.
         await b.chat.send(a.fingerprint, HOSTILE)
-        code, out, _ = await cli(
+        code, out, _ = await cli_beside_nodes(
             capsys, "chat", "--config", config_path(a), "--neighbor", b.fingerprint.hex()
         )
         assert code == 0
@@ -71,7 +72,7 @@ async def test_peer_text_is_shown_escaped(
 
         # The neighbour's reason for rejecting our settlement.
         await owe(a, b, 50)
-        code, out, _ = await cli(
+        code, out, _ = await cli_beside_nodes(
             capsys, "settle", "--config", config_path(a), "--neighbor", b.fingerprint.hex(),
             "--amount", "50", "--method", "manual",
         )  # fmt: skip
@@ -81,7 +82,7 @@ async def test_peer_text_is_shown_escaped(
         record = await record_in(b, a, settlement_id, SettlementState.PENDING)
         await b.accounts.decide(record.settlement_id, approve=False, reason=HOSTILE)
         await record_in(a, b, settlement_id, SettlementState.REJECTED)
-        code, out, _ = await cli(capsys, "settlements", "--config", config_path(a))
+        code, out, _ = await cli_beside_nodes(capsys, "settlements", "--config", config_path(a))
         assert code == 0
         assert shown_line(out, f"{settlement_id}  {b.fingerprint.hex()[:8]}").endswith(
             f"rejected ({SHOWN})"
@@ -92,7 +93,7 @@ async def test_peer_text_is_shown_escaped(
             raise RpcError(REFUSED, HOSTILE)
 
         b.rpc._handlers["chat"] = refuses
-        code, out, err = await cli(
+        code, out, err = await cli_beside_nodes(
             capsys, "chat", "--config", config_path(a), "--neighbor", b.fingerprint.hex(),
             "--send", "hello?",
         )  # fmt: skip
@@ -362,22 +363,28 @@ async def test_a_fingerprint_prefix_names_a_neighbour_or_a_node_of_the_graph(
         with anyio.fail_after(10):
             await converged(nodes, LINE3)
         # A node of the graph is a destination, but not a neighbour.
-        code, out, err = await cli(
+        code, out, err = await cli_beside_nodes(
             capsys, "send", "--config", config, "--to", two[:6], "--dock", "9", "hi"
         )
         assert (code, out, err) == (0, f"sent 2 bytes to {two[:8]} dock 9\n", "")
         with anyio.fail_after(5):
             assert (await nodes[2].receive_datagram(9)).data == b"hi"
-        code, _, err = await cli(capsys, "chat", "--config", config, "--neighbor", two[:6])
+        code, _, err = await cli_beside_nodes(
+            capsys, "chat", "--config", config, "--neighbor", two[:6]
+        )
         assert code == 2
         assert err == (
             f"earendil-py: error: --neighbor: no neighbour has a fingerprint starting with "
             f"{two[:6]}\n"
         )
-        code, _, _ = await cli(capsys, "chat", "--config", config, "--neighbor", one[:4].upper())
+        code, _, _ = await cli_beside_nodes(
+            capsys, "chat", "--config", config, "--neighbor", one[:4].upper()
+        )
         assert code == 0
 
-        code, _, err = await cli(capsys, "chat", "--config", config, "--neighbor", "abc")
+        code, _, err = await cli_beside_nodes(
+            capsys, "chat", "--config", config, "--neighbor", "abc"
+        )
         assert code == 2
         assert "--neighbor: expected a fingerprint (64 hex digits) or a unique prefix" in err
 
@@ -388,7 +395,7 @@ async def test_a_fingerprint_prefix_names_a_neighbour_or_a_node_of_the_graph(
                 identity.descriptor(int(time.time())), int(time.time()), source=None
             )
         prefix = first.fingerprint.hex()[:4]
-        code, _, err = await cli(
+        code, _, err = await cli_beside_nodes(
             capsys, "send", "--config", config, "--to", prefix, "--dock", "9", "x"
         )
         assert code == 2
@@ -407,7 +414,7 @@ async def test_exit_statuses_and_errors_name_what_happened_in_the_clis_words(
         with anyio.fail_after(10):
             await converged(nodes, [Edge(0, 1, "udp")])
         # Refused by the neighbour: above the most it pays (outbound_max_price_umel = 10).
-        code, out, err = await cli(
+        code, out, err = await cli_beside_nodes(
             capsys, "reprice", "--config", config, "--neighbor", neighbour[:8],
             "--price", "11", "--debt-limit", "100000",
         )  # fmt: skip
@@ -416,7 +423,7 @@ async def test_exit_statuses_and_errors_name_what_happened_in_the_clis_words(
             f"earendil-py: error: not accepted by {neighbour[:8]}: the price is above the most it "
             "accepts to pay (price_too_high); the previous price stays in force\n"
         )
-        code, out, _ = await cli(
+        code, out, _ = await cli_beside_nodes(
             capsys, "reprice", "--config", config, "--neighbor", neighbour[:8],
             "--price", "2", "--debt-limit", "100000",
         )  # fmt: skip
@@ -425,7 +432,7 @@ async def test_exit_statuses_and_errors_name_what_happened_in_the_clis_words(
             f"accepted by {neighbour[:8]}: 2 uMEL a packet, debt limit 100000 uMEL\n",
         )
         # A usage error names the flags.
-        code, _, err = await cli(
+        code, _, err = await cli_beside_nodes(
             capsys, "settle", "--config", config, "--neighbor", neighbour, "--method", "manual"
         )
         assert code == 2
@@ -448,27 +455,29 @@ async def test_exit_statuses_and_errors_name_what_happened_in_the_clis_words(
 
         # receive says when more are waiting than it printed.
         for text in ("one", "two", "three"):
-            code, _, _ = await cli(
+            code, _, _ = await cli_beside_nodes(
                 capsys, "send", "--config", config, "--to", me, "--dock", "5", text
             )
             assert code == 0
-        code, out, err = await cli(
+        code, out, err = await cli_beside_nodes(
             capsys, "receive", "--config", config, "--dock", "5", "--max", "2"
         )
         assert (code, out) == (0, "one\ntwo\n")
         assert err == "earendil-py: 1 more datagram waiting on dock 5: run again, or use --follow\n"
-        code, out, err = await cli(capsys, "receive", "--config", config, "--dock", "5", "--json")
+        code, out, err = await cli_beside_nodes(
+            capsys, "receive", "--config", config, "--dock", "5", "--json"
+        )
         answer = json.loads(out)
         assert (code, err, answer["waiting"]) == (0, "", 0)
         assert [base64.b64decode(d["data_b64"]) for d in answer["datagrams"]] == [b"three"]
 
         # --json has the full fingerprints and every route.
-        code, out, _ = await cli(capsys, "status", "--config", config, "--json")
+        code, out, _ = await cli_beside_nodes(capsys, "status", "--config", config, "--json")
         status = json.loads(out)
         assert code == 0 and status["fingerprint"] == me
         (route,) = status["routes"]
         assert (route["name"], route["state"], route["neighbor"]) == ("node1_udp", "up", neighbour)
         assert [link["neighbor"] for link in status["links"]] == [neighbour]
     # Once the node is gone: a node failure.
-    code, _, err = await cli(capsys, "status", "--config", config)
+    code, _, err = await cli_beside_nodes(capsys, "status", "--config", config)
     assert code == 1 and "cannot reach the node's control API" in err

@@ -14,8 +14,7 @@ from structlog.testing import capture_logs
 from earendil_py.netgen import Edge, GeneratedNode, generate_network
 from earendil_py.runtime.config import load_config
 from earendil_py.runtime.node import Node
-from tests.helpers import node_from
-from tests.runtime.test_control import cli
+from tests.helpers import cli_beside_nodes, node_from
 
 # Handshakes are retried fast, but a link is only declared dead after the default 20 s: a
 # failure must be named long before that.
@@ -77,7 +76,9 @@ async def test_a_wrong_udp_secret_is_named_at_the_first_unanswered_handshake(
             assert status["state"] == "never_up"
             assert status["failure_reason"] == "no reply: check the route secret and fingerprint"
             assert listener.drop_counts()["bad_mac1"] >= 2  # the secret: dropped unanswered
-            code, out, _ = await cli(capsys, "status", "--config", str(dialer.config.source))
+            code, out, _ = await cli_beside_nodes(
+                capsys, "status", "--config", str(dialer.config.source)
+            )
             tg.cancel_scope.cancel()
     assert code == 0
     lines = out.splitlines()
