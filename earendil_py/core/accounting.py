@@ -59,8 +59,9 @@ from earendil_py.core.pricing import (
 )
 from earendil_py.core.signed import sign, verify_signed
 
-# v2: the signed part is the struct with its signature emptied (core/signed.py).
-CLAIM_DOMAIN = b"earendil_py push_debt v2"
+# v3: claims carry `counted` beside `sent`. The signed part is the struct with its signature
+# emptied (core/signed.py).
+CLAIM_DOMAIN = b"earendil_py push_debt v3"
 LIMIT_NOTICE_DOMAIN = b"earendil_py debt limit notice v2"
 
 # Claims whose timestamp is further than this from our clock are refused as stale. Timestamps
@@ -85,10 +86,13 @@ class DebtClaim(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fie
     """`push_debt`: the claimant's cumulative counts, per price epoch, oldest first.
 
     `received`: packets the claimant received from the counterparty (epochs of the claimant's
-    offers) — what the counterparty owes. `sent`: packets the claimant admits it sent (epochs
-    of the counterparty's offers), which lets a counterparty that lost counts in a crash
-    recover them: what the counterparty last claimed plus what the claimant sent since, never
-    packets a crash of the claimant's only assumed sent (`Account.unsure_out`).
+    offers) — what the counterparty owes. The other two are in epochs of the counterparty's
+    offers. `sent`: what the claimant is charged for, by its estimate (the counterparty's
+    last adopted count plus what the claimant sent since): a counterparty whose own count
+    differs knows packets were lost since its last claim, and claims again to correct it.
+    `counted`: what the claimant counted as sent, less what its crashes only assumed sent
+    (`AccountState.assumed_out`): a counterparty that lost counts in a crash re-learns them
+    from it.
     """
 
     claimant: Fingerprint
@@ -97,6 +101,7 @@ class DebtClaim(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fie
     timestamp: Uint
     received: EpochCounts
     sent: EpochCounts
+    counted: EpochCounts
     signature: Signature
 
 
@@ -171,6 +176,10 @@ class AccountState(msgspec.Struct, forbid_unknown_fields=True):
     claim_seq_sent: int = 0
     claim_seq_received: int = 0
     frozen: str = ""  # why traffic is stopped; '' when it flows
+    # Outbound totals [low, high) that a crash counted as sent without knowing it sent them
+    # (the unused part of a lease, and what went out unwritten before the crash), oldest
+    # first, at most MAX_EPOCHS: never admitted in a claim's `counted`.
+    assumed_out: tuple[tuple[int, int], ...] = ()
 
     def copy(self) -> AccountState:
         """A copy to work on: epochs and offers are immutable, so new lists suffice."""
@@ -207,12 +216,13 @@ class Account:
     original.
 
     After a crash lost the inbound counts since they were last written, the first claim
-    applied re-learns up to `recovery_in` of them from what the neighbour says it sent (its
-    own admission). Outbound counts are never lost: the relay loop sends nothing a written
-    lease does not cover, and after a crash we count the whole lease as sent (core/neighbor.py).
-    Those outbound totals, `unsure_out` = [low, high), are not admitted as sent in our claims
-    until a claim of the neighbour has corrected our count: a neighbour that crashed too must
-    not re-learn packets we never sent from our own upper bound.
+    applied re-learns up to `recovery_in` of them from what the neighbour says it counted
+    (its own admission). Outbound counts are never lost: the relay loop sends nothing a
+    written lease does not cover, and after a crash we count the whole lease as sent
+    (core/neighbor.py). Those totals (`assume_sent`) are never admitted in our claims'
+    `counted`: a neighbour that crashed too must not re-learn packets we never sent from our
+    own upper bound. `unsure_out` = [low, high), the last crash's, stays set until a claim of
+    the neighbour has corrected our count (no automatic settlement pays it before).
     """
 
     __slots__ = (
@@ -355,30 +365,55 @@ class Account:
         if not reason:
             s.their_offer = offer
             s.folded_out_umel += _open_epoch(s.outbound, offer, self.counters.packets_out)
+            oldest = s.outbound[0].start
+            s.assumed_out = tuple(r for r in s.assumed_out if r[1] > oldest)
         return s.their_answer
 
     # --- push_debt ----------------------------------------------------------------------
 
-    def claim_counts(self) -> tuple[list[EpochCount], list[EpochCount]]:
-        """Our cumulative counts per epoch, (received, sent): what a claim now would say.
-        Sent is what we admit: the neighbour's last claim plus our count since (the packets
-        lost in flight before it are not), less any total in `unsure_out`."""
+    def claim_counts(self) -> tuple[list[EpochCount], list[EpochCount], list[EpochCount]]:
+        """Our cumulative counts per epoch, (received, sent, counted): what a claim now would
+        say (`DebtClaim`)."""
         s, total = self.state, self.counters.packets_out
-        low, high = self.unsure_out
-        sent = []
+        sent, counted = [], []
         for e in s.outbound:
             count = e.count(total)
-            unsure = max(0, min(e.start + count, high) - max(e.start, low))
-            sent.append(EpochCount(e.epoch, max(0, e.charged(count) - unsure)))
-        return [EpochCount(e.epoch, e.count(self.counters.packets_in)) for e in s.inbound], sent
+            sent.append(EpochCount(e.epoch, e.charged(count)))
+            assumed = sum(
+                max(0, min(e.start + count, high) - max(e.start, low))
+                for low, high in s.assumed_out
+            )
+            counted.append(EpochCount(e.epoch, count - assumed))
+        received = [EpochCount(e.epoch, e.count(self.counters.packets_in)) for e in s.inbound]
+        return received, sent, counted
+
+    def assume_sent(self, low: int, high: int) -> None:
+        """A crash counted outbound totals [low, high) as sent: never admit them as counted.
+        Beyond MAX_EPOCHS ranges the oldest two merge (what lay between is then not admitted
+        either: a neighbour re-learning from us may lose it, but is never charged for more)."""
+        assumed = list(self.state.assumed_out)
+        if assumed and low <= assumed[-1][1]:
+            assumed[-1] = (assumed[-1][0], max(high, assumed[-1][1]))
+        else:
+            assumed.append((low, high))
+        if len(assumed) > MAX_EPOCHS:
+            assumed[:2] = [(assumed[0][0], assumed[1][1])]
+        self.state.assumed_out = tuple(assumed)
 
     def make_claim(self, now: int) -> DebtClaim:
         """Our signed cumulative counts for the neighbour (the next claim seq)."""
         s = self.state
         s.claim_seq_sent += 1
-        received, sent = self.claim_counts()
+        received, sent, counted = self.claim_counts()
         unsigned = DebtClaim(
-            self.identity.fingerprint, self.neighbor, s.claim_seq_sent, now, received, sent, b""
+            self.identity.fingerprint,
+            self.neighbor,
+            s.claim_seq_sent,
+            now,
+            received,
+            sent,
+            counted,
+            b"",
         )
         return sign(self.identity, CLAIM_DOMAIN, unsigned)
 
@@ -389,7 +424,7 @@ class Account:
         if claim.claimant != self.neighbor or claim.counterparty != self.identity.fingerprint:
             raise RemoteProtocolError("debt claim between other parties", "wrong_party")
         verify_signed(self.neighbor_public, CLAIM_DOMAIN, claim)
-        for counts in (claim.received, claim.sent):
+        for counts in (claim.received, claim.sent, claim.counted):
             if any(a.epoch >= b.epoch for a, b in pairwise(counts)):
                 raise RemoteProtocolError("claim epochs are not in order", "malformed_claim")
         if claim.seq <= self.state.claim_seq_received:
@@ -433,7 +468,7 @@ class Account:
                     epoch, claimed=claimed.get(epoch.epoch, 0), counted_at_claim=ours[epoch.epoch]
                 )
         if self.recovery_in:  # after our crash: inbound counts we lost, from what they sent
-            sent = {c.epoch: c.packets for c in claim.sent}
+            sent = {c.epoch: c.packets for c in claim.counted}
             relearn, total_in = self.recovery_in, self.counters.packets_in
             for index, epoch in enumerate(s.inbound):
                 missing = sent.get(epoch.epoch, 0) - epoch.count(total_in)

@@ -260,7 +260,8 @@ class CountsEntry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     `ceiling_out` before a higher one is written. `peak`: the most packets counted between
     two of these, either way (how many inbound counts a crash may lose); `clean`: written at
     a clean shutdown, nothing was counted after; `unsure_out`: outbound totals a crash
-    counted as sent that no claim of the neighbour has corrected yet (`Account.unsure_out`)."""
+    counted as sent that no claim of the neighbour has corrected yet (`Account.unsure_out`);
+    `assumed_out`: every crash's such totals (`AccountState.assumed_out`), as of this entry."""
 
     packets_in: int
     packets_out: int
@@ -268,6 +269,7 @@ class CountsEntry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     peak: int
     clean: bool = False
     unsure_out: tuple[int, int] = (0, 0)
+    assumed_out: tuple[tuple[int, int], ...] = ()
 
 
 class OpenedEntry(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
@@ -707,6 +709,7 @@ class Neighbor:
                 totals = max(totals[0], counts.packets_in), max(totals[1], counts.packets_out)
                 ceiling = max(ceiling, counts.ceiling_out)
                 peak, clean, unsure = counts.peak, counts.clean, counts.unsure_out
+                account.state.assumed_out = counts.assumed_out
             elif kind == SETTLEMENT_OPENED:
                 book.restore(_opened_entry.decode(body).record(me, entry.recorded_at))
             elif kind == SETTLEMENT_COMPLETED:
@@ -735,8 +738,8 @@ class Neighbor:
         neighbor._book = book.state
         # After an unclean stop, what was counted since the totals were last written is
         # lost. Outbound, we count the whole lease as sent: an upper bound, as our estimate
-        # always is, which the neighbour's next claim corrects down; until then our claims
-        # do not admit it as sent (nor what an earlier crash added, if no claim came between).
+        # always is, which the neighbour's next claim corrects down; our claims never admit
+        # it as counted, and no automatic settlement pays it before that correction.
         # Inbound, we re-learn from the neighbour's next claim what it says it sent, up to
         # twice the busiest interval between two counts entries (never less than one
         # tolerance).
@@ -746,6 +749,7 @@ class Neighbor:
         if not clean:
             if packets_out < ceiling:
                 volatile.unsure_out = (unsure[0] if unsure[1] else packets_out, ceiling)
+                account.assume_sent(packets_out, ceiling)
             packets_out = max(packets_out, ceiling)
             volatile.recovery_in = max(2 * peak, policy.claim_tolerance_packets)
         neighbor.counters.packets_in, neighbor.counters.packets_out = packets_in, packets_out
@@ -1103,7 +1107,13 @@ class Neighbor:
         w.counted(totals)
         volatile.counts_written += 1
         entry = CountsEntry(
-            totals[0], totals[1], volatile.ceiling, volatile.peak, clean, volatile.unsure_out
+            totals[0],
+            totals[1],
+            volatile.ceiling,
+            volatile.peak,
+            clean,
+            volatile.unsure_out,
+            self._account.assumed_out,  # changed only by restores (and folds, which drop some)
         )
         w.entries.append((COUNTS, _encoder.encode(entry)))
         # Each neighbour prunes at a turn of its own, so a tick's transaction holds few.
@@ -1599,7 +1609,7 @@ class Neighbor:
     def _push_claim(self, w: _Work) -> None:
         volatile = w.volatile
         volatile.next_claim_at = w.now + w.policy.push_debt_secs
-        received, sent = w.account.claim_counts()
+        received, sent, _ = w.account.claim_counts()
         counts = (volatile.resync, *received, None, *sent)
         if counts == volatile.acked or not (received or sent):
             return  # nothing changed since the neighbour took our last claim

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from earendil_py.core.accounting import (
     CLAIM_DOMAIN,
     MAX_CLOCK_SKEW_SECS,
+    MAX_EPOCHS,
     UNLIMITED,
     Account,
     AccountState,
@@ -22,7 +23,9 @@ from earendil_py.core.accounting import (
 )
 from earendil_py.core.errors import RemoteProtocolError, convert_remote
 from earendil_py.core.identity import Identity
+from earendil_py.core.neighbor import wire
 from earendil_py.core.pricing import AcceptanceRule, PriceAccepted, PriceRejected, PriceTerms
+from earendil_py.core.rpc import MAX_PAYLOAD_SIZE, encode_request
 from earendil_py.core.signed import sign
 from tests.core.neighbor_pair import seeded_rng
 
@@ -69,7 +72,7 @@ def reprice(creditor: Account, debtor: Account, price: int, limit: int = 10_000)
 
 def forged_claim(claimant: Identity, counterparty: Identity, **fields: object) -> DebtClaim:
     """A claim signed by `claimant`, saying whatever `fields` say."""
-    unsigned = DebtClaim(claimant.fingerprint, counterparty.fingerprint, 1, NOW, [], [], b"")
+    unsigned = DebtClaim(claimant.fingerprint, counterparty.fingerprint, 1, NOW, [], [], [], b"")
     return sign(claimant, CLAIM_DOMAIN, msgspec.structs.replace(unsigned, **fields))
 
 
@@ -200,6 +203,30 @@ def test_a_claim_corrects_the_debtor_down_to_what_arrived() -> None:
     assert outcome == ClaimApplied(3_000, 2_700)
     carry(a, b, 10)  # later traffic adds on top of the corrected count
     assert a.debt_out_umel == b.debt_in_umel == 2_730
+
+
+def test_totals_a_crash_assumed_sent_are_never_counted_and_stay_bounded() -> None:
+    a, _ = pair()
+    for _ in range(MAX_EPOCHS + 8):  # each sends 10, then assumes the next 5 sent
+        carry(a, account(BOB, ALICE), 10)
+        a.assume_sent(a.counters.packets_out, a.counters.packets_out + 5)
+        a.counters.packets_out += 5
+    a.assume_sent(a.counters.packets_out - 2, a.counters.packets_out + 1)  # overlapping
+    a.counters.packets_out += 1
+    assumed = a.state.assumed_out
+    assert len(assumed) == MAX_EPOCHS
+    # The oldest merged, swallowing what was really sent between them: never more counted.
+    assert assumed[0] == (0 * 15 + 10, 8 * 15 + 15) and assumed[-1][1] == a.counters.packets_out
+    _, sent, counted = a.claim_counts()
+    assert [c.packets for c in counted] == [(MAX_EPOCHS + 8) * 10 - 8 * 10]
+    assert [c.packets for c in sent] == [a.counters.packets_out]
+
+
+def test_a_claim_listing_every_epoch_at_the_largest_counts_fits_one_request() -> None:
+    top = 2**64 - 1
+    full = [EpochCount(top - MAX_EPOCHS + i, top) for i in range(MAX_EPOCHS)]
+    claim = forged_claim(BOB, ALICE, seq=top, received=full, sent=full, counted=full)
+    assert len(encode_request(top, "push_debt", wire(claim))) < MAX_PAYLOAD_SIZE // 2
 
 
 def test_forged_replayed_malformed_and_stale_claims_change_nothing() -> None:

@@ -60,12 +60,16 @@ def restored_equal(side: Side) -> None:
         side.rng,
         side.ledger,
     )
-    assert again.account.state == live.account.state
+    state, assumed = again.account.state, live.account.state.assumed_out
+    assert msgspec.structs.replace(state, assumed_out=assumed) == live.account.state
     assert again.book.state == live.book.state
     # Counts since the last ones written are lost: inbound ones are learned back from the
-    # neighbour's claim, outbound ones are counted up to the lease, all of it sent.
+    # neighbour's claim, outbound ones are counted up to the lease, all of it sent, and
+    # that part of it assumed: never admitted as counted.
     assert again.counters.packets_in <= live.counters.packets_in
     assert again.counters.packets_out >= live.counters.packets_out
+    if again.counters.packets_out > live.counters.packets_out:
+        assert state.assumed_out[-1][1] == again.counters.packets_out
 
 
 # --- prices ------------------------------------------------------------------------------
@@ -256,10 +260,34 @@ def test_a_crash_loses_counts_and_the_next_claim_recovers_them() -> None:
     assert not pair.a.neighbor.frozen and not pair.b.neighbor.frozen
 
 
+def test_packets_in_flight_at_the_creditors_claim_are_relearned_after_its_crash() -> None:
+    """Bob claims; 12 packets Alice sent before his claim reached her arrive after he made
+    it, so her adopted estimate leaves them out until his next claim. Bob crashes before
+    writing them: he re-learns them from what Alice counted, not from her estimate."""
+    pair = Pair(policy(2), policy(3))
+    pair.link_up()
+    pair.carry(pair.a, 50)
+    pair.advance(3)
+    pair.checkpoint()
+    pair.carry(pair.a, 10)  # Bob's counts moved: his next claim goes out
+    pair.now = pair.b.neighbor._volatile.next_claim_at
+    pair.a.neighbor._volatile.next_claim_at = pair.now + 0.5  # hers, after his is adopted
+    pair.execute(pair.b, pair.b.neighbor.handle_timer(pair.now))
+    assert [m.method for m in pair.network] == ["push_debt"]
+    pair.carry(pair.a, 12)  # in flight when Bob claimed
+    pair.deliver(pair.network.popleft())  # Alice adopts Bob's claim: the 12 are not in it
+    assert views(pair)[0] == 60 * 3
+    pair.deliver(pair.network.popleft())  # her answer
+    assert not pair.network
+    pair.crash(pair.b)  # it restarts with 60 written, and re-learns from Alice's claim
+    pair.advance(3)
+    assert views(pair)[:2] == (72 * 3, 72 * 3)
+
+
 def test_crashes_on_both_sides_within_one_claim_interval_charge_nothing_unsent() -> None:
     """Alice restarts counting her unused lease as sent; Bob restarts before her estimate was
-    corrected. Bob must not re-learn the lease from Alice's claim: her claims admit only what
-    she knows she sent until one of his corrects her count."""
+    corrected. Bob must not re-learn the lease from Alice's claim: her claims never admit as
+    counted what a crash only assumed she sent."""
     pair = Pair(policy(2), policy(3))
     pair.link_up()
     pair.carry(pair.a, 200)
@@ -280,7 +308,7 @@ def test_crashes_on_both_sides_within_one_claim_interval_charge_nothing_unsent()
     assert views(pair)[:2] == (3 * 210, 3 * 210)
 
 
-def test_what_a_crash_counted_as_sent_stays_unadmitted_across_restarts_until_corrected() -> None:
+def test_what_a_crash_counted_as_sent_stays_unadmitted_across_restarts() -> None:
     pair = Pair(policy(2), policy(3))
     pair.link_up()
     pair.carry(pair.a, 200)
@@ -300,6 +328,13 @@ def test_what_a_crash_counted_as_sent_stays_unadmitted_across_restarts_until_cor
     pair.advance(3)
     assert pair.a.neighbor.account.charged_out_packets() <= pair.a.sent == 210
     assert views(pair)[:2] == (3 * 210, 3 * 210)
+    # Bob's claims corrected her estimate; her raw count still holds the leases. Bob loses
+    # counts again: he re-learns what she sent, never the leases.
+    pair.carry(pair.a, 10)
+    pair.crash(pair.b)
+    pair.advance(3)
+    assert pair.a.neighbor.counters.packets_out > pair.a.sent == 220
+    assert views(pair)[:2] == (3 * 220, 3 * 220)
 
 
 def test_after_a_clean_shutdown_nothing_extra_is_accepted() -> None:
