@@ -333,6 +333,23 @@ def test_a_creditor_that_lost_counts_learns_them_back_from_the_debtors_claim() -
     assert restarted.recovery_in == 0  # once only
 
 
+def test_a_debtor_that_inflates_what_it_counted_teaches_a_crashed_creditor_a_bounded_amount() -> (
+    None
+):
+    a, b = pair(price_a=2, price_b=3)
+    carry(a, b, 50)
+    b.counters.packets_in -= 30  # Bob crashed
+    restarted = Account(BOB, ALICE.identity_public, b.state, b.counters, recovery_in=100)
+    received, sent, _ = a.claim_counts()
+    epoch = sent[0].epoch
+    claim = forged_claim(
+        ALICE, BOB, seq=1, received=received, sent=sent, counted=[EpochCount(epoch, 10**9)]
+    )
+    assert isinstance(restarted.on_claim(claim, NOW, TOLERANCE), ClaimApplied)
+    assert restarted.counters.packets_in == 20 and restarted.debt_in_umel == (20 + 100) * 3
+    assert restarted.recovery_in == 0
+
+
 @given(
     st.lists(
         st.tuples(st.integers(0, 500), st.integers(0, 100), st.booleans(), st.integers(0, 9)),
