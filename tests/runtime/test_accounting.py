@@ -575,6 +575,50 @@ def test_sigkill_then_restart_resumes_balances_and_a_tampered_ledger_is_refused(
     assert "Traceback" not in result.stderr
 
 
+def test_both_sides_sigkilled_within_one_claim_interval_are_never_charged_the_lease(
+    tmp_path: Path,
+) -> None:
+    """The sender dies mid-traffic (its unused outbound lease, 4,096 packets, now counts as
+    sent), then the receiver, before a claim of its own corrected that; both restart. The
+    receiver may re-learn counts it lost from what the sender counted, never from the lease:
+    the books agree on what was sent."""
+    a, b = generate_network(tmp_path, 2, [Edge(0, 1, "tcp")], extra_toml=FAST + ACCOUNTING)
+    sender, receiver = DaemonProcess(a.config_path), DaemonProcess(b.config_path)
+    try:
+        wait_until(lambda: daemon_priced(a.config_path, b.fingerprint), 10)
+        price = summary_of(b.config_path, a.fingerprint)["our_price_umel"]
+        body = {"destination": b.fingerprint, "dock": DOCK, "data_b64": "eA==", "hops": 1}
+        for _ in range(150):
+            daemon_api(a.config_path, "POST", "/api/send", body)
+        wait_until(lambda: summary_of(b.config_path, a.fingerprint)["packets_in"] == 150, 10)
+        time.sleep(0.5)  # both sides' counts written (every 0.1 s)
+        sender.stop(signal.SIGKILL)
+        receiver.stop(signal.SIGKILL)
+        sender, receiver = DaemonProcess(a.config_path), DaemonProcess(b.config_path)
+        # It counts its whole lease as sent, until the receiver's claims correct it.
+        wait_until(lambda: summary_of(a.config_path, b.fingerprint)["packets_out"] >= 4_096, 10)
+        seen: list[tuple[int, int]] = []
+
+        def agree() -> bool:
+            seen.append(
+                (
+                    summary_of(b.config_path, a.fingerprint)["debt_in_umel"],
+                    summary_of(a.config_path, b.fingerprint)["debt_out_umel"],
+                )
+            )
+            return seen[-1][0] == seen[-1][1]
+
+        try:
+            wait_until(agree, 20)
+        except AssertionError:
+            raise AssertionError(f"the books never agreed: {seen[-3:]}") from None
+        assert seen[-1][0] == 150 * price  # the receiver may re-learn up to 256: none of it
+        assert not summary_of(a.config_path, b.fingerprint)["frozen"]
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
 # --- ledgers written before Neighbors ------------------------------------------------------
 
 
