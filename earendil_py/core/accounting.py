@@ -92,7 +92,7 @@ class DebtClaim(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fie
     differs knows packets were lost since its last claim, and claims again to correct it.
     `counted`: what the claimant counted as sent, less what its crashes only assumed sent
     (`AccountState.assumed_out`): a counterparty that lost counts in a crash re-learns them
-    from it.
+    from it (`Epoch.unmatched`).
     """
 
     claimant: Fingerprint
@@ -133,7 +133,10 @@ class Counters:
 class Epoch(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """Counts in one price epoch. The open (last) epoch counts `total - start`; a closed one
     keeps its final count in `packets`. For outbound epochs `claimed` is the creditor's last
-    adopted count (-1: none yet) and `counted_at_claim` our own count when it was adopted."""
+    adopted count (-1: none yet) and `counted_at_claim` our own count when it was adopted.
+    For inbound epochs `unmatched` is how many more the debtor's last claim counted as sent
+    than we had counted then: packets lost on the way (or still in flight), never re-learned
+    after a crash of ours."""
 
     epoch: int
     price_umel: int
@@ -141,6 +144,7 @@ class Epoch(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
     packets: int = -1
     claimed: int = -1
     counted_at_claim: int = 0
+    unmatched: int = 0
 
     def count(self, total: int) -> int:
         """Packets in this epoch, given the direction's live total."""
@@ -217,12 +221,13 @@ class Account:
 
     After a crash lost the inbound counts since they were last written, the first claim
     applied re-learns up to `recovery_in` of them from what the neighbour says it counted
-    (its own admission). Outbound counts are never lost: the relay loop sends nothing a
-    written lease does not cover, and after a crash we count the whole lease as sent
-    (core/neighbor.py). Those totals (`assume_sent`) are never admitted in our claims'
-    `counted`: a neighbour that crashed too must not re-learn packets we never sent from our
-    own upper bound. `unsure_out` = [low, high), the last crash's, stays set until a claim of
-    the neighbour has corrected our count (no automatic settlement pays it before).
+    (its own admission), beyond what its claim before said the link had lost. Outbound
+    counts are never lost: the relay loop sends nothing a written lease does not cover, and
+    after a crash we count the whole lease as sent (core/neighbor.py). Those totals
+    (`assume_sent`) are never admitted in our claims' `counted`: a neighbour that crashed
+    too must not re-learn packets we never sent from our own upper bound. `unsure_out` =
+    [low, high), the last crash's, stays set until a claim of the neighbour has corrected
+    our count (no automatic settlement pays it before).
     """
 
     __slots__ = (
@@ -467,16 +472,22 @@ class Account:
                 s.outbound[index] = msgspec.structs.replace(
                     epoch, claimed=claimed.get(epoch.epoch, 0), counted_at_claim=ours[epoch.epoch]
                 )
-        if self.recovery_in:  # after our crash: inbound counts we lost, from what they sent
-            sent = {c.epoch: c.packets for c in claim.counted}
-            relearn, total_in = self.recovery_in, self.counters.packets_in
-            for index, epoch in enumerate(s.inbound):
-                missing = sent.get(epoch.epoch, 0) - epoch.count(total_in)
-                if missing > 0 and relearn:
-                    extra = min(missing, relearn)
-                    relearn -= extra
-                    s.inbound[index] = epoch.relearned(extra)
-            self.recovery_in = 0
+        # What they counted as sent beyond our count, in each epoch: after our crash, the
+        # part of it that their last claim before did not show yet is the counts we lost
+        # (re-learned once, up to `recovery_in`); the rest is packets lost on the way.
+        counted, relearn = {c.epoch: c.packets for c in claim.counted}, self.recovery_in
+        total_in = self.counters.packets_in
+        for index, epoch in enumerate(s.inbound):
+            if epoch.epoch not in counted:
+                continue
+            beyond = counted[epoch.epoch] - epoch.count(total_in)
+            if relearn and beyond > epoch.unmatched:
+                extra = min(beyond - epoch.unmatched, relearn)
+                relearn -= extra
+                epoch = epoch.relearned(extra)
+                beyond -= extra
+            s.inbound[index] = msgspec.structs.replace(epoch, unmatched=max(0, beyond))
+        self.recovery_in = 0
         self.unsure_out = (0, 0)  # adopted: our count of each epoch is theirs plus ours since
         return ClaimApplied(before, self.debt_out_umel)
 

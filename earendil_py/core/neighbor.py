@@ -746,7 +746,7 @@ class Neighbor:
         packets_in, packets_out = totals
         volatile = neighbor._volatile
         volatile.unsure_out = unsure
-        if not clean:
+        if entries and not clean:  # (a neighbour new to the ledger has counted nothing yet)
             if packets_out < ceiling:
                 volatile.unsure_out = (unsure[0] if unsure[1] else packets_out, ceiling)
                 account.assume_sent(packets_out, ceiling)

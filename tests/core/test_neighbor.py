@@ -284,6 +284,21 @@ def test_packets_in_flight_at_the_creditors_claim_are_relearned_after_its_crash(
     assert views(pair)[:2] == (72 * 3, 72 * 3)
 
 
+def test_a_creditor_that_crashed_relearns_what_it_lost_not_what_the_link_lost() -> None:
+    """Alice counted 40 packets as sent that never reached Bob, and her claims say so. Bob
+    crashes with 10 received but unwritten: he re-learns those 10, not the 40 as well."""
+    pair = Pair(policy(2), policy(3))
+    pair.link_up()
+    pair.carry(pair.a, 50, lost=40)
+    pair.advance(3)
+    assert views(pair)[:2] == (10 * 3, 10 * 3)
+    pair.checkpoint()
+    pair.carry(pair.a, 10)  # received, not written: lost in Bob's crash
+    pair.crash(pair.b)
+    pair.advance(3)
+    assert views(pair)[:2] == (20 * 3, 20 * 3)
+
+
 def test_crashes_on_both_sides_within_one_claim_interval_charge_nothing_unsent() -> None:
     """Alice restarts counting her unused lease as sent; Bob restarts before her estimate was
     corrected. Bob must not re-learn the lease from Alice's claim: her claims never admit as
