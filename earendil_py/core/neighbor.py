@@ -1815,10 +1815,14 @@ REPLIES: dict[str, Callable[[Neighbor, _Work, int, _Pending, Reply], None]] = {
 
 
 def _counts_differ(ours: list[EpochCount], theirs: list[EpochCount]) -> bool:
-    """Whether two cumulative counts differ in an epoch both list (the oldest may have been
-    folded on one side and not yet on the other)."""
+    """Whether two cumulative counts differ in an epoch both keep. An epoch of theirs that we
+    do not list counts 0 on our side, unless it is older than our oldest (folded by us, not
+    yet by them): an epoch we never opened (its answer's commit failed here) holds nothing."""
     counted = {c.epoch: c.packets for c in ours}
-    return any(counted.get(c.epoch, c.packets) != c.packets for c in theirs)
+    oldest = ours[0].epoch if ours else 0
+    return any(
+        counted.get(c.epoch, 0 if c.epoch >= oldest else c.packets) != c.packets for c in theirs
+    )
 
 
 def _auto_method(account: AccountState, policy: Policy) -> str | None:
