@@ -37,6 +37,7 @@ Pure: `now` is integer unix seconds. The state is plain data (`AccountState`, wi
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Annotated
@@ -92,7 +93,7 @@ class DebtClaim(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fie
     differs knows packets were lost since its last claim, and claims again to correct it.
     `counted`: what the claimant counted as sent, less what its crashes only assumed sent
     (`AccountState.assumed_out`): a counterparty that lost counts in a crash re-learns them
-    from it (`Epoch.unmatched`).
+    from it (`AccountState.unmatched_in`).
     """
 
     claimant: Fingerprint
@@ -133,10 +134,7 @@ class Counters:
 class Epoch(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """Counts in one price epoch. The open (last) epoch counts `total - start`; a closed one
     keeps its final count in `packets`. For outbound epochs `claimed` is the creditor's last
-    adopted count (-1: none yet) and `counted_at_claim` our own count when it was adopted.
-    For inbound epochs `unmatched` is how many more the debtor's last claim counted as sent
-    than we had counted then: packets lost on the way (or still in flight), never re-learned
-    after a crash of ours."""
+    adopted count (-1: none yet) and `counted_at_claim` our own count when it was adopted."""
 
     epoch: int
     price_umel: int
@@ -144,7 +142,6 @@ class Epoch(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
     packets: int = -1
     claimed: int = -1
     counted_at_claim: int = 0
-    unmatched: int = 0
 
     def count(self, total: int) -> int:
         """Packets in this epoch, given the direction's live total."""
@@ -184,6 +181,10 @@ class AccountState(msgspec.Struct, forbid_unknown_fields=True):
     # (the unused part of a lease, and what went out unwritten before the crash), oldest
     # first, at most MAX_EPOCHS: never admitted in a claim's `counted`.
     assumed_out: tuple[tuple[int, int], ...] = ()
+    # How many more packets the neighbour's last claim counted as sent than we had counted
+    # then (never below 0): lost on the way, or still in flight. A crash of ours re-learns
+    # only what a later claim counts beyond our count in excess of this.
+    unmatched_in: int = 0
 
     def copy(self) -> AccountState:
         """A copy to work on: epochs and offers are immutable, so new lists suffice."""
@@ -472,21 +473,30 @@ class Account:
                 s.outbound[index] = msgspec.structs.replace(
                     epoch, claimed=claimed.get(epoch.epoch, 0), counted_at_claim=ours[epoch.epoch]
                 )
-        # What they counted as sent beyond our count, in each epoch: after our crash, the
-        # part of it that their last claim before did not show yet is the counts we lost
-        # (re-learned once, up to `recovery_in`); the rest is packets lost on the way.
-        counted, relearn = {c.epoch: c.packets for c in claim.counted}, self.recovery_in
+        # What they counted as sent beyond our count, over the epochs both list: after our
+        # crash, what it exceeds `unmatched_in` by is the counts we lost (re-learned once, up
+        # to `recovery_in`). What they counted in an epoch we do not list (not opened here
+        # yet, or never) we counted in the newest of ours before it; older than all ours,
+        # we folded it. A claim made before packets that arrived ahead of it counts less
+        # than we do: that is not a loss of theirs, hence never below 0.
+        listed = [e.epoch for e in s.inbound]
+        counted: dict[int, int] = {}
+        for c in claim.counted:
+            at = bisect_right(listed, c.epoch) - 1
+            if at >= 0:
+                counted[listed[at]] = counted.get(listed[at], 0) + c.packets
         total_in = self.counters.packets_in
+        beyond = {
+            e.epoch: counted[e.epoch] - e.count(total_in) for e in s.inbound if e.epoch in counted
+        }
+        relearn = min(self.recovery_in, max(0, sum(beyond.values()) - s.unmatched_in))
         for index, epoch in enumerate(s.inbound):
-            if epoch.epoch not in counted:
-                continue
-            beyond = counted[epoch.epoch] - epoch.count(total_in)
-            if relearn and beyond > epoch.unmatched:
-                extra = min(beyond - epoch.unmatched, relearn)
+            extra = min(beyond.get(epoch.epoch, 0), relearn)
+            if extra > 0:
                 relearn -= extra
-                epoch = epoch.relearned(extra)
-                beyond -= extra
-            s.inbound[index] = msgspec.structs.replace(epoch, unmatched=max(0, beyond))
+                beyond[epoch.epoch] -= extra
+                s.inbound[index] = epoch.relearned(extra)
+        s.unmatched_in = max(0, sum(beyond.values()))
         self.recovery_in = 0
         self.unsure_out = (0, 0)  # adopted: our count of each epoch is theirs plus ours since
         return ClaimApplied(before, self.debt_out_umel)

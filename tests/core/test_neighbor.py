@@ -771,6 +771,9 @@ CRASHES = st.lists(
 @example(
     [("advance", 0.3), ("reprice", True, 1), ("fail_commit", True), ("flap",), ("crash", False)]
 )
+# Bob's packet is counted in Alice's old epoch and in his new one; Alice crashes and must not
+# re-learn it in the new one as a count she lost.
+@example([("reprice", True, 1), ("deliver", 1), ("carry", False, 1, 0), ("flap",), ("crash", True)])
 def test_any_interleaving_ends_in_agreement_to_the_umel(actions: list[tuple[object, ...]]) -> None:
     """Random traffic, re-prices, claims, proposals, decisions, cancels, lost messages,
     failed commits, crashes and link flaps, then quiet: both sides agree to the µMEL (unless
@@ -783,6 +786,17 @@ def test_any_interleaving_ends_in_agreement_to_the_umel(actions: list[tuple[obje
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(CRASHES)
+# Alice's claim, made before her packet, arrives after it: it counts one less than Bob did,
+# which is no loss of hers; Bob crashes and must not re-learn that packet a second time.
+@example(
+    [
+        ("carry", False, 1, 0),
+        ("advance", 1.0),
+        ("carry", True, 1, 0),
+        ("deliver", 1),
+        ("crash", False),
+    ]
+)
 def test_crashes_close_together_never_charge_the_unused_lease(
     actions: list[tuple[object, ...]],
 ) -> None:
