@@ -1613,11 +1613,6 @@ class Neighbor:
         counts = (volatile.resync, *received, None, *sent)
         if counts == volatile.acked or not (received or sent):
             return  # nothing changed since the neighbour took our last claim
-        carried = any(c.packets for c in (*received, *sent))
-        if volatile.acked is None and not volatile.resync and not carried:
-            # Nothing carried either way, so nothing to learn back from us: a neighbour that
-            # counts a lease as sent to us says so in its claim (resync).
-            return
         claim = w.account.make_claim(w.unix)
         w.account_entry("claim_sent", _encoder.encode(claim))
         if claim.seq % PRUNE_EVERY == 0:

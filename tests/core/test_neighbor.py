@@ -230,21 +230,6 @@ def test_forged_replayed_and_malformed_claims_change_nothing() -> None:
     }
 
 
-def test_neighbours_that_carried_nothing_exchange_no_claims() -> None:
-    pair = Pair(policy(2), policy(3))
-    pair.link_up()
-    pair.advance(5)
-    pair.link_down()
-    pair.link_up()
-    pair.advance(5)
-    assert "claim_sent" not in pair.a.kinds() + pair.b.kinds()
-    # Alice's 10 are all lost: her claim shows them, so Bob's claim of nothing corrects her.
-    pair.carry(pair.a, 10, lost=10)
-    pair.advance(3)
-    assert views(pair) == (0, 0, 0, 0)
-    assert pair.b.kinds().count("claim_sent") == 1
-
-
 def test_packets_lost_after_the_last_claim_are_corrected_by_the_next_one() -> None:
     """The creditor's counts do not move (everything since its last claim was lost), yet the
     debtor's claim shows it thinks it sent more: the creditor's next claim corrects it."""

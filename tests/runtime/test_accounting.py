@@ -377,7 +377,10 @@ async def test_claims_received_together_are_committed_together(tmp_path: Path, f
     async with running(nodes):
         with anyio.fail_after(5):
             await converged(nodes, STAR)
-        await anyio.sleep(0.5)  # whatever the link-ups wrote is written
+            # The claims every link-up sends have been taken.
+            while any(account(hub, leaf).state.claim_seq_received < 1 for leaf in leaves):
+                await anyio.sleep(0.02)
+            await anyio.sleep(0.5)  # and their group written
         ledger = hub.ledger
         assert ledger is not None
         commits: list[list[str]] = []
