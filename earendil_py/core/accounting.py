@@ -496,7 +496,9 @@ class Account:
                 relearn -= extra
                 beyond[epoch.epoch] -= extra
                 s.inbound[index] = epoch.relearned(extra)
-        s.unmatched_in = max(0, sum(beyond.values()))
+        # Bounded: 32 epochs of a hostile claim could sum past what the ledger can encode,
+        # and beyond UNLIMITED it re-learns nothing either way.
+        s.unmatched_in = min(max(0, sum(beyond.values())), UNLIMITED)
         self.recovery_in = 0
         self.unsure_out = (0, 0)  # adopted: our count of each epoch is theirs plus ours since
         return ClaimApplied(before, self.debt_out_umel)

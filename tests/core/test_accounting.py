@@ -350,6 +350,17 @@ def test_a_debtor_that_inflates_what_it_counted_teaches_a_crashed_creditor_a_bou
     assert restarted.recovery_in == 0
 
 
+def test_a_claim_counting_the_most_in_every_epoch_leaves_a_state_the_ledger_can_write() -> None:
+    a, b = pair()
+    carry(a, b, 10)
+    received, sent, _ = a.claim_counts()
+    top, epoch = 2**64 - 1, sent[0].epoch
+    counted = [EpochCount(epoch + i, top) for i in range(MAX_EPOCHS)]  # all ours: one epoch
+    claim = forged_claim(ALICE, BOB, seq=1, received=received, sent=sent, counted=counted)
+    assert isinstance(b.on_claim(claim, NOW, TOLERANCE), ClaimApplied)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(b.state), type=AccountState) == b.state
+
+
 @given(
     st.lists(
         st.tuples(st.integers(0, 500), st.integers(0, 100), st.booleans(), st.integers(0, 9)),
